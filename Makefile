@@ -1,0 +1,44 @@
+# The two commands the README promises: `make test` and `make demo`.
+# Both bootstrap what they need (Debian packages, libvirtd, .venv) first.
+VENV := .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: all bootstrap venv test test-unit lint typecheck demo bench format clean
+
+all: test
+
+bootstrap:
+	scripts/bootstrap.sh
+
+venv:
+	scripts/bootstrap.sh venv
+
+lint: venv
+	$(BIN)/ruff check daemon tests bench
+	$(BIN)/ruff format --check daemon tests bench
+
+typecheck: venv
+	$(BIN)/mypy
+
+format: venv
+	$(BIN)/ruff format daemon tests bench
+	$(BIN)/ruff check --fix daemon tests bench
+
+# Everything, integration tests against a real libvirtd and QEMU included.
+test: bootstrap lint typecheck
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The inner loop: pure logic and component tests, no libvirtd needed.
+test-unit: venv
+	scripts/bootstrap.sh packages venv
+	$(BIN)/pytest -m "not integration" $(PYTEST_ARGS)
+
+demo: bootstrap
+	scripts/demo.sh
+
+bench: bootstrap
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache var build daemon/*.egg-info

@@ -1,0 +1,10 @@
+"""virtbackupd: backups of libvirt/QEMU domains through checkpoints and NBD.
+
+Layout:
+    core/      pure values and functions (XML model, plans, policies, retention)
+    adapters/  one module per external system (libvirt, NBD, qemu tools, SQLite, ...)
+    cli/       the operator's `virtbackup` command
+    daemon/    the `virtbackupd` service
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""The pure core: typed values and functions with no I/O, no clock, no libvirt."""

@@ -1,0 +1,1 @@
+"""The `virtbackupd` service."""

@@ -1,0 +1,35 @@
+"""Entry point of the `virtbackupd` service."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from virtbackupd import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="virtbackupd",
+        description="Backup daemon for libvirt/QEMU hypervisors.",
+    )
+    parser.add_argument("--version", action="version", version=f"virtbackupd {__version__}")
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="CONFIG",
+        help="daemon config file (default: $VIRTBACKUPD_CONFIG, else "
+        "/etc/virtbackupd/virtbackupd.yaml)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    build_parser().parse_args(argv)
+    print("virtbackupd: the service loop is not implemented yet", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

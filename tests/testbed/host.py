@@ -1,0 +1,34 @@
+"""libvirtd on this host: make sure it answers, never start a second one."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import libvirt
+
+URI = "qemu:///system"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def ensure_libvirtd() -> None:
+    """Start virtlogd/libvirtd only if none is running (scripts/ensure-libvirtd.sh)."""
+    proc = subprocess.run(
+        [str(REPO / "scripts" / "ensure-libvirtd.sh")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"libvirtd is not available on {URI}: {proc.stderr.strip()}")
+
+
+def _silence(_ctx: object, _err: object) -> None:
+    """libvirt prints every error to stderr unless a handler is set; tests read
+    the exceptions instead."""
+
+
+def connect() -> libvirt.virConnect:
+    libvirt.registerErrorHandler(_silence, None)
+    return libvirt.open(URI)

@@ -1,0 +1,84 @@
+"""Thin wrappers around the command-line tools the test bed uses as oracles."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+def run(*args: str | Path, timeout: float = 120, check: bool = True) -> str:
+    """Run a command; on failure raise with its stderr so the test says why."""
+    proc = subprocess.run(
+        [str(a) for a in args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"command failed ({proc.returncode}): {' '.join(map(str, args))}\n"
+            f"stdout: {proc.stdout}\nstderr: {proc.stderr}"
+        )
+    return proc.stdout
+
+
+def nbd_unix_uri(socket: Path, export: str = "") -> str:
+    return f"nbd+unix:///{export}?socket={socket}"
+
+
+@dataclass(frozen=True)
+class MapEntry:
+    offset: int
+    length: int
+    type: int
+    description: str
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+def nbdinfo_map(uri: str, context: str | None = None) -> list[MapEntry]:
+    """Extent map of an export as `nbdinfo --map` (libnbd) reports it."""
+    opt = f"--map={context}" if context else "--map"
+    out = run("nbdinfo", "--json", opt, uri)
+    return [
+        MapEntry(e["offset"], e["length"], e["type"], e.get("description", ""))
+        for e in json.loads(out)
+    ]
+
+
+def ranges_where(entries: list[MapEntry], description: str) -> list[tuple[int, int]]:
+    """Merged [start, end) ranges of the entries with the given description."""
+    out: list[tuple[int, int]] = []
+    for e in entries:
+        if e.description != description:
+            continue
+        if out and out[-1][1] == e.offset:
+            out[-1] = (out[-1][0], e.end)
+        else:
+            out.append((e.offset, e.end))
+    return out
+
+
+def qemu_img_compare(
+    a: str | Path, b: str | Path, fmt_a: str | None = None, fmt_b: str | None = None
+) -> None:
+    """Assert two images have identical guest-visible content (`qemu-img compare`)."""
+    args: list[str | Path] = ["qemu-img", "compare"]
+    if fmt_a:
+        args += ["-f", fmt_a]
+    if fmt_b:
+        args += ["-F", fmt_b]
+    proc = subprocess.run(
+        [str(x) for x in [*args, a, b]], capture_output=True, text=True, timeout=600, check=False
+    )
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"images differ or cannot be compared: {a} vs {b}\n{proc.stdout}{proc.stderr}"
+        )
+
+
+def qemu_img_info(path: str | Path) -> dict[str, Any]:
+    info: dict[str, Any] = json.loads(run("qemu-img", "info", "-U", "--output=json", path))
+    return info
