@@ -27,3 +27,7 @@ class XMLError(VirtBackupError):
         super().__init__(f"{document}: {problem}")
         self.document = document
         self.problem = problem
+
+
+class PlanError(VirtBackupError):
+    """A backup cannot be planned as asked (no eligible disk, unknown disk, ...)."""
