@@ -31,3 +31,36 @@ class XMLError(VirtBackupError):
 
 class PlanError(VirtBackupError):
     """A backup cannot be planned as asked (no eligible disk, unknown disk, ...)."""
+
+
+class NbdError(VirtBackupError):
+    """Talking NBD failed. ``export`` names the server side (socket/URI)."""
+
+
+class NbdConnectionError(NbdError):
+    """The server could not be reached, refused the handshake, or went away."""
+
+
+class NbdProtocolError(NbdError):
+    """The server broke the NBD protocol; the connection was dropped and no
+    byte of the reply that broke it was used."""
+
+
+class NbdTimeoutError(NbdError):
+    """The server stopped answering while requests were outstanding."""
+
+
+class NbdServerError(NbdError):
+    """The server answered a request with an error.
+
+    ``error`` is the NBD error name (EIO, ENOSPC, ...), ``request`` the
+    request it answered ("READ 4194304+1048576").
+    """
+
+    def __init__(self, export: str, request: str, error: str, message: str = "") -> None:
+        detail = f": {message}" if message else ""
+        super().__init__(f"{export}: {request} failed with {error}{detail}")
+        self.export = export
+        self.request = request
+        self.error = error
+        self.message = message
