@@ -64,3 +64,12 @@ class NbdServerError(NbdError):
         self.request = request
         self.error = error
         self.message = message
+
+
+class ProcessError(VirtBackupError):
+    """A helper process (qemu-img, qemu-nbd) failed; the message keeps its stderr."""
+
+    def __init__(self, command: str, message: str) -> None:
+        super().__init__(f"{command}: {message}")
+        self.command = command
+        self.message = message

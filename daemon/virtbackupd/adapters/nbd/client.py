@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import socket
 import ssl
 import struct
 from collections.abc import Sequence
@@ -31,6 +32,29 @@ from virtbackupd.errors import (
 )
 
 _SCRATCH = 256 * 1024
+#: Payloads are handed to the transport in slices of this size, each only
+#: once the previous ones drained (asyncio in 3.11 copies what it buffers).
+_SEND_SLICE = 512 * 1024
+#: Socket buffers asked for (root may exceed the sysctl limits): a 4 MiB
+#: request then mostly moves in one system call.
+_SOCKET_BUFFER = 8 * 1024 * 1024
+
+
+def _grow_socket_buffers(sock: Any) -> None:
+    for force, plain in (
+        (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF),
+        (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
+    ):
+        for opt in (force, plain):
+            if opt is None:
+                continue
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
+                break
+            except OSError:
+                continue  # not privileged: fall back to what the kernel allows
+
+
 #: Largest non-data reply payload accepted (block status of a fragmented
 #: region is the biggest; QEMU caps those far below this).
 _MAX_SMALL_PAYLOAD = 64 * 1024 * 1024
@@ -95,6 +119,7 @@ class _Protocol(asyncio.BufferedProtocol):
         self.last_progress = self.loop.time()
         self.can_write = asyncio.Event()
         self.can_write.set()
+        self.send_lock = asyncio.Lock()
         # current reply being received
         self.state = _HEADER
         self.req: _Request | None = None
@@ -109,6 +134,13 @@ class _Protocol(asyncio.BufferedProtocol):
     # --- asyncio callbacks -------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            _grow_socket_buffers(sock)
+        if isinstance(transport, asyncio.WriteTransport):
+            # Small limits: payloads are fed in slices as the socket drains,
+            # instead of piling up (and being copied) in the transport buffer.
+            transport.set_write_buffer_limits(high=_SEND_SLICE, low=_SEND_SLICE // 4)
 
     def connection_lost(self, exc: Exception | None) -> None:
         n = len(self.pending)
@@ -168,6 +200,7 @@ class _Protocol(asyncio.BufferedProtocol):
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_exception(exc)
         self.direct = None
+        self.can_write.set()  # wake senders; they see `broken`
 
     def abort(self, exc: Exception) -> None:
         """Hard disconnect: fail everything outstanding with `exc`."""
@@ -197,6 +230,23 @@ class _Protocol(asyncio.BufferedProtocol):
             raise self.broken
         assert isinstance(self.transport, asyncio.WriteTransport)
         self.transport.write(data)
+
+    async def send_message(self, header: bytes, payload: bytes | memoryview | None) -> None:
+        """Send a request and its payload as one unit, slice by slice as the
+        socket drains, without interleaving with other requests."""
+        async with self.send_lock:
+            if not self.can_write.is_set():
+                await self.can_write.wait()
+            self.send(header)
+            if payload is None:
+                return
+            view = memoryview(payload)
+            for pos in range(0, len(view), _SEND_SLICE):
+                if not self.can_write.is_set():
+                    await self.can_write.wait()
+                    if self.broken is not None:
+                        raise self.broken
+                self.send(view[pos : pos + _SEND_SLICE])
 
     # --- transmission phase: reply parsing -------------------------------------------
     def _take(self, n: int) -> bytes | None:
@@ -501,12 +551,8 @@ class NbdClient:
         if not proto.pending:
             proto.last_progress = proto.loop.time()
         proto.pending[handle] = req
-        proto.send(p.pack_request(flags, cmd, handle, offset, length))
-        if payload is not None:
-            proto.send(payload)
-        if not proto.can_write.is_set():
-            await proto.can_write.wait()
         try:
+            await proto.send_message(p.pack_request(flags, cmd, handle, offset, length), payload)
             return await req.future
         except asyncio.CancelledError:
             # The reply may still arrive: never let it land in a buffer the

@@ -1,0 +1,171 @@
+"""qemu-img, run as a subprocess with an argument list (never a shell).
+
+Every failure raises :class:`ProcessError` carrying qemu-img's own message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from virtbackupd.errors import ProcessError
+
+QEMU_IMG = "qemu-img"
+
+
+async def run_tool(argv: Sequence[str], what: str | None = None) -> str:
+    """Run a command, return its stdout; raise ProcessError with its stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        out, err = await proc.communicate()
+    except asyncio.CancelledError:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise
+    if proc.returncode != 0:
+        message = err.decode(errors="replace").strip() or f"exit status {proc.returncode}"
+        raise ProcessError(what or " ".join(argv[:2]), message)
+    return out.decode(errors="replace")
+
+
+async def create(
+    path: Path,
+    size: int | None = None,
+    fmt: str = "qcow2",
+    backing: str | None = None,
+    backing_fmt: str = "qcow2",
+    options: Sequence[str] = (),
+) -> None:
+    """Create an image; with `backing`, an overlay whose backing file is
+    stored exactly as given (a relative path stays relative to the overlay)."""
+    argv = [QEMU_IMG, "create", "-q", "-f", fmt]
+    if backing is not None:
+        argv += ["-b", backing, "-F", backing_fmt]
+    for opt in options:
+        argv += ["-o", opt]
+    argv.append(str(path))
+    if size is not None:
+        argv.append(str(size))
+    await run_tool(argv, f"qemu-img create {path}")
+
+
+async def info(path: Path, backing_chain: bool = False) -> Any:
+    """`qemu-img info --output=json` (a list with `backing_chain`)."""
+    argv = [QEMU_IMG, "info", "-U", "--output=json"]
+    if backing_chain:
+        argv.append("--backing-chain")
+    argv.append(str(path))
+    return json.loads(await run_tool(argv, f"qemu-img info {path}"))
+
+
+async def check(path: Path, fmt: str = "qcow2") -> Any:
+    """`qemu-img check`; raises when the image has errors or leaks."""
+    argv = [QEMU_IMG, "check", "-f", fmt, "--output=json", str(path)]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    # Exit 0: clean; 2: corruptions; 3: leaks only. Either way JSON on stdout.
+    try:
+        result = json.loads(out) if out else {}
+    except json.JSONDecodeError:
+        result = {}
+    if proc.returncode != 0:
+        detail = err.decode(errors="replace").strip() or json.dumps(result)
+        raise ProcessError(f"qemu-img check {path}", detail)
+    return result
+
+
+async def bitmap(
+    path: Path,
+    name: str,
+    *,
+    add: bool = False,
+    remove: bool = False,
+    enable: bool = False,
+    disable: bool = False,
+    merge: str | None = None,
+    merge_source: Path | None = None,
+) -> None:
+    """Add, remove, enable, disable or merge into a persistent qcow2 bitmap."""
+    argv = [QEMU_IMG, "bitmap", "-f", "qcow2"]
+    if add:
+        argv.append("--add")
+    if remove:
+        argv.append("--remove")
+    if enable:
+        argv.append("--enable")
+    if disable:
+        argv.append("--disable")
+    if merge is not None:
+        argv += ["--merge", merge]
+        if merge_source is not None:
+            argv += ["-b", str(merge_source), "-F", "qcow2"]
+    argv += [str(path), name]
+    await run_tool(argv, f"qemu-img bitmap {path} {name}")
+
+
+async def convert(
+    src: str | Path,
+    dst: Path,
+    *,
+    src_fmt: str | None = None,
+    dst_fmt: str = "qcow2",
+    sparse: bool = True,
+    extra: Sequence[str] = (),
+) -> None:
+    """`qemu-img convert`: a standalone image (no backing file) of `src`."""
+    argv = [QEMU_IMG, "convert", "-O", dst_fmt]
+    if src_fmt:
+        argv += ["-f", src_fmt]
+    if not sparse:
+        argv += ["-S", "0"]
+    argv += [*extra, str(src), str(dst)]
+    await run_tool(argv, f"qemu-img convert {src} -> {dst}")
+
+
+async def commit(overlay: Path, base: Path | None = None) -> None:
+    """Merge `overlay` into its backing file (or down to `base`)."""
+    argv = [QEMU_IMG, "commit", "-q", "-f", "qcow2"]
+    if base is not None:
+        argv += ["-b", str(base)]
+    argv.append(str(overlay))
+    await run_tool(argv, f"qemu-img commit {overlay}")
+
+
+async def rebase(
+    path: Path, backing: str, backing_fmt: str = "qcow2", unsafe: bool = False
+) -> None:
+    """Point `path` at another backing file (safe mode copies differences)."""
+    argv = [QEMU_IMG, "rebase", "-q", "-f", "qcow2", "-F", backing_fmt, "-b", backing]
+    if unsafe:
+        argv.append("-u")
+    argv.append(str(path))
+    await run_tool(argv, f"qemu-img rebase {path}")
+
+
+async def compare(
+    a: Path | str, b: Path | str, fmt_a: str | None = None, fmt_b: str | None = None
+) -> bool:
+    """True when both images have the same guest-visible content."""
+    argv = [QEMU_IMG, "compare", "-q"]
+    if fmt_a:
+        argv += ["-f", fmt_a]
+    if fmt_b:
+        argv += ["-F", fmt_b]
+    argv += [str(a), str(b)]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await proc.communicate()
+    if proc.returncode == 0:
+        return True
+    if proc.returncode == 1:
+        return False
+    raise ProcessError(f"qemu-img compare {a} {b}", err.decode(errors="replace").strip())

@@ -1,0 +1,153 @@
+"""qemu-nbd exports on Unix sockets, owned by async context managers.
+
+An export is "ready" only once an NBD handshake succeeded within a deadline;
+the process is always stopped on exit (also on cancellation), and its stderr
+is kept for the error message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from virtbackupd.adapters.nbd.client import UnixAddress, connect
+from virtbackupd.errors import NbdError, ProcessError
+
+QEMU_NBD = "qemu-nbd"
+
+
+@dataclass(frozen=True)
+class Export:
+    socket: Path
+    name: str
+
+    @property
+    def address(self) -> UnixAddress:
+        return UnixAddress(str(self.socket))
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///{self.name}?socket={self.socket}"
+
+
+def _argv(
+    image: Path,
+    socket: Path,
+    name: str,
+    fmt: str,
+    readonly: bool,
+    bitmaps: Sequence[str],
+    connections: int,
+    cache: str | None,
+    aio: str | None,
+    extra: Sequence[str],
+) -> list[str]:
+    # -t: serve until stopped (not just the first client); -e: connections.
+    argv = [QEMU_NBD, "-t", "-f", fmt, "-k", str(socket), "-x", name, "-e", str(connections)]
+    if readonly:
+        argv.append("-r")
+    for b in bitmaps:
+        argv += ["-B", b]
+    if cache:
+        argv.append(f"--cache={cache}")
+    if aio:
+        argv.append(f"--aio={aio}")
+    return [*argv, *extra, str(image)]
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    image: Path,
+    *,
+    runtime_dir: Path,
+    name: str = "disk",
+    fmt: str = "qcow2",
+    readonly: bool = True,
+    bitmaps: Sequence[str] = (),
+    connections: int = 4,
+    cache: str | None = None,
+    aio: str | None = None,
+    extra: Sequence[str] = (),
+    ready_timeout: float = 30.0,
+) -> AsyncIterator[Export]:
+    """Export `image` with qemu-nbd on a socket in a private directory under
+    `runtime_dir`: a read-only source (with `bitmaps` as
+    qemu:dirty-bitmap:NAME contexts) or a writable target."""
+    runtime_dir.mkdir(parents=True, exist_ok=True)
+    private = Path(tempfile.mkdtemp(prefix="nbd-", dir=runtime_dir))
+    socket = private / "nbd.sock"
+    stderr_path = private / "stderr"
+    argv = _argv(image, socket, name, fmt, readonly, bitmaps, connections, cache, aio, extra)
+    with stderr_path.open("wb") as stderr:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    export = Export(socket, name)
+    try:
+        await _wait_ready(proc, export, ready_timeout, stderr_path)
+        yield export
+    finally:
+        await _stop(proc)
+        with contextlib.suppress(OSError):
+            socket.unlink(missing_ok=True)
+            stderr_path.unlink(missing_ok=True)
+            private.rmdir()
+    if proc.returncode not in (0, -15):
+        raise ProcessError(
+            f"qemu-nbd {image}",
+            f"exited with {proc.returncode}: {_tail(stderr_path)}",
+        )
+
+
+def _tail(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace").strip()[-2000:] or "(no message)"
+    except OSError:
+        return "(no message)"
+
+
+async def _wait_ready(
+    proc: asyncio.subprocess.Process, export: Export, timeout: float, stderr: Path
+) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last: Exception | None = None
+    while loop.time() < deadline:
+        if proc.returncode is not None:
+            raise ProcessError(f"qemu-nbd {export.socket}", f"exited early: {_tail(stderr)}")
+        if export.socket.exists():
+            try:
+                client = await connect(export.address, export.name, timeout=5)
+            except NbdError as exc:
+                last = exc
+            else:
+                await client.close()
+                return
+        await asyncio.sleep(0.02)
+    raise ProcessError(
+        f"qemu-nbd {export.socket}",
+        f"not ready after {timeout}s ({last or 'no socket'}): {_tail(stderr)}",
+    )
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is not None:
+        return
+    proc.terminate()
+    try:
+        await asyncio.shield(asyncio.wait_for(proc.wait(), 10))
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+    except asyncio.CancelledError:
+        # Never leave the process behind, even when our caller is cancelled.
+        proc.kill()
+        await asyncio.shield(proc.wait())
+        raise

@@ -1,0 +1,211 @@
+"""Which byte ranges a copy reads, zeroes or skips, and how they are cut
+into requests. Pure: extent lists in, ranges and pieces out.
+
+A copy sees the source as merged, maximal *ranges* of one kind:
+
+- DATA: must be read and written;
+- ZERO: reads as zeroes (written as WRITE_ZEROES on an overlay, skipped on
+  a fresh image).
+
+Ranges not listed (clean parts of an incremental) are not touched. DATA
+ranges are cut at multiples of the grid (the request size), so the pieces,
+and the content digest built over them, depend only on the ranges, not on
+how the server happened to answer block-status requests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from virtbackupd.adapters.nbd.protocol import STATE_DIRTY, STATE_ZERO, Extent
+
+
+class Kind(StrEnum):
+    DATA = "data"
+    ZERO = "zero"
+
+
+@dataclass(frozen=True)
+class Range:
+    offset: int
+    length: int
+    kind: Kind
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+def ranges_from_status(
+    allocation: Sequence[Extent], dirty: Sequence[Extent] | None = None
+) -> tuple[list[Range], int]:
+    """Ranges described by one block-status answer, and where it ends.
+
+    `allocation` is base:allocation (ZERO flag: reads as zeroes; anything
+    else is data, including a hole that does not read as zero). With
+    `dirty` (a qemu:dirty-bitmap context) only dirty parts are kept.
+    The answer covers up to the shorter of the two lists.
+    """
+    if not allocation:
+        return [], 0
+    end = allocation[-1].end
+    if dirty is not None:
+        if not dirty:
+            return [], 0
+        end = min(end, dirty[-1].end)
+    out: list[Range] = []
+    for a in allocation:
+        kind = Kind.ZERO if a.flags & STATE_ZERO else Kind.DATA
+        if dirty is None:
+            _append(out, a.offset, min(a.end, end), kind)
+            continue
+        for d in dirty:
+            if not d.flags & STATE_DIRTY:
+                continue
+            lo, hi = max(a.offset, d.offset), min(a.end, d.end, end)
+            if lo < hi:
+                _append(out, lo, hi, kind)
+    return out, end
+
+
+def _append(out: list[Range], lo: int, hi: int, kind: Kind) -> None:
+    if lo >= hi:
+        return
+    if out and out[-1].end == lo and out[-1].kind is kind:
+        last = out.pop()
+        out.append(Range(last.offset, hi - last.offset, kind))
+    else:
+        out.append(Range(lo, hi - lo, kind))
+
+
+def merge(ranges: Iterable[Range]) -> list[Range]:
+    """Sorted, adjacent ranges of the same kind joined; overlapping DATA
+    ranges (from rounding at window edges) are united."""
+    out: list[Range] = []
+    for r in sorted(ranges, key=lambda r: r.offset):
+        if out and r.offset < out[-1].end:
+            last = out[-1]
+            if r.kind is not Kind.DATA or last.kind is not Kind.DATA:
+                raise ValueError(f"zero range overlaps another range at {r.offset}")
+            out[-1] = Range(last.offset, max(last.end, r.end) - last.offset, Kind.DATA)
+            continue
+        _append(out, r.offset, r.end, r.kind)
+    return out
+
+
+def align(ranges: Sequence[Range], alignment: int, size: int) -> list[Range]:
+    """Make every boundary a multiple of `alignment` (or the disk end).
+
+    Rounding always grows DATA: data ranges grow outward, zero ranges
+    shrink inward and their cut-off edges become data, so no byte that must
+    be copied is ever dropped (at worst a few zero bytes are copied as data).
+    """
+    if alignment <= 1:
+        return list(ranges)
+
+    def up(x: int) -> int:
+        return min(size, -(-x // alignment) * alignment)
+
+    def down(x: int) -> int:
+        return x - x % alignment
+
+    data: list[tuple[int, int]] = []
+    zero: list[Range] = []
+    for r in ranges:
+        if r.kind is Kind.ZERO:
+            zlo = up(r.offset)
+            zhi = r.end if r.end == size else down(r.end)
+            if zlo < zhi:
+                zero.append(Range(zlo, zhi - zlo, Kind.ZERO))
+                if r.offset < zlo:
+                    data.append((down(r.offset), zlo))
+                if zhi < r.end:
+                    data.append((zhi, up(r.end)))
+                continue
+        data.append((down(r.offset), up(r.end)))
+    data.sort()
+    union: list[tuple[int, int]] = []
+    for lo, hi in data:
+        if union and lo <= union[-1][1]:
+            union[-1] = (union[-1][0], max(hi, union[-1][1]))
+        else:
+            union.append((lo, hi))
+    # A zero range only keeps whole aligned blocks no data range touches.
+    return merge([Range(lo, hi - lo, Kind.DATA) for lo, hi in union] + zero)
+
+
+def data_pieces(r: Range, grid: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) requests of a data range, cut at multiples of `grid`."""
+    pos = r.offset
+    while pos < r.end:
+        nxt = min(r.end, (pos // grid + 1) * grid)
+        yield pos, nxt - pos
+        pos = nxt
+
+
+def zero_pieces(r: Range, max_length: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) WRITE_ZEROES requests of a zero range."""
+    pos = r.offset
+    while pos < r.end:
+        n = min(max_length, r.end - pos)
+        yield pos, n
+        pos += n
+
+
+class Frontier:
+    """Turns block-status answers, window by window, into final ranges.
+
+    A range that touches the end of what is known so far may still grow with
+    the next answer; it is held back, so the emitted ranges are the same
+    however the server cut its answers.
+    """
+
+    def __init__(self, size: int, grid: int, alignment: int) -> None:
+        self.size = size
+        self.grid = grid
+        self.alignment = alignment
+        self._tail: list[Range] = []
+
+    def feed(self, ranges: Sequence[Range], known_end: int) -> list[Range]:
+        """Ranges that are final once the source is known up to `known_end`."""
+        combined = merge([*self._tail, *align(ranges, self.alignment, self.size)])
+        self._tail = []
+        if known_end >= self.size:
+            return combined
+        emit: list[Range] = []
+        cut = known_end - known_end % self.grid
+        for r in combined:
+            if r.end < known_end:
+                emit.append(r)
+            elif r.kind is Kind.DATA and r.offset < cut:
+                emit.append(Range(r.offset, cut - r.offset, Kind.DATA))
+                if r.end > cut:
+                    self._tail.append(Range(cut, r.end - cut, Kind.DATA))
+            else:
+                self._tail.append(r)
+        return emit
+
+    def finish(self) -> list[Range]:
+        tail, self._tail = self._tail, []
+        return tail
+
+
+def piece_record(offset: int, length: int, kind: Kind, content_sha256: bytes = b"") -> bytes:
+    """One record of the content digest (see :func:`digest_of`)."""
+    tag = b"D" if kind is Kind.DATA else b"Z"
+    return struct.pack(">QQ", offset, length) + tag + content_sha256
+
+
+def digest_of(records: Iterable[tuple[int, bytes]]) -> str:
+    """The content digest of a copy: SHA-256 over its piece records in
+    offset order. A DATA piece's record holds the SHA-256 of its bytes; a
+    ZERO range's record only its place (its content is zeroes by definition).
+    """
+    h = hashlib.sha256()
+    for _, rec in sorted(records, key=lambda r: r[0]):
+        h.update(rec)
+    return h.hexdigest()

@@ -1,0 +1,1 @@
+"""The engine: copying disks (copy.py) and, later, running backup jobs."""
