@@ -82,3 +82,13 @@ def qemu_img_compare(
 def qemu_img_info(path: str | Path) -> dict[str, Any]:
     info: dict[str, Any] = json.loads(run("qemu-img", "info", "-U", "--output=json", path))
     return info
+
+
+def qemu_io(image: str | Path, *commands: str, fmt: str = "qcow2") -> None:
+    """Run qemu-io commands on an image that no process has open."""
+    args: list[str | Path] = ["qemu-io", "-f", fmt]
+    for c in commands:
+        args += ["-c", c]
+    out = run(*args, image)
+    if "failed" in out or "not found" in out:
+        raise AssertionError(f"qemu-io on {image}: {out}")

@@ -69,22 +69,24 @@ ProgressCallback = Callable[[CopyProgress], None]
 
 
 class _RateLimit:
-    """Token bucket over bytes read; sleeping, never busy-waiting."""
+    """Token bucket over bytes read, with a burst of a quarter second (at
+    least one request); sleeping, never busy-waiting."""
 
-    def __init__(self, rate: int) -> None:
+    def __init__(self, rate: int, request: int) -> None:
         self.rate = rate
-        self.allowance = float(rate)
+        self.capacity = max(float(request), rate / 4)
+        self.allowance = self.capacity
         self.last = time.monotonic()
 
     async def take(self, n: int) -> None:
         while True:
             now = time.monotonic()
-            self.allowance = min(float(self.rate), self.allowance + (now - self.last) * self.rate)
+            self.allowance = min(self.capacity, self.allowance + (now - self.last) * self.rate)
             self.last = now
-            if self.allowance >= n or self.allowance >= self.rate:
+            if self.allowance >= min(n, self.capacity):
                 self.allowance -= n
                 return
-            await asyncio.sleep((n - self.allowance) / self.rate)
+            await asyncio.sleep((min(n, self.capacity) - self.allowance) / self.rate)
 
 
 async def copy_disk(
@@ -140,7 +142,7 @@ class _Copy:
         )
         self.records: list[tuple[int, bytes]] = []
         self.ranges: list[Range] = []
-        self.limit = _RateLimit(opts.bandwidth) if opts.bandwidth else None
+        self.limit = _RateLimit(opts.bandwidth, grid) if opts.bandwidth else None
         self.last_report = 0.0
 
     async def run(self) -> CopyResult:

@@ -434,6 +434,20 @@ class _Protocol(asyncio.BufferedProtocol):
         self._complete_req(self.pending[handle])
 
     def _complete_req(self, req: _Request) -> None:
+        # Judge the reply while the request is still pending, so that a
+        # protocol violation found here fails it together with the rest.
+        if req.error is None and req.cmd == p.CMD_READ and self.structured:
+            covered = sum(e - s for s, e in req.chunks)
+            if covered != req.length:
+                raise WireError(
+                    f"{req.describe()} ended after {covered} of {req.length} bytes without error"
+                )
+        if (
+            req.error is None
+            and req.cmd == p.CMD_BLOCK_STATUS
+            and set(req.extents) != set(self.contexts_by_id)
+        ):
+            raise WireError(f"{req.describe()} ended without a status for every context")
         handle = next(h for h, r in self.pending.items() if r is req)
         del self.pending[handle]
         self.req = None
@@ -441,16 +455,8 @@ class _Protocol(asyncio.BufferedProtocol):
             return
         if req.error is not None:
             req.future.set_exception(req.error)
-            return
-        if req.cmd == p.CMD_READ and self.structured:
-            covered = sum(e - s for s, e in req.chunks)
-            if covered != req.length:
-                raise WireError(
-                    f"{req.describe()} ended after {covered} of {req.length} bytes without error"
-                )
-        if req.cmd == p.CMD_BLOCK_STATUS and set(req.extents) != set(self.contexts_by_id):
-            raise WireError(f"{req.describe()} ended without a status for every context")
-        req.future.set_result(req.extents if req.cmd == p.CMD_BLOCK_STATUS else None)
+        else:
+            req.future.set_result(req.extents if req.cmd == p.CMD_BLOCK_STATUS else None)
 
     def _server_error(self, req: _Request, error: int, message: str) -> NbdServerError:
         return NbdServerError(self.name, req.describe(), p.errno_name(error), message)

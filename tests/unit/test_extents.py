@@ -1,0 +1,116 @@
+"""Planning what a copy reads: ranges from block status, alignment,
+cutting into pieces, and a digest independent of the server's answers."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from virtbackupd.adapters.nbd.protocol import STATE_DIRTY, STATE_HOLE, STATE_ZERO, Extent
+from virtbackupd.core.extents import (
+    Frontier,
+    Kind,
+    Range,
+    align,
+    data_pieces,
+    merge,
+    ranges_from_status,
+)
+
+D, Z = Kind.DATA, Kind.ZERO
+K = 1024
+
+
+def test_full_copy_ranges_from_allocation() -> None:
+    alloc = [
+        Extent(0, 64 * K, 0),
+        Extent(64 * K, 64 * K, STATE_HOLE | STATE_ZERO),
+        Extent(128 * K, 64 * K, STATE_ZERO),  # allocated zeroes
+        Extent(192 * K, 64 * K, STATE_HOLE),  # hole that does not read as zero
+    ]
+    ranges, end = ranges_from_status(alloc)
+    assert end == 256 * K
+    assert ranges == [Range(0, 64 * K, D), Range(64 * K, 128 * K, Z), Range(192 * K, 64 * K, D)]
+
+
+def test_incremental_keeps_only_dirty_parts() -> None:
+    alloc = [Extent(0, 128 * K, 0), Extent(128 * K, 128 * K, STATE_HOLE | STATE_ZERO)]
+    dirty = [Extent(0, 64 * K, 0), Extent(64 * K, 128 * K, STATE_DIRTY), Extent(192 * K, 32 * K, 0)]
+    ranges, end = ranges_from_status(alloc, dirty)
+    assert end == 224 * K, "the answer covers up to the shorter context"
+    assert ranges == [Range(64 * K, 64 * K, D), Range(128 * K, 64 * K, Z)]
+
+
+@pytest.mark.parametrize(
+    ("ranges", "expected"),
+    [
+        # Misaligned data grows outward.
+        ([Range(100, 200, D)], [Range(0, 512, D)]),
+        # A zero range shrinks inward; its edges become data.
+        ([Range(100, 2000, Z)], [Range(0, 512, D), Range(512, 1536, Z), Range(2048, 512, D)]),
+        # Too small to hold an aligned block: all data.
+        ([Range(100, 300, Z)], [Range(0, 512, D)]),
+        # Zero to the (unaligned) disk end keeps its end.
+        ([Range(3072, 1000, Z)], [Range(3072, 1000, Z)]),
+        # Data/zero boundary inside a block: data wins.
+        ([Range(0, 700, D), Range(700, 1348, Z)], [Range(0, 1024, D), Range(1024, 1024, Z)]),
+    ],
+)
+def test_alignment_only_grows_data(ranges: list[Range], expected: list[Range]) -> None:
+    assert align(ranges, 512, 4072) == merge(expected)
+
+
+def test_merge_unites_overlapping_data_but_refuses_zero_overlaps() -> None:
+    assert merge([Range(0, 10, D), Range(5, 10, D)]) == [Range(0, 15, D)]
+    with pytest.raises(ValueError, match="zero range overlaps"):
+        merge([Range(0, 10, D), Range(5, 10, Z)])
+
+
+def test_data_pieces_follow_the_grid() -> None:
+    assert list(data_pieces(Range(3 * K, 10 * K, D), 4 * K)) == [
+        (3 * K, K),
+        (4 * K, 4 * K),
+        (8 * K, 4 * K),
+        (12 * K, K),
+    ]
+
+
+def _random_disk(rng: random.Random, size: int, unit: int) -> list[Range]:
+    out, pos = [], 0
+    while pos < size:
+        n = min(size - pos, rng.randint(1, 40) * unit)
+        out.append(Range(pos, n, rng.choice([D, Z])))
+        pos += n
+    return merge(out)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_frontier_output_does_not_depend_on_windows(seed: int) -> None:
+    """However the server cuts its answers, the emitted DATA pieces and the
+    merged ranges are the same."""
+    rng = random.Random(seed)
+    size, grid = 4 * 1024 * K, 256 * K
+    disk = _random_disk(rng, size, 4 * K)
+
+    def run(cuts: list[int]) -> tuple[list[tuple[int, int]], list[Range]]:
+        frontier = Frontier(size, grid, 4 * K)
+        emitted: list[Range] = []
+        prev = 0
+        for cut in [*cuts, size]:
+            window = [
+                Range(max(r.offset, prev), min(r.end, cut) - max(r.offset, prev), r.kind)
+                for r in disk
+                if r.offset < cut and r.end > prev
+            ]
+            emitted += frontier.feed(window, cut)
+            prev = cut
+        emitted += frontier.finish()
+        pieces = [p for r in emitted if r.kind is D for p in data_pieces(r, grid)]
+        return pieces, merge(emitted)
+
+    reference = run([])
+    for _ in range(5):
+        cuts = sorted(rng.sample(range(4 * K, size, 4 * K), rng.randint(1, 30)))
+        assert run(cuts) == reference
+    assert reference[1] == disk
