@@ -21,6 +21,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+import xxhash
+
 from virtbackupd.adapters.nbd.protocol import STATE_DIRTY, STATE_ZERO, Extent
 
 
@@ -194,16 +196,24 @@ class Frontier:
         return tail
 
 
-def piece_record(offset: int, length: int, kind: Kind, content_sha256: bytes = b"") -> bytes:
+def content_hash(data: bytes | memoryview) -> bytes:
+    """XXH3-128 of a DATA piece: it detects corrupted bytes at ~25 GB/s,
+    where SHA-256 (1.3 GB/s here) took 40 % of the copy's CPU. Backups are
+    protected from tampering by the file system, not by this hash."""
+    return xxhash.xxh3_128(data).digest()
+
+
+def piece_record(offset: int, length: int, kind: Kind, content: bytes = b"") -> bytes:
     """One record of the content digest (see :func:`digest_of`)."""
     tag = b"D" if kind is Kind.DATA else b"Z"
-    return struct.pack(">QQ", offset, length) + tag + content_sha256
+    return struct.pack(">QQ", offset, length) + tag + content
 
 
 def digest_of(records: Iterable[tuple[int, bytes]]) -> str:
     """The content digest of a copy: SHA-256 over its piece records in
-    offset order. A DATA piece's record holds the SHA-256 of its bytes; a
-    ZERO range's record only its place (its content is zeroes by definition).
+    offset order. A DATA piece's record holds the XXH3-128 of its bytes
+    (:func:`content_hash`); a ZERO range's record only its place (its
+    content is zeroes by definition).
     """
     h = hashlib.sha256()
     for _, rec in sorted(records, key=lambda r: r[0]):

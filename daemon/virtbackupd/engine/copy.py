@@ -4,7 +4,7 @@ a target NBD export.
 What is copied comes from block status: base:allocation for a full copy,
 intersected with a qemu:dirty-bitmap context for an incremental. Holes are
 never read. DATA pieces are read into a fixed pool of buffers (memory does
-not grow with the disk), hashed in a worker thread while being written, and
+not grow with the disk), hashed (XXH3-128) and written, and
 ZERO ranges become WRITE_ZEROES on an overlay or are skipped on a fresh
 image. A bounded number of requests is in flight; the target is flushed at
 the end; cancelling the copy leaves no task behind.
@@ -13,7 +13,6 @@ the end; cancelling the copy leaves no task behind.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -217,10 +216,8 @@ class _Copy:
                 piece = buf[:n]
                 await src.read_into(off, piece)
                 self.state.bytes_read += n
-                # Hash (in a thread, hashlib drops the GIL) while writing.
-                digest, _ = await asyncio.gather(
-                    asyncio.to_thread(_sha256, piece), dst.write(off, piece)
-                )
+                digest = extents.content_hash(piece)
+                await dst.write(off, piece)
                 self.state.bytes_written += n
                 self.records.append((off, extents.piece_record(off, n, Kind.DATA, digest)))
             self._report()
@@ -275,7 +272,3 @@ async def copy_export(
             await asyncio.gather(*(c.close() for c in targets))
     finally:
         await asyncio.gather(*(c.close() for c in sources))
-
-
-def _sha256(data: memoryview) -> bytes:
-    return hashlib.sha256(data).digest()

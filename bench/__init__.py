@@ -1,0 +1,1 @@
+"""Benchmarks of the data path (`make bench`). Figures go to docs/performance.md."""
