@@ -73,3 +73,29 @@ class ProcessError(VirtBackupError):
         super().__init__(f"{command}: {message}")
         self.command = command
         self.message = message
+
+
+class LibvirtError(VirtBackupError):
+    """A libvirt call failed; ``code`` is libvirt's error code."""
+
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class DomainNotFoundError(LibvirtError):
+    """No domain with that name or UUID."""
+
+
+class CheckpointInconsistentError(LibvirtError):
+    """libvirt refused a checkpoint whose bitmaps are missing or broken
+    (QEMU crashed, image edited): the next backup must be full."""
+
+
+class BackupBusyError(VirtBackupError):
+    """Another backup of the domain runs (ours, from another process, or
+    another tool's libvirt job)."""
+
+
+class BackupFailedError(VirtBackupError):
+    """A backup failed; it was recorded as failed and cleaned up."""

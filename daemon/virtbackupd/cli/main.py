@@ -1,12 +1,28 @@
-"""Entry point of the `virtbackup` command."""
+"""Entry point of the `virtbackup` command.
+
+Global options come before the command: ``virtbackup [-c CONFIG] [--json]
+COMMAND ...``. Every failure ends with one clear line on stderr and a
+non-zero exit: 1 for a failed operation, 2 for bad input (usage, config).
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from virtbackupd import __version__
+from virtbackupd import __version__, logs
+from virtbackupd.adapters.libvirt_conn import Libvirt
+from virtbackupd.adapters.store import Store
+from virtbackupd.config.daemon import DaemonConfig, config_path, load_config
+from virtbackupd.config.policy import load_policies, policy_files
+from virtbackupd.core.policy import Level, Policy, policy_for
+from virtbackupd.core.records import BackupRecord
+from virtbackupd.engine.backup import BackupContext, JobProgress, backup_domain
+from virtbackupd.errors import ConfigError, VirtBackupError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--json", action="store_true", help="print machine-readable JSON instead of text"
     )
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    b = sub.add_parser("backup", help="back up one domain now")
+    b.add_argument("domain", help="domain name or UUID")
+    b.add_argument("--full", action="store_true", help="take a full backup, whatever the plan says")
+    ls = sub.add_parser("list", help="list backups")
+    ls.add_argument("domain", nargs="?", help="only this domain (name or UUID)")
+    cp = sub.add_parser("checkpoints", help="checkpoint lineage: libvirt's view and the store's")
+    cp.add_argument("domain")
+    pol = sub.add_parser("policy", help="policy files")
+    polsub = pol.add_subparsers(dest="policy_command", metavar="SUBCOMMAND", required=True)
+    chk = polsub.add_parser(
+        "check", help="validate policy files (exit 0 if all are valid, 2 if not)"
+    )
+    chk.add_argument("files", nargs="*", type=Path, help="default: the config's policy_dirs")
     return parser
 
 
@@ -35,7 +64,156 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    return 0  # pragma: no cover - no commands yet
+    try:
+        return asyncio.run(_run(args))
+    except ConfigError as exc:
+        print(f"virtbackup: {exc}", file=sys.stderr)
+        return 2
+    except VirtBackupError as exc:
+        print(f"virtbackup: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("virtbackup: interrupted", file=sys.stderr)
+        return 130
+
+
+async def _run(args: argparse.Namespace) -> int:
+    if args.command == "policy":
+        return _policy_check(args)
+    config = load_config(config_path(args.config))
+    logs.configure(config.log_level, "json" if args.json else "console")
+    async with Store.open(config.state_db) as store:
+        if args.command == "list":
+            return await _list(args, config, store)
+        async with await Libvirt.open(config.libvirt_uri) as lv:
+            if args.command == "backup":
+                return await _backup(args, config, store, lv)
+            if args.command == "checkpoints":
+                return await _checkpoints(args, store, lv)
+    raise AssertionError(args.command)
+
+
+def _policies(config: DaemonConfig) -> list[Policy]:
+    policies, errors = load_policies(policy_files(config.policy_dirs))
+    for e in errors:
+        print(f"virtbackup: warning: {e}", file=sys.stderr)
+    return policies
+
+
+def _policy_check(args: argparse.Namespace) -> int:
+    files = list(args.files)
+    if not files:
+        config = load_config(config_path(args.config))
+        files = policy_files(config.policy_dirs)
+    policies, errors = load_policies(files)
+    for e in errors:
+        print(f"virtbackup: {e}", file=sys.stderr)
+    if args.json:
+        print(
+            json.dumps(
+                {"valid": [str(p.source) for p in policies], "errors": [str(e) for e in errors]}
+            )
+        )
+    else:
+        for p in policies:
+            print(f"ok: {p.source}")
+    return 2 if errors else 0
+
+
+async def _backup(args: argparse.Namespace, config: DaemonConfig, store: Store, lv: Libvirt) -> int:
+    ref = await lv.domain(args.domain)
+    policy = policy_for(ref.name, ref.uuid, _policies(config)) or Policy(
+        source=Path("<command line>"), domains=(ref.name,)
+    )
+    show = sys.stderr.isatty() and not args.json
+
+    def progress(p: JobProgress) -> None:
+        if show and p.size:
+            pct = 100 * p.position / p.size
+            print(
+                f"\r{p.domain}: {pct:5.1f}% walked, {p.done / 2**20:,.0f} MiB copied",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    record = await backup_domain(
+        BackupContext(config, store, lv, policy),
+        ref.uuid,
+        want=Level.FULL if args.full else None,
+        progress=progress,
+    )
+    if show:
+        print(file=sys.stderr)
+    if args.json:
+        print(json.dumps(record.as_json(), indent=2))
+    else:
+        print(_line(record))
+    return 0
+
+
+def _line(b: BackupRecord) -> str:
+    size = f"{b.bytes_written / 2**20:,.1f} MiB"
+    return (
+        f"{b.id}  {b.domain_name:16} {b.level.value:11} {b.status.value:8} {size:>12}  "
+        f"parent={b.parent or '-'}" + (f"  error: {b.error}" if b.error else "")
+    )
+
+
+async def _list(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
+    uuid = None
+    if args.domain:
+        dom = await store.domain(args.domain) or await store.domain_by_name(args.domain)
+        if dom is None:
+            raise VirtBackupError(f"no backups are recorded for a domain '{args.domain}'")
+        uuid = dom.uuid
+    backups = await store.backups(uuid)
+    if args.json:
+        print(json.dumps([b.as_json() for b in backups], indent=2))
+    else:
+        for b in backups:
+            print(_line(b))
+    return 0
+
+
+async def _checkpoints(args: argparse.Namespace, store: Store, lv: Libvirt) -> int:
+    ref = await lv.domain(args.domain)
+    libvirt_cps = {c.name: c.parent for c in await lv.checkpoints(ref)}
+    stored = {c.name: c for c in await store.checkpoints(ref.uuid)}
+    names = sorted(set(libvirt_cps) | set(stored), key=lambda n: (n not in stored, n))
+    rows = []
+    for n in names:
+        s = stored.get(n)
+        rows.append(
+            {
+                "name": n,
+                "libvirt": n in libvirt_cps,
+                "libvirt_parent": libvirt_cps.get(n),
+                "store": s.status.value if s else None,
+                "store_parent": s.parent if s else None,
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    children: dict[str | None, list[str]] = {}
+    for r in rows:
+        parent = r["libvirt_parent"] if r["libvirt"] else r["store_parent"]
+        children.setdefault(parent if parent in names else None, []).append(str(r["name"]))
+    by_name = {r["name"]: r for r in rows}
+    print(f"{'checkpoint':50} {'libvirt':8} {'store':8}")
+
+    def walk(parent: str | None, depth: int) -> None:
+        for n in children.get(parent, []):
+            r = by_name[n]
+            print(
+                f"{'  ' * depth + n:50} {'yes' if r['libvirt'] else 'MISSING':8} "
+                f"{r['store'] or 'unknown':8}"
+            )
+            walk(n, depth + 1)
+
+    walk(None, 0)
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

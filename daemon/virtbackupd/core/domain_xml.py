@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lxml import etree
+
 from virtbackupd.core import xmldoc
 from virtbackupd.errors import XMLError
 
@@ -32,6 +34,7 @@ class DomainInfo:
     name: str
     uuid: str | None
     disks: tuple[DomainDisk, ...]
+    qemu_user: tuple[int, int] | None = None  # uid, gid QEMU runs as (live XML, DAC label)
 
     def disk(self, target: str) -> DomainDisk | None:
         return next((d for d in self.disks if d.target == target), None)
@@ -73,4 +76,24 @@ def parse_domain(data: str | bytes, document: str = "domain XML") -> DomainInfo:
                 alias=alias.get("name") if alias is not None else None,
             )
         )
-    return DomainInfo(name=name, uuid=xmldoc.text_of(root.find("uuid")), disks=tuple(disks))
+    return DomainInfo(
+        name=name,
+        uuid=xmldoc.text_of(root.find("uuid")),
+        disks=tuple(disks),
+        qemu_user=_dac_label(root),
+    )
+
+
+def _dac_label(root: etree._Element) -> tuple[int, int] | None:
+    """The uid:gid of the running QEMU, from `<seclabel model='dac'>`
+    (libvirt writes "+64055:+107")."""
+    for sec in root.iterfind("seclabel"):
+        if sec.get("model") != "dac":
+            continue
+        label = xmldoc.text_of(sec.find("label")) or ""
+        uid, _, gid = label.partition(":")
+        try:
+            return int(uid.lstrip("+")), int(gid.lstrip("+"))
+        except ValueError:
+            return None
+    return None

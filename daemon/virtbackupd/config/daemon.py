@@ -1,0 +1,91 @@
+"""The daemon configuration file."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from virtbackupd.config.yamlnodes import Source
+from virtbackupd.errors import ConfigError
+
+DEFAULT_CONFIG = Path("/etc/virtbackupd/virtbackupd.yaml")
+ENV_CONFIG = "VIRTBACKUPD_CONFIG"
+LOG_FORMATS = ("auto", "journal", "json", "console")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    source: Path
+    libvirt_uri: str = "qemu:///system"
+    state_dir: Path = Path("/var/lib/virtbackupd")
+    backup_root: Path = Path("/var/lib/virtbackupd/backups")
+    runtime_dir: Path = Path("/run/virtbackupd")
+    policy_dirs: tuple[Path, ...] = (Path("/etc/virtbackupd/policies.d"),)
+    max_concurrent_backups: int = 2
+    log_format: str = "auto"
+    log_level: str = "info"
+
+    @property
+    def state_db(self) -> Path:
+        return self.state_dir / "state.db"
+
+
+def config_path(cli_value: str | None) -> Path:
+    """`-c PATH`, else $VIRTBACKUPD_CONFIG, else the default."""
+    if cli_value:
+        return Path(cli_value)
+    env = os.environ.get(ENV_CONFIG)
+    return Path(env) if env else DEFAULT_CONFIG
+
+
+def load_config(path: Path) -> DaemonConfig:
+    """Read and validate the daemon config; relative paths resolve against
+    the folder of the file, so a repository-local config works anywhere."""
+    if not path.exists():
+        raise ConfigError(f"{path}: no such config file (give one with -c PATH or ${ENV_CONFIG})")
+    src = Source.read(path)
+    base = path.resolve().parent
+    keys = src.mapping(
+        src.root,
+        "",
+        [
+            "libvirt_uri",
+            "state_dir",
+            "backup_root",
+            "runtime_dir",
+            "policy_dirs",
+            "max_concurrent_backups",
+            "log",
+        ],
+    )
+
+    def path_of(key: str, default: Path) -> Path:
+        if key not in keys:
+            return default
+        return base / src.string(keys[key], key)
+
+    state_dir = path_of("state_dir", DaemonConfig.state_dir)
+    cfg = {
+        "source": path,
+        "libvirt_uri": src.string(keys["libvirt_uri"], "libvirt_uri")
+        if "libvirt_uri" in keys
+        else DaemonConfig.libvirt_uri,
+        "state_dir": state_dir,
+        "backup_root": path_of("backup_root", state_dir / "backups"),
+        "runtime_dir": path_of("runtime_dir", DaemonConfig.runtime_dir),
+    }
+    if "policy_dirs" in keys:
+        dirs = src.string_list(keys["policy_dirs"], "policy_dirs")
+        cfg["policy_dirs"] = tuple(base / d for d in dirs)
+    if "max_concurrent_backups" in keys:
+        cfg["max_concurrent_backups"] = src.integer(
+            keys["max_concurrent_backups"], "max_concurrent_backups", minimum=1
+        )
+    log = src.mapping(keys.get("log"), "log", ["format", "level"])
+    if "format" in log:
+        cfg["log_format"] = src.choice(log["format"], "log.format", LOG_FORMATS)
+    if "level" in log:
+        cfg["log_level"] = src.choice(log["level"], "log.level", LOG_LEVELS)
+    return DaemonConfig(**cfg)  # type: ignore[arg-type]

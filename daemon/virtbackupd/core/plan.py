@@ -1,0 +1,156 @@
+"""Planning one backup: full or incremental from which checkpoint, which
+disks, and why. Pure: everything it needs is passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from virtbackupd.core.backup_documents import (
+    BackupRequest,
+    DiskChoice,
+    choose_disks,
+    is_own_checkpoint,
+)
+from virtbackupd.core.domain_xml import DomainDisk
+from virtbackupd.core.policy import Level, Policy
+from virtbackupd.core.records import BackupRecord, BackupStatus, CheckpointRecord
+from virtbackupd.errors import PlanError
+
+
+@dataclass(frozen=True)
+class CheckpointView:
+    """What libvirt (and the images) say about the domain's checkpoints."""
+
+    known: frozenset[str]  # checkpoint names libvirt has metadata for
+    broken: frozenset[str] = frozenset()  # bitmaps missing or inconsistent
+    bitmaps: Mapping[str, frozenset[str]] = field(default_factory=dict)  # disk -> bitmap names
+
+
+@dataclass(frozen=True)
+class Plan:
+    level: Level
+    reason: str
+    checkpoint: str  # the new checkpoint
+    parent_backup: str | None  # backup id the incremental builds on
+    parent_checkpoint: str | None
+    choices: tuple[DiskChoice, ...]
+    delete_checkpoints: tuple[str, ...] = ()  # broken ones of ours, to remove first
+    redefine: tuple[CheckpointRecord, ...] = ()  # stored ones libvirt lost, oldest first
+
+    @property
+    def disks(self) -> tuple[str, ...]:
+        return tuple(c.target for c in self.choices if c.included)
+
+
+def chain_length(backups: Sequence[BackupRecord], last: BackupRecord) -> int:
+    """Incrementals between `last` and its full backup."""
+    by_id = {b.id: b for b in backups}
+    n, cur = 0, last
+    while cur.parent is not None and cur.parent in by_id:
+        n += 1
+        cur = by_id[cur.parent]
+    return n
+
+
+def plan_backup(
+    *,
+    checkpoint: str,
+    disks: Sequence[DomainDisk],
+    policy: Policy,
+    history: Sequence[BackupRecord],
+    stored_checkpoints: Sequence[CheckpointRecord],
+    view: CheckpointView,
+    want: Level | None = None,
+) -> Plan:
+    """Decide the backup. `history` is this domain's backups, oldest first."""
+    broken_own = tuple(sorted(n for n in view.broken if is_own_checkpoint(n)))
+    complete = [b for b in history if b.status is BackupStatus.COMPLETE]
+    last = complete[-1] if complete else None
+
+    def full(reason: str) -> Plan:
+        return _with_disks(
+            Plan(Level.FULL, reason, checkpoint, None, None, (), broken_own), disks, policy
+        )
+
+    if want is Level.FULL:
+        return full("full backup requested")
+    if last is None:
+        return full("no earlier complete backup")
+    if last.checkpoint is None:
+        return full(f"backup {last.id} left no checkpoint")
+    parent = last.checkpoint
+    if parent in view.broken:
+        return full(f"checkpoint {parent} has inconsistent or missing bitmaps (crash?)")
+    if chain_length(complete, last) >= policy.max_incrementals:
+        return full(f"chain reached {policy.max_incrementals} incrementals")
+    incremental = _with_disks(
+        Plan(
+            Level.INCREMENTAL,
+            f"changes since {parent} (backup {last.id})",
+            checkpoint,
+            last.id,
+            parent,
+            (),
+            broken_own,
+        ),
+        disks,
+        policy,
+    )
+    previous = {d.disk for d in last.disks}
+    for c in incremental.choices:
+        if c.included and c.target not in previous:
+            return full(f"disk {c.target} is not in backup {last.id}")
+    for c in incremental.choices:
+        if c.included and c.checkpoint:
+            bitmaps = view.bitmaps.get(c.target)
+            if bitmaps is not None and parent not in bitmaps:
+                return full(f"disk {c.target} has no bitmap {parent}")
+    if parent not in view.known:
+        stored = {cp.name: cp for cp in stored_checkpoints}
+        chain = _lineage(parent, stored)
+        if chain is None:
+            return full(f"checkpoint {parent} is unknown to libvirt and not in the store")
+        missing = tuple(cp for cp in chain if cp.name not in view.known)
+        return _replace(
+            incremental,
+            reason=f"{incremental.reason}; redefining {len(missing)} checkpoint(s) libvirt lost",
+            redefine=missing,
+        )
+    return incremental
+
+
+def _lineage(name: str, stored: Mapping[str, CheckpointRecord]) -> list[CheckpointRecord] | None:
+    chain: list[CheckpointRecord] = []
+    cur: str | None = name
+    while cur is not None:
+        cp = stored.get(cur)
+        if cp is None:
+            return None if not chain else chain[::-1]
+        chain.append(cp)
+        cur = cp.parent
+        if len(chain) > 10000:
+            raise PlanError(f"checkpoint lineage of {name} loops")
+    return chain[::-1]
+
+
+def _replace(plan: Plan, **changes: object) -> Plan:
+    return replace(plan, **changes)  # type: ignore[arg-type]
+
+
+def _with_disks(plan: Plan, disks: Sequence[DomainDisk], policy: Policy) -> Plan:
+    request = BackupRequest(
+        checkpoint=plan.checkpoint,
+        incremental_from=plan.parent_checkpoint,
+        socket_path="/",
+        scratch_dir="/",
+        include=policy.include_disks,
+        exclude=policy.exclude_disks,
+        raw=policy.raw,
+    )
+    choices = choose_disks(disks, request)
+    if not any(c.included for c in choices):
+        reasons = "; ".join(f"{c.target}: {c.reason}" for c in choices) or "no disks"
+        raise PlanError(f"no disk can be backed up ({reasons})")
+    return _replace(plan, choices=choices)

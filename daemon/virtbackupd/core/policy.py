@@ -1,0 +1,91 @@
+"""Backup policies as typed values, and which policy governs a domain."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from virtbackupd.core.backup_documents import RawDisks
+from virtbackupd.errors import ConfigError
+
+
+class Level(StrEnum):
+    FULL = "full"
+    INCREMENTAL = "incremental"
+
+
+class EventAction(StrEnum):
+    NONE = "none"
+    INCREMENTAL = "incremental"
+    FULL = "full"
+
+
+class Quiesce(StrEnum):
+    AUTO = "auto"  # freeze through the guest agent when it answers; warn otherwise
+    ALWAYS = "always"  # fail when the guest agent cannot freeze
+    NEVER = "never"
+
+
+@dataclass(frozen=True)
+class Retention:
+    keep_last: int = 0
+    keep_hourly: int = 0
+    keep_daily: int = 0
+    keep_weekly: int = 0
+    keep_monthly: int = 0
+    keep_yearly: int = 0
+
+    @property
+    def keeps_everything(self) -> bool:
+        return not any(
+            (
+                self.keep_last,
+                self.keep_hourly,
+                self.keep_daily,
+                self.keep_weekly,
+                self.keep_monthly,
+                self.keep_yearly,
+            )
+        )
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One policy file."""
+
+    source: Path
+    domains: tuple[str, ...] = ()  # names or fnmatch globs
+    uuids: tuple[str, ...] = ()
+    exclude_domains: tuple[str, ...] = ()
+    include_disks: frozenset[str] = frozenset()
+    exclude_disks: frozenset[str] = frozenset()
+    raw: RawDisks = RawDisks.SKIP
+    full_schedule: str | None = None  # cron
+    incremental_schedule: str | None = None  # cron
+    max_incrementals: int = 30
+    retention: Retention = field(default_factory=Retention)
+    on_shutdown: EventAction = EventAction.NONE
+    on_define: EventAction = EventAction.NONE
+    quiesce: Quiesce = Quiesce.AUTO
+    bandwidth: int | None = None  # bytes per second
+    target: Path | None = None  # overrides the daemon's backup_root
+
+    def matches(self, name: str, uuid: str) -> bool:
+        if any(fnmatch.fnmatchcase(name, pat) for pat in self.exclude_domains):
+            return False
+        return uuid.lower() in self.uuids or any(
+            fnmatch.fnmatchcase(name, pat) for pat in self.domains
+        )
+
+
+def policy_for(name: str, uuid: str, policies: Sequence[Policy]) -> Policy | None:
+    """The one policy governing a domain, None if none does; two is an error
+    (the operator must say which one wins)."""
+    found = [p for p in policies if p.matches(name, uuid)]
+    if len(found) > 1:
+        files = ", ".join(str(p.source) for p in found)
+        raise ConfigError(f"domain '{name}' ({uuid}) is matched by more than one policy: {files}")
+    return found[0] if found else None

@@ -1,0 +1,99 @@
+"""What the state store records, as typed values (no SQL here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+from virtbackupd.core.policy import Level
+
+
+class BackupStatus(StrEnum):
+    RUNNING = "running"
+    COMPLETE = "complete"
+    FAILED = "failed"
+
+
+class CheckpointStatus(StrEnum):
+    ACTIVE = "active"  # exists in libvirt, bitmaps trusted
+    DELETED = "deleted"  # removed (failed backup, broken bitmaps, pruned)
+
+
+@dataclass(frozen=True)
+class DomainRecord:
+    uuid: str
+    name: str
+    first_seen: datetime
+    last_seen: datetime
+    undefined_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    domain_uuid: str
+    name: str
+    parent: str | None
+    created: datetime
+    status: CheckpointStatus
+    xml: str  # libvirt's checkpoint XML (with <domain>), for redefinition
+
+
+@dataclass(frozen=True)
+class DiskRecord:
+    disk: str
+    path: str  # relative to the backup folder
+    virtual_size: int
+    bytes_read: int
+    bytes_written: int
+    bytes_zeroed: int
+    digest: str
+    grid: int
+    ranges: str  # JSON: [[offset, length, "data"|"zero"], ...]
+
+
+@dataclass(frozen=True)
+class BackupRecord:
+    id: str
+    domain_uuid: str
+    domain_name: str
+    level: Level
+    status: BackupStatus
+    checkpoint: str | None
+    parent: str | None  # backup id
+    started: datetime
+    finished: datetime | None = None
+    error: str | None = None
+    bytes_read: int = 0
+    bytes_written: int = 0
+    path: str | None = None  # the backup's folder
+    disks: tuple[DiskRecord, ...] = ()
+
+    def as_json(self) -> dict[str, object]:
+        """The stable shape of `virtbackup --json list` (documented)."""
+        return {
+            "id": self.id,
+            "domain": self.domain_name,
+            "domain_uuid": self.domain_uuid,
+            "level": self.level.value,
+            "status": self.status.value,
+            "checkpoint": self.checkpoint,
+            "parent": self.parent,
+            "started": self.started.isoformat(),
+            "finished": self.finished.isoformat() if self.finished else None,
+            "error": self.error,
+            "bytes_read": self.bytes_read,
+            "bytes_written": self.bytes_written,
+            "path": self.path,
+            "disks": [
+                {
+                    "name": d.disk,
+                    "path": d.path,
+                    "virtual_size": d.virtual_size,
+                    "bytes_written": d.bytes_written,
+                    "bytes_zeroed": d.bytes_zeroed,
+                    "digest": d.digest,
+                }
+                for d in self.disks
+            ],
+        }

@@ -1,0 +1,396 @@
+"""One backup job of one domain, as a state machine:
+
+    planned -> exporting -> copying -> committing -> complete
+        \\-----------\\-----------\\-----------> failed
+
+``_fail`` is the one place that decides what to clean up on a failure edge:
+the libvirt job is aborted, the new checkpoint deleted (no later
+incremental may trust it), the partial folder removed, and the record
+marked failed with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+
+import structlog
+
+from virtbackupd.adapters import qemu_img, qemu_nbd
+from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
+from virtbackupd.adapters.nbd.client import UnixAddress, connect
+from virtbackupd.adapters.store import Store
+from virtbackupd.config.daemon import DaemonConfig
+from virtbackupd.core.backup_documents import (
+    BackupRequest,
+    DiskChoice,
+    build_documents,
+    checkpoint_name,
+)
+from virtbackupd.core.domain_xml import DomainInfo, parse_domain
+from virtbackupd.core.plan import CheckpointView, Plan, plan_backup
+from virtbackupd.core.policy import Level, Policy
+from virtbackupd.core.records import (
+    BackupRecord,
+    BackupStatus,
+    CheckpointRecord,
+    CheckpointStatus,
+    DiskRecord,
+)
+from virtbackupd.engine import repository
+from virtbackupd.engine.copy import CopyOptions, CopyProgress, CopyResult, ZeroMode, copy_export
+from virtbackupd.engine.locks import domain_lock
+from virtbackupd.engine.repository import Repository
+from virtbackupd.errors import (
+    BackupFailedError,
+    CheckpointInconsistentError,
+    VirtBackupError,
+)
+
+log = structlog.get_logger("virtbackupd.backup")
+
+
+class JobState(StrEnum):
+    PLANNED = "planned"
+    EXPORTING = "exporting"
+    COPYING = "copying"
+    COMMITTING = "committing"
+    COMPLETE = "complete"
+    FAILED = "failed"
+
+
+@dataclass
+class JobProgress:
+    backup_id: str
+    domain: str
+    disks: dict[str, CopyProgress] = field(default_factory=dict)
+
+    @property
+    def done(self) -> int:
+        return sum(p.bytes_read + p.bytes_zeroed for p in self.disks.values())
+
+    @property
+    def position(self) -> int:
+        return sum(p.position for p in self.disks.values())
+
+    @property
+    def size(self) -> int:
+        return sum(p.size for p in self.disks.values())
+
+
+ProgressFn = Callable[[JobProgress], None]
+
+
+@dataclass
+class BackupContext:
+    config: DaemonConfig
+    store: Store
+    libvirt: Libvirt
+    policy: Policy
+    now: Callable[[], datetime] = lambda: datetime.now(UTC)
+
+
+async def backup_domain(
+    ctx: BackupContext,
+    domain: str,
+    want: Level | None = None,
+    progress: ProgressFn | None = None,
+) -> BackupRecord:
+    """Take one backup of `domain` (name or UUID) under its lock."""
+    ref = await ctx.libvirt.domain(domain)
+    with domain_lock(ctx.config.runtime_dir, ref.uuid, ref.name):
+        if not await ctx.libvirt.is_running(ref):
+            raise BackupFailedError(
+                f"{ref.name} is shut off: offline backups are not implemented yet"
+            )
+        job = _Job(ctx, ref, want, progress)
+        return await job.run()
+
+
+class _Job:
+    def __init__(
+        self, ctx: BackupContext, ref: DomainRef, want: Level | None, progress: ProgressFn | None
+    ) -> None:
+        self.ctx = ctx
+        self.ref = ref
+        self.want = want
+        self.on_progress = progress
+        self.started = ctx.now()
+        self.id = repository.new_backup_id(self.started)
+        self.checkpoint = checkpoint_name(self.id)
+        self.repo = Repository(ctx.policy.target or ctx.config.backup_root)
+        self.job_dir = ctx.config.runtime_dir / "jobs" / self.id
+        self.state = JobState.PLANNED
+        self.log = log.bind(domain=ref.name, backup_id=self.id, checkpoint=self.checkpoint)
+        self.libvirt_job = False
+        self.checkpoint_created = False
+        self.record: BackupRecord | None = None
+
+    def _enter(self, state: JobState) -> None:
+        self.state = state
+        self.log.debug("backup state", state=state.value)
+
+    async def run(self) -> BackupRecord:
+        lv, store = self.ctx.libvirt, self.ctx.store
+        info = parse_domain(await lv.xml(self.ref), f"domain XML of {self.ref.name}")
+        plan = await self._plan(info)
+        await store.see_domain(self.ref.uuid, self.ref.name, self.started)
+        self.record = BackupRecord(
+            id=self.id,
+            domain_uuid=self.ref.uuid,
+            domain_name=self.ref.name,
+            level=plan.level,
+            status=BackupStatus.RUNNING,
+            checkpoint=self.checkpoint,
+            parent=plan.parent_backup,
+            started=self.started,
+            path=str(self.repo.final_dir(self.ref.uuid, self.id)),
+        )
+        await store.start_backup(self.record)
+        self.log = self.log.bind(level=plan.level.value)
+        self.log.info("backup planned", reason=plan.reason, disks=list(plan.disks))
+        try:
+            results = await self._export_and_copy(info, plan)
+            self._enter(JobState.COMMITTING)
+            return await self._commit(info, plan, results)
+        except BaseException as exc:
+            await self._fail(exc)
+            if isinstance(exc, VirtBackupError):
+                raise BackupFailedError(
+                    f"backup {self.id} of {self.ref.name} failed: {exc}"
+                ) from exc
+            raise
+        finally:
+            _rmtree(self.job_dir)
+
+    async def _plan(self, info: DomainInfo) -> Plan:
+        lv, store = self.ctx.libvirt, self.ctx.store
+        libvirt_cps = await lv.checkpoints(self.ref)
+        plan = plan_backup(
+            checkpoint=self.checkpoint,
+            disks=info.disks,
+            policy=self.ctx.policy,
+            history=await store.backups(self.ref.uuid),
+            stored_checkpoints=[
+                cp
+                for cp in await store.checkpoints(self.ref.uuid)
+                if cp.status is CheckpointStatus.ACTIVE
+            ],
+            view=CheckpointView(known=frozenset(cp.name for cp in libvirt_cps)),
+            want=self.want,
+        )
+        for cp in plan.redefine:
+            self.log.warning("redefining checkpoint libvirt lost", lost=cp.name)
+            await lv.redefine_checkpoint(self.ref, cp.xml)
+        return plan
+
+    async def _export_and_copy(self, info: DomainInfo, plan: Plan) -> dict[str, CopyResult]:
+        lv = self.ctx.libvirt
+        self._enter(JobState.EXPORTING)
+        partial = self.repo.create_partial(self.ref.uuid, self.id)
+        # QEMU (often not root) must traverse to its job folder, not list it.
+        self.job_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.job_dir.parent.chmod(0o711)
+        self.job_dir.mkdir(mode=0o700)
+        if info.qemu_user is not None:
+            # QEMU creates the NBD socket and opens scratch files in here.
+            os.chown(self.job_dir, *info.qemu_user)
+        socket = self.job_dir / "nbd.sock"
+        docs = build_documents(
+            info.disks,
+            BackupRequest(
+                checkpoint=self.checkpoint,
+                incremental_from=plan.parent_checkpoint,
+                socket_path=str(socket),
+                scratch_dir=str(self.job_dir),
+                include=self.ctx.policy.include_disks,
+                exclude=self.ctx.policy.exclude_disks,
+                raw=self.ctx.policy.raw,
+            ),
+        )
+        try:
+            await lv.backup_begin(self.ref, docs.backup.to_xml(), docs.checkpoint.to_xml())
+        except CheckpointInconsistentError:
+            self.log.warning("checkpoint bitmaps inconsistent; the next backup will be full")
+            if plan.parent_checkpoint:
+                await self.ctx.store.set_checkpoint_status(
+                    self.ref.uuid, plan.parent_checkpoint, CheckpointStatus.DELETED
+                )
+            raise
+        self.libvirt_job = True
+        self.checkpoint_created = True
+        sizes = await self._sizes(docs.included)
+        for choice in docs.included:
+            image = partial / repository.disk_file(choice.target)
+            if plan.level is Level.INCREMENTAL and choice.checkpoint:
+                assert plan.parent_backup is not None
+                await qemu_img.create(
+                    image, backing=repository.backing_of(plan.parent_backup, choice.target)
+                )
+            else:
+                await qemu_img.create(image, sizes[choice.target])
+        self._enter(JobState.COPYING)
+        progress = JobProgress(self.id, self.ref.name)
+        results: dict[str, CopyResult] = {}
+        bandwidth = self.ctx.policy.bandwidth
+        share = bandwidth // len(docs.included) if bandwidth else None
+
+        async def copy_one(target: str, incremental: bool) -> None:
+            def on_progress(p: CopyProgress) -> None:
+                progress.disks[target] = p
+                if self.on_progress:
+                    self.on_progress(progress)
+
+            image = partial / repository.disk_file(target)
+            async with qemu_nbd.serve(image, runtime_dir=self.job_dir, readonly=False) as t:
+                results[target] = await copy_export(
+                    UnixAddress(str(socket)),
+                    target,
+                    t.address,
+                    t.name,
+                    dirty_bitmap=f"backup-{target}" if incremental else None,
+                    connections=2,
+                    options=CopyOptions(
+                        zero_mode=ZeroMode.WRITE_ZEROES if incremental else ZeroMode.SKIP,
+                        bandwidth=share,
+                    ),
+                    progress=on_progress,
+                )
+
+        async with asyncio.TaskGroup() as tg:
+            for c in docs.included:
+                inc = plan.level is Level.INCREMENTAL and c.checkpoint
+                tg.create_task(copy_one(c.target, inc))
+        # The export must still be ours and alive: a job that someone else
+        # ended, or that failed, no longer shows our point in time.
+        if not await lv.job_active(self.ref):
+            failure = await lv.completed_job_failed(self.ref)
+            raise BackupFailedError(
+                f"the libvirt backup job of {self.ref.name} ended before the copy finished"
+                + (f": {failure}" if failure else "")
+            )
+        await lv.abort_job(self.ref)
+        self.libvirt_job = False
+        return results
+
+    async def _sizes(self, choices: Sequence[DiskChoice]) -> dict[str, int]:
+        """Virtual size of each exported disk, as the export reports it."""
+        out: dict[str, int] = {}
+        for c in choices:
+            client = await connect(UnixAddress(str(self.job_dir / "nbd.sock")), c.target)
+            out[c.target] = client.size
+            await client.close()
+        return out
+
+    async def _commit(
+        self, info: DomainInfo, plan: Plan, results: dict[str, CopyResult]
+    ) -> BackupRecord:
+        lv, store = self.ctx.libvirt, self.ctx.store
+        assert self.record is not None
+        cp_xml = await lv.checkpoint_xml(self.ref, self.checkpoint)
+        finished = self.ctx.now()
+        disks = tuple(
+            DiskRecord(
+                disk=name,
+                path=repository.disk_file(name),
+                virtual_size=r.size,
+                bytes_read=r.bytes_read,
+                bytes_written=r.bytes_written,
+                bytes_zeroed=r.bytes_zeroed,
+                digest=r.digest,
+                grid=r.grid,
+                ranges=json.dumps([[x.offset, x.length, x.kind.value] for x in r.ranges]),
+            )
+            for name, r in sorted(results.items())
+        )
+        manifest = {
+            "id": self.id,
+            "domain": {"name": self.ref.name, "uuid": self.ref.uuid},
+            "level": plan.level.value,
+            "reason": plan.reason,
+            "checkpoint": self.checkpoint,
+            "parent": plan.parent_backup,
+            "parent_checkpoint": plan.parent_checkpoint,
+            "started": self.started.isoformat(),
+            "finished": finished.isoformat(),
+            "disks": [
+                {
+                    "name": d.disk,
+                    "file": d.path,
+                    "virtual_size": d.virtual_size,
+                    "bytes_read": d.bytes_read,
+                    "bytes_written": d.bytes_written,
+                    "bytes_zeroed": d.bytes_zeroed,
+                    "digest": d.digest,
+                    "grid": d.grid,
+                    "ranges": json.loads(d.ranges),
+                }
+                for d in disks
+            ],
+        }
+        domain_xml = await lv.xml(self.ref, inactive=True)
+        final = self.repo.commit(
+            self.ref.uuid,
+            self.id,
+            manifest,
+            {"domain.xml": domain_xml, "checkpoint.xml": cp_xml},
+            [d.path for d in disks],
+        )
+        await store.add_checkpoint(
+            CheckpointRecord(
+                self.ref.uuid,
+                self.checkpoint,
+                plan.parent_checkpoint,
+                self.started,
+                CheckpointStatus.ACTIVE,
+                cp_xml,
+            )
+        )
+        await store.complete_backup(self.id, finished, str(final), disks)
+        self._enter(JobState.COMPLETE)
+        read = sum(d.bytes_read for d in disks)
+        secs = (finished - self.started).total_seconds()
+        self.log.info(
+            "backup complete",
+            bytes_read=read,
+            bytes_written=sum(d.bytes_written for d in disks),
+            seconds=round(secs, 2),
+            mib_per_s=round(read / 2**20 / secs, 1) if secs else None,
+        )
+        record = await store.backup(self.id)
+        assert record is not None
+        return record
+
+    async def _fail(self, exc: BaseException) -> None:
+        """Every failure edge ends here; each cleanup step runs even if an
+        earlier one fails."""
+        reason = str(exc) or type(exc).__name__
+        if isinstance(exc, asyncio.CancelledError):
+            reason = "cancelled"
+        self.log.error("backup failed", state=self.state.value, error=reason)
+        self._enter(JobState.FAILED)
+        lv = self.ctx.libvirt
+        steps = []
+        if self.libvirt_job:
+            steps.append(("abort libvirt job", lv.abort_job(self.ref)))
+        if self.checkpoint_created:
+            steps.append(("delete checkpoint", lv.delete_checkpoint(self.ref, self.checkpoint)))
+        for what, step in steps:
+            try:
+                await asyncio.shield(step)
+            except Exception as err:
+                self.log.exception("cleanup step failed", step=what, error=str(err))
+        self.repo.discard(self.ref.uuid, self.id)
+        if self.record is not None:
+            await asyncio.shield(self.ctx.store.fail_backup(self.id, self.ctx.now(), reason))
+
+
+def _rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
