@@ -7,6 +7,8 @@ and the daemon turn them into exit codes and log lines.
 
 from __future__ import annotations
 
+import asyncio
+
 
 class VirtBackupError(Exception):
     """Root of every error virtbackupd raises on purpose."""
@@ -99,3 +101,12 @@ class BackupBusyError(VirtBackupError):
 
 class BackupFailedError(VirtBackupError):
     """A backup failed; it was recorded as failed and cleaned up."""
+
+
+def first_cause(exc: BaseException) -> BaseException:
+    """The first real error inside (nested) exception groups, so that a
+    failure in one of several parallel tasks reads as that failure."""
+    while isinstance(exc, BaseExceptionGroup):
+        inner = [e for e in exc.exceptions if not isinstance(e, asyncio.CancelledError)]
+        exc = (inner or list(exc.exceptions))[0]
+    return exc

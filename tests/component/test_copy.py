@@ -122,7 +122,7 @@ async def test_digest_changes_with_content(tmp_path: Path) -> None:
     _fill(src, "half", 8 * MiB)
     await qemu_img.create(dst, 8 * MiB)
     first = await _copy(tmp_path, src, dst)
-    qemu_io(src, "write -P 0x01 4096 1")
+    qemu_io(src, "write -P 0x01 4096 4096")  # 4 KiB: a random byte may already be 0x01
     second = await _copy(tmp_path, src, dst)
     assert first.digest != second.digest
 

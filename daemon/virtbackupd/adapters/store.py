@@ -237,6 +237,13 @@ class Store:
             ),
         )
 
+    async def replan_backup(self, backup_id: str, level: Level, parent: str | None) -> None:
+        """A running backup changed level (its incremental became a full)."""
+        await self._db.execute(
+            "UPDATE backups SET level = ?, parent_id = ? WHERE id = ? AND status = 'running'",
+            (level.value, parent, backup_id),
+        )
+
     async def complete_backup(
         self, backup_id: str, finished: datetime, path: str, disks: Sequence[DiskRecord]
     ) -> None:

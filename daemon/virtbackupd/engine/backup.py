@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -33,6 +33,7 @@ from virtbackupd.core.backup_documents import (
     DiskChoice,
     build_documents,
     checkpoint_name,
+    is_own_checkpoint,
 )
 from virtbackupd.core.domain_xml import DomainInfo, parse_domain
 from virtbackupd.core.plan import CheckpointView, Plan, plan_backup
@@ -49,9 +50,11 @@ from virtbackupd.engine.copy import CopyOptions, CopyProgress, CopyResult, ZeroM
 from virtbackupd.engine.locks import domain_lock
 from virtbackupd.engine.repository import Repository
 from virtbackupd.errors import (
+    BackupBusyError,
     BackupFailedError,
     CheckpointInconsistentError,
     VirtBackupError,
+    first_cause,
 )
 
 log = structlog.get_logger("virtbackupd.backup")
@@ -110,6 +113,13 @@ async def backup_domain(
             raise BackupFailedError(
                 f"{ref.name} is shut off: offline backups are not implemented yet"
             )
+        if await ctx.libvirt.job_active(ref):
+            # Another tool's backup (or a migration...) owns the domain's job
+            # slot. Say so at once rather than wait for libvirt's job lock.
+            raise BackupBusyError(
+                f"{ref.name} has a libvirt job running that virtbackupd did not start "
+                "(another backup tool?); not disturbing it"
+            )
         job = _Job(ctx, ref, want, progress)
         return await job.run()
 
@@ -154,10 +164,18 @@ class _Job:
             path=str(self.repo.final_dir(self.ref.uuid, self.id)),
         )
         await store.start_backup(self.record)
-        self.log = self.log.bind(level=plan.level.value)
-        self.log.info("backup planned", reason=plan.reason, disks=list(plan.disks))
+        self.log.info(
+            "backup planned", level=plan.level.value, reason=plan.reason, disks=list(plan.disks)
+        )
         try:
-            results = await self._export_and_copy(info, plan)
+            self._prepare(info)
+            try:
+                results = await self._export_and_copy(info, plan)
+            except CheckpointInconsistentError as exc:
+                if plan.level is not Level.INCREMENTAL:
+                    raise
+                plan = await self._after_crash(info, str(exc))
+                results = await self._export_and_copy(info, plan)
             self._enter(JobState.COMMITTING)
             return await self._commit(info, plan, results)
         except BaseException as exc:
@@ -170,31 +188,43 @@ class _Job:
         finally:
             _rmtree(self.job_dir)
 
-    async def _plan(self, info: DomainInfo) -> Plan:
+    async def _plan(self, info: DomainInfo, want: Level | None = None) -> Plan:
         lv, store = self.ctx.libvirt, self.ctx.store
         libvirt_cps = await lv.checkpoints(self.ref)
+        stored = await store.checkpoints(self.ref.uuid)
         plan = plan_backup(
             checkpoint=self.checkpoint,
             disks=info.disks,
             policy=self.ctx.policy,
             history=await store.backups(self.ref.uuid),
-            stored_checkpoints=[
-                cp
-                for cp in await store.checkpoints(self.ref.uuid)
-                if cp.status is CheckpointStatus.ACTIVE
-            ],
-            view=CheckpointView(known=frozenset(cp.name for cp in libvirt_cps)),
-            want=self.want,
+            stored_checkpoints=[cp for cp in stored if cp.status is CheckpointStatus.ACTIVE],
+            view=CheckpointView(
+                known=frozenset(cp.name for cp in libvirt_cps),
+                # Checkpoints we gave up on (bitmaps broken) stay untrusted.
+                broken=frozenset(cp.name for cp in stored if cp.status is CheckpointStatus.DELETED),
+            ),
+            want=want or self.want,
         )
+        known = {cp.name for cp in libvirt_cps}
+        for name in plan.delete_checkpoints:
+            if name in known:
+                self.log.warning("deleting a checkpoint of ours that is not trusted", stale=name)
+                await self._delete_checkpoint(name)
         for cp in plan.redefine:
             self.log.warning("redefining checkpoint libvirt lost", lost=cp.name)
             await lv.redefine_checkpoint(self.ref, cp.xml)
         return plan
 
-    async def _export_and_copy(self, info: DomainInfo, plan: Plan) -> dict[str, CopyResult]:
-        lv = self.ctx.libvirt
-        self._enter(JobState.EXPORTING)
-        partial = self.repo.create_partial(self.ref.uuid, self.id)
+    async def _delete_checkpoint(self, name: str) -> None:
+        """Delete with its bitmaps; where the bitmaps are already broken or
+        gone, libvirt refuses that, and the metadata alone goes."""
+        try:
+            await self.ctx.libvirt.delete_checkpoint(self.ref, name)
+        except VirtBackupError:
+            await self.ctx.libvirt.delete_checkpoint(self.ref, name, metadata_only=True)
+
+    def _prepare(self, info: DomainInfo) -> None:
+        self.repo.create_partial(self.ref.uuid, self.id)
         # QEMU (often not root) must traverse to its job folder, not list it.
         self.job_dir.parent.mkdir(parents=True, exist_ok=True)
         self.job_dir.parent.chmod(0o711)
@@ -202,6 +232,32 @@ class _Job:
         if info.qemu_user is not None:
             # QEMU creates the NBD socket and opens scratch files in here.
             os.chown(self.job_dir, *info.qemu_user)
+
+    async def _after_crash(self, info: DomainInfo, error: str) -> Plan:
+        """libvirt refused our parent checkpoint: its bitmaps are broken
+        (QEMU was killed). Every checkpoint of ours on the domain is suspect
+        (deleting one re-parents its children onto the others), so all of
+        them go, and this backup becomes a full one."""
+        self.log.warning(
+            "checkpoint bitmaps inconsistent; deleting ours, taking a full backup", error=error
+        )
+        lv, store = self.ctx.libvirt, self.ctx.store
+        for cp in await lv.checkpoints(self.ref):
+            if is_own_checkpoint(cp.name) and cp.name != self.checkpoint:
+                await lv.delete_checkpoint(self.ref, cp.name, metadata_only=True)
+        for rec in await store.checkpoints(self.ref.uuid):
+            if rec.status is CheckpointStatus.ACTIVE:
+                await store.set_checkpoint_status(self.ref.uuid, rec.name, CheckpointStatus.DELETED)
+        plan = await self._plan(info, Level.FULL)
+        plan = replace(plan, reason=f"checkpoint bitmaps inconsistent ({error})")
+        await store.replan_backup(self.id, plan.level, None)
+        self.log.info("backup replanned", level=plan.level.value, reason=plan.reason)
+        return plan
+
+    async def _export_and_copy(self, info: DomainInfo, plan: Plan) -> dict[str, CopyResult]:
+        lv = self.ctx.libvirt
+        self._enter(JobState.EXPORTING)
+        partial = self.repo.partial_dir(self.ref.uuid, self.id)
         socket = self.job_dir / "nbd.sock"
         docs = build_documents(
             info.disks,
@@ -215,15 +271,7 @@ class _Job:
                 raw=self.ctx.policy.raw,
             ),
         )
-        try:
-            await lv.backup_begin(self.ref, docs.backup.to_xml(), docs.checkpoint.to_xml())
-        except CheckpointInconsistentError:
-            self.log.warning("checkpoint bitmaps inconsistent; the next backup will be full")
-            if plan.parent_checkpoint:
-                await self.ctx.store.set_checkpoint_status(
-                    self.ref.uuid, plan.parent_checkpoint, CheckpointStatus.DELETED
-                )
-            raise
+        await lv.backup_begin(self.ref, docs.backup.to_xml(), docs.checkpoint.to_xml())
         self.libvirt_job = True
         self.checkpoint_created = True
         sizes = await self._sizes(docs.included)
@@ -264,10 +312,13 @@ class _Job:
                     progress=on_progress,
                 )
 
-        async with asyncio.TaskGroup() as tg:
-            for c in docs.included:
-                inc = plan.level is Level.INCREMENTAL and c.checkpoint
-                tg.create_task(copy_one(c.target, inc))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for c in docs.included:
+                    inc = plan.level is Level.INCREMENTAL and c.checkpoint
+                    tg.create_task(copy_one(c.target, inc))
+        except BaseExceptionGroup as group:
+            raise first_cause(group) from group
         # The export must still be ours and alive: a job that someone else
         # ended, or that failed, no longer shows our point in time.
         if not await lv.job_active(self.ref):
@@ -381,7 +432,7 @@ class _Job:
         if self.libvirt_job:
             steps.append(("abort libvirt job", lv.abort_job(self.ref)))
         if self.checkpoint_created:
-            steps.append(("delete checkpoint", lv.delete_checkpoint(self.ref, self.checkpoint)))
+            steps.append(("delete checkpoint", self._delete_checkpoint(self.checkpoint)))
         for what, step in steps:
             try:
                 await asyncio.shield(step)

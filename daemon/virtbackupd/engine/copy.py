@@ -22,7 +22,7 @@ from virtbackupd.adapters.nbd.client import Address, NbdClient, connect
 from virtbackupd.adapters.nbd.protocol import CONTEXT_BASE_ALLOCATION, dirty_bitmap_context
 from virtbackupd.core import extents
 from virtbackupd.core.extents import Frontier, Kind, Range
-from virtbackupd.errors import NbdProtocolError
+from virtbackupd.errors import NbdProtocolError, first_cause
 
 MiB = 1024 * 1024
 
@@ -146,10 +146,13 @@ class _Copy:
 
     async def run(self) -> CopyResult:
         started = time.monotonic()
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._walk())
-            for i in range(self.opts.in_flight):
-                tg.create_task(self._worker(i))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._walk())
+                for i in range(self.opts.in_flight):
+                    tg.create_task(self._worker(i))
+        except BaseExceptionGroup as group:
+            raise first_cause(group) from group
         await asyncio.gather(*(t.flush() for t in self.targets))
         self._report(force=True)
         merged = extents.merge(self.ranges)

@@ -1,0 +1,195 @@
+"""Failure semantics of the backup engine against real libvirtd and QEMU:
+a failed backup never looks complete, leaves no checkpoint a later
+incremental could trust, and the next backup restores byte-exact."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from testbed.domains import DomainFactory, GuestDomain, MiB, wait_until
+from testbed.guest import GuestWriter
+from testbed.tools import qemu_img_compare
+from virtbackupd.adapters.libvirt_conn import Libvirt
+from virtbackupd.adapters.store import Store
+from virtbackupd.config.daemon import load_config
+from virtbackupd.core.policy import Level, Policy
+from virtbackupd.core.records import BackupRecord, BackupStatus
+from virtbackupd.engine.backup import BackupContext, backup_domain
+from virtbackupd.errors import BackupBusyError, BackupFailedError
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    run = Path("/var/tmp/vbtest") / f"run-{tmp_path.name}"
+    run.mkdir(parents=True, exist_ok=True)
+    cfg = tmp_path / "virtbackupd.yaml"
+    cfg.write_text(f"state_dir: state\nbackup_root: backups\nruntime_dir: {run}\npolicy_dirs: []\n")
+    yield cfg
+    subprocess.run(["rm", "-rf", str(run)], check=False)
+
+
+@asynccontextmanager
+async def engine(
+    config: Path, name: str, bandwidth: int | None = None
+) -> AsyncIterator[BackupContext]:
+    cfg = load_config(config)
+    async with Store.open(cfg.state_db) as store:
+        lv = await Libvirt.open(cfg.libvirt_uri)
+        try:
+            yield BackupContext(
+                cfg, store, lv, Policy(Path("test"), domains=(name,), bandwidth=bandwidth)
+            )
+        finally:
+            await lv.close()
+
+
+def restore_matches(rec: BackupRecord, td: GuestDomain, tmp: Path) -> None:
+    for d in rec.disks:
+        out = tmp / f"r-{rec.id}-{d.disk}.raw"
+        subprocess.run(
+            ["qemu-img", "convert", "-O", "raw", str(Path(rec.path or "") / d.path), str(out)],
+            check=True,
+        )
+        ref = td.disk(d.disk).reference
+        assert ref is not None
+        qemu_img_compare(ref, out, "raw", "raw")
+        out.unlink()
+
+
+def own_checkpoints(td: GuestDomain) -> set[str]:
+    return {
+        c.getName() for c in td.dom.listAllCheckpoints() if c.getName().startswith("virtbackupd-")
+    }
+
+
+async def _wait_copying(ctx: BackupContext) -> None:
+    for _ in range(400):
+        running = await ctx.store.backups(status=BackupStatus.RUNNING)
+        if running and list((ctx.config.runtime_dir / "jobs").glob("*/nbd.sock")):
+            await asyncio.sleep(0.5)
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("backup never started copying")
+
+
+async def test_cancelled_transfer_leaves_nothing_trusted(
+    domains: DomainFactory, config: Path, tmp_path: Path
+) -> None:
+    td = domains.create(qcow2_sizes=[32 * MiB])
+    guest = GuestWriter(td)
+    guest.write("vda", 0, 2 * MiB, 0x01)
+    async with engine(config, td.name) as ctx:
+        full = await backup_domain(ctx, td.name)
+    guest.write("vda", 4 * MiB, 16 * MiB, 0x02)
+    async with engine(config, td.name, bandwidth=2 * MiB) as ctx:
+        task = asyncio.create_task(backup_domain(ctx, td.name))
+        await _wait_copying(ctx)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        failed = (await ctx.store.backups())[-1]
+        assert failed.status is BackupStatus.FAILED
+        assert failed.error == "cancelled"
+    assert own_checkpoints(td) == {full.checkpoint}, "the failed backup's checkpoint is gone"
+    assert td.dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE
+    assert not list(Path(full.path or "").parent.glob("*.partial"))
+    guest.write("vda", 30 * MiB, MiB, 0x03)
+    async with engine(config, td.name) as ctx:
+        nxt = await backup_domain(ctx, td.name)
+    assert nxt.level is Level.INCREMENTAL
+    assert nxt.parent == full.id, "built on the last complete backup"
+    restore_matches(nxt, td, tmp_path)
+
+
+async def test_job_ended_by_someone_else_fails_the_backup(
+    domains: DomainFactory, config: Path, tmp_path: Path
+) -> None:
+    td = domains.create(qcow2_sizes=[32 * MiB])
+    GuestWriter(td).write("vda", 0, 16 * MiB, 0x05)
+    async with engine(config, td.name, bandwidth=2 * MiB) as ctx:
+        task = asyncio.create_task(backup_domain(ctx, td.name))
+        await _wait_copying(ctx)
+        td.dom.abortJob()  # another tool (or an operator) ends our job
+        with pytest.raises(BackupFailedError):
+            await task
+        rec = (await ctx.store.backups())[-1]
+        assert rec.status is BackupStatus.FAILED
+    assert own_checkpoints(td) == set()
+    async with engine(config, td.name) as ctx:
+        again = await backup_domain(ctx, td.name)
+    assert again.level is Level.FULL
+    restore_matches(again, td, tmp_path)
+
+
+async def test_second_backup_of_a_domain_is_refused_while_one_runs(
+    domains: DomainFactory, config: Path
+) -> None:
+    td = domains.create(qcow2_sizes=[32 * MiB])
+    GuestWriter(td).write("vda", 0, 8 * MiB, 0x06)
+    async with engine(config, td.name, bandwidth=2 * MiB) as ctx:
+        task = asyncio.create_task(backup_domain(ctx, td.name))
+        await _wait_copying(ctx)
+        async with engine(config, td.name) as ctx2:
+            with pytest.raises(BackupBusyError, match="another backup of"):
+                await backup_domain(ctx2, td.name)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_qemu_crash_makes_the_next_backup_full_on_its_own(
+    domains: DomainFactory, config: Path, tmp_path: Path
+) -> None:
+    td = domains.create(qcow2_sizes=[32 * MiB])
+    guest = GuestWriter(td)
+    guest.write("vda", 0, 2 * MiB, 0x07)
+    async with engine(config, td.name) as ctx:
+        await backup_domain(ctx, td.name)
+        await backup_domain(ctx, td.name)
+    guest.write("vda", 8 * MiB, MiB, 0x08)
+    pid = int(Path(f"/run/libvirt/qemu/{td.name}.pid").read_text())
+    os.kill(pid, signal.SIGKILL)  # a host crash, as QEMU sees it
+    wait_until(lambda: not td.dom.isActive(), what="domain to stop")
+    td.start()
+    async with engine(config, td.name) as ctx:
+        rec = await backup_domain(ctx, td.name)
+        assert rec.level is Level.FULL
+        manifest = (Path(rec.path or "") / "manifest.json").read_text()
+        assert "inconsistent" in manifest
+    assert own_checkpoints(td) == {rec.checkpoint}, "the broken checkpoints were deleted"
+    restore_matches(rec, td, tmp_path)
+    guest.write("vda", 20 * MiB, MiB, 0x09)
+    async with engine(config, td.name) as ctx:
+        nxt = await backup_domain(ctx, td.name)
+    assert nxt.level is Level.INCREMENTAL
+    restore_matches(nxt, td, tmp_path)
+
+
+async def test_another_tools_backup_job_is_reported_not_disturbed(
+    domains: DomainFactory, config: Path
+) -> None:
+    td = domains.create(qcow2_sizes=[16 * MiB])
+    sock = td.workdir / "other.sock"
+    td.dom.backupBegin(
+        f"<domainbackup mode='pull'><server transport='unix' socket='{sock}'/></domainbackup>",
+        None,
+        0,
+    )
+    try:
+        async with engine(config, td.name) as ctx:
+            with pytest.raises(BackupBusyError, match="did not start"):
+                await backup_domain(ctx, td.name)
+            assert await ctx.store.backups() == [], "nothing recorded, nothing half-made"
+        assert td.dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE, "their job still runs"
+        assert sock.exists()
+    finally:
+        td.dom.abortJob()
