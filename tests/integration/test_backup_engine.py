@@ -50,7 +50,7 @@ def restore_matches(record: dict, td: GuestDomain, tmp: Path) -> None:  # type: 
         out.unlink()
 
 
-def test_full_then_incrementals_restore_byte_identical(
+def test_full_then_incrementals_online_and_offline_restore_byte_identical(
     domains: DomainFactory, config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     td = domains.create(qcow2_sizes=[32 * MiB, 16 * MiB], raw_size=8 * MiB)
@@ -87,18 +87,31 @@ def test_full_then_incrementals_restore_byte_identical(
     assert qemu_img_info(vda)["backing-filename"] == f"../{full['id']}/vda.qcow2"
 
     guest.write("vdb", 0, 3 * MiB, 0x31)
-    inc2 = backup(config, capsys, td.name)
+    td.shutdown_hard()  # QEMU gets SIGTERM and closes its images: bitmaps stay consistent
+    inc2 = backup(config, capsys, td.name)  # offline: qemu-nbd exports the images
+    assert inc2["level"] == "incremental"
     assert inc2["parent"] == inc1["id"]
+    by_disk = {d["name"]: d for d in inc2["disks"]}
+    assert by_disk["vdb"]["bytes_written"] == 3 * MiB
+    assert by_disk["vda"]["bytes_written"] == 0
     restore_matches(inc2, td, tmp_path)
+    td.start()
+    # The offline backup's checkpoint was redefined in libvirt and carries on.
+    guest.write("vda", 5 * MiB, MiB, 0x41)
+    inc3 = backup(config, capsys, td.name)
+    assert inc3["level"] == "incremental"
+    assert inc3["parent"] == inc2["id"]
+    assert {d["name"]: d["bytes_written"] for d in inc3["disks"]}["vda"] == MiB
+    restore_matches(inc3, td, tmp_path)
 
     # The repository is self-describing and the state agrees.
-    manifest = json.loads((Path(inc2["path"]) / "manifest.json").read_text())
-    assert manifest["parent"] == inc1["id"]
+    manifest = json.loads((Path(inc3["path"]) / "manifest.json").read_text())
+    assert manifest["parent"] == inc2["id"]
     assert (Path(inc2["path"]) / "checkpoint.xml").read_text().startswith("<domaincheckpoint>")
     capsys.readouterr()
     assert cli(["-c", str(config), "--json", "list", td.name]) == 0
     listed = json.loads(capsys.readouterr().out)
-    assert [b["id"] for b in listed] == [full["id"], inc1["id"], inc2["id"]]
+    assert [b["id"] for b in listed] == [full["id"], inc1["id"], inc2["id"], inc3["id"]]
     assert not list(Path(full["path"]).parent.glob("*.partial"))
 
     # --full starts a new chain.

@@ -12,6 +12,7 @@ marked failed with the reason.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -35,6 +36,7 @@ from virtbackupd.core.backup_documents import (
     checkpoint_name,
     is_own_checkpoint,
 )
+from virtbackupd.core.checkpoint_xml import Checkpoint, CheckpointDisk, CheckpointDiskMode
 from virtbackupd.core.domain_xml import DomainInfo, parse_domain
 from virtbackupd.core.plan import CheckpointView, Plan, plan_backup
 from virtbackupd.core.policy import Level, Policy
@@ -109,26 +111,30 @@ async def backup_domain(
     """Take one backup of `domain` (name or UUID) under its lock."""
     ref = await ctx.libvirt.domain(domain)
     with domain_lock(ctx.config.runtime_dir, ref.uuid, ref.name):
-        if not await ctx.libvirt.is_running(ref):
-            raise BackupFailedError(
-                f"{ref.name} is shut off: offline backups are not implemented yet"
-            )
-        if await ctx.libvirt.job_active(ref):
+        running = await ctx.libvirt.is_running(ref)
+        if running and await ctx.libvirt.job_active(ref):
             # Another tool's backup (or a migration...) owns the domain's job
             # slot. Say so at once rather than wait for libvirt's job lock.
             raise BackupBusyError(
                 f"{ref.name} has a libvirt job running that virtbackupd did not start "
                 "(another backup tool?); not disturbing it"
             )
-        job = _Job(ctx, ref, want, progress)
+        job = _Job(ctx, ref, want, progress, running)
         return await job.run()
 
 
 class _Job:
     def __init__(
-        self, ctx: BackupContext, ref: DomainRef, want: Level | None, progress: ProgressFn | None
+        self,
+        ctx: BackupContext,
+        ref: DomainRef,
+        want: Level | None,
+        progress: ProgressFn | None,
+        running: bool,
     ) -> None:
         self.ctx = ctx
+        self.running = running
+        self.bitmaps_added: list[Path] = []  # offline: images given our new bitmap
         self.ref = ref
         self.want = want
         self.on_progress = progress
@@ -149,7 +155,9 @@ class _Job:
 
     async def run(self) -> BackupRecord:
         lv, store = self.ctx.libvirt, self.ctx.store
-        info = parse_domain(await lv.xml(self.ref), f"domain XML of {self.ref.name}")
+        info = parse_domain(
+            await lv.xml(self.ref, inactive=not self.running), f"domain XML of {self.ref.name}"
+        )
         plan = await self._plan(info)
         await store.see_domain(self.ref.uuid, self.ref.name, self.started)
         self.record = BackupRecord(
@@ -165,10 +173,18 @@ class _Job:
         )
         await store.start_backup(self.record)
         self.log.info(
-            "backup planned", level=plan.level.value, reason=plan.reason, disks=list(plan.disks)
+            "backup planned",
+            level=plan.level.value,
+            reason=plan.reason,
+            disks=list(plan.disks),
+            online=self.running,
         )
         try:
             self._prepare(info)
+            if not self.running:
+                results = await self._copy_offline(info, plan)
+                self._enter(JobState.COMMITTING)
+                return await self._commit(info, plan, results)
             try:
                 results = await self._export_and_copy(info, plan)
             except CheckpointInconsistentError as exc:
@@ -257,7 +273,6 @@ class _Job:
     async def _export_and_copy(self, info: DomainInfo, plan: Plan) -> dict[str, CopyResult]:
         lv = self.ctx.libvirt
         self._enter(JobState.EXPORTING)
-        partial = self.repo.partial_dir(self.ref.uuid, self.id)
         socket = self.job_dir / "nbd.sock"
         docs = build_documents(
             info.disks,
@@ -274,51 +289,17 @@ class _Job:
         await lv.backup_begin(self.ref, docs.backup.to_xml(), docs.checkpoint.to_xml())
         self.libvirt_job = True
         self.checkpoint_created = True
-        sizes = await self._sizes(docs.included)
-        for choice in docs.included:
-            image = partial / repository.disk_file(choice.target)
-            if plan.level is Level.INCREMENTAL and choice.checkpoint:
-                assert plan.parent_backup is not None
-                await qemu_img.create(
-                    image, backing=repository.backing_of(plan.parent_backup, choice.target)
-                )
-            else:
-                await qemu_img.create(image, sizes[choice.target])
+        await self._create_targets(plan, await self._sizes(docs.included))
         self._enter(JobState.COPYING)
-        progress = JobProgress(self.id, self.ref.name)
-        results: dict[str, CopyResult] = {}
-        bandwidth = self.ctx.policy.bandwidth
-        share = bandwidth // len(docs.included) if bandwidth else None
-
-        async def copy_one(target: str, incremental: bool) -> None:
-            def on_progress(p: CopyProgress) -> None:
-                progress.disks[target] = p
-                if self.on_progress:
-                    self.on_progress(progress)
-
-            image = partial / repository.disk_file(target)
-            async with qemu_nbd.serve(image, runtime_dir=self.job_dir, readonly=False) as t:
-                results[target] = await copy_export(
-                    UnixAddress(str(socket)),
-                    target,
-                    t.address,
-                    t.name,
-                    dirty_bitmap=f"backup-{target}" if incremental else None,
-                    connections=2,
-                    options=CopyOptions(
-                        zero_mode=ZeroMode.WRITE_ZEROES if incremental else ZeroMode.SKIP,
-                        bandwidth=share,
-                    ),
-                    progress=on_progress,
-                )
-
-        try:
-            async with asyncio.TaskGroup() as tg:
-                for c in docs.included:
-                    inc = plan.level is Level.INCREMENTAL and c.checkpoint
-                    tg.create_task(copy_one(c.target, inc))
-        except BaseExceptionGroup as group:
-            raise first_cause(group) from group
+        sources = {
+            c.target: (
+                UnixAddress(str(socket)),
+                c.target,
+                f"backup-{c.target}" if plan.level is Level.INCREMENTAL and c.checkpoint else None,
+            )
+            for c in docs.included
+        }
+        results = await self._copy_all(sources, plan)
         # The export must still be ours and alive: a job that someone else
         # ended, or that failed, no longer shows our point in time.
         if not await lv.job_active(self.ref):
@@ -330,6 +311,126 @@ class _Job:
         await lv.abort_job(self.ref)
         self.libvirt_job = False
         return results
+
+    async def _copy_all(
+        self, sources: dict[str, tuple[UnixAddress, str, str | None]], plan: Plan
+    ) -> dict[str, CopyResult]:
+        """Copy every disk concurrently from its source export (address,
+        export name, dirty bitmap or None) into its target image."""
+        partial = self.repo.partial_dir(self.ref.uuid, self.id)
+        progress = JobProgress(self.id, self.ref.name)
+        results: dict[str, CopyResult] = {}
+        bandwidth = self.ctx.policy.bandwidth
+        share = bandwidth // len(sources) if bandwidth else None
+
+        async def copy_one(
+            target: str, address: UnixAddress, export: str, bitmap: str | None
+        ) -> None:
+            def on_progress(p: CopyProgress) -> None:
+                progress.disks[target] = p
+                if self.on_progress:
+                    self.on_progress(progress)
+
+            image = partial / repository.disk_file(target)
+            async with qemu_nbd.serve(image, runtime_dir=self.job_dir, readonly=False) as t:
+                results[target] = await copy_export(
+                    address,
+                    export,
+                    t.address,
+                    t.name,
+                    dirty_bitmap=bitmap,
+                    connections=2,
+                    options=CopyOptions(
+                        zero_mode=ZeroMode.WRITE_ZEROES if bitmap else ZeroMode.SKIP,
+                        bandwidth=share,
+                    ),
+                    progress=on_progress,
+                )
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for target, (address, export, bitmap) in sources.items():
+                    tg.create_task(copy_one(target, address, export, bitmap))
+        except BaseExceptionGroup as group:
+            raise first_cause(group) from group
+        return results
+
+    async def _create_targets(self, plan: Plan, sizes: dict[str, int]) -> None:
+        partial = self.repo.partial_dir(self.ref.uuid, self.id)
+        for c in plan.choices:
+            if not c.included:
+                continue
+            image = partial / repository.disk_file(c.target)
+            if plan.level is Level.INCREMENTAL and c.checkpoint:
+                assert plan.parent_backup is not None
+                await qemu_img.create(
+                    image, backing=repository.backing_of(plan.parent_backup, c.target)
+                )
+            else:
+                await qemu_img.create(image, sizes[c.target])
+
+    async def _copy_offline(self, info: DomainInfo, plan: Plan) -> dict[str, CopyResult]:
+        """A shut-off domain: no libvirt job and no checkpoint creation are
+        possible. Each image is exported read-only by qemu-nbd (with the
+        parent checkpoint's bitmap for an incremental). The new checkpoint's
+        bitmap is added *before* the copy: a guest started in between is
+        then tracked (at worst copied twice), never missed; while qemu-nbd
+        holds the image, QEMU cannot open it for writing."""
+        self._enter(JobState.EXPORTING)
+        disks = {d.target: d for d in info.disks}
+        sizes: dict[str, int] = {}
+        for c in plan.choices:
+            if not c.included:
+                continue
+            path = Path(disks[c.target].source or "")
+            sizes[c.target] = int((await qemu_img.info(path))["virtual-size"])
+            if c.checkpoint:
+                await qemu_img.bitmap(path, self.checkpoint, add=True)
+                self.bitmaps_added.append(path)
+        await self._create_targets(plan, sizes)
+        self._enter(JobState.COPYING)
+        async with contextlib.AsyncExitStack() as stack:
+            sources: dict[str, tuple[UnixAddress, str, str | None]] = {}
+            for c in plan.choices:
+                if not c.included:
+                    continue
+                dd = disks[c.target]
+                inc = plan.level is Level.INCREMENTAL and c.checkpoint
+                bitmap = plan.parent_checkpoint if inc else None
+                export = await stack.enter_async_context(
+                    qemu_nbd.serve(
+                        Path(dd.source or ""),
+                        runtime_dir=self.job_dir,
+                        fmt=dd.driver_type or "raw",
+                        readonly=True,
+                        bitmaps=[bitmap] if bitmap else [],
+                    )
+                )
+                sources[c.target] = (export.address, export.name, bitmap)
+            return await self._copy_all(sources, plan)
+
+    async def _redefine_offline_checkpoint(self, info: DomainInfo, plan: Plan) -> None:
+        """Tell libvirt about the bitmap we added: a redefined checkpoint
+        (libvirt cannot create one on an inactive domain)."""
+        known = await self.ctx.libvirt.checkpoints(self.ref)
+        own = [c.name for c in known if is_own_checkpoint(c.name)]
+        parent = plan.parent_checkpoint or (max(own) if own else None)
+        xml = Checkpoint(
+            name=self.checkpoint,
+            parent=parent,
+            creation_time=int(self.started.timestamp()),
+            disks=tuple(
+                CheckpointDisk(
+                    c.target,
+                    CheckpointDiskMode.BITMAP if c.checkpoint else CheckpointDiskMode.NO,
+                    bitmap=self.checkpoint if c.checkpoint else None,
+                )
+                for c in plan.choices
+            ),
+            domain_xml=await self.ctx.libvirt.xml(self.ref, inactive=True),
+        ).to_xml()
+        await self.ctx.libvirt.redefine_checkpoint(self.ref, xml)
+        self.checkpoint_created = True
 
     async def _sizes(self, choices: Sequence[DiskChoice]) -> dict[str, int]:
         """Virtual size of each exported disk, as the export reports it."""
@@ -345,6 +446,8 @@ class _Job:
     ) -> BackupRecord:
         lv, store = self.ctx.libvirt, self.ctx.store
         assert self.record is not None
+        if not self.running:
+            await self._redefine_offline_checkpoint(info, plan)
         cp_xml = await lv.checkpoint_xml(self.ref, self.checkpoint)
         finished = self.ctx.now()
         disks = tuple(
@@ -433,6 +536,11 @@ class _Job:
             steps.append(("abort libvirt job", lv.abort_job(self.ref)))
         if self.checkpoint_created:
             steps.append(("delete checkpoint", self._delete_checkpoint(self.checkpoint)))
+        if self.bitmaps_added:  # offline: after the checkpoint (if any) is gone
+            steps += [
+                ("remove bitmap", qemu_img.bitmap(path, self.checkpoint, remove=True))
+                for path in self.bitmaps_added
+            ]
         for what, step in steps:
             try:
                 await asyncio.shield(step)
