@@ -114,6 +114,22 @@ def test_full_then_incrementals_online_and_offline_restore_byte_identical(
     assert [b["id"] for b in listed] == [full["id"], inc1["id"], inc2["id"], inc3["id"]]
     assert not list(Path(full["path"]).parent.glob("*.partial"))
 
+    # Losing state.db: reindex rebuilds it from the repository, and the
+    # chain continues as an incremental.
+    state = config.parent / "state" / "state.db"
+    for f in state.parent.glob("state.db*"):
+        f.unlink()
+    capsys.readouterr()
+    assert cli(["-c", str(config), "--json", "reindex"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"added": 4}
+    assert cli(["-c", str(config), "--json", "list", td.name]) == 0
+    assert json.loads(capsys.readouterr().out) == listed
+    guest.write("vdb", 12 * MiB, MiB, 0x51)
+    after = backup(config, capsys, td.name)
+    assert after["level"] == "incremental"
+    assert after["parent"] == inc3["id"]
+    restore_matches(after, td, tmp_path)
+
     # --full starts a new chain.
     again = backup(config, capsys, td.name, "--full")
     assert again["level"] == "full"

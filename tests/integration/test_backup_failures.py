@@ -21,7 +21,7 @@ from testbed.tools import qemu_img_compare
 from virtbackupd.adapters.libvirt_conn import Libvirt
 from virtbackupd.adapters.store import Store
 from virtbackupd.config.daemon import load_config
-from virtbackupd.core.policy import Level, Policy
+from virtbackupd.core.policy import Level, Policy, Quiesce
 from virtbackupd.core.records import BackupRecord, BackupStatus
 from virtbackupd.engine.backup import BackupContext, backup_domain
 from virtbackupd.errors import BackupBusyError, BackupFailedError
@@ -193,3 +193,22 @@ async def test_another_tools_backup_job_is_reported_not_disturbed(
         assert sock.exists()
     finally:
         td.dom.abortJob()
+
+
+async def test_quiesce_without_guest_agent(domains: DomainFactory, config: Path) -> None:
+    """`always` fails clearly and leaves nothing; `auto` proceeds unfrozen."""
+    td = domains.create(qcow2_sizes=[16 * MiB])
+    cfg = load_config(config)
+    async with Store.open(cfg.state_db) as store:
+        lv = await Libvirt.open(cfg.libvirt_uri)
+        try:
+            strict = Policy(Path("t"), domains=(td.name,), quiesce=Quiesce.ALWAYS)
+            with pytest.raises(BackupFailedError, match="quiesce is 'always' but the guest agent"):
+                await backup_domain(BackupContext(cfg, store, lv, strict), td.name)
+            assert own_checkpoints(td) == set()
+            assert (await store.backups())[-1].status is BackupStatus.FAILED
+            relaxed = Policy(Path("t"), domains=(td.name,), quiesce=Quiesce.AUTO)
+            rec = await backup_domain(BackupContext(cfg, store, lv, relaxed), td.name)
+            assert rec.status is BackupStatus.COMPLETE
+        finally:
+            await lv.close()

@@ -157,6 +157,17 @@ class Libvirt:
             dom.checkpointCreateXML, xml, libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE
         )
 
+    # --- guest agent ------------------------------------------------------------------
+    async def fs_freeze(self, ref: DomainRef) -> int:
+        """Freeze the guest's file systems through the guest agent; the
+        number frozen. Raises LibvirtError when no agent answers."""
+        dom = await self._lookup(ref)
+        return int(await self._call(dom.fsFreeze, None, 0))
+
+    async def fs_thaw(self, ref: DomainRef) -> None:
+        dom = await self._lookup(ref)
+        await self._call(dom.fsThaw, None, 0)
+
     # --- backup jobs -------------------------------------------------------------------
     async def job_active(self, ref: DomainRef) -> bool:
         dom = await self._lookup(ref)

@@ -22,6 +22,7 @@ from virtbackupd.config.policy import load_policies, policy_files
 from virtbackupd.core.policy import Level, Policy, policy_for
 from virtbackupd.core.records import BackupRecord
 from virtbackupd.engine.backup import BackupContext, JobProgress, backup_domain
+from virtbackupd.engine.reindex import reindex
 from virtbackupd.errors import ConfigError, VirtBackupError
 
 
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("domain", nargs="?", help="only this domain (name or UUID)")
     cp = sub.add_parser("checkpoints", help="checkpoint lineage: libvirt's view and the store's")
     cp.add_argument("domain")
+    sub.add_parser("reindex", help="rebuild the state database from the backup repository")
     pol = sub.add_parser("policy", help="policy files")
     polsub = pol.add_subparsers(dest="policy_command", metavar="SUBCOMMAND", required=True)
     chk = polsub.add_parser(
@@ -85,6 +87,16 @@ async def _run(args: argparse.Namespace) -> int:
     async with Store.open(config.state_db) as store:
         if args.command == "list":
             return await _list(args, config, store)
+        if args.command == "reindex":
+            roots = {config.backup_root} | {p.target for p in _policies(config) if p.target}
+            total = 0
+            for root in sorted(roots):
+                added, problems = await reindex(store, root)
+                total += added
+                for line in problems:
+                    print(f"virtbackup: warning: {line}", file=sys.stderr)
+            print(json.dumps({"added": total}) if args.json else f"{total} backup(s) added")
+            return 0
         async with await Libvirt.open(config.libvirt_uri) as lv:
             if args.command == "backup":
                 return await _backup(args, config, store, lv)

@@ -39,7 +39,7 @@ from virtbackupd.core.backup_documents import (
 from virtbackupd.core.checkpoint_xml import Checkpoint, CheckpointDisk, CheckpointDiskMode
 from virtbackupd.core.domain_xml import DomainInfo, parse_domain
 from virtbackupd.core.plan import CheckpointView, Plan, plan_backup
-from virtbackupd.core.policy import Level, Policy
+from virtbackupd.core.policy import Level, Policy, Quiesce
 from virtbackupd.core.records import (
     BackupRecord,
     BackupStatus,
@@ -286,7 +286,13 @@ class _Job:
                 raw=self.ctx.policy.raw,
             ),
         )
-        await lv.backup_begin(self.ref, docs.backup.to_xml(), docs.checkpoint.to_xml())
+        frozen = await self._freeze()
+        try:
+            await lv.backup_begin(self.ref, docs.backup.to_xml(), docs.checkpoint.to_xml())
+        finally:
+            if frozen:
+                # The point in time is taken when the job starts: thaw at once.
+                await lv.fs_thaw(self.ref)
         self.libvirt_job = True
         self.checkpoint_created = True
         await self._create_targets(plan, await self._sizes(docs.included))
@@ -311,6 +317,25 @@ class _Job:
         await lv.abort_job(self.ref)
         self.libvirt_job = False
         return results
+
+    async def _freeze(self) -> bool:
+        """Quiesce per policy: `never` skips; `auto` tries and warns;
+        `always` fails the backup when the guest agent cannot freeze."""
+        mode = self.ctx.policy.quiesce
+        if mode is Quiesce.NEVER:
+            return False
+        try:
+            count = await self.ctx.libvirt.fs_freeze(self.ref)
+        except VirtBackupError as exc:
+            if mode is Quiesce.ALWAYS:
+                raise BackupFailedError(
+                    f"quiesce is 'always' but the guest agent of {self.ref.name} cannot "
+                    f"freeze its file systems: {exc}"
+                ) from exc
+            self.log.warning("no guest agent answered; backing up without quiesce", error=str(exc))
+            return False
+        self.log.info("guest file systems frozen", count=count)
+        return True
 
     async def _copy_all(
         self, sources: dict[str, tuple[UnixAddress, str, str | None]], plan: Plan

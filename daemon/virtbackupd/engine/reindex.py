@@ -1,0 +1,94 @@
+"""Rebuild the state store from the backup repository (after losing
+state.db): every committed backup folder is self-describing."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from virtbackupd.adapters.store import Store
+from virtbackupd.core.checkpoint_xml import Checkpoint
+from virtbackupd.core.policy import Level
+from virtbackupd.core.records import (
+    BackupRecord,
+    BackupStatus,
+    CheckpointRecord,
+    CheckpointStatus,
+    DiskRecord,
+)
+from virtbackupd.engine.repository import read_manifest
+from virtbackupd.errors import VirtBackupError
+
+
+async def reindex(store: Store, root: Path) -> tuple[int, list[str]]:
+    """Record every backup found under `root` that the store lacks.
+    Returns how many were added and one problem line per unreadable folder.
+    Partial folders (crashed backups) are never imported."""
+    added, problems = 0, []
+    known = {b.id for b in await store.backups()}
+    folders = sorted(
+        (p for p in root.glob("*/*") if p.is_dir() and not p.name.endswith(".partial")),
+        key=lambda p: p.name,  # ids sort by time: parents come first
+    )
+    for folder in folders:
+        try:
+            m = read_manifest(folder)
+        except (OSError, ValueError, KeyError) as exc:
+            problems.append(f"{folder}: {exc}")
+            continue
+        if m["id"] in known:
+            continue
+        started = datetime.fromisoformat(m["started"])
+        parent = m.get("parent")
+        if parent is not None and parent not in known:
+            problems.append(f"{folder}: parent backup {parent} is missing; recorded without it")
+            parent = None
+        uuid, name = m["domain"]["uuid"], m["domain"]["name"]
+        await store.see_domain(uuid, name, started)
+        cp_file = folder / "checkpoint.xml"
+        if m.get("checkpoint") and cp_file.exists():
+            xml = cp_file.read_text()
+            try:
+                cp = Checkpoint.from_xml(xml, str(cp_file))
+            except VirtBackupError as exc:
+                problems.append(str(exc))
+            else:
+                await store.add_checkpoint(
+                    CheckpointRecord(
+                        uuid, m["checkpoint"], cp.parent, started, CheckpointStatus.ACTIVE, xml
+                    )
+                )
+        disks = tuple(
+            DiskRecord(
+                d["name"],
+                d["file"],
+                d["virtual_size"],
+                d["bytes_read"],
+                d["bytes_written"],
+                d["bytes_zeroed"],
+                d["digest"],
+                d["grid"],
+                json.dumps(d["ranges"]),
+            )
+            for d in m["disks"]
+        )
+        await store.start_backup(
+            BackupRecord(
+                id=m["id"],
+                domain_uuid=uuid,
+                domain_name=name,
+                level=Level(m["level"]),
+                status=BackupStatus.RUNNING,
+                checkpoint=m.get("checkpoint"),
+                parent=parent,
+                started=started,
+                path=str(folder),
+            )
+        )
+        await store.complete_backup(
+            m["id"], datetime.fromisoformat(m["finished"]), str(folder), disks
+        )
+        known.add(m["id"])
+        added += 1
+    return added, problems
