@@ -1,0 +1,74 @@
+"""The SQLite state store on real files: migrations, WAL, and records."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from virtbackupd.adapters.store import MIGRATIONS, Store, StoreError
+from virtbackupd.core.policy import Level
+from virtbackupd.core.records import BackupRecord, BackupStatus, DiskRecord
+
+NOW = datetime(2026, 11, 23, 20, 0, tzinfo=UTC)
+
+
+def backup(i: str, parent: str | None = None) -> BackupRecord:
+    return BackupRecord(
+        i,
+        "u1",
+        "web",
+        Level.FULL if parent is None else Level.INCREMENTAL,
+        BackupStatus.RUNNING,
+        f"virtbackupd-{i}",
+        parent,
+        NOW,
+    )
+
+
+async def test_schema_is_created_in_wal_mode_with_private_permissions(tmp_path: Path) -> None:
+    db = tmp_path / "state" / "state.db"
+    async with Store.open(db) as store:
+        assert await store.schema_version() == len(MIGRATIONS)
+    assert db.stat().st_mode & 0o777 == 0o600
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    con = sqlite3.connect(db)
+    con.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    con.close()
+    with pytest.raises(StoreError, match="newer than this virtbackupd"):
+        async with Store.open(db):
+            pass
+
+
+async def test_backup_lifecycle(tmp_path: Path) -> None:
+    async with Store.open(tmp_path / "s.db") as store:
+        await store.see_domain("u1", "web", NOW)
+        await store.start_backup(backup("b1"))
+        await store.set_progress("b1", 10, 100, 1.5, NOW)
+        disk = DiskRecord("vda", "vda.qcow2", 100, 10, 10, 0, "d", 4, "[]")
+        await store.complete_backup("b1", NOW, "/x/b1", [disk])
+        await store.start_backup(backup("b2", "b1"))
+        await store.fail_backup("b2", NOW, "boom")
+        # A finished backup cannot be failed afterwards.
+        await store.fail_backup("b1", NOW, "late")
+        got = await store.backups("u1")
+        assert [(b.id, b.status, b.error) for b in got] == [
+            ("b1", BackupStatus.COMPLETE, None),
+            ("b2", BackupStatus.FAILED, "boom"),
+        ]
+        assert got[0].disks == (disk,)
+        assert got[0].bytes_written == 10
+        assert (await store.domain_by_name("web")).uuid == "u1"  # type: ignore[union-attr]
+
+
+async def test_foreign_keys_are_enforced(tmp_path: Path) -> None:
+    async with Store.open(tmp_path / "s.db") as store:
+        with pytest.raises(sqlite3.IntegrityError):
+            await store.start_backup(backup("orphan"))  # no such domain

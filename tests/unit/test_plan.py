@@ -1,0 +1,141 @@
+"""Planning, table-style: history and libvirt's view in, level and reason out."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from virtbackupd.core.domain_xml import DomainDisk
+from virtbackupd.core.plan import CheckpointView, plan_backup
+from virtbackupd.core.policy import Level, Policy
+from virtbackupd.core.records import (
+    BackupRecord,
+    BackupStatus,
+    CheckpointRecord,
+    CheckpointStatus,
+    DiskRecord,
+)
+from virtbackupd.errors import PlanError
+
+T0 = datetime(2026, 11, 1, tzinfo=UTC)
+DISKS = (DomainDisk("vda", "disk", "file", "/i/vda.qcow2", "qcow2"),)
+POLICY = Policy(Path("p.yaml"), domains=("web",), max_incrementals=2)
+
+
+def rec(
+    n: int,
+    parent: int | None,
+    status: BackupStatus = BackupStatus.COMPLETE,
+    disks: tuple[str, ...] = ("vda",),
+) -> BackupRecord:
+    return BackupRecord(
+        id=f"b{n}",
+        domain_uuid="u",
+        domain_name="web",
+        level=Level.FULL if parent is None else Level.INCREMENTAL,
+        status=status,
+        checkpoint=f"virtbackupd-b{n}",
+        parent=None if parent is None else f"b{parent}",
+        started=T0 + timedelta(hours=n),
+        disks=tuple(DiskRecord(d, f"{d}.qcow2", 1, 0, 0, 0, "", 1, "[]") for d in disks),
+    )
+
+
+def cp(n: int, parent: int | None) -> CheckpointRecord:
+    return CheckpointRecord(
+        "u",
+        f"virtbackupd-b{n}",
+        None if parent is None else f"virtbackupd-b{parent}",
+        T0,
+        CheckpointStatus.ACTIVE,
+        f"<xml{n}/>",
+    )
+
+
+def view(*known: int, broken: tuple[int, ...] = ()) -> CheckpointView:
+    return CheckpointView(
+        known=frozenset(f"virtbackupd-b{n}" for n in known),
+        broken=frozenset(f"virtbackupd-b{n}" for n in broken),
+    )
+
+
+def plan(
+    history: list[BackupRecord],
+    v: CheckpointView,
+    stored: list[CheckpointRecord] = [],  # noqa: B006
+    want: Level | None = None,
+    disks: tuple[DomainDisk, ...] = DISKS,
+):  # type: ignore[no-untyped-def]
+    return plan_backup(
+        checkpoint="virtbackupd-new",
+        disks=disks,
+        policy=POLICY,
+        history=history,
+        stored_checkpoints=stored,
+        view=v,
+        want=want,
+    )
+
+
+@pytest.mark.parametrize(
+    ("history", "v", "want", "level", "reason"),
+    [
+        ([], view(), None, Level.FULL, "no earlier complete backup"),
+        ([rec(1, None)], view(1), Level.FULL, Level.FULL, "full backup requested"),
+        ([rec(1, None)], view(1), None, Level.INCREMENTAL, "changes since virtbackupd-b1"),
+        (
+            [rec(1, None), rec(2, 1, BackupStatus.FAILED)],
+            view(1, 2),
+            None,
+            Level.INCREMENTAL,
+            "changes since virtbackupd-b1 (backup b1)",
+        ),
+        ([rec(1, None)], view(1, broken=(1,)), None, Level.FULL, "inconsistent or missing"),
+        (
+            [rec(1, None), rec(2, 1), rec(3, 2)],
+            view(1, 2, 3),
+            None,
+            Level.FULL,
+            "chain reached 2 incrementals",
+        ),
+        ([rec(1, None, disks=("vdb",))], view(1), None, Level.FULL, "disk vda is not in backup b1"),
+        ([rec(1, None)], view(), None, Level.FULL, "unknown to libvirt and not in the store"),
+    ],
+)
+def test_plan_table(
+    history: list[BackupRecord], v: CheckpointView, want: Level | None, level: Level, reason: str
+) -> None:
+    p = plan(history, v, want=want)
+    assert p.level is level
+    assert reason in p.reason
+    if level is Level.INCREMENTAL:
+        assert (
+            p.parent_backup == history[-1 if history[-1].status is BackupStatus.COMPLETE else -2].id
+        )
+
+
+def test_lost_lineage_is_redefined_from_the_store_oldest_first() -> None:
+    history = [rec(1, None), rec(2, 1)]
+    p = plan(history, view(), stored=[cp(1, None), cp(2, 1)])
+    assert p.level is Level.INCREMENTAL
+    assert [c.name for c in p.redefine] == ["virtbackupd-b1", "virtbackupd-b2"]
+    assert "redefining 2 checkpoint(s)" in p.reason
+    p = plan(history, view(1), stored=[cp(1, None), cp(2, 1)])
+    assert [c.name for c in p.redefine] == ["virtbackupd-b2"]
+
+
+def test_broken_own_checkpoints_are_listed_for_deletion_foreign_ones_never() -> None:
+    v = CheckpointView(
+        known=frozenset({"virtbackupd-b1", "nightly"}),
+        broken=frozenset({"virtbackupd-b1", "nightly"}),
+    )
+    p = plan([rec(1, None)], v)
+    assert p.delete_checkpoints == ("virtbackupd-b1",)
+
+
+def test_no_eligible_disk_is_an_error() -> None:
+    cdrom = (DomainDisk("hdc", "cdrom", "file", None, "raw"),)
+    with pytest.raises(PlanError, match="hdc: device is a cdrom"):
+        plan([], view(), disks=cdrom)
