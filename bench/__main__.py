@@ -124,6 +124,17 @@ def make_source(path: Path, kind: str, size: int) -> int:
     return data
 
 
+def make_target(work: Path, size: int, backing: Path | None) -> Path:
+    """A fresh target image: standalone, or an overlay on `backing`."""
+    dst = work / "dst.qcow2"
+    dst.unlink(missing_ok=True)
+    if backing:
+        sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", backing.name, "-F", "qcow2", dst)
+    else:
+        sh("qemu-img", "create", "-q", "-f", "qcow2", dst, str(size))
+    return dst
+
+
 def one_copy(
     tool: str,
     src: Path,
@@ -135,12 +146,7 @@ def one_copy(
     bitmap: str | None = None,
     backing: Path | None = None,
 ) -> Sample:
-    dst = work / "dst.qcow2"
-    dst.unlink(missing_ok=True)
-    if backing:
-        sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", backing.name, "-F", "qcow2", dst)
-    else:
-        sh("qemu-img", "create", "-q", "-f", "qcow2", dst, str(size))
+    dst = make_target(work, size, backing)
     drop_caches()
     s = Server(src, work / "s.sock", True, [], bitmap)
     t = Server(dst, work / "t.sock", False, target_opts) if tool != "convert" else None
@@ -287,12 +293,7 @@ def incremental_costs(work: Path, size: int, runs: int) -> str:
 def engine_report(
     src: Path, work: Path, size: int, bitmap: str | None, backing: Path | None
 ) -> dict[str, float]:
-    dst = work / "dst.qcow2"
-    dst.unlink(missing_ok=True)
-    if backing:
-        sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", backing.name, "-F", "qcow2", dst)
-    else:
-        sh("qemu-img", "create", "-q", "-f", "qcow2", dst, str(size))
+    dst = make_target(work, size, backing)
     s = Server(src, work / "s.sock", True, [], bitmap)
     t = Server(dst, work / "t.sock", False, [])
     try:

@@ -5,30 +5,14 @@ the reference images, and incrementals copy only about the dirty bytes."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from testbed.domains import DomainFactory, GuestDomain, MiB
 from testbed.guest import GuestWriter
-from testbed.tools import qemu_img_compare, qemu_img_info
+from testbed.tools import assert_restores, qemu_img_info
 from virtbackupd.cli.main import main as cli
-
-
-@pytest.fixture
-def config(tmp_path: Path) -> Path:
-    """A repository-local config: state and backups in the test's temp dir;
-    the runtime dir where QEMU (libvirt-qemu) can reach its job folder."""
-    run = Path("/var/tmp/vbtest") / f"run-{tmp_path.name}"
-    run.mkdir(parents=True, exist_ok=True)
-    (tmp_path / "policies").mkdir()
-    cfg = tmp_path / "virtbackupd.yaml"
-    cfg.write_text(
-        f"state_dir: state\nbackup_root: backups\nruntime_dir: {run}\npolicy_dirs: [policies]\n"
-    )
-    yield cfg
-    subprocess.run(["rm", "-rf", str(run)], check=False)
 
 
 def backup(config: Path, capsys: pytest.CaptureFixture[str], domain: str, *extra: str) -> dict:  # type: ignore[type-arg]
@@ -38,16 +22,9 @@ def backup(config: Path, capsys: pytest.CaptureFixture[str], domain: str, *extra
 
 
 def restore_matches(record: dict, td: GuestDomain, tmp: Path) -> None:  # type: ignore[type-arg]
-    """Convert each disk's chain (plain qemu-img) and compare with the oracle."""
-    folder = Path(record["path"])
-    for disk in record["disks"]:
-        image = folder / disk["path"]
-        out = tmp / f"restored-{record['id']}-{disk['name']}.raw"
-        subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(out)], check=True)
-        ref = td.disk(disk["name"]).reference
-        assert ref is not None
-        qemu_img_compare(ref, out, "raw", "raw")
-        out.unlink()
+    assert_restores(
+        Path(record["path"]), [(d["name"], d["path"]) for d in record["disks"]], td, tmp
+    )
 
 
 def test_full_then_incrementals_online_and_offline_restore_byte_identical(

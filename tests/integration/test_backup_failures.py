@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,7 +17,7 @@ import pytest
 
 from testbed.domains import DomainFactory, GuestDomain, MiB, wait_until
 from testbed.guest import GuestWriter
-from testbed.tools import qemu_img_compare
+from testbed.tools import assert_restores
 from virtbackupd.adapters.libvirt_conn import Libvirt
 from virtbackupd.adapters.store import Store
 from virtbackupd.config.daemon import load_config
@@ -25,16 +25,6 @@ from virtbackupd.core.policy import Level, Policy, Quiesce
 from virtbackupd.core.records import BackupRecord, BackupStatus
 from virtbackupd.engine.backup import BackupContext, backup_domain
 from virtbackupd.errors import BackupBusyError, BackupFailedError
-
-
-@pytest.fixture
-def config(tmp_path: Path) -> Path:
-    run = Path("/var/tmp/vbtest") / f"run-{tmp_path.name}"
-    run.mkdir(parents=True, exist_ok=True)
-    cfg = tmp_path / "virtbackupd.yaml"
-    cfg.write_text(f"state_dir: state\nbackup_root: backups\nruntime_dir: {run}\npolicy_dirs: []\n")
-    yield cfg
-    subprocess.run(["rm", "-rf", str(run)], check=False)
 
 
 @asynccontextmanager
@@ -53,16 +43,7 @@ async def engine(
 
 
 def restore_matches(rec: BackupRecord, td: GuestDomain, tmp: Path) -> None:
-    for d in rec.disks:
-        out = tmp / f"r-{rec.id}-{d.disk}.raw"
-        subprocess.run(
-            ["qemu-img", "convert", "-O", "raw", str(Path(rec.path or "") / d.path), str(out)],
-            check=True,
-        )
-        ref = td.disk(d.disk).reference
-        assert ref is not None
-        qemu_img_compare(ref, out, "raw", "raw")
-        out.unlink()
+    assert_restores(Path(rec.path or ""), [(d.disk, d.path) for d in rec.disks], td, tmp)
 
 
 def own_checkpoints(td: GuestDomain) -> set[str]:
@@ -212,3 +193,50 @@ async def test_quiesce_without_guest_agent(domains: DomainFactory, config: Path)
             assert rec.status is BackupStatus.COMPLETE
         finally:
             await lv.close()
+
+
+async def test_killed_backup_process_is_cleaned_up_by_the_next_backup(
+    domains: DomainFactory, config: Path, tmp_path: Path
+) -> None:
+    """SIGKILL during the copy leaves a running libvirt job, a checkpoint, a
+    partial folder and a 'running' record; the next backup cleans all of it
+    and builds on the last complete backup."""
+    td = domains.create(qcow2_sizes=[32 * MiB])
+    guest = GuestWriter(td)
+    guest.write("vda", 0, MiB, 0x0A)
+    async with engine(config, td.name) as ctx:
+        full = await backup_domain(ctx, td.name)
+    guest.write("vda", 2 * MiB, 16 * MiB, 0x0B)
+    (config.parent / "policies" / "slow.yaml").write_text(
+        f"domains: [{td.name}]\nbandwidth: 2MiB\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "virtbackupd.cli.main",
+        "-c",
+        str(config),
+        "backup",
+        td.name,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    cfg = load_config(config)
+    wait_until(lambda: any((cfg.runtime_dir / "jobs").glob("*/nbd.sock")), what="copy to start")
+    await asyncio.sleep(1)
+    proc.send_signal(signal.SIGKILL)
+    await proc.wait()
+    assert td.dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE, "the orphaned job still runs"
+    assert len(own_checkpoints(td)) == 2
+    (config.parent / "policies" / "slow.yaml").unlink()
+    async with engine(config, td.name) as ctx:
+        nxt = await backup_domain(ctx, td.name)
+        records = await ctx.store.backups()
+    killed = records[1]
+    assert killed.status is BackupStatus.FAILED
+    assert "interrupted" in (killed.error or "")
+    assert nxt.level is Level.INCREMENTAL
+    assert nxt.parent == full.id
+    assert own_checkpoints(td) == {full.checkpoint, nxt.checkpoint}
+    assert not list(Path(full.path or "").parent.glob("*.partial"))
+    restore_matches(nxt, td, tmp_path)

@@ -6,7 +6,12 @@ import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from .domains import GuestDomain
 
 
 def run(*args: str | Path, timeout: float = 120, check: bool = True) -> str:
@@ -92,3 +97,19 @@ def qemu_io(image: str | Path, *commands: str, fmt: str = "qcow2") -> None:
     out = run(*args, image)
     if "failed" in out or "not found" in out:
         raise AssertionError(f"qemu-io on {image}: {out}")
+
+
+def assert_restores(
+    folder: Path, disks: Iterable[tuple[str, str]], td: GuestDomain, tmp: Path
+) -> None:
+    """Convert each (disk, file) of a backup folder with plain qemu-img (the
+    whole backing chain) and compare it with the test bed's reference."""
+    for name, file in disks:
+        out = tmp / f"restored-{folder.name}-{name}.raw"
+        subprocess.run(
+            ["qemu-img", "convert", "-O", "raw", str(folder / file), str(out)], check=True
+        )
+        ref = td.disk(name).reference
+        assert ref is not None
+        qemu_img_compare(ref, out, "raw", "raw")
+        out.unlink()

@@ -49,6 +49,7 @@ from virtbackupd.core.records import (
 )
 from virtbackupd.engine import repository
 from virtbackupd.engine.copy import CopyOptions, CopyProgress, CopyResult, ZeroMode, copy_export
+from virtbackupd.engine.leftovers import clean_leftovers
 from virtbackupd.engine.locks import domain_lock
 from virtbackupd.engine.repository import Repository
 from virtbackupd.errors import (
@@ -111,6 +112,14 @@ async def backup_domain(
     """Take one backup of `domain` (name or UUID) under its lock."""
     ref = await ctx.libvirt.domain(domain)
     with domain_lock(ctx.config.runtime_dir, ref.uuid, ref.name):
+        await clean_leftovers(
+            ctx.libvirt,
+            ctx.store,
+            ref,
+            ctx.config.runtime_dir,
+            Repository(ctx.policy.target or ctx.config.backup_root),
+            ctx.now(),
+        )
         running = await ctx.libvirt.is_running(ref)
         if running and await ctx.libvirt.job_active(ref):
             # Another tool's backup (or a migration...) owns the domain's job

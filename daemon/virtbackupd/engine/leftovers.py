@@ -1,0 +1,92 @@
+"""Cleaning up after a backup whose process died (SIGKILL, host crash).
+
+Called with the domain's lock held: a record still "running" then belongs
+to no live process. What such a backup may have left, and what happens:
+
+- its pull-mode libvirt job (it never ends by itself): aborted, but only if
+  its NBD socket lies in our runtime dir's jobs/ folder (another tool's job
+  is never touched);
+- its checkpoint (no complete backup will ever vouch for it): deleted;
+- its offline bitmaps and checkpoint: deleted likewise;
+- its ``.partial`` folder and job folder: removed;
+- its record: marked failed, "interrupted".
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import datetime
+from pathlib import Path
+
+import structlog
+
+from virtbackupd.adapters import qemu_img
+from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
+from virtbackupd.adapters.store import Store
+from virtbackupd.core.backup_xml import Backup
+from virtbackupd.core.domain_xml import parse_domain
+from virtbackupd.core.records import BackupStatus
+from virtbackupd.engine.repository import Repository
+from virtbackupd.errors import VirtBackupError
+
+log = structlog.get_logger("virtbackupd.leftovers")
+
+
+async def own_job_socket(lv: Libvirt, ref: DomainRef, jobs_dir: Path) -> Path | None:
+    """The NBD socket of the domain's running backup job if it is one of
+    ours (its socket is under `jobs_dir`), else None."""
+    try:
+        backup = Backup.from_xml(await lv.backup_xml(ref), "running backup job", internal=True)
+    except VirtBackupError:
+        return None  # no backup job, or not one we can read
+    if backup.server is None or backup.server.socket is None:
+        return None
+    sock = Path(backup.server.socket)
+    return sock if jobs_dir in sock.parents else None
+
+
+async def clean_leftovers(
+    lv: Libvirt,
+    store: Store,
+    ref: DomainRef,
+    runtime_dir: Path,
+    repo: Repository,
+    now: datetime,
+) -> list[str]:
+    """Clean what dead backups of this domain left; the ids cleaned."""
+    jobs_dir = runtime_dir / "jobs"
+    cleaned = []
+    if await lv.is_running(ref) and await lv.job_active(ref):
+        sock = await own_job_socket(lv, ref, jobs_dir)
+        if sock is not None:
+            log.warning(
+                "aborting the job of a backup whose process died", domain=ref.name, socket=str(sock)
+            )
+            await lv.abort_job(ref)
+    known = {c.name for c in await lv.checkpoints(ref)}
+    images: list[Path] = []
+    if not await lv.is_running(ref):
+        info = parse_domain(await lv.xml(ref, inactive=True))
+        images = [Path(d.source) for d in info.disks if d.source and d.driver_type == "qcow2"]
+    for rec in await store.backups(ref.uuid, status=BackupStatus.RUNNING):
+        if rec.checkpoint and rec.checkpoint in known:
+            try:
+                await lv.delete_checkpoint(ref, rec.checkpoint)
+            except VirtBackupError:
+                await lv.delete_checkpoint(ref, rec.checkpoint, metadata_only=True)
+        for image in images:  # an offline backup adds its bitmap before copying
+            bitmaps = {b["name"] for b in await _bitmaps(image)}
+            if rec.checkpoint and rec.checkpoint in bitmaps:
+                await qemu_img.bitmap(image, rec.checkpoint, remove=True)
+        repo.discard(ref.uuid, rec.id)
+        shutil.rmtree(jobs_dir / rec.id, ignore_errors=True)
+        await store.fail_backup(rec.id, now, "interrupted: the backup process died")
+        log.warning("cleaned up an interrupted backup", domain=ref.name, backup_id=rec.id)
+        cleaned.append(rec.id)
+    return cleaned
+
+
+async def _bitmaps(image: Path) -> list[dict[str, object]]:
+    info = await qemu_img.info(image)
+    data = info.get("format-specific", {}).get("data", {})
+    return list(data.get("bitmaps", []))

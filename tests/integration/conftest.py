@@ -1,0 +1,27 @@
+"""Fixtures shared by the engine's integration tests."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from testbed.domains import WORK_ROOT
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Iterator[Path]:
+    """A repository-local daemon config: state and backups in the test's
+    temp dir; the runtime dir where QEMU (libvirt-qemu) can reach its job
+    folder (pytest's temp dirs are 0700 root)."""
+    run = WORK_ROOT / f"run-{tmp_path.name}"
+    run.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "policies").mkdir()
+    cfg = tmp_path / "virtbackupd.yaml"
+    cfg.write_text(
+        f"state_dir: state\nbackup_root: backups\nruntime_dir: {run}\npolicy_dirs: [policies]\n"
+    )
+    yield cfg
+    shutil.rmtree(run, ignore_errors=True)
