@@ -168,3 +168,20 @@ def test_parse_rate() -> None:
     assert parse_rate("4096") == 4096
     with pytest.raises(ValueError):
         parse_rate("0")
+
+
+def test_policy_check_command_exit_codes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from virtbackupd.cli.main import main as cli
+
+    good = write(tmp_path, "good.yaml", "domains: [a]\n")
+    bad = write(tmp_path, "bad.yaml", "domains: [b]\nquiesce: maybe\n")
+    assert cli(["policy", "check", str(good)]) == 0
+    assert f"ok: {good}" in capsys.readouterr().out
+    assert cli(["policy", "check", str(good), str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2: quiesce: expected one of auto, always, never" in err
+    assert cli(["--json", "policy", "check", str(bad)]) == 2
+    out = capsys.readouterr().out
+    assert '"errors"' in out

@@ -50,7 +50,7 @@ from virtbackupd.core.records import (
 from virtbackupd.engine import repository
 from virtbackupd.engine.copy import CopyOptions, CopyProgress, CopyResult, ZeroMode, copy_export
 from virtbackupd.engine.leftovers import clean_leftovers
-from virtbackupd.engine.locks import domain_lock
+from virtbackupd.engine.locks import backup_slot, domain_lock
 from virtbackupd.engine.repository import Repository
 from virtbackupd.errors import (
     BackupBusyError,
@@ -129,7 +129,13 @@ async def backup_domain(
                 "(another backup tool?); not disturbing it"
             )
         job = _Job(ctx, ref, want, progress, running)
-        return await job.run()
+        slots = ctx.config.max_concurrent_backups
+        async with backup_slot(
+            ctx.config.runtime_dir,
+            slots,
+            lambda: log.info("waiting for a free backup slot", domain=ref.name, slots=slots),
+        ):
+            return await job.run()
 
 
 class _Job:

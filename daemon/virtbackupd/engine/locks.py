@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 from virtbackupd.errors import BackupBusyError
@@ -32,3 +33,31 @@ def domain_lock(runtime_dir: Path, uuid: str, name: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+@contextlib.asynccontextmanager
+async def backup_slot(
+    runtime_dir: Path, slots: int, on_wait: Callable[[], None] | None = None
+) -> AsyncIterator[int]:
+    """One of `slots` places for a running backup (max_concurrent_backups),
+    shared by every process on the host; waits for a free one."""
+    folder = runtime_dir / "slots"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    waited = False
+    while True:
+        for i in range(slots):
+            fd = os.open(folder / f"{i}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            try:
+                yield i
+            finally:
+                os.close(fd)
+            return
+        if not waited and on_wait is not None:
+            on_wait()
+        waited = True
+        await asyncio.sleep(0.5)
