@@ -185,3 +185,16 @@ def test_policy_check_command_exit_codes(
     assert cli(["--json", "policy", "check", str(bad)]) == 2
     out = capsys.readouterr().out
     assert '"errors"' in out
+
+
+def test_backup_ids_sort_in_time_order_within_a_second() -> None:
+    from datetime import UTC, datetime
+
+    from virtbackupd.core.backup_documents import checkpoint_name
+    from virtbackupd.engine.repository import new_backup_id
+
+    t = datetime(2026, 11, 23, 20, 15, 0, 5000, tzinfo=UTC)
+    ids = [new_backup_id(t.replace(microsecond=us)) for us in (5000, 6000, 999000)]
+    assert ids == sorted(ids)
+    assert ids[0].startswith("20261123T201500.005Z-")
+    checkpoint_name(ids[0])  # a valid checkpoint name

@@ -27,16 +27,17 @@ async def reindex(store: Store, root: Path) -> tuple[int, list[str]]:
     Partial folders (crashed backups) are never imported."""
     added, problems = 0, []
     known = {b.id for b in await store.backups()}
-    folders = sorted(
-        (p for p in root.glob("*/*") if p.is_dir() and not p.name.endswith(".partial")),
-        key=lambda p: p.name,  # ids sort by time: parents come first
-    )
-    for folder in folders:
+    found = []
+    for folder in root.glob("*/*"):
+        if not folder.is_dir() or folder.name.endswith(".partial"):
+            continue
         try:
-            m = read_manifest(folder)
+            found.append((folder, read_manifest(folder)))
         except (OSError, ValueError, KeyError) as exc:
             problems.append(f"{folder}: {exc}")
-            continue
+    # Oldest first, so that every parent is recorded before its children.
+    found.sort(key=lambda fm: (fm[1]["started"], fm[1]["id"]))
+    for folder, m in found:
         if m["id"] in known:
             continue
         started = datetime.fromisoformat(m["started"])

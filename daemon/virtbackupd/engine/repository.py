@@ -29,8 +29,9 @@ FORMAT = "virtbackupd-backup/1"
 
 
 def new_backup_id(now: datetime) -> str:
-    """Sortable and unique: ``20261123T201500Z-3f2a``."""
-    return now.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(2)
+    """Unique, and sorting as the backups were taken (to the millisecond):
+    ``20261123T201500.123Z-3f2a``."""
+    return f"{now:%Y%m%dT%H%M%S}.{now.microsecond // 1000:03d}Z-{secrets.token_hex(2)}"
 
 
 def disk_file(disk: str) -> str:
