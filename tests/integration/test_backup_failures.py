@@ -7,15 +7,16 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import libvirt
 import pytest
 
-from testbed.domains import DomainFactory, GuestDomain, MiB, wait_until
+from testbed.domains import WORK_ROOT, DomainFactory, GuestDomain, MiB, wait_until
 from testbed.guest import GuestWriter
 from testbed.tools import assert_restores
 from virtbackupd.adapters.libvirt_conn import Libvirt
@@ -240,3 +241,40 @@ async def test_killed_backup_process_is_cleaned_up_by_the_next_backup(
     assert own_checkpoints(td) == {full.checkpoint, nxt.checkpoint}
     assert not list(Path(full.path or "").parent.glob("*.partial"))
     restore_matches(nxt, td, tmp_path)
+
+
+@pytest.fixture
+def tiny_runtime(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs as the runtime dir: the scratch files overflow it."""
+    tiny = WORK_ROOT / f"tiny-{tmp_path.name}"
+    tiny.mkdir(parents=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0777", "tmpfs", str(tiny)], check=True
+    )
+    yield tiny
+    subprocess.run(["umount", str(tiny)], check=False)
+    tiny.rmdir()
+
+
+async def test_scratch_overflow_fails_the_guest_write_not_the_backup(
+    domains: DomainFactory, tmp_path: Path, tiny_runtime: Path
+) -> None:
+    """Pull mode keeps the point in time by copying old data to the scratch
+    file before a guest write lands. When the scratch file system is full,
+    QEMU 7.2 (libvirt 9.0 sets no on-cbw-error) fails the *guest's* write
+    with ENOSPC and keeps the export exact: the backup completes and equals
+    the disk as it was when the backup began. (Were the job to fail instead,
+    the engine fails the backup: see the job-ended test above.)"""
+    cfg_path = tmp_path / "vb.yaml"
+    cfg_path.write_text(f"state_dir: state\nbackup_root: backups\nruntime_dir: {tiny_runtime}\n")
+    td = domains.create(qcow2_sizes=[64 * MiB])
+    guest = GuestWriter(td)
+    guest.write("vda", 0, 48 * MiB, 0x0C)
+    async with engine(cfg_path, td.name, bandwidth=2 * MiB) as ctx:
+        task = asyncio.create_task(backup_domain(ctx, td.name))
+        await _wait_copying(ctx)
+        with pytest.raises(AssertionError, match="No space left on device"):
+            guest.write("vda", 16 * MiB, 24 * MiB, 0x0D)  # reference not updated
+        rec = await task
+    assert rec.status is BackupStatus.COMPLETE
+    restore_matches(rec, td, tmp_path)
