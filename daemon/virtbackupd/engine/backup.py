@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 from collections.abc import Callable, Sequence
@@ -45,7 +44,6 @@ from virtbackupd.core.records import (
     BackupStatus,
     CheckpointRecord,
     CheckpointStatus,
-    DiskRecord,
 )
 from virtbackupd.engine import repository
 from virtbackupd.engine.copy import CopyOptions, CopyProgress, CopyResult, ZeroMode, copy_export
@@ -496,45 +494,17 @@ class _Job:
             await self._redefine_offline_checkpoint(info, plan)
         cp_xml = await lv.checkpoint_xml(self.ref, self.checkpoint)
         finished = self.ctx.now()
-        disks = tuple(
-            DiskRecord(
-                disk=name,
-                path=repository.disk_file(name),
-                virtual_size=r.size,
-                bytes_read=r.bytes_read,
-                bytes_written=r.bytes_written,
-                bytes_zeroed=r.bytes_zeroed,
-                digest=r.digest,
-                grid=r.grid,
-                ranges=json.dumps([[x.offset, x.length, x.kind.value] for x in r.ranges]),
-            )
-            for name, r in sorted(results.items())
+        disks = repository.disk_records(results)
+        manifest = repository.manifest(
+            backup_id=self.id,
+            name=self.ref.name,
+            uuid=self.ref.uuid,
+            plan=plan,
+            checkpoint=self.checkpoint,
+            started=self.started,
+            finished=finished,
+            disks=disks,
         )
-        manifest = {
-            "id": self.id,
-            "domain": {"name": self.ref.name, "uuid": self.ref.uuid},
-            "level": plan.level.value,
-            "reason": plan.reason,
-            "checkpoint": self.checkpoint,
-            "parent": plan.parent_backup,
-            "parent_checkpoint": plan.parent_checkpoint,
-            "started": self.started.isoformat(),
-            "finished": finished.isoformat(),
-            "disks": [
-                {
-                    "name": d.disk,
-                    "file": d.path,
-                    "virtual_size": d.virtual_size,
-                    "bytes_read": d.bytes_read,
-                    "bytes_written": d.bytes_written,
-                    "bytes_zeroed": d.bytes_zeroed,
-                    "digest": d.digest,
-                    "grid": d.grid,
-                    "ranges": json.loads(d.ranges),
-                }
-                for d in disks
-            ],
-        }
         domain_xml = await lv.xml(self.ref, inactive=True)
         final = self.repo.commit(
             self.ref.uuid,

@@ -3,7 +3,6 @@ state.db): every committed backup folder is self-describing."""
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from pathlib import Path
 
@@ -15,9 +14,8 @@ from virtbackupd.core.records import (
     BackupStatus,
     CheckpointRecord,
     CheckpointStatus,
-    DiskRecord,
 )
-from virtbackupd.engine.repository import read_manifest
+from virtbackupd.engine.repository import disks_from_manifest, read_manifest
 from virtbackupd.errors import VirtBackupError
 
 
@@ -60,20 +58,7 @@ async def reindex(store: Store, root: Path) -> tuple[int, list[str]]:
                         uuid, m["checkpoint"], cp.parent, started, CheckpointStatus.ACTIVE, xml
                     )
                 )
-        disks = tuple(
-            DiskRecord(
-                d["name"],
-                d["file"],
-                d["virtual_size"],
-                d["bytes_read"],
-                d["bytes_written"],
-                d["bytes_zeroed"],
-                d["digest"],
-                d["grid"],
-                json.dumps(d["ranges"]),
-            )
-            for d in m["disks"]
-        )
+        disks = disks_from_manifest(m)
         await store.start_backup(
             BackupRecord(
                 id=m["id"],

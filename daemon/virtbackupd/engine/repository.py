@@ -19,10 +19,14 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from virtbackupd.core.plan import Plan
+from virtbackupd.core.records import DiskRecord
+from virtbackupd.engine.copy import CopyResult
 
 MANIFEST = "manifest.json"
 FORMAT = "virtbackupd-backup/1"
@@ -101,6 +105,81 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     if data.get("format") != FORMAT:
         raise ValueError(f"{folder / MANIFEST}: unknown format {data.get('format')!r}")
     return data
+
+
+def disk_records(results: Mapping[str, CopyResult]) -> tuple[DiskRecord, ...]:
+    """What the store and the manifest keep of each disk's copy."""
+    return tuple(
+        DiskRecord(
+            disk=name,
+            path=disk_file(name),
+            virtual_size=r.size,
+            bytes_read=r.bytes_read,
+            bytes_written=r.bytes_written,
+            bytes_zeroed=r.bytes_zeroed,
+            digest=r.digest,
+            grid=r.grid,
+            ranges=json.dumps([[x.offset, x.length, x.kind.value] for x in r.ranges]),
+        )
+        for name, r in sorted(results.items())
+    )
+
+
+def manifest(
+    *,
+    backup_id: str,
+    name: str,
+    uuid: str,
+    plan: Plan,
+    checkpoint: str,
+    started: datetime,
+    finished: datetime,
+    disks: Sequence[DiskRecord],
+) -> dict[str, Any]:
+    """The manifest.json of a backup folder (reindex reads it back)."""
+    return {
+        "id": backup_id,
+        "domain": {"name": name, "uuid": uuid},
+        "level": plan.level.value,
+        "reason": plan.reason,
+        "checkpoint": checkpoint,
+        "parent": plan.parent_backup,
+        "parent_checkpoint": plan.parent_checkpoint,
+        "started": started.isoformat(),
+        "finished": finished.isoformat(),
+        "disks": [
+            {
+                "name": d.disk,
+                "file": d.path,
+                "virtual_size": d.virtual_size,
+                "bytes_read": d.bytes_read,
+                "bytes_written": d.bytes_written,
+                "bytes_zeroed": d.bytes_zeroed,
+                "digest": d.digest,
+                "grid": d.grid,
+                "ranges": json.loads(d.ranges),
+            }
+            for d in disks
+        ],
+    }
+
+
+def disks_from_manifest(data: Mapping[str, Any]) -> tuple[DiskRecord, ...]:
+    """The inverse of the manifest's "disks" list."""
+    return tuple(
+        DiskRecord(
+            d["name"],
+            d["file"],
+            d["virtual_size"],
+            d["bytes_read"],
+            d["bytes_written"],
+            d["bytes_zeroed"],
+            d["digest"],
+            d["grid"],
+            json.dumps(d["ranges"]),
+        )
+        for d in data["disks"]
+    )
 
 
 def _write_synced(path: Path, text: str) -> None:
