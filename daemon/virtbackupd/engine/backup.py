@@ -187,7 +187,7 @@ class _Job:
         await store.start_backup(self.record)
         self.log.info(
             "backup planned",
-            level=plan.level.value,
+            backup_level=plan.level.value,
             reason=plan.reason,
             disks=list(plan.disks),
             online=self.running,
@@ -280,7 +280,7 @@ class _Job:
         plan = await self._plan(info, Level.FULL)
         plan = replace(plan, reason=f"checkpoint bitmaps inconsistent ({error})")
         await store.replan_backup(self.id, plan.level, None)
-        self.log.info("backup replanned", level=plan.level.value, reason=plan.reason)
+        self.log.info("backup replanned", backup_level=plan.level.value, reason=plan.reason)
         return plan
 
     async def _export_and_copy(self, info: DomainInfo, plan: Plan) -> dict[str, CopyResult]:
