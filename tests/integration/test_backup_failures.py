@@ -137,6 +137,12 @@ async def test_qemu_crash_makes_the_next_backup_full_on_its_own(
     async with engine(config, td.name) as ctx:
         await backup_domain(ctx, td.name)
         await backup_domain(ctx, td.name)
+    # A checkpoint of another tool: it must survive our crash cleanup.
+    td.dom.checkpointCreateXML(
+        "<domaincheckpoint><name>nightly</name>"
+        "<disks><disk name='vda' checkpoint='bitmap'/></disks></domaincheckpoint>",
+        0,
+    )
     guest.write("vda", 8 * MiB, MiB, 0x08)
     pid = int(Path(f"/run/libvirt/qemu/{td.name}.pid").read_text())
     os.kill(pid, signal.SIGKILL)  # a host crash, as QEMU sees it
@@ -148,6 +154,7 @@ async def test_qemu_crash_makes_the_next_backup_full_on_its_own(
         manifest = (Path(rec.path or "") / "manifest.json").read_text()
         assert "inconsistent" in manifest
     assert own_checkpoints(td) == {rec.checkpoint}, "the broken checkpoints were deleted"
+    assert "nightly" in {c.getName() for c in td.dom.listAllCheckpoints()}, "not ours: kept"
     restore_matches(rec, td, tmp_path)
     guest.write("vda", 20 * MiB, MiB, 0x09)
     async with engine(config, td.name) as ctx:
