@@ -22,17 +22,42 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.component)
 
 
+class _Connection:
+    """The session's libvirt connection, reopened if a test restarted libvirtd."""
+
+    def __init__(self) -> None:
+        from testbed.host import connect, ensure_libvirtd
+
+        ensure_libvirtd()
+        self._connect = connect
+        self.conn = connect()
+        remove_stale(self.conn)
+
+    def get(self) -> object:
+        import libvirt
+
+        try:
+            self.conn.getLibVersion()  # isAlive() stays true until a call fails
+        except libvirt.libvirtError:
+            from testbed.host import ensure_libvirtd
+
+            ensure_libvirtd()
+            self.conn = self._connect()
+        return self.conn
+
+
 @pytest.fixture(scope="session")
-def libvirt_conn() -> Iterator[object]:
+def _libvirt_session() -> Iterator[_Connection]:
+    holder = _Connection()
+    yield holder
+    holder.conn.close()
+
+
+@pytest.fixture
+def libvirt_conn(_libvirt_session: _Connection) -> object:
     """A connection to qemu:///system; libvirtd is started if (and only if)
     none is running. Stale test domains of crashed earlier runs are removed."""
-    from testbed.host import connect, ensure_libvirtd
-
-    ensure_libvirtd()
-    conn = connect()
-    remove_stale(conn)
-    yield conn
-    conn.close()
+    return _libvirt_session.get()
 
 
 @pytest.fixture
