@@ -18,7 +18,7 @@ import pytest
 
 from testbed.domains import WORK_ROOT, DomainFactory, GuestDomain, MiB, wait_until
 from testbed.guest import GuestWriter
-from testbed.tools import assert_restores
+from testbed.tools import assert_restores, qemu_img_info
 from virtbackupd.adapters.libvirt_conn import Libvirt
 from virtbackupd.adapters.store import Store
 from virtbackupd.config.daemon import load_config
@@ -161,6 +161,11 @@ async def test_qemu_crash_makes_the_next_backup_full_on_its_own(
         nxt = await backup_domain(ctx, td.name)
     assert nxt.level is Level.INCREMENTAL
     restore_matches(nxt, td, tmp_path)
+    td.shutdown_hard()  # QEMU writes its bitmaps to the image on close
+    data = qemu_img_info(td.disk("vda").path)["format-specific"]["data"]
+    bitmaps = {b["name"] for b in data.get("bitmaps", [])}
+    own = {b for b in bitmaps if b.startswith("virtbackupd-")}
+    assert own == {rec.checkpoint, nxt.checkpoint}, "our broken bitmaps left the image too"
 
 
 async def test_another_tools_backup_job_is_reported_not_disturbed(

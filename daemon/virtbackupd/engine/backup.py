@@ -273,7 +273,9 @@ class _Job:
         lv, store = self.ctx.libvirt, self.ctx.store
         for cp in await lv.checkpoints(self.ref):
             if is_own_checkpoint(cp.name) and cp.name != self.checkpoint:
-                await lv.delete_checkpoint(self.ref, cp.name, metadata_only=True)
+                # With its bitmaps where libvirt can: stale bitmaps would
+                # otherwise stay in the images, tracking writes forever.
+                await self._delete_checkpoint(cp.name)
         for rec in await store.checkpoints(self.ref.uuid):
             if rec.status is CheckpointStatus.ACTIVE:
                 await store.set_checkpoint_status(self.ref.uuid, rec.name, CheckpointStatus.DELETED)
