@@ -6,6 +6,7 @@ The daemon's journald renderer arrives with the daemon issue.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import structlog
@@ -18,12 +19,24 @@ LEVELS = {
 }
 
 
+def daemon_format(configured: str) -> str:
+    """`auto` means journald when systemd connected our output to it
+    ($JOURNAL_STREAM), else the console."""
+    if configured == "auto":
+        return "journal" if os.environ.get("JOURNAL_STREAM") else "console"
+    return configured
+
+
 def configure(level: str = "info", fmt: str = "console") -> None:
-    renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer()
-        if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-    )
+    renderer: structlog.typing.Processor
+    if fmt == "journal":
+        from virtbackupd.adapters.journald import JournaldRenderer, JournalSender
+
+        renderer = JournaldRenderer(JournalSender())
+    elif fmt == "json":
+        renderer = structlog.processors.JSONRenderer()
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

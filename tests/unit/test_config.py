@@ -198,3 +198,15 @@ def test_backup_ids_sort_in_time_order_within_a_second() -> None:
     assert ids == sorted(ids)
     assert ids[0].startswith("20261123T201500.005Z-")
     checkpoint_name(ids[0])  # a valid checkpoint name
+
+
+def test_missed_runs_are_decided_from_the_last_backup() -> None:
+    from datetime import UTC, datetime
+
+    from virtbackupd.adapters.scheduler import missed_since
+
+    last = datetime(2026, 11, 23, 1, 0, tzinfo=UTC)
+    nightly = "0 2 * * *"
+    assert not missed_since(nightly, last, datetime(2026, 11, 23, 1, 59, tzinfo=UTC))
+    assert missed_since(nightly, last, datetime(2026, 11, 23, 2, 0, tzinfo=UTC))
+    assert missed_since(nightly, last, datetime(2026, 11, 25, 9, 0, tzinfo=UTC))

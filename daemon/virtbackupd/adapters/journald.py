@@ -17,7 +17,7 @@ import re
 import socket
 import struct
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
@@ -96,7 +96,7 @@ class JournaldRenderer:
         self.sender = sender
         self.identifier = identifier
 
-    def __call__(self, _logger: Any, method: str, event_dict: dict[str, Any]) -> str:
+    def __call__(self, _logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> str:
         event = str(event_dict.pop("event", ""))
         level = str(event_dict.pop("level", method))
         event_dict.pop("timestamp", None)  # the journal stamps entries itself

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Sequence
 
@@ -26,9 +27,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    build_parser().parse_args(argv)
-    print("virtbackupd: the service loop is not implemented yet", file=sys.stderr)
-    return 1
+    args = build_parser().parse_args(argv)
+    from virtbackupd.config.daemon import config_path
+    from virtbackupd.daemon.service import Service
+    from virtbackupd.errors import ConfigError, VirtBackupError
+
+    try:
+        return asyncio.run(Service(config_path(args.config)).run())
+    except ConfigError as exc:
+        print(f"virtbackupd: {exc}", file=sys.stderr)
+        return 2
+    except VirtBackupError as exc:
+        print(f"virtbackupd: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,248 @@
+"""The virtbackupd service loop: policies -> schedules and event triggers
+-> a fair queue of backups run by the engine, under systemd.
+
+- Schedules: one cron job per (domain, level); missed runs are caught up at
+  start from the state store.
+- Events: a defined domain that matches a policy gets its schedules (and a
+  first full backup when ``events.on_define`` says so); an undefined one
+  loses them (its backups stay); a clean stop triggers ``events.on_shutdown``
+  (an offline backup); a crash is left to the engine, which turns the next
+  backup into a full one when libvirt reports the bitmaps inconsistent.
+- Queue: at most one pending request per domain (full wins over
+  incremental), FIFO across domains, ``max_concurrent_backups`` workers.
+- Signals: SIGHUP reloads config and policies (a broken file is reported
+  and the previous version stays); SIGTERM/SIGINT cancel running backups
+  (the engine cleans up) and stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from datetime import UTC, datetime
+from pathlib import Path
+
+import structlog
+
+from virtbackupd import logs
+from virtbackupd.adapters.libvirt_conn import Libvirt
+from virtbackupd.adapters.libvirt_events import EventKind, EventSource
+from virtbackupd.adapters.scheduler import Schedules, missed_since
+from virtbackupd.adapters.sd_notify import Notifier, watchdog_interval
+from virtbackupd.adapters.store import Store
+from virtbackupd.config.daemon import DaemonConfig, load_config
+from virtbackupd.config.policy import load_policies, policy_files
+from virtbackupd.core.policy import EventAction, Level, Policy, policy_for
+from virtbackupd.core.records import BackupStatus
+from virtbackupd.engine.backup import BackupContext, backup_domain
+from virtbackupd.errors import ConfigError, VirtBackupError
+
+log = structlog.get_logger("virtbackupd.daemon")
+
+
+class Service:
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        self.config: DaemonConfig = load_config(config_path)
+        self.policies: list[Policy] = []
+        self.notifier = Notifier()
+        self.pending: dict[str, Level] = {}  # domain uuid -> strongest level asked
+        self.queue: asyncio.Queue[str] = asyncio.Queue()
+        self.running: set[str] = set()
+        self.stop = asyncio.Event()
+        self.schedules = Schedules(self._scheduled)
+        self.names: dict[str, str] = {}  # uuid -> name
+
+    # --- policies and schedules -------------------------------------------------
+    def _load_policies(self) -> None:
+        policies, errors = load_policies(policy_files(self.config.policy_dirs))
+        for e in errors:
+            log.error("policy file rejected", error=str(e))
+        if errors and self.policies:
+            log.warning("keeping the previous policies until the files are fixed")
+            return
+        self.policies = policies
+
+    def _policy(self, name: str, uuid: str) -> Policy | None:
+        try:
+            return policy_for(name, uuid, self.policies)
+        except ConfigError as exc:
+            log.error("domain skipped", domain=name, error=str(exc))
+            return None
+
+    async def _resync(self, store: Store, catch_up: bool) -> None:
+        """Schedules for every domain a policy governs; at start, catch up
+        runs that were missed while the daemon was down."""
+        async with await Libvirt.open(self.config.libvirt_uri) as lv:
+            domains = await lv.domains()
+        wanted: dict[tuple[str, str], str] = {}
+        now = datetime.now(UTC)
+        self.names = {d.uuid: d.name for d in domains}
+        for d in domains:
+            policy = self._policy(d.name, d.uuid)
+            if policy is None:
+                continue
+            history = [b for b in await store.backups(d.uuid) if b.status is BackupStatus.COMPLETE]
+            for level, cron in (
+                (Level.FULL, policy.full_schedule),
+                (Level.INCREMENTAL, policy.incremental_schedule),
+            ):
+                if cron is None:
+                    continue
+                wanted[(d.uuid, level.value)] = cron
+                last = next(
+                    (
+                        b.started
+                        for b in reversed(history)
+                        if level is Level.INCREMENTAL or b.level is Level.FULL
+                    ),
+                    None,
+                )
+                if catch_up and last is not None and missed_since(cron, last, now):
+                    log.info("catching up a missed backup", domain=d.name, backup_level=level.value)
+                    self.request(d.uuid, level)
+        self.schedules.sync(wanted)
+
+    def _scheduled(self, uuid: str, level: str) -> None:
+        self.request(uuid, Level(level))
+
+    def request(self, uuid: str, level: Level) -> None:
+        """Queue a backup; a domain waits at most once (full wins)."""
+        if uuid in self.pending:
+            if level is Level.FULL:
+                self.pending[uuid] = Level.FULL
+            return
+        self.pending[uuid] = level
+        self.queue.put_nowait(uuid)
+
+    # --- workers ------------------------------------------------------------------
+    async def _worker(self, store: Store) -> None:
+        while True:
+            uuid = await self.queue.get()
+            level = self.pending.pop(uuid, None)
+            if level is None or uuid in self.running:
+                if level is not None:  # one of ours runs it now: try again later
+                    self.request(uuid, level)
+                    await asyncio.sleep(1)
+                continue
+            self.running.add(uuid)
+            self._status()
+            try:
+                await self._backup(store, uuid, level)
+            except VirtBackupError as exc:
+                log.error("backup failed", domain=self.names.get(uuid, uuid), error=str(exc))
+            finally:
+                self.running.discard(uuid)
+                self._status()
+
+    async def _backup(self, store: Store, uuid: str, level: Level) -> None:
+        async with await Libvirt.open(self.config.libvirt_uri) as lv:
+            ref = await lv.domain(uuid)
+            policy = self._policy(ref.name, ref.uuid)
+            if policy is None:
+                return
+            rec = await backup_domain(
+                BackupContext(self.config, store, lv, policy),
+                uuid,
+                want=Level.FULL if level is Level.FULL else None,
+            )
+            log.info(
+                "backup done",
+                domain=ref.name,
+                backup_id=rec.id,
+                backup_level=rec.level.value,
+                bytes_written=rec.bytes_written,
+            )
+
+    def _status(self) -> None:
+        names = sorted(self.names.get(u, u) for u in self.running)
+        text = f"backing up {', '.join(names)}" if names else "idle"
+        self.notifier.status(f"{text}; {len(self.pending)} queued")
+
+    # --- events -------------------------------------------------------------------
+    async def _events(self, store: Store, source: EventSource) -> None:
+        async for ev in source.events():
+            if ev.kind is EventKind.CONNECTED:
+                await self._resync(store, catch_up=False)
+            elif ev.kind is EventKind.DEFINED:
+                self.names[ev.uuid] = ev.name
+                policy = self._policy(ev.name, ev.uuid)
+                await self._resync(store, catch_up=False)
+                wants = policy is not None and policy.on_define is not EventAction.NONE
+                if wants and policy is not None and not await store.backups(ev.uuid):
+                    log.info("new domain: first backup", domain=ev.name)
+                    self.request(ev.uuid, Level(policy.on_define.value))
+            elif ev.kind is EventKind.UNDEFINED:
+                await self._resync(store, catch_up=False)
+            elif ev.kind is EventKind.STOPPED and ev.detail in ("shutdown", "destroyed"):
+                policy = self._policy(ev.name, ev.uuid)
+                if policy is not None and policy.on_shutdown is not EventAction.NONE:
+                    log.info("domain stopped: backup", domain=ev.name, reason=ev.detail)
+                    self.request(ev.uuid, Level(policy.on_shutdown.value))
+            elif ev.kind is EventKind.CRASHED:
+                log.warning(
+                    "domain crashed; its next backup will be checked for broken bitmaps",
+                    domain=ev.name,
+                )
+
+    # --- lifecycle ----------------------------------------------------------------
+    def _reload(self) -> None:
+        try:
+            self.config = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("config rejected; keeping the previous one", error=str(exc))
+        self._load_policies()
+        self.notifier.reloading()
+
+    async def run(self) -> int:
+        logs.configure(self.config.log_level, logs.daemon_format(self.config.log_format))
+        self._load_policies()
+        loop = asyncio.get_running_loop()
+        reload_requested = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop.set)
+        loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
+        async with (
+            Store.open(self.config.state_db) as store,
+            EventSource(self.config.libvirt_uri) as source,
+        ):
+            await self._resync(store, catch_up=True)
+            self.schedules.start()
+            tasks = [
+                asyncio.create_task(self._worker(store))
+                for _ in range(self.config.max_concurrent_backups)
+            ]
+            tasks.append(asyncio.create_task(self._events(store, source)))
+            tasks.append(asyncio.create_task(self._watchdog()))
+            self.notifier.ready("idle")
+            log.info("virtbackupd started", policies=len(self.policies))
+            while not self.stop.is_set():
+                waiter = asyncio.create_task(reload_requested.wait())
+                stopper = asyncio.create_task(self.stop.wait())
+                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                stopper.cancel()
+                if reload_requested.is_set():
+                    reload_requested.clear()
+                    self._reload()
+                    await self._resync(store, catch_up=False)
+                    self.notifier.ready("reloaded")
+            self.notifier.stopping()
+            log.info("stopping: cancelling running backups")
+            self.schedules.shutdown()
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, VirtBackupError):
+                    await t
+        log.info("virtbackupd stopped")
+        return 0
+
+    async def _watchdog(self) -> None:
+        interval = watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
