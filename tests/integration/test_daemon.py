@@ -13,7 +13,7 @@ from pathlib import Path
 
 from testbed.domains import DomainFactory, MiB
 from testbed.guest import GuestWriter
-from testbed.tools import assert_restores
+from testbed.tools import assert_restores, qemu_img_info
 
 
 async def _backups(config: Path) -> list[dict]:  # type: ignore[type-arg]
@@ -40,6 +40,75 @@ async def _wait_backups(config: Path, n: int, timeout: float = 60) -> list[dict]
             return done
         await asyncio.sleep(0.5)
     raise AssertionError(f"fewer than {n} finished backups after {timeout}s")
+
+
+class Daemon:
+    """virtbackupd as a subprocess with a NOTIFY_SOCKET of the test's own."""
+
+    def __init__(self, config: Path, tmp: Path) -> None:
+        self.config = config
+        self.notify_path = tmp / f"notify-{time.monotonic_ns()}.sock"
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(self.notify_path))
+        self.notify.setblocking(False)
+        self.proc: asyncio.subprocess.Process | None = None
+        self.seen: list[str] = []
+
+    async def start(self) -> None:
+        env = {"NOTIFY_SOCKET": str(self.notify_path), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "virtbackupd.daemon.main",
+            "-c",
+            str(self.config),
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        await self.wait_note("READY=1")
+
+    async def wait_note(self, text: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in n for n in self.seen):
+            assert time.monotonic() < deadline, f"no {text} from the daemon"
+            assert self.proc is not None
+            if self.proc.returncode is not None:
+                assert self.proc.stderr is not None
+                err = (await self.proc.stderr.read()).decode()
+                raise AssertionError(f"the daemon exited ({self.proc.returncode}): {err[-3000:]}")
+            self.seen += _notes(self.notify)
+            await asyncio.sleep(0.1)
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        await asyncio.wait_for(self.proc.wait(), timeout)
+        self.seen += _notes(self.notify)
+        assert self.proc.stderr is not None
+        self.log = (await self.proc.stderr.read()).decode()
+        assert self.proc.returncode is not None
+        return self.proc.returncode
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+        self.notify.close()
+
+
+async def _wait_running(config: Path, timeout: float = 30) -> dict:  # type: ignore[type-arg]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        running = [b for b in await _backups(config) if b["status"] == "running"]
+        if running:
+            return running[0]
+        await asyncio.sleep(0.2)
+    raise AssertionError("no backup started")
+
+
+def _bitmaps(image: Path) -> set[str]:
+    data = qemu_img_info(image)["format-specific"]["data"]
+    return {b["name"] for b in data.get("bitmaps", []) if b["name"].startswith("virtbackupd-")}
 
 
 def _notes(sock: socket.socket) -> list[str]:
@@ -106,3 +175,70 @@ async def test_daemon_backs_up_on_define_and_shutdown_then_stops(
         log = (await proc.stderr.read()).decode()
         print(log)
         assert "Traceback" not in log
+
+
+async def test_sigterm_and_sigkill_during_a_copy_leave_nothing_trusted(
+    domains: DomainFactory, config: Path, tmp_path: Path
+) -> None:
+    """SIGTERM mid-copy: the daemon exits within the stop timeout and the
+    backup is cleaned up. SIGKILL mid-copy: the next start cleans up. Then a
+    backup is correct."""
+    (config.parent / "policies" / "p.yaml").write_text(
+        "domains: ['vbtest-*']\nevents: {on_shutdown: full}\nbandwidth: 2MiB\n"
+    )
+    td = await asyncio.to_thread(domains.create, qcow2_sizes=[32 * MiB])
+    guest = GuestWriter(td)
+    await asyncio.to_thread(guest.write, "vda", 0, 16 * MiB, 0x71)
+    image = td.disk("vda").path
+    d = Daemon(config, tmp_path)
+    try:
+        await d.start()
+        await asyncio.to_thread(td.dom.destroy)  # -> on_shutdown backup, slow
+        first = await _wait_running(config)
+        await asyncio.sleep(2)
+        started = time.monotonic()
+        assert await d.stop(signal.SIGTERM) == 0
+        assert time.monotonic() - started < 30
+        assert any("STOPPING=1" in n for n in d.seen)
+        rec = next(b for b in await _backups(config) if b["id"] == first["id"])
+        assert rec["status"] == "failed"
+        assert rec["error"] == "cancelled"
+        assert _bitmaps(image) == set(), "the offline backup removed the bitmap it added"
+        assert not list(Path(rec["path"]).parent.glob("*.partial"))
+
+        d2 = Daemon(config, tmp_path)
+        try:
+            await d2.start()
+            await asyncio.to_thread(td.start)
+            await asyncio.to_thread(td.dom.destroy)
+            second = await _wait_running(config)
+            await asyncio.sleep(2)
+            await d2.stop(signal.SIGKILL)
+        finally:
+            d2.close()
+        assert len(_bitmaps(image)) == 1, "a killed offline backup leaves its bitmap"
+
+        d3 = Daemon(config, tmp_path)
+        try:
+            await d3.start()  # cleans up before READY
+            rec = next(b for b in await _backups(config) if b["id"] == second["id"])
+            assert rec["status"] == "failed"
+            assert "interrupted" in rec["error"]
+            assert _bitmaps(image) == set()
+            assert not list(Path(rec["path"]).parent.glob("*.partial"))
+            await asyncio.to_thread(td.start)
+            await asyncio.to_thread(guest.write, "vda", 20 * MiB, MiB, 0x72)
+            await asyncio.to_thread(td.dom.destroy)
+            done = await _wait_backups(config, 3, timeout=90)
+            assert done[-1]["status"] == "complete"
+            assert_restores(
+                Path(done[-1]["path"]),
+                [(x["name"], x["path"]) for x in done[-1]["disks"]],
+                td,
+                tmp_path,
+            )
+            assert await d3.stop() == 0
+        finally:
+            d3.close()
+    finally:
+        d.close()

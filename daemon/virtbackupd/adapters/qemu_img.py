@@ -6,7 +6,9 @@ Every failure raises :class:`ProcessError` carrying qemu-img's own message.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,10 +18,25 @@ from virtbackupd.errors import ProcessError
 QEMU_IMG = "qemu-img"
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """preexec_fn for helper processes: the kernel sends SIGTERM when we die,
+    so that no qemu-nbd outlives a killed virtbackupd holding an image lock
+    (under systemd the control group does this too; from the CLI nothing
+    else would)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
 async def run_tool(argv: Sequence[str], what: str | None = None) -> str:
     """Run a command, return its stdout; raise ProcessError with its stderr."""
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        preexec_fn=die_with_parent,  # forked from the loop thread, see die_with_parent
     )
     try:
         out, err = await proc.communicate()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from virtbackupd.adapters.nbd.client import UnixAddress, connect
+from virtbackupd.adapters.qemu_img import die_with_parent
 from virtbackupd.errors import NbdError, ProcessError
 
 QEMU_NBD = "qemu-nbd"
@@ -88,6 +89,7 @@ async def serve(
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=stderr,
+            preexec_fn=die_with_parent,  # forked from the loop thread, see die_with_parent
         )
     export = Export(socket, name)
     try:

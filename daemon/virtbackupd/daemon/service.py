@@ -36,6 +36,9 @@ from virtbackupd.config.policy import load_policies, policy_files
 from virtbackupd.core.policy import EventAction, Level, Policy, policy_for
 from virtbackupd.core.records import BackupStatus
 from virtbackupd.engine.backup import BackupContext, backup_domain
+from virtbackupd.engine.leftovers import clean_leftovers
+from virtbackupd.engine.locks import domain_lock
+from virtbackupd.engine.repository import Repository
 from virtbackupd.errors import ConfigError, VirtBackupError
 
 log = structlog.get_logger("virtbackupd.daemon")
@@ -207,6 +210,7 @@ class Service:
             Store.open(self.config.state_db) as store,
             EventSource(self.config.libvirt_uri) as source,
         ):
+            await self._clean_interrupted(store)
             await self._resync(store, catch_up=True)
             self.schedules.start()
             tasks = [
@@ -238,6 +242,38 @@ class Service:
                     await t
         log.info("virtbackupd stopped")
         return 0
+
+    async def _clean_interrupted(self, store: Store) -> None:
+        """Backups left "running" by a daemon that died: clean each domain
+        (job aborted, checkpoint deleted, partial folder removed, record
+        failed) under its lock, before anything new starts."""
+        uuids = {b.domain_uuid for b in await store.backups(status=BackupStatus.RUNNING)}
+        if not uuids:
+            return
+        async with await Libvirt.open(self.config.libvirt_uri) as lv:
+            for uuid in sorted(uuids):
+                try:
+                    ref = await lv.domain(uuid)
+                except VirtBackupError:
+                    for b in await store.backups(uuid, status=BackupStatus.RUNNING):
+                        await store.fail_backup(
+                            b.id, datetime.now(UTC), "interrupted: the domain is gone"
+                        )
+                    continue
+                policy = self._policy(ref.name, ref.uuid)
+                repo = Repository((policy.target if policy else None) or self.config.backup_root)
+                try:
+                    with domain_lock(self.config.runtime_dir, ref.uuid, ref.name):
+                        cleaned = await clean_leftovers(
+                            lv, store, ref, self.config.runtime_dir, repo, datetime.now(UTC)
+                        )
+                except VirtBackupError as exc:
+                    # Keep running: the next backup of the domain tries again.
+                    log.error(
+                        "cleaning an interrupted backup failed", domain=ref.name, error=str(exc)
+                    )
+                    continue
+                log.warning("cleaned interrupted backups", domain=ref.name, backups=cleaned)
 
     async def _watchdog(self) -> None:
         interval = watchdog_interval()

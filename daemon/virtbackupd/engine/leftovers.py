@@ -14,6 +14,7 @@ to no live process. What such a backup may have left, and what happens:
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -27,7 +28,7 @@ from virtbackupd.core.backup_xml import Backup
 from virtbackupd.core.domain_xml import parse_domain
 from virtbackupd.core.records import BackupStatus
 from virtbackupd.engine.repository import Repository
-from virtbackupd.errors import VirtBackupError
+from virtbackupd.errors import ProcessError, VirtBackupError
 
 log = structlog.get_logger("virtbackupd.leftovers")
 
@@ -75,9 +76,8 @@ async def clean_leftovers(
             except VirtBackupError:
                 await lv.delete_checkpoint(ref, rec.checkpoint, metadata_only=True)
         for image in images:  # an offline backup adds its bitmap before copying
-            bitmaps = {b["name"] for b in await _bitmaps(image)}
-            if rec.checkpoint and rec.checkpoint in bitmaps:
-                await qemu_img.bitmap(image, rec.checkpoint, remove=True)
+            if rec.checkpoint:
+                await _remove_bitmap(image, rec.checkpoint)
         repo.discard(ref.uuid, rec.id)
         shutil.rmtree(jobs_dir / rec.id, ignore_errors=True)
         await store.fail_backup(rec.id, now, "interrupted: the backup process died")
@@ -90,3 +90,21 @@ async def _bitmaps(image: Path) -> list[dict[str, object]]:
     info = await qemu_img.info(image)
     data = info.get("format-specific", {}).get("data", {})
     return list(data.get("bitmaps", []))
+
+
+async def _remove_bitmap(image: Path, name: str, wait: float = 15.0) -> None:
+    """Remove a bitmap the dead backup added. Its qemu-nbd got SIGTERM when
+    the backup process died (PR_SET_PDEATHSIG) but may still hold the image
+    lock for a moment: retry while the image is locked."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while True:
+        try:
+            if name in {b["name"] for b in await _bitmaps(image)}:
+                await qemu_img.bitmap(image, name, remove=True)
+        except ProcessError as exc:
+            if "lock" not in exc.message or loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+        else:
+            return
