@@ -13,6 +13,7 @@ from pathlib import Path
 
 from testbed.domains import DomainFactory, MiB
 from testbed.guest import GuestWriter
+from testbed.host import REPO, connect
 from testbed.tools import assert_restores, qemu_img_info
 
 
@@ -242,3 +243,45 @@ async def test_sigterm_and_sigkill_during_a_copy_leave_nothing_trusted(
             d3.close()
     finally:
         d.close()
+
+
+async def test_scheduled_backups_continue_after_a_libvirtd_restart(
+    domains: DomainFactory, config: Path, tmp_path: Path
+) -> None:
+    """A full on define, then the every-minute incremental schedule keeps
+    working after libvirtd was restarted under the running daemon."""
+    (config.parent / "policies" / "p.yaml").write_text(
+        "domains: ['vbtest-*']\nevents: {on_define: full}\nschedule: {incremental: '* * * * *'}\n"
+    )
+    d = Daemon(config, tmp_path)
+    try:
+        await d.start()
+        td = await asyncio.to_thread(domains.create, qcow2_sizes=[16 * MiB])
+        first = await _wait_backups(config, 1)
+        assert first[0]["level"] == "full"
+        assert await _run("pkill", "-TERM", "-x", "libvirtd") == 0
+        for _ in range(100):
+            if await _run("pgrep", "-x", "libvirtd"):
+                break
+            await asyncio.sleep(0.1)
+        assert await _run(str(REPO / "scripts" / "ensure-libvirtd.sh")) == 0
+        domains.conn = connect()  # the test bed's connection died with libvirtd
+        td.dom = domains.conn.lookupByName(td.name)
+        await asyncio.to_thread(GuestWriter(td).write, "vda", 3 * MiB, MiB, 0x81)
+        # The next minute's run (plus up to 30 s of jitter).
+        done = await _wait_backups(config, 2, timeout=100)
+        inc = done[1]
+        assert inc["level"] == "incremental"
+        assert inc["status"] == "complete"
+        assert_restores(
+            Path(inc["path"]), [(x["name"], x["path"]) for x in inc["disks"]], td, tmp_path
+        )
+        assert await d.stop() == 0
+        assert "Traceback" not in d.log
+    finally:
+        d.close()
+
+
+async def _run(*argv: str) -> int:
+    proc = await asyncio.create_subprocess_exec(*argv)
+    return await proc.wait()
