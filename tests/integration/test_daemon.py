@@ -17,6 +17,22 @@ from testbed.host import REPO, connect
 from testbed.tools import assert_restores, qemu_img_info
 
 
+async def _cli_json(config: Path, *args: str) -> dict:  # type: ignore[type-arg]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "virtbackupd.cli.main",
+        "-c",
+        str(config),
+        "--json",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0
+    return json.loads(out)  # type: ignore[no-any-return]
+
+
 async def _backups(config: Path) -> list[dict]:  # type: ignore[type-arg]
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -276,8 +292,16 @@ async def test_scheduled_backups_continue_after_a_libvirtd_restart(
         assert_restores(
             Path(inc["path"]), [(x["name"], x["path"]) for x in inc["disks"]], td, tmp_path
         )
+        status = await _cli_json(config, "status")
+        assert status["daemon"]["pid"] == d.proc.pid  # type: ignore[union-attr]
+        assert status["daemon"]["libvirt_connected"] is True
+        row = next(x for x in status["domains"] if x["domain"] == td.name)
+        assert row["last_good"] == inc["id"]
+        assert row["chain_length"] == 1
+        assert "incremental" in row["next_runs"]
         assert await d.stop() == 0
         assert "Traceback" not in d.log
+        assert (await _cli_json(config, "status"))["daemon"] is None
     finally:
         d.close()
 

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 
@@ -302,6 +303,26 @@ class Store:
                    total = excluded.total, rate = excluded.rate, updated = excluded.updated""",
             (backup_id, done, total, rate, _ts(now)),
         )
+
+    async def running_progress(self) -> list[dict[str, Any]]:
+        """Running backups with their last published progress."""
+        async with self._db.execute(
+            """SELECT b.id, b.domain_name, p.done, p.total, p.rate, p.updated
+               FROM backups b JOIN progress p ON p.backup_id = b.id
+               WHERE b.status = 'running' ORDER BY b.started"""
+        ) as cur:
+            rows = await cur.fetchall()
+        return [
+            {
+                "backup_id": r[0],
+                "domain": r[1],
+                "done": r[2],
+                "total": r[3],
+                "rate": r[4],
+                "updated": r[5],
+            }
+            for r in rows
+        ]
 
     async def backups(
         self,

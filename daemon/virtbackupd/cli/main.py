@@ -10,9 +10,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from virtbackupd import __version__, logs
 from virtbackupd.adapters.libvirt_conn import Libvirt
@@ -20,7 +23,7 @@ from virtbackupd.adapters.store import Store
 from virtbackupd.config.daemon import DaemonConfig, config_path, load_config
 from virtbackupd.config.policy import load_policies, policy_files
 from virtbackupd.core.policy import Level, Policy, policy_for
-from virtbackupd.core.records import BackupRecord
+from virtbackupd.core.records import BackupRecord, BackupStatus
 from virtbackupd.engine.backup import BackupContext, JobProgress, backup_domain
 from virtbackupd.engine.reindex import reindex
 from virtbackupd.errors import ConfigError, VirtBackupError
@@ -51,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("checkpoints", help="checkpoint lineage: libvirt's view and the store's")
     cp.add_argument("domain")
     sub.add_parser("reindex", help="rebuild the state database from the backup repository")
+    sub.add_parser("status", help="the daemon, each domain's last good backup, running jobs")
     pol = sub.add_parser("policy", help="policy files")
     polsub = pol.add_subparsers(dest="policy_command", metavar="SUBCOMMAND", required=True)
     chk = polsub.add_parser(
@@ -87,6 +91,8 @@ async def _run(args: argparse.Namespace) -> int:
     async with Store.open(config.state_db) as store:
         if args.command == "list":
             return await _list(args, config, store)
+        if args.command == "status":
+            return await _status(args, config, store)
         if args.command == "reindex":
             roots = {config.backup_root} | {p.target for p in _policies(config) if p.target}
             total = 0
@@ -185,6 +191,81 @@ async def _list(args: argparse.Namespace, config: DaemonConfig, store: Store) ->
     else:
         for b in backups:
             print(_line(b))
+    return 0
+
+
+def _daemon_state(config: DaemonConfig) -> dict[str, Any] | None:
+    path = config.runtime_dir / "daemon.json"
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(int(data["pid"]), 0)
+    except (OSError, KeyError, ValueError):
+        return None  # left by a daemon that is gone
+    return data
+
+
+async def _status(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
+    daemon = _daemon_state(config)
+    now = datetime.now(UTC)
+    backups = await store.backups()
+    running = await store.running_progress()
+    domains: dict[str, dict[str, Any]] = {}
+    for b in backups:
+        d = domains.setdefault(
+            b.domain_uuid,
+            {"domain": b.domain_name, "uuid": b.domain_uuid, "last_good": None, "chain_length": 0},
+        )
+        if b.status is BackupStatus.COMPLETE:
+            d["last_good"] = b.id
+            d["last_good_age_s"] = int((now - (b.finished or b.started)).total_seconds())
+            d["chain_length"] = 0 if b.parent is None else d["chain_length"] + 1
+    policies = _policies(config)
+    for d in domains.values():
+        try:
+            p = policy_for(d["domain"], d["uuid"], policies)
+        except ConfigError:
+            p = None  # overlapping policies: `policy check` says which
+        d["policy"] = str(p.source) if p else None
+        d["next_runs"] = (daemon or {}).get("next_runs", {}).get(d["uuid"], {})
+    domain_rows = list(domains.values())
+    out: dict[str, Any] = {
+        "daemon": None
+        if daemon is None
+        else {
+            "pid": daemon["pid"],
+            "up_since": daemon["started"],
+            "libvirt_uri": daemon["libvirt_uri"],
+            "libvirt_connected": daemon["libvirt_connected"],
+            "queued": daemon["queued"],
+        },
+        "domains": domain_rows,
+        "running": running,
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    if daemon is None:
+        print("daemon: not running")
+    else:
+        state = "reachable" if daemon["libvirt_connected"] else "NOT reachable"
+        print(
+            f"daemon: pid {daemon['pid']}, up since {daemon['started']}, "
+            f"libvirt {daemon['libvirt_uri']} {state}, {len(daemon['queued'])} queued"
+        )
+    for d in domain_rows:
+        age = d.get("last_good_age_s")
+        age_text = f"{age // 3600}h{age % 3600 // 60:02d}m ago" if age is not None else "never"
+        nxt = ", ".join(f"{k} {v}" for k, v in d["next_runs"].items()) or "-"
+        print(
+            f"{d['domain']:20} last good {d['last_good'] or '-'} ({age_text}), "
+            f"chain {d['chain_length']}, next: {nxt}"
+        )
+    for r in running:
+        pct = 100 * r["done"] / r["total"] if r["total"] else 0
+        print(f"running: {r['domain']} {r['backup_id']} {pct:.0f}% ({r['rate'] / 2**20:.1f} MiB/s)")
     return 0
 
 

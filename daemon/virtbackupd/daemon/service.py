@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import signal
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,6 +45,9 @@ from virtbackupd.errors import ConfigError, VirtBackupError
 
 log = structlog.get_logger("virtbackupd.daemon")
 
+#: In the runtime dir: what the daemon does, for `virtbackup status`.
+STATUS_FILE = "daemon.json"
+
 
 class Service:
     def __init__(self, config_path: Path) -> None:
@@ -56,6 +61,9 @@ class Service:
         self.stop = asyncio.Event()
         self.schedules = Schedules(self._scheduled)
         self.names: dict[str, str] = {}  # uuid -> name
+        self.started_at = datetime.now(UTC)
+        self.libvirt_connected = False
+        self.levels: dict[str, list[str]] = {}  # uuid -> scheduled levels
 
     # --- policies and schedules -------------------------------------------------
     def _load_policies(self) -> None:
@@ -106,6 +114,10 @@ class Service:
                     log.info("catching up a missed backup", domain=d.name, backup_level=level.value)
                     self.request(d.uuid, level)
         self.schedules.sync(wanted)
+        self.levels = {}
+        for uuid, level_name in wanted:
+            self.levels.setdefault(uuid, []).append(level_name)
+        self._publish()
 
     def _scheduled(self, uuid: str, level: str) -> None:
         self.request(uuid, Level(level))
@@ -162,12 +174,42 @@ class Service:
         names = sorted(self.names.get(u, u) for u in self.running)
         text = f"backing up {', '.join(names)}" if names else "idle"
         self.notifier.status(f"{text}; {len(self.pending)} queued")
+        self._publish()
+
+    def _publish(self) -> None:
+        """The daemon's own state for `virtbackup status`, replaced atomically."""
+        next_runs: dict[str, dict[str, str]] = {}
+        for uuid, levels in self.levels.items():
+            for level in levels:
+                when = self.schedules.next_run(uuid, level)
+                if when is not None:
+                    next_runs.setdefault(uuid, {})[level] = when.isoformat()
+        data = {
+            "pid": os.getpid(),
+            "started": self.started_at.isoformat(),
+            "libvirt_uri": self.config.libvirt_uri,
+            "libvirt_connected": self.libvirt_connected,
+            "running": sorted(self.running),
+            "queued": sorted(self.pending),
+            "next_runs": next_runs,
+            "domains": self.names,
+        }
+        path = self.config.runtime_dir / STATUS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(path)
 
     # --- events -------------------------------------------------------------------
     async def _events(self, store: Store, source: EventSource) -> None:
         async for ev in source.events():
             if ev.kind is EventKind.CONNECTED:
+                self.libvirt_connected = True
                 await self._resync(store, catch_up=False)
+            elif ev.kind is EventKind.DISCONNECTED:
+                self.libvirt_connected = False
+                log.warning("lost the connection to libvirtd; reconnecting")
+                self._publish()
             elif ev.kind is EventKind.DEFINED:
                 self.names[ev.uuid] = ev.name
                 policy = self._policy(ev.name, ev.uuid)
