@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import libvirt
+
 from testbed.domains import DomainFactory, MiB
 from testbed.guest import GuestWriter
 from testbed.host import REPO, connect
@@ -299,6 +301,20 @@ async def test_scheduled_backups_continue_after_a_libvirtd_restart(
         assert row["last_good"] == inc["id"]
         assert row["chain_length"] == 1
         assert "incremental" in row["next_runs"]
+        # Undefining the domain removes its schedule; its backups stay.
+        await asyncio.to_thread(td.dom.destroy)
+        await asyncio.to_thread(
+            td.dom.undefineFlags, libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            status = await _cli_json(config, "status")
+            row = next(x for x in status["domains"] if x["domain"] == td.name)
+            if not row["next_runs"]:
+                break
+            assert time.monotonic() < deadline, "the undefined domain kept its schedule"
+            await asyncio.sleep(0.5)
+        assert row["last_good"] == inc["id"]
         assert await d.stop() == 0
         assert "Traceback" not in d.log
         assert (await _cli_json(config, "status"))["daemon"] is None
