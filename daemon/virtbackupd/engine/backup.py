@@ -531,6 +531,7 @@ class _Job:
         secs = (finished - self.started).total_seconds()
         self.log.info(
             "backup complete",
+            backup_level=plan.level.value,
             bytes_read=read,
             bytes_written=sum(d.bytes_written for d in disks),
             seconds=round(secs, 2),
