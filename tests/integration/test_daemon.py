@@ -325,3 +325,35 @@ async def test_scheduled_backups_continue_after_a_libvirtd_restart(
 async def _run(*argv: str) -> int:
     proc = await asyncio.create_subprocess_exec(*argv)
     return await proc.wait()
+
+
+async def test_sighup_reload_keeps_previous_policies_on_errors(
+    domains: DomainFactory, config: Path, tmp_path: Path
+) -> None:
+    policy = config.parent / "policies" / "p.yaml"
+    policy.write_text("domains: ['nothing-matches-*']\n")
+    d = Daemon(config, tmp_path)
+    try:
+        await d.start()
+        policy.write_text("domains: ['vbtest-*']\nevents: {on_define: fulll}\n")  # a typo
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGHUP)
+        await d.wait_note("RELOADING=1")
+        await d.wait_note("STATUS=reloaded")
+        d.seen.clear()
+        # The broken file did not replace the old policy: no backup on define.
+        td = await asyncio.to_thread(domains.create, qcow2_sizes=[8 * MiB], start=False)
+        await asyncio.sleep(3)
+        assert await _backups(config) == []
+        policy.write_text("domains: ['vbtest-*']\nevents: {on_shutdown: full}\n")
+        d.proc.send_signal(signal.SIGHUP)
+        await d.wait_note("STATUS=reloaded")
+        await asyncio.to_thread(td.start)
+        await asyncio.to_thread(td.dom.destroy)  # the new policy is in force
+        done = await _wait_backups(config, 1)
+        assert done[0]["status"] == "complete"
+        assert await d.stop() == 0
+        assert "policy file rejected" in d.log
+        assert "events.on_define: expected one of none, incremental, full" in d.log
+    finally:
+        d.close()
