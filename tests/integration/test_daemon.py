@@ -15,7 +15,7 @@ import libvirt
 
 from testbed.domains import DomainFactory, MiB
 from testbed.guest import GuestWriter
-from testbed.host import REPO, connect
+from testbed.host import connect, ensure_libvirtd, stop_libvirtd
 from testbed.tools import assert_restores, qemu_img_info
 
 
@@ -277,12 +277,8 @@ async def test_scheduled_backups_continue_after_a_libvirtd_restart(
         td = await asyncio.to_thread(domains.create, qcow2_sizes=[16 * MiB])
         first = await _wait_backups(config, 1)
         assert first[0]["level"] == "full"
-        assert await _run("pkill", "-TERM", "-x", "libvirtd") == 0
-        for _ in range(100):
-            if await _run("pgrep", "-x", "libvirtd"):
-                break
-            await asyncio.sleep(0.1)
-        assert await _run(str(REPO / "scripts" / "ensure-libvirtd.sh")) == 0
+        await asyncio.to_thread(stop_libvirtd)
+        await asyncio.to_thread(ensure_libvirtd)
         domains.conn = connect()  # the test bed's connection died with libvirtd
         td.dom = domains.conn.lookupByName(td.name)
         await asyncio.to_thread(GuestWriter(td).write, "vda", 3 * MiB, MiB, 0x81)
@@ -320,11 +316,6 @@ async def test_scheduled_backups_continue_after_a_libvirtd_restart(
         assert (await _cli_json(config, "status"))["daemon"] is None
     finally:
         d.close()
-
-
-async def _run(*argv: str) -> int:
-    proc = await asyncio.create_subprocess_exec(*argv)
-    return await proc.wait()
 
 
 async def test_sighup_reload_keeps_previous_policies_on_errors(

@@ -7,7 +7,7 @@ import asyncio
 import time
 
 from testbed.domains import DomainFactory, MiB
-from testbed.host import REPO, connect
+from testbed.host import connect, ensure_libvirtd, stop_libvirtd
 from virtbackupd.adapters.libvirt_events import DomainEvent, EventKind, EventSource
 
 URI = "qemu:///system"
@@ -23,11 +23,6 @@ async def _until(
         ev = await src.next(timeout=left)
         if ev.kind is kind and (not name or ev.name == name):
             return ev
-
-
-async def _run(*argv: str) -> int:
-    proc = await asyncio.create_subprocess_exec(*argv)
-    return await proc.wait()
 
 
 async def test_lifecycle_events_arrive(domains: DomainFactory) -> None:
@@ -48,13 +43,9 @@ async def test_lifecycle_events_arrive(domains: DomainFactory) -> None:
 async def test_reconnects_after_libvirtd_restart(domains: DomainFactory) -> None:
     async with EventSource(URI, keepalive=(1, 2)) as src:
         await _until(src, EventKind.CONNECTED)
-        assert await _run("pkill", "-TERM", "-x", "libvirtd") == 0
+        await asyncio.to_thread(stop_libvirtd)
         await _until(src, EventKind.DISCONNECTED, timeout=30)
-        for _ in range(50):  # wait until the old one is gone before starting anew
-            if await _run("pgrep", "-x", "libvirtd"):
-                break
-            await asyncio.sleep(0.1)
-        assert await _run(str(REPO / "scripts" / "ensure-libvirtd.sh")) == 0
+        await asyncio.to_thread(ensure_libvirtd)
         await _until(src, EventKind.CONNECTED, timeout=60)
         domains.conn = connect()  # the test bed's own connection died too
         # Callbacks were registered again: events flow on the new connection.

@@ -32,3 +32,19 @@ def _silence(_ctx: object, _err: object) -> None:
 def connect() -> libvirt.virConnect:
     libvirt.registerErrorHandler(_silence, None)
     return libvirt.open(URI)
+
+
+def stop_libvirtd(timeout: float = 10) -> None:
+    """SIGTERM libvirtd and wait until it is gone (running guests survive;
+    ensure_libvirtd() starts it again)."""
+    import time
+
+    subprocess.run(["pkill", "-TERM", "-x", "libvirtd"], check=True)
+    deadline = time.monotonic() + timeout
+    while (
+        subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True, check=False).returncode
+        == 0
+    ):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"libvirtd still running {timeout}s after SIGTERM")
+        time.sleep(0.1)
