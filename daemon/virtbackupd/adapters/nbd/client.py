@@ -126,7 +126,9 @@ class NbdClient:
         if proto.broken is not None:
             raise proto.broken
         handle = next(self._handles)
-        req = PendingRequest(cmd, flags, offset, length, proto.loop.create_future(), buf=buf)
+        req = PendingRequest(
+            handle, cmd, flags, offset, length, proto.loop.create_future(), buf=buf
+        )
         if not proto.pending:
             proto.last_progress = proto.loop.time()
         proto.pending[handle] = req

@@ -51,6 +51,7 @@ _MAX_SMALL_PAYLOAD = 64 * 1024 * 1024
 
 @dataclass
 class PendingRequest:
+    handle: int
     cmd: int
     flags: int
     offset: int
@@ -95,9 +96,7 @@ class Connection(asyncio.BufferedProtocol):
         self.chunk_flags = 0
         self.chunk_type = 0
         self.chunk_len = 0
-        self.chunk_offset = 0
         self.small: bytearray | None = None
-        self.data_end = 0
         self.contexts_by_id: dict[int, str] = {}  # set once negotiation is done
 
     # --- asyncio callbacks -------------------------------------------------------
@@ -290,8 +289,6 @@ class Connection(asyncio.BufferedProtocol):
                 raise WireError("simple reply to READ after structured replies were negotiated")
             self.req = req
             self.state = _SIMPLE_DATA
-            self.chunk_offset = req.offset
-            self.data_end = req.length
             self._receive_into(req, 0, req.length)
             return
         self._complete(handle)
@@ -417,8 +414,7 @@ class Connection(asyncio.BufferedProtocol):
             and set(req.extents) != set(self.contexts_by_id)
         ):
             raise WireError(f"{req.describe()} ended without a status for every context")
-        handle = next(h for h, r in self.pending.items() if r is req)
-        del self.pending[handle]
+        del self.pending[req.handle]
         self.req = None
         if req.future.done():  # the caller gave up (cancelled); nothing to deliver
             return
