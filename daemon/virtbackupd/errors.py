@@ -103,6 +103,15 @@ class BackupFailedError(VirtBackupError):
     """A backup failed; it was recorded as failed and cleaned up."""
 
 
+class RestoreError(VirtBackupError):
+    """A restore cannot be done as asked, or its result failed the check;
+    nothing was left half-written."""
+
+
+class PruneError(VirtBackupError):
+    """Pruning or merging backups failed; a rerun finishes what was begun."""
+
+
 def first_cause(exc: BaseException) -> BaseException:
     """The first real error inside (nested) exception groups, so that a
     failure in one of several parallel tasks reads as that failure."""

@@ -114,6 +114,32 @@ class Libvirt:
         flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
         return str(await self._call(dom.XMLDesc, flags))
 
+    async def exists(self, name_or_uuid: str) -> bool:
+        try:
+            await self._lookup(name_or_uuid)
+        except DomainNotFoundError:
+            return False
+        return True
+
+    async def define(self, xml: str) -> DomainRef:
+        dom = await self._call(self._conn.defineXML, xml)
+        return DomainRef(dom.name(), dom.UUIDString())
+
+    async def undefine(self, ref: DomainRef) -> None:
+        """Remove a shut-off domain's definition with its checkpoint and
+        snapshot metadata (images are left alone)."""
+        dom = await self._lookup(ref)
+        flags = (
+            libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+            | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+            | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+        )
+        await self._call(dom.undefineFlags, flags)
+
+    async def start(self, ref: DomainRef) -> None:
+        dom = await self._lookup(ref)
+        await self._call(dom.create)
+
     # --- checkpoints -------------------------------------------------------------------
     async def checkpoints(self, ref: DomainRef) -> list[StoredCheckpoint]:
         dom = await self._lookup(ref)

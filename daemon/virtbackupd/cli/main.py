@@ -22,11 +22,17 @@ from virtbackupd.adapters.libvirt_conn import Libvirt
 from virtbackupd.adapters.store import Store
 from virtbackupd.config.daemon import DaemonConfig, config_path, load_config
 from virtbackupd.config.policy import load_policies, policy_files
+from virtbackupd.core.points import parse_time, pick_backup
 from virtbackupd.core.policy import Level, Policy, policy_for
-from virtbackupd.core.records import BackupRecord, BackupStatus
+from virtbackupd.core.records import BackupRecord, BackupStatus, DomainRecord
+from virtbackupd.engine import restore
 from virtbackupd.engine.backup import BackupContext, JobProgress, backup_domain
+from virtbackupd.engine.copy import CopyProgress
+from virtbackupd.engine.locks import domain_lock
 from virtbackupd.engine.reindex import reindex
-from virtbackupd.errors import ConfigError, VirtBackupError
+from virtbackupd.engine.repository import read_manifest
+from virtbackupd.engine.verify import verify_backup
+from virtbackupd.errors import ConfigError, RestoreError, VirtBackupError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +59,34 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("domain", nargs="?", help="only this domain (name or UUID)")
     cp = sub.add_parser("checkpoints", help="checkpoint lineage: libvirt's view and the store's")
     cp.add_argument("domain")
+    rs = sub.add_parser(
+        "restore",
+        help="write standalone images of a backup (optionally define a domain on them)",
+    )
+    rs.add_argument("domain", help="the backed-up domain (name or UUID, as `list` shows it)")
+    which = rs.add_mutually_exclusive_group()
+    which.add_argument("--backup", metavar="ID", help="this backup (default: the newest)")
+    which.add_argument(
+        "--at", metavar="TIME", help="the newest backup started at or before TIME (ISO 8601)"
+    )
+    rs.add_argument(
+        "--disk", action="append", default=[], metavar="TARGET", help="only this disk (repeat)"
+    )
+    where = rs.add_mutually_exclusive_group(required=True)
+    where.add_argument("--to", type=Path, metavar="DIR", help="write <DIR>/<disk>.<format>")
+    where.add_argument(
+        "--in-place",
+        action="store_true",
+        help="write over the domain's own disks (it must be shut off; its checkpoints go)",
+    )
+    rs.add_argument("--format", choices=["qcow2", "raw"], default="qcow2", help="default qcow2")
+    rs.add_argument("--define", metavar="NAME", help="define a new domain NAME on the images")
+    rs.add_argument(
+        "--force", action="store_true", help="replace existing files or a shut-off domain NAME"
+    )
+    vf = sub.add_parser("verify", help="check backup images and their recorded digests")
+    vf.add_argument("domain", nargs="?", help="only this domain (name or UUID)")
+    vf.add_argument("--backup", metavar="ID", help="only this backup")
     sub.add_parser("reindex", help="rebuild the state database from the backup repository")
     sub.add_parser("status", help="the daemon, each domain's last good backup, running jobs")
     pol = sub.add_parser("policy", help="policy files")
@@ -93,6 +127,10 @@ async def _run(args: argparse.Namespace) -> int:
             return await _list(args, config, store)
         if args.command == "status":
             return await _status(args, config, store)
+        if args.command == "verify":
+            return await _verify(args, config, store)
+        if args.command == "restore" and not args.in_place and not args.define:
+            return await _restore(args, config, store, None)
         if args.command == "reindex":
             roots = {config.backup_root} | {p.target for p in _policies(config) if p.target}
             total = 0
@@ -108,6 +146,8 @@ async def _run(args: argparse.Namespace) -> int:
                 return await _backup(args, config, store, lv)
             if args.command == "checkpoints":
                 return await _checkpoints(args, store, lv)
+            if args.command == "restore":
+                return await _restore(args, config, store, lv)
     raise AssertionError(args.command)
 
 
@@ -168,6 +208,119 @@ async def _backup(args: argparse.Namespace, config: DaemonConfig, store: Store, 
     else:
         print(_line(record))
     return 0
+
+
+async def _domain_of(store: Store, name_or_uuid: str) -> DomainRecord:
+    dom = await store.domain(name_or_uuid) or await store.domain_by_name(name_or_uuid)
+    if dom is None:
+        raise VirtBackupError(f"no backups are recorded for a domain '{name_or_uuid}'")
+    return dom
+
+
+def _disk_progress(enabled: bool) -> restore.ProgressFn | None:
+    if not enabled:
+        return None
+
+    def show(disk: str, p: CopyProgress) -> None:
+        pct = 100 * p.position / p.size if p.size else 100
+        print(
+            f"\r{disk}: {pct:5.1f}% walked, {p.bytes_written / 2**20:,.0f} MiB written",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return show
+
+
+async def _restore(
+    args: argparse.Namespace, config: DaemonConfig, store: Store, lv: Libvirt | None
+) -> int:
+    if args.define and args.in_place:
+        raise ConfigError("--define needs --to DIR (a new domain gets new images)")
+    dom = await _domain_of(store, args.domain)
+    at = parse_time(args.at) if args.at else None
+    record = pick_backup(await store.backups(dom.uuid), args.backup, at)
+    if record.path is None:
+        raise RestoreError(f"backup {record.id} has no folder recorded")
+    folder = Path(record.path)
+    manifest = read_manifest(folder)
+    disks = restore.disks_of(manifest, args.disk)
+    show = sys.stderr.isatty() and not args.json
+    with domain_lock(config.runtime_dir, dom.uuid, dom.name, "restore"):
+        if args.in_place:
+            assert lv is not None
+            ref = await lv.domain(dom.uuid)
+            done = await restore.restore_in_place(
+                lv, store, ref, folder, disks, config.runtime_dir, _disk_progress(show)
+            )
+        else:
+            done = await restore.restore_to_dir(
+                folder,
+                disks,
+                args.to.absolute(),
+                args.format,
+                config.runtime_dir,
+                args.force,
+                _disk_progress(show),
+            )
+    if show:
+        print(file=sys.stderr)
+    out: dict[str, Any] = {
+        "backup": record.id,
+        "disks": [
+            {"disk": r.disk, "path": str(r.path), "format": r.fmt, "bytes": r.result.bytes_written}
+            for r in done
+        ],
+        "in_place": bool(args.in_place),
+    }
+    if args.define:
+        assert lv is not None
+        ref, dropped = await restore.define_restored(lv, folder, args.define, done, args.force)
+        out["defined"] = {"name": ref.name, "uuid": ref.uuid, "dropped_disks": list(dropped)}
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    for r in done:
+        print(f"restored {r.disk} of backup {record.id} -> {r.path} ({r.fmt})")
+    if args.in_place:
+        print(f"checkpoints of {dom.name} removed: its next backup is full")
+    if "defined" in out:
+        d = out["defined"]
+        print(f"defined domain {d['name']} ({d['uuid']})")
+        if d["dropped_disks"]:
+            print(f"  not restored, left out of it: {', '.join(d['dropped_disks'])}")
+    return 0
+
+
+async def _verify(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
+    uuid = (await _domain_of(store, args.domain)).uuid if args.domain else None
+    backups = [
+        b
+        for b in await store.backups(uuid, status=BackupStatus.COMPLETE)
+        if args.backup is None or b.id == args.backup
+    ]
+    if args.backup is not None and not backups:
+        raise VirtBackupError(f"no complete backup {args.backup}")
+    verdicts = []
+    for b in backups:
+        if b.path is None:
+            continue
+        with domain_lock(config.runtime_dir, b.domain_uuid, b.domain_name, "verify"):
+            v = await verify_backup(Path(b.path), config.runtime_dir)
+        verdicts.append((b, v))
+        if not args.json:
+            state = "ok" if v.ok else "FAILED"
+            print(f"{b.domain_name} {b.id}: {state}")
+            for p in v.problems:
+                print(f"  {p}")
+            for d in v.disks:
+                print(f"  {d.disk}: {'ok' if d.ok else 'FAILED'}")
+                for p in d.problems:
+                    print(f"    {p}")
+    if args.json:
+        print(json.dumps([{"domain": b.domain_name, **v.as_json()} for b, v in verdicts], indent=2))
+    return 0 if all(v.ok for _, v in verdicts) else 1
 
 
 def _line(b: BackupRecord) -> str:

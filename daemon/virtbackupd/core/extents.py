@@ -219,3 +219,59 @@ def digest_of(records: Iterable[tuple[int, bytes]]) -> str:
     for _, rec in sorted(records, key=lambda r: r[0]):
         h.update(rec)
     return h.hexdigest()
+
+
+def ranges_to_json(ranges: Iterable[Range]) -> list[list[object]]:
+    """The manifest's form of a range list: ``[[offset, length, kind], ...]``."""
+    return [[r.offset, r.length, r.kind.value] for r in ranges]
+
+
+def ranges_from_json(items: Iterable[Sequence[object]]) -> list[Range]:
+    out = []
+    for item in items:
+        offset, length, kind = item
+        if not isinstance(offset, int) or not isinstance(length, int) or length <= 0:
+            raise ValueError(f"bad range {item!r}")
+        out.append(Range(offset, length, Kind(str(kind))))
+    return merge(out)
+
+
+def subtract(
+    intervals: Iterable[tuple[int, int]], ranges: Sequence[Range]
+) -> list[tuple[int, int]]:
+    """The parts of [start, end) `intervals` that no range covers."""
+    cover = sorted((r.offset, r.end) for r in ranges)
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(intervals):
+        pos = lo
+        for clo, chi in cover:
+            if chi <= pos or clo >= hi:
+                continue
+            if clo > pos:
+                out.append((pos, clo))
+            pos = max(pos, chi)
+            if pos >= hi:
+                break
+        if pos < hi:
+            out.append((pos, hi))
+    return out
+
+
+def widen(own: Sequence[Range], added: Iterable[Range]) -> list[Range]:
+    """A layer's ranges after a merge gave it more to answer for: its own
+    ranges keep their kind; the added parts it does not cover become DATA
+    (whatever the layer now shows there gets hashed: a kind recorded by
+    another layer need not hold for this one's view)."""
+    extra = subtract(((r.offset, r.end) for r in added), own)
+    return merge([*own, *(Range(lo, hi - lo, Kind.DATA) for lo, hi in extra)])
+
+
+def view_records(ranges: Sequence[Range], grid: int) -> Iterator[tuple[int, int, Kind]]:
+    """The pieces a digest over `ranges` is built from: DATA cut at grid
+    multiples, ZERO whole (the same cut the copy makes)."""
+    for r in ranges:
+        if r.kind is Kind.DATA:
+            for off, n in data_pieces(r, grid):
+                yield off, n, Kind.DATA
+        else:
+            yield r.offset, r.length, Kind.ZERO

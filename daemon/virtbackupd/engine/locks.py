@@ -13,9 +13,11 @@ from virtbackupd.errors import BackupBusyError
 
 
 @contextlib.contextmanager
-def domain_lock(runtime_dir: Path, uuid: str, name: str) -> Iterator[None]:
+def domain_lock(runtime_dir: Path, uuid: str, name: str, what: str = "backup") -> Iterator[None]:
     """Hold ``<runtime_dir>/locks/<uuid>.lock`` (flock) for the block; the
-    kernel releases it if the process dies, so no stale lock survives."""
+    kernel releases it if the process dies, so no stale lock survives.
+    Backups, restores and prunes of one domain exclude each other: a prune
+    must not merge images a restore is reading."""
     locks = runtime_dir / "locks"
     locks.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = locks / f"{uuid}.lock"
@@ -24,12 +26,14 @@ def domain_lock(runtime_dir: Path, uuid: str, name: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            held = os.pread(fd, 128, 0).decode(errors="replace").split()
+            pid = held[0] if held else "unknown"
+            activity = held[1] if len(held) > 1 else "backup"
             raise BackupBusyError(
-                f"another backup of {name} is running (process {holder}; lock {path})"
+                f"another {activity} of {name} is running (process {pid}; lock {path})"
             ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, f"{os.getpid()} {what}\n".encode(), 0)
         yield
     finally:
         os.close(fd)

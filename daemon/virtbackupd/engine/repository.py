@@ -100,6 +100,28 @@ class Repository:
         return sorted(self.root.glob("*/*.partial"))
 
 
+def write_manifest(folder: Path, data: Mapping[str, Any]) -> None:
+    """Replace a backup's manifest atomically (merges rewrite it)."""
+    tmp = folder / f".{MANIFEST}.tmp"
+    _write_synced(tmp, json.dumps({**data, "format": FORMAT}, indent=2) + "\n")
+    tmp.rename(folder / MANIFEST)
+    _fsync_path(folder)
+
+
+def list_backups(domain_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The finished backup folders of one domain with their manifests,
+    oldest first (backup ids sort by time). Partial folders are skipped."""
+    if not domain_dir.is_dir():
+        return []
+    out = []
+    for folder in sorted(domain_dir.iterdir()):
+        if not folder.is_dir() or folder.name.endswith(".partial") or folder.name.startswith("."):
+            continue
+        if (folder / MANIFEST).is_file():
+            out.append((folder, read_manifest(folder)))
+    return out
+
+
 def read_manifest(folder: Path) -> dict[str, Any]:
     data: dict[str, Any] = json.loads((folder / MANIFEST).read_text())
     if data.get("format") != FORMAT:
