@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -93,12 +94,13 @@ def plan(
             "changes since virtbackupd-b1 (backup b1)",
         ),
         ([rec(1, None)], view(1, broken=(1,)), None, Level.FULL, "inconsistent or missing"),
+        # A long chain stays incremental: pruning merges it shorter.
         (
             [rec(1, None), rec(2, 1), rec(3, 2)],
             view(1, 2, 3),
             None,
-            Level.FULL,
-            "chain reached 2 incrementals",
+            Level.INCREMENTAL,
+            "changes since virtbackupd-b3",
         ),
         ([rec(1, None, disks=("vdb",))], view(1), None, Level.FULL, "disk vda is not in backup b1"),
         ([rec(1, None)], view(), None, Level.FULL, "unknown to libvirt and not in the store"),
@@ -139,3 +141,16 @@ def test_no_eligible_disk_is_an_error() -> None:
     cdrom = (DomainDisk("hdc", "cdrom", "file", None, "raw"),)
     with pytest.raises(PlanError, match="hdc: device is a cdrom"):
         plan([], view(), disks=cdrom)
+
+
+def test_max_incrementals_zero_means_every_backup_is_full() -> None:
+    p = plan_backup(
+        checkpoint="virtbackupd-new",
+        disks=DISKS,
+        policy=replace(POLICY, max_incrementals=0),
+        history=[rec(1, None)],
+        stored_checkpoints=[],
+        view=view(1),
+    )
+    assert p.level is Level.FULL
+    assert "max_incrementals is 0" in p.reason

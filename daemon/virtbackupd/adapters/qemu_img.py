@@ -147,9 +147,12 @@ async def convert(
     await run_tool(argv, f"qemu-img convert {src} -> {dst}")
 
 
-async def commit(overlay: Path, base: Path | None = None) -> None:
-    """Merge `overlay` into its backing file (or down to `base`)."""
+async def commit(overlay: Path, base: Path | None = None, keep_overlay: bool = False) -> None:
+    """Merge `overlay` into its backing file (or down to `base`); with
+    `keep_overlay` the overlay is not emptied afterwards (-d)."""
     argv = [QEMU_IMG, "commit", "-q", "-f", "qcow2"]
+    if keep_overlay:
+        argv.append("-d")
     if base is not None:
         argv += ["-b", str(base)]
     argv.append(str(overlay))

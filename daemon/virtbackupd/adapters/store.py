@@ -286,6 +286,41 @@ class Store:
             await self._db.execute("ROLLBACK")
             raise
 
+    async def rechain_backup(
+        self, backup_id: str, parent: str | None, disks: Sequence[DiskRecord]
+    ) -> None:
+        """A merge gave the backup another parent and grew its ranges."""
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            await self._db.execute(
+                "UPDATE backups SET parent_id = ? WHERE id = ?", (parent, backup_id)
+            )
+            for d in disks:
+                await self._db.execute(
+                    """UPDATE backup_disks SET digest = ?, grid = ?, ranges = ?
+                       WHERE backup_id = ? AND disk = ?""",
+                    (d.digest, d.grid, d.ranges, backup_id, d.disk),
+                )
+            await self._db.execute("COMMIT")
+        except BaseException:
+            await self._db.execute("ROLLBACK")
+            raise
+
+    async def delete_backup(self, backup_id: str) -> None:
+        """Forget a pruned backup (its children were re-parented first)."""
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            await self._db.execute(
+                "UPDATE backups SET parent_id = NULL WHERE parent_id = ?", (backup_id,)
+            )
+            await self._db.execute("DELETE FROM progress WHERE backup_id = ?", (backup_id,))
+            await self._db.execute("DELETE FROM backup_disks WHERE backup_id = ?", (backup_id,))
+            await self._db.execute("DELETE FROM backups WHERE id = ?", (backup_id,))
+            await self._db.execute("COMMIT")
+        except BaseException:
+            await self._db.execute("ROLLBACK")
+            raise
+
     async def fail_backup(self, backup_id: str, finished: datetime, error: str) -> None:
         await self._db.execute(
             """UPDATE backups SET status = 'failed', finished = ?, error = ?

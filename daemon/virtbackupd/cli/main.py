@@ -29,6 +29,7 @@ from virtbackupd.engine import restore
 from virtbackupd.engine.backup import BackupContext, JobProgress, backup_domain
 from virtbackupd.engine.copy import CopyProgress
 from virtbackupd.engine.locks import domain_lock
+from virtbackupd.engine.prune import describe, prune_under_policy
 from virtbackupd.engine.reindex import reindex
 from virtbackupd.engine.repository import read_manifest
 from virtbackupd.engine.verify import verify_backup
@@ -84,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument(
         "--force", action="store_true", help="replace existing files or a shut-off domain NAME"
     )
+    pr = sub.add_parser(
+        "prune", help="apply retention and the chain limit: remove and merge old backups"
+    )
+    pr.add_argument("domain", nargs="?", help="only this domain (name or UUID)")
+    pr.add_argument("--dry-run", action="store_true", help="say what would be done; change nothing")
     vf = sub.add_parser("verify", help="check backup images and their recorded digests")
     vf.add_argument("domain", nargs="?", help="only this domain (name or UUID)")
     vf.add_argument("--backup", metavar="ID", help="only this backup")
@@ -129,6 +135,8 @@ async def _run(args: argparse.Namespace) -> int:
             return await _status(args, config, store)
         if args.command == "verify":
             return await _verify(args, config, store)
+        if args.command == "prune":
+            return await _prune(args, config, store)
         if args.command == "restore" and not args.in_place and not args.define:
             return await _restore(args, config, store, None)
         if args.command == "reindex":
@@ -290,6 +298,50 @@ async def _restore(
         print(f"defined domain {d['name']} ({d['uuid']})")
         if d["dropped_disks"]:
             print(f"  not restored, left out of it: {', '.join(d['dropped_disks'])}")
+    return 0
+
+
+async def _prune(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
+    if args.domain:
+        domains = [await _domain_of(store, args.domain)]
+    else:
+        seen = {b.domain_uuid for b in await store.backups()}
+        domains = [d for u in sorted(seen) if (d := await store.domain(u)) is not None]
+    policies = _policies(config)
+    results = []
+    try:
+        lv: Libvirt | None = await Libvirt.open(config.libvirt_uri)
+    except VirtBackupError as exc:
+        print(f"virtbackup: warning: {exc}; checkpoints of pruned backups stay", file=sys.stderr)
+        lv = None
+    try:
+        for dom in domains:
+            policy = policy_for(dom.name, dom.uuid, policies)
+            if policy is None:
+                print(
+                    f"virtbackup: {dom.name}: no policy governs it; nothing is pruned",
+                    file=sys.stderr,
+                )
+                continue
+            result = await prune_under_policy(
+                config, store, policy, dom.uuid, dom.name, dry_run=args.dry_run, libvirt=lv
+            )
+            results.append((dom, result))
+    finally:
+        if lv is not None:
+            await lv.close()
+    if args.json:
+        print(json.dumps([{"domain": d.name, **r.as_json()} for d, r in results], indent=2))
+        return 0
+    for dom, r in results:
+        head = "would" if r.dry_run else "did"
+        if r.replayed:
+            print(f"{dom.name}: finished an interrupted prune first")
+        for v in r.verdicts:
+            why = ", ".join(v.reasons) if v.keep else "no rule keeps it"
+            print(f"{dom.name} {v.id}: {'keep' if v.keep else 'prune'} ({why})")
+        for op in r.ops:
+            print(f"  {head}: {describe(op)}")
     return 0
 
 

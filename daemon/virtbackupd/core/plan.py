@@ -83,8 +83,10 @@ def plan_backup(
     parent = last.checkpoint
     if parent in view.broken:
         return full(f"checkpoint {parent} has inconsistent or missing bitmaps (crash?)")
-    if chain_length(complete, last) >= policy.max_incrementals:
-        return full(f"chain reached {policy.max_incrementals} incrementals")
+    if policy.max_incrementals == 0:
+        return full("chain.max_incrementals is 0: every backup is full")
+    # A chain longer than max_incrementals is not a reason for a full read
+    # of the domain: pruning merges it shorter (core.merge_plan).
     incremental = _with_disks(
         Plan(
             Level.INCREMENTAL,

@@ -40,6 +40,7 @@ from virtbackupd.core.records import BackupStatus
 from virtbackupd.engine.backup import BackupContext, backup_domain
 from virtbackupd.engine.leftovers import clean_leftovers
 from virtbackupd.engine.locks import domain_lock
+from virtbackupd.engine.prune import describe, prune_under_policy
 from virtbackupd.engine.repository import Repository
 from virtbackupd.errors import ConfigError, VirtBackupError
 
@@ -169,6 +170,23 @@ class Service:
                 backup_level=rec.level.value,
                 bytes_written=rec.bytes_written,
             )
+            # Retention and the chain limit after every successful backup;
+            # a failed prune is logged and retried after the next one.
+            try:
+                result = await prune_under_policy(
+                    self.config, store, policy, ref.uuid, ref.name, libvirt=lv
+                )
+            except (VirtBackupError, OSError) as exc:
+                log.error("prune failed", domain=ref.name, error=str(exc))
+            else:
+                pruned = [v.id for v in result.verdicts if not v.keep]
+                if result.ops:
+                    log.info(
+                        "prune done",
+                        domain=ref.name,
+                        pruned=pruned,
+                        operations=[describe(op) for op in result.ops],
+                    )
 
     def _status(self) -> None:
         names = sorted(self.names.get(u, u) for u in self.running)

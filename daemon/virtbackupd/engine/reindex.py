@@ -15,7 +15,7 @@ from virtbackupd.core.records import (
     CheckpointRecord,
     CheckpointStatus,
 )
-from virtbackupd.engine.repository import disks_from_manifest, read_manifest
+from virtbackupd.engine.repository import disks_from_manifest, list_backups
 from virtbackupd.errors import VirtBackupError
 
 
@@ -23,16 +23,13 @@ async def reindex(store: Store, root: Path) -> tuple[int, list[str]]:
     """Record every backup found under `root` that the store lacks.
     Returns how many were added and one problem line per unreadable folder.
     Partial folders (crashed backups) are never imported."""
-    added, problems = 0, []
+    added, problems = 0, list[str]()
     known = {b.id for b in await store.backups()}
     found = []
-    for folder in root.glob("*/*"):
-        if not folder.is_dir() or folder.name.endswith(".partial"):
+    for domain_dir in sorted(root.iterdir()) if root.is_dir() else []:
+        if not domain_dir.is_dir():
             continue
-        try:
-            found.append((folder, read_manifest(folder)))
-        except (OSError, ValueError, KeyError) as exc:
-            problems.append(f"{folder}: {exc}")
+        found += list_backups(domain_dir, problems)
     # Oldest first, so that every parent is recorded before its children.
     found.sort(key=lambda fm: (fm[1]["started"], fm[1]["id"]))
     for folder, m in found:

@@ -29,6 +29,7 @@ from virtbackupd.core.records import DiskRecord
 from virtbackupd.engine.copy import CopyResult
 
 MANIFEST = "manifest.json"
+PRUNE_JOURNAL = ".prune-journal.json"  # in a domain folder while a prune runs
 FORMAT = "virtbackupd-backup/1"
 
 
@@ -108,17 +109,56 @@ def write_manifest(folder: Path, data: Mapping[str, Any]) -> None:
     _fsync_path(folder)
 
 
-def list_backups(domain_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
+def read_journal(domain_dir: Path) -> dict[str, Any] | None:
+    try:
+        data: dict[str, Any] = json.loads((domain_dir / PRUNE_JOURNAL).read_text())
+    except FileNotFoundError:
+        return None
+    return data
+
+
+def write_journal(domain_dir: Path, data: Mapping[str, Any]) -> None:
+    tmp = domain_dir / f"{PRUNE_JOURNAL}.tmp"
+    _write_synced(tmp, json.dumps(data) + "\n")
+    tmp.rename(domain_dir / PRUNE_JOURNAL)
+    _fsync_path(domain_dir)
+
+
+def drop_journal(domain_dir: Path) -> None:
+    (domain_dir / PRUNE_JOURNAL).unlink(missing_ok=True)
+    _fsync_path(domain_dir)
+
+
+def being_removed(domain_dir: Path) -> set[str]:
+    """Backups an unfinished prune is taking out: no longer restore points."""
+    journal = read_journal(domain_dir)
+    if journal is None:
+        return set()
+    return {str(op["id"]) for op in journal["ops"] if op["op"] == "remove"}
+
+
+def list_backups(
+    domain_dir: Path, problems: list[str] | None = None
+) -> list[tuple[Path, dict[str, Any]]]:
     """The finished backup folders of one domain with their manifests,
-    oldest first (backup ids sort by time). Partial folders are skipped."""
+    oldest first (backup ids sort by time). Partial folders, and those an
+    unfinished prune is removing, are skipped. An unreadable manifest raises,
+    or, given `problems`, is reported there and skipped."""
     if not domain_dir.is_dir():
         return []
+    gone = being_removed(domain_dir)
     out = []
     for folder in sorted(domain_dir.iterdir()):
         if not folder.is_dir() or folder.name.endswith(".partial") or folder.name.startswith("."):
             continue
-        if (folder / MANIFEST).is_file():
+        if folder.name in gone:
+            continue
+        try:
             out.append((folder, read_manifest(folder)))
+        except (OSError, ValueError) as exc:
+            if problems is None:
+                raise
+            problems.append(f"{folder}: {exc}")
     return out
 
 
