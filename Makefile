@@ -15,15 +15,15 @@ venv:
 	scripts/bootstrap.sh venv
 
 lint: venv
-	$(BIN)/ruff check daemon tests bench
-	$(BIN)/ruff format --check daemon tests bench
+	$(BIN)/ruff check daemon tests bench scripts
+	$(BIN)/ruff format --check daemon tests bench scripts
 
 typecheck: venv
 	$(BIN)/mypy
 
 format: venv
-	$(BIN)/ruff format daemon tests bench
-	$(BIN)/ruff check --fix daemon tests bench
+	$(BIN)/ruff format daemon tests bench scripts
+	$(BIN)/ruff check --fix daemon tests bench scripts
 
 # Everything, integration tests against a real libvirtd and QEMU included.
 test: bootstrap lint typecheck

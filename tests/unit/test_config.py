@@ -84,7 +84,7 @@ domains: ["web*"]
 uuids: [0B1CBD0E-1C2F-4A57-9B43-5B1F1E0F7A01]
 exclude_domains: [web-test]
 disks: {include: [vda], raw: full}
-schedule: {full: "0 2 * * 0", incremental: "*/5 * * * *"}
+schedule: {full: "0 2 * * 0", incremental: "*/5 * * * *", verify: "30 3 * * 6"}
 chain: {max_incrementals: 5}
 events: {on_shutdown: full, on_define: none}
 quiesce: never
@@ -99,6 +99,7 @@ def test_policy_values(tmp_path: Path) -> None:
     assert pol.include_disks == frozenset({"vda"})
     assert pol.raw is RawDisks.FULL
     assert pol.incremental_schedule == "*/5 * * * *"
+    assert pol.verify_schedule == "30 3 * * 6"
     assert pol.max_incrementals == 5
     assert pol.on_define is EventAction.NONE
     assert pol.bandwidth == int(1.5 * 1024**3)

@@ -90,8 +90,8 @@ def load_policy(path: Path) -> Policy:
     if "raw" in disks:
         kw["raw"] = RawDisks(src.choice(disks["raw"], "disks.raw", [r.value for r in RawDisks]))
 
-    schedule = src.mapping(keys.get("schedule"), "schedule", ["full", "incremental"])
-    for level in ("full", "incremental"):
+    schedule = src.mapping(keys.get("schedule"), "schedule", ["full", "incremental", "verify"])
+    for level in ("full", "incremental", "verify"):
         if level in schedule and src.scalar(schedule[level], f"schedule.{level}") is not None:
             kw[f"{level}_schedule"] = src.checked(
                 schedule[level],

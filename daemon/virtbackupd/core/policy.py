@@ -65,6 +65,7 @@ class Policy:
     raw: RawDisks = RawDisks.SKIP
     full_schedule: str | None = None  # cron
     incremental_schedule: str | None = None  # cron
+    verify_schedule: str | None = None  # cron: `virtbackup verify` of the domain's backups
     max_incrementals: int = 30
     retention: Retention = field(default_factory=Retention)
     on_shutdown: EventAction = EventAction.NONE

@@ -42,7 +42,10 @@ from virtbackupd.engine.leftovers import clean_leftovers
 from virtbackupd.engine.locks import domain_lock
 from virtbackupd.engine.prune import describe, prune_under_policy
 from virtbackupd.engine.repository import Repository
+from virtbackupd.engine.verify import verify_backup
 from virtbackupd.errors import ConfigError, VirtBackupError
+
+VERIFY = "verify"  # the schedule kind beside the backup levels
 
 log = structlog.get_logger("virtbackupd.daemon")
 
@@ -58,6 +61,7 @@ class Service:
         self.notifier = Notifier()
         self.pending: dict[str, Level] = {}  # domain uuid -> strongest level asked
         self.queue: asyncio.Queue[str] = asyncio.Queue()
+        self.verify_queue: asyncio.Queue[str] = asyncio.Queue()
         self.running: set[str] = set()
         self.stop = asyncio.Event()
         self.schedules = Schedules(self._scheduled)
@@ -96,6 +100,8 @@ class Service:
             if policy is None:
                 continue
             history = [b for b in await store.backups(d.uuid) if b.status is BackupStatus.COMPLETE]
+            if policy.verify_schedule is not None:
+                wanted[(d.uuid, VERIFY)] = policy.verify_schedule
             for level, cron in (
                 (Level.FULL, policy.full_schedule),
                 (Level.INCREMENTAL, policy.incremental_schedule),
@@ -121,7 +127,34 @@ class Service:
         self._publish()
 
     def _scheduled(self, uuid: str, level: str) -> None:
+        if level == VERIFY:
+            self.verify_queue.put_nowait(uuid)
+            return
         self.request(uuid, Level(level))
+
+    async def _verifier(self, store: Store) -> None:
+        """Scheduled verification, one domain at a time, never during a
+        backup or prune of that domain (it waits for the next schedule)."""
+        while True:
+            uuid = await self.verify_queue.get()
+            name = self.names.get(uuid, uuid)
+            backups = await store.backups(uuid, status=BackupStatus.COMPLETE)
+            try:
+                with domain_lock(self.config.runtime_dir, uuid, name, "verify"):
+                    bad = []
+                    for b in backups:
+                        if b.path is None:
+                            continue
+                        verdict = await verify_backup(Path(b.path), self.config.runtime_dir)
+                        if not verdict.ok:
+                            bad.append(verdict.as_json())
+            except VirtBackupError as exc:
+                log.warning("scheduled verify skipped", domain=name, error=str(exc))
+                continue
+            if bad:
+                log.error("verify failed", domain=name, backups=len(backups), failed=bad)
+            else:
+                log.info("verify done", domain=name, backups=len(backups))
 
     def request(self, uuid: str, level: Level) -> None:
         """Queue a backup; a domain waits at most once (full wins)."""
@@ -278,6 +311,7 @@ class Service:
                 for _ in range(self.config.max_concurrent_backups)
             ]
             tasks.append(asyncio.create_task(self._events(store, source)))
+            tasks.append(asyncio.create_task(self._verifier(store)))
             tasks.append(asyncio.create_task(self._watchdog()))
             self.notifier.ready("idle")
             log.info("virtbackupd started", policies=len(self.policies))
