@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
@@ -47,26 +48,26 @@ def virtbackup(config: Path, *args: str, show: bool = True) -> str:
     return proc.stdout
 
 
-def wait_backups(config: Path, n: int, timeout: float = 180) -> list[dict[str, object]]:
+def wait_backup(config: Path, known: set[str], kept: int, timeout: float = 180) -> dict[str, Any]:
+    """The daemon's next backup (an id not in `known`), once it completed and
+    the prune after it left `kept` backups."""
     deadline = time.monotonic() + timeout
-    seen = 0
     while time.monotonic() < deadline:
         listed = json.loads(virtbackup(config, "--json", "list", show=False))
-        done = [b for b in listed if b["status"] == "complete"]
         failed = [b for b in listed if b["status"] == "failed"]
         if failed:
             raise SystemExit(f"demo: a backup failed: {failed[-1]['error']}")
-        if len(done) > seen:
-            seen = len(done)
-        if sum(1 for b in listed if b["status"] != "running") >= n:
-            return listed  # type: ignore[no-any-return]
+        new = [b for b in listed if b["id"] not in known and b["status"] == "complete"]
+        if new and len(listed) == kept:
+            return new[-1]  # type: ignore[no-any-return]
         time.sleep(0.5)
-    raise SystemExit(f"demo: the daemon did not finish backup {n} within {timeout}s")
+    raise SystemExit(f"demo: the daemon did not finish a backup within {timeout}s")
 
 
 def compare(reference: Path, image: Path, fmt: str) -> None:
     subprocess.run(
-        ["qemu-img", "compare", "-f", "raw", "-F", fmt, str(reference), str(image)], check=True
+        ["qemu-img", "compare", "-q", "-f", "raw", "-F", fmt, str(reference), str(image)],
+        check=True,
     )
 
 
@@ -120,14 +121,15 @@ def main() -> int:
                 lambda: (guest.zero("vda", 0, MiB), guest.write("vdb", 8 * MiB, MiB, 4)),
             ),
         ]
+        known: set[str] = set()
         for i, (level, write) in enumerate(rounds, start=1):
             if i > 1:
                 td.start()
             say(f"guest writes, then the domain shuts down: the daemon takes backup {i} ({level})")
             write()
             td.shutdown_hard()
-            listed = wait_backups(config, i)
-            newest = listed[-1]
+            newest = wait_backup(config, known, kept=min(i, 2))
+            known.add(str(newest["id"]))
             print(
                 f"backup {newest['id']}: {newest['level']}, {newest['status']}, "
                 f"{int(str(newest['bytes_written'])) / MiB:.1f} MiB written"
