@@ -348,3 +348,46 @@ async def test_sighup_reload_keeps_previous_policies_on_errors(
         assert "events.on_define: expected one of none, incremental, full" in d.log
     finally:
         d.close()
+
+
+async def test_daemon_prunes_after_each_backup(
+    domains: DomainFactory, config: Path, tmp_path: Path
+) -> None:
+    (config.parent / "policies" / "p.yaml").write_text(
+        "domains: ['vbtest-*']\nevents: {on_shutdown: incremental}\nretention: {keep_last: 1}\n"
+    )
+    daemon = Daemon(config, tmp_path)
+    try:
+        await daemon.start()
+        td = await asyncio.to_thread(domains.create, qcow2_sizes=[16 * MiB])
+        guest = GuestWriter(td)
+        await asyncio.to_thread(guest.write, "vda", 0, MiB, 0x71)
+        await asyncio.to_thread(td.dom.destroy)
+        first = (await _wait_backups(config, 1))[0]
+        assert first["level"] == "full"
+        await asyncio.to_thread(td.start)
+        await asyncio.to_thread(guest.write, "vda", 4 * MiB, MiB, 0x72)
+        await asyncio.to_thread(td.dom.destroy)
+        deadline = time.monotonic() + 60
+        while True:
+            listed = await _backups(config)
+            if [b["id"] for b in listed if b["status"] == "complete"] not in ([], [first["id"]]):
+                break
+            assert time.monotonic() < deadline, listed
+            await asyncio.sleep(0.3)
+        # keep_last: 1 pruned the full; the incremental was merged with it
+        # and stands alone, restoring exactly.
+        assert len(listed) == 1 and listed[0]["id"] != first["id"], listed
+        assert listed[0]["parent"] is None
+        assert not Path(first["path"]).exists()
+        assert "backing-filename" not in qemu_img_info(Path(listed[0]["path"]) / "vda.qcow2")
+        assert_restores(
+            Path(listed[0]["path"]),
+            [(d["name"], d["path"]) for d in listed[0]["disks"]],
+            td,
+            tmp_path,
+        )
+        assert await daemon.stop() == 0
+        assert "prune done" in daemon.log
+    finally:
+        daemon.close()

@@ -105,6 +105,10 @@ def test_keep_last_two_merges_and_a_killed_prune_is_finished(
 
     done = run_cli(config, capsys, "prune", td.name)[0]
     assert done["replayed_interrupted_prune"] is True
+    # The domain runs: the pruned backups' checkpoints (and bitmaps) went too.
+    pruned_cps = {r["checkpoint"] for r in records[:4]}
+    assert set(done["removed_checkpoints"]) == pruned_cps
+    assert not pruned_cps & {c.getName() for c in td.dom.listAllCheckpoints(0)}
     assert not journal.exists()
     assert sorted(p.name for p in domain_dir.iterdir()) == ids[4:]
     assert_points_restore(domain_dir, refs, ids[4:])

@@ -32,7 +32,9 @@ SAVED = """<domain type='kvm'>
     <disk type='file' device='cdrom'>
       <source file='/iso/install.iso'/><target dev='hdc' bus='ide'/><readonly/>
     </disk>
-    <interface type='network'><mac address='52:54:00:aa:bb:cc'/><source network='default'/></interface>
+    <interface type='network'>
+      <mac address='52:54:00:aa:bb:cc'/><source network='default'/>
+    </interface>
   </devices>
 </domain>"""
 

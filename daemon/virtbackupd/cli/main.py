@@ -31,7 +31,7 @@ from virtbackupd.engine.copy import CopyProgress
 from virtbackupd.engine.locks import domain_lock
 from virtbackupd.engine.prune import describe, prune_under_policy
 from virtbackupd.engine.reindex import reindex
-from virtbackupd.engine.repository import read_manifest
+from virtbackupd.engine.repository import being_removed, read_manifest
 from virtbackupd.engine.verify import verify_backup
 from virtbackupd.errors import ConfigError, RestoreError, VirtBackupError
 
@@ -252,6 +252,11 @@ async def _restore(
     if record.path is None:
         raise RestoreError(f"backup {record.id} has no folder recorded")
     folder = Path(record.path)
+    if record.id in being_removed(folder.parent):
+        raise RestoreError(
+            f"backup {record.id} is being pruned (an interrupted prune); "
+            "`virtbackup prune` finishes it; choose another backup"
+        )
     manifest = read_manifest(folder)
     disks = restore.disks_of(manifest, args.disk)
     show = sys.stderr.isatty() and not args.json
@@ -356,8 +361,8 @@ async def _verify(args: argparse.Namespace, config: DaemonConfig, store: Store) 
         raise VirtBackupError(f"no complete backup {args.backup}")
     verdicts = []
     for b in backups:
-        if b.path is None:
-            continue
+        if b.path is None or b.id in being_removed(Path(b.path).parent):
+            continue  # an interrupted prune is removing it: not a backup any more
         with domain_lock(config.runtime_dir, b.domain_uuid, b.domain_name, "verify"):
             v = await verify_backup(Path(b.path), config.runtime_dir)
         verdicts.append((b, v))

@@ -93,8 +93,9 @@ async def prune_domain(
     hook = step or (lambda _: None)
     uuid = domain_dir.name
     replayed = False
+    earlier: tuple[str, ...] = ()
     if not dry_run and repository.read_journal(domain_dir) is not None:
-        await finish_interrupted(store, domain_dir, runtime_dir, libvirt, hook)
+        earlier = await finish_interrupted(store, domain_dir, runtime_dir, libvirt, hook) or ()
         replayed = True
     found = repository.list_backups(domain_dir)
     layers = [_layer(m) for _, m in found]
@@ -102,7 +103,7 @@ async def prune_domain(
     verdicts = decide(points, retention)
     prune = {v.id for v in verdicts if not v.keep}
     ops = plan_merges(layers, prune, max_depth if max_depth and max_depth > 0 else None)
-    result = PruneResult(uuid, tuple(verdicts), tuple(ops), dry_run, replayed)
+    result = PruneResult(uuid, tuple(verdicts), tuple(ops), dry_run, replayed, earlier)
     if dry_run or not ops:
         return result
     manifests = {str(m["id"]): m for _, m in found}
@@ -122,7 +123,7 @@ async def prune_domain(
         removed=[op.id for op in ops if isinstance(op, Remove)],
         merges=sum(not isinstance(op, Remove) for op in ops),
     )
-    return PruneResult(uuid, tuple(verdicts), tuple(ops), False, replayed, removed)
+    return PruneResult(uuid, tuple(verdicts), tuple(ops), False, replayed, earlier + removed)
 
 
 async def prune_under_policy(
@@ -155,13 +156,13 @@ async def finish_interrupted(
     runtime_dir: Path,
     libvirt: Libvirt | None = None,
     step: StepHook | None = None,
-) -> bool:
-    """Replay an interrupted prune's journal, if there is one."""
+) -> tuple[str, ...] | None:
+    """Replay an interrupted prune's journal, if there is one (None if
+    not); returns the checkpoints it removed."""
     if repository.read_journal(domain_dir) is None:
-        return False
+        return None
     log.warning("finishing an interrupted prune", domain_uuid=domain_dir.name)
-    await _run_journal(store, domain_dir, runtime_dir, libvirt, step or (lambda _: None))
-    return True
+    return await _run_journal(store, domain_dir, runtime_dir, libvirt, step or (lambda _: None))
 
 
 # --- planning inputs ---------------------------------------------------------------------
