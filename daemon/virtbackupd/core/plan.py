@@ -44,16 +44,6 @@ class Plan:
         return tuple(c.target for c in self.choices if c.included)
 
 
-def chain_length(backups: Sequence[BackupRecord], last: BackupRecord) -> int:
-    """Incrementals between `last` and its full backup."""
-    by_id = {b.id: b for b in backups}
-    n, cur = 0, last
-    while cur.parent is not None and cur.parent in by_id:
-        n += 1
-        cur = by_id[cur.parent]
-    return n
-
-
 def plan_backup(
     *,
     checkpoint: str,
