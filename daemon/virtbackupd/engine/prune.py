@@ -17,7 +17,6 @@ corrupted backup into a fresh digest.
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -339,7 +338,7 @@ async def _consolidate(
             hook(f"committed {op.heir}/{name}")
             base.chmod(0o600)
             base.replace(image)  # atomically: the standalone image takes the overlay's place
-            _fsync_dir(folder)
+            repository.fsync_path(folder)
             hook(f"moved {op.into}/{name}")
         elif backing is not None:
             raise PruneError(
@@ -362,11 +361,11 @@ def _remove(domain_dir: Path, backup_id: str, hook: StepHook) -> None:
     folder, doomed = domain_dir / backup_id, domain_dir / f".{backup_id}.removing"
     if folder.exists():
         folder.rename(doomed)
-        _fsync_dir(domain_dir)
+        repository.fsync_path(domain_dir)
         hook(f"hid {backup_id}")
     if doomed.exists():
         shutil.rmtree(doomed)
-        _fsync_dir(domain_dir)
+        repository.fsync_path(domain_dir)
         hook(f"removed {backup_id}")
 
 
@@ -405,14 +404,6 @@ async def _drop_checkpoints(
         log.warning("could not remove checkpoints of pruned backups", error=str(exc))
         return ()
     return tuple(names)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 __all__ = ["PruneResult", "describe", "finish_interrupted", "prune_domain", "prune_under_policy"]

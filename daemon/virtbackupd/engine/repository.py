@@ -87,11 +87,11 @@ class Repository:
         for image in images:
             path = partial / image
             path.chmod(0o600)
-            _fsync_path(path)
-        _fsync_path(partial)
+            fsync_path(path)
+        fsync_path(partial)
         final = self.final_dir(uuid, backup_id)
         partial.rename(final)
-        _fsync_path(final.parent)
+        fsync_path(final.parent)
         return final
 
     def stale_partials(self) -> list[Path]:
@@ -103,10 +103,7 @@ class Repository:
 
 def write_manifest(folder: Path, data: Mapping[str, Any]) -> None:
     """Replace a backup's manifest atomically (merges rewrite it)."""
-    tmp = folder / f".{MANIFEST}.tmp"
-    _write_synced(tmp, json.dumps({**data, "format": FORMAT}, indent=2) + "\n")
-    tmp.rename(folder / MANIFEST)
-    _fsync_path(folder)
+    _replace_synced(folder / MANIFEST, json.dumps({**data, "format": FORMAT}, indent=2) + "\n")
 
 
 def read_journal(domain_dir: Path) -> dict[str, Any] | None:
@@ -118,15 +115,12 @@ def read_journal(domain_dir: Path) -> dict[str, Any] | None:
 
 
 def write_journal(domain_dir: Path, data: Mapping[str, Any]) -> None:
-    tmp = domain_dir / f"{PRUNE_JOURNAL}.tmp"
-    _write_synced(tmp, json.dumps(data) + "\n")
-    tmp.rename(domain_dir / PRUNE_JOURNAL)
-    _fsync_path(domain_dir)
+    _replace_synced(domain_dir / PRUNE_JOURNAL, json.dumps(data) + "\n")
 
 
 def drop_journal(domain_dir: Path) -> None:
     (domain_dir / PRUNE_JOURNAL).unlink(missing_ok=True)
-    _fsync_path(domain_dir)
+    fsync_path(domain_dir)
 
 
 def being_removed(domain_dir: Path) -> set[str]:
@@ -253,7 +247,17 @@ def _write_synced(path: Path, text: str) -> None:
         os.close(fd)
 
 
-def _fsync_path(path: Path) -> None:
+def _replace_synced(path: Path, text: str) -> None:
+    """Write `text` beside `path`, fsync it, rename it over `path`, fsync
+    the folder: readers see the old file or the new one, never a mix."""
+    tmp = path.with_name(f"{path.name}.tmp")
+    _write_synced(tmp, text)
+    tmp.rename(path)
+    fsync_path(path.parent)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder: so that renames in it are durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

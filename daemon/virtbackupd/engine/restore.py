@@ -9,7 +9,6 @@ file that looks like a finished one, and never damages what was there.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -89,11 +88,11 @@ async def restore_image(
                 options=CopyOptions(zero_mode=ZeroMode.SKIP),
                 progress=progress,
             )
-        _fsync(partial)
+        repository.fsync_path(partial)
         await _check_identical(source, partial, fmt)
         partial.chmod(0o600)
         partial.rename(target)
-        _fsync(target.parent)
+        repository.fsync_path(target.parent)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
@@ -218,12 +217,3 @@ async def _check_identical(source: Path, restored: Path, fmt: str) -> None:
     """The final integrity check: what was written reads like the backup."""
     if not await qemu_img.compare(source, restored, "qcow2", fmt):
         raise RestoreError(f"the restored image of {source} differs from the backup")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
