@@ -81,6 +81,12 @@ async def info(path: Path, backing_chain: bool = False) -> Any:
     return json.loads(await run_tool(argv, f"qemu-img info {path}"))
 
 
+async def bitmap_names(path: Path) -> set[str]:
+    """Names of the persistent bitmaps in a qcow2 image."""
+    data = (await info(path)).get("format-specific", {}).get("data", {})
+    return {str(b["name"]) for b in data.get("bitmaps", [])}
+
+
 async def check(path: Path, fmt: str = "qcow2") -> Any:
     """`qemu-img check`; raises when the image has errors or leaks."""
     argv = [QEMU_IMG, "check", "-f", fmt, "--output=json", str(path)]

@@ -86,12 +86,6 @@ async def clean_leftovers(
     return cleaned
 
 
-async def _bitmaps(image: Path) -> list[dict[str, object]]:
-    info = await qemu_img.info(image)
-    data = info.get("format-specific", {}).get("data", {})
-    return list(data.get("bitmaps", []))
-
-
 async def _remove_bitmap(image: Path, name: str, wait: float = 15.0) -> None:
     """Remove a bitmap the dead backup added. Its qemu-nbd got SIGTERM when
     the backup process died (PR_SET_PDEATHSIG) but may still hold the image
@@ -100,7 +94,7 @@ async def _remove_bitmap(image: Path, name: str, wait: float = 15.0) -> None:
     deadline = loop.time() + wait
     while True:
         try:
-            if name in {b["name"] for b in await _bitmaps(image)}:
+            if name in await qemu_img.bitmap_names(image):
                 await qemu_img.bitmap(image, name, remove=True)
         except ProcessError as exc:
             if "lock" not in exc.message or loop.time() > deadline:

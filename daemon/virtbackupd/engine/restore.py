@@ -199,14 +199,7 @@ async def forget_checkpoints(
         if dd.driver_type != "qcow2" or not dd.source or dd.source_type != "file":
             continue
         image = Path(dd.source)
-        present = {
-            b["name"]
-            for b in (await qemu_img.info(image))
-            .get("format-specific", {})
-            .get("data", {})
-            .get("bitmaps", [])
-        }
-        for bitmap in sorted(present & names):
+        for bitmap in sorted(await qemu_img.bitmap_names(image) & names):
             await qemu_img.bitmap(image, bitmap, remove=True)
     for stored in await store.checkpoints(ref.uuid):
         if stored.status is CheckpointStatus.ACTIVE:
