@@ -71,6 +71,14 @@ async def digest_view(
     return ViewDigest(extents.digest_of(records), tuple(sorted(not_zero)))
 
 
+async def digest_image(
+    image: Path, ranges: Sequence[Range], grid: int, runtime_dir: Path
+) -> ViewDigest:
+    """:func:`digest_view` of `image`'s view, served for just this."""
+    async with open_view(image, runtime_dir) as view:
+        return await digest_view(view, ranges, grid)
+
+
 async def _non_zero(client: NbdClient, offset: int, length: int) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
     pos, end = offset, offset + length

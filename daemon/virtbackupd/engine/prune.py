@@ -37,7 +37,7 @@ from virtbackupd.core.policy import Policy, Retention
 from virtbackupd.core.records import CheckpointStatus
 from virtbackupd.core.retention import Point, Verdict, decide
 from virtbackupd.engine import repository
-from virtbackupd.engine.content import digest_view, open_view
+from virtbackupd.engine.content import digest_image
 from virtbackupd.engine.locks import domain_lock
 from virtbackupd.errors import PruneError, VirtBackupError
 
@@ -190,8 +190,7 @@ async def _verify_inputs(
         folder = domain_dir / backup_id
         for d in manifests[backup_id]["disks"]:
             ranges = extents.ranges_from_json(d["ranges"])
-            async with open_view(folder / str(d["file"]), runtime_dir) as view:
-                got = await digest_view(view, ranges, int(d["grid"]))
+            got = await digest_image(folder / str(d["file"]), ranges, int(d["grid"]), runtime_dir)
             if got.digest != d["digest"] or got.not_zero:
                 raise PruneError(
                     f"backup {backup_id} disk {d['name']} does not match its recorded digest; "
@@ -251,15 +250,16 @@ async def _run_journal(
     ops = [_op_from_json(o) for o in journal["ops"]]
     removed_ids = {op.id for op in ops if isinstance(op, Remove)}
     for op in ops:
-        subject = op.child if isinstance(op, Rebase) else getattr(op, "heir", None)
-        if subject in removed_ids and not (domain_dir / str(subject)).is_dir():
+        if isinstance(op, Remove):
+            _remove(domain_dir, op.id, hook)
+            continue
+        subject = op.child if isinstance(op, Rebase) else op.heir
+        if subject in removed_ids and not (domain_dir / subject).is_dir():
             continue  # a replay: a later operation of this journal already removed it
         if isinstance(op, Rebase):
             await _rebase(domain_dir, op, runtime_dir, hook)
-        elif isinstance(op, Consolidate):
-            await _consolidate(domain_dir, op, runtime_dir, hook)
         else:
-            _remove(domain_dir, op.id, hook)
+            await _consolidate(domain_dir, op, runtime_dir, hook)
     await _sync_store(store, domain_dir, ops)
     hook("store updated")
     removed = await _drop_checkpoints(
@@ -285,8 +285,7 @@ async def _new_digests(
     for d in disks:
         name = str(d["name"])
         new_ranges = list(ranges.get(name, extents.ranges_from_json(d["ranges"])))
-        async with open_view(folder / str(d["file"]), runtime_dir) as view:
-            got = await digest_view(view, new_ranges, int(d["grid"]))
+        got = await digest_image(folder / str(d["file"]), new_ranges, int(d["grid"]), runtime_dir)
         out.append({**d, "ranges": extents.ranges_to_json(new_ranges), "digest": got.digest})
     return out
 
