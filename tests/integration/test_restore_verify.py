@@ -102,50 +102,20 @@ def test_every_point_of_a_chain_restores_and_verify_names_a_flipped_byte(
     listed = run_cli(config, capsys, "list", td.name)
     third = listed[2]
     out_dir = tmp_path / "at"
-    run_cli(
-        config,
-        capsys,
-        "restore",
-        td.name,
-        "--at",
-        third["finished"],
-        "--disk",
-        "vdb",
-        "--to",
-        str(out_dir),
-        "--format",
-        "raw",
-    )
+
+    def restore_vdb(*extra: str, expect: int = 0) -> None:
+        run_cli(
+            config, capsys, "restore", td.name, "--disk", "vdb", "--to", str(out_dir),
+            "--format", "raw", *extra, expect=expect,
+        )  # fmt: skip
+
+    restore_vdb("--at", third["finished"])
     assert sorted(p.name for p in out_dir.iterdir()) == ["vdb.raw"]
     qemu_img_compare(refs[third["id"]]["vdb"], out_dir / "vdb.raw", "raw", "raw")
     # An existing file is not overwritten without --force.
-    run_cli(
-        config,
-        capsys,
-        "restore",
-        td.name,
-        "--disk",
-        "vdb",
-        "--to",
-        str(out_dir),
-        "--format",
-        "raw",
-        expect=1,
-    )
+    restore_vdb(expect=1)
     qemu_img_compare(refs[third["id"]]["vdb"], out_dir / "vdb.raw", "raw", "raw")
-    run_cli(
-        config,
-        capsys,
-        "restore",
-        td.name,
-        "--disk",
-        "vdb",
-        "--to",
-        str(out_dir),
-        "--format",
-        "raw",
-        "--force",
-    )
+    restore_vdb("--force")
     qemu_img_compare(refs[ids[-1]]["vdb"], out_dir / "vdb.raw", "raw", "raw")
     run_cli(config, capsys, "restore", td.name, "--disk", "vdz", "--to", str(out_dir), expect=1)
 
