@@ -32,7 +32,7 @@ from virtbackupd.engine.locks import domain_lock
 from virtbackupd.engine.prune import describe, prune_under_policy
 from virtbackupd.engine.reindex import reindex
 from virtbackupd.engine.repository import being_removed, read_manifest
-from virtbackupd.engine.verify import verify_backup
+from virtbackupd.engine.verify import verify_recorded
 from virtbackupd.errors import ConfigError, RestoreError, VirtBackupError
 
 
@@ -360,11 +360,7 @@ async def _verify(args: argparse.Namespace, config: DaemonConfig, store: Store) 
     if args.backup is not None and not backups:
         raise VirtBackupError(f"no complete backup {args.backup}")
     verdicts = []
-    for b in backups:
-        if b.path is None or b.id in being_removed(Path(b.path).parent):
-            continue  # an interrupted prune is removing it: not a backup any more
-        with domain_lock(config.runtime_dir, b.domain_uuid, b.domain_name, "verify"):
-            v = await verify_backup(Path(b.path), config.runtime_dir)
+    async for b, v in verify_recorded(backups, config.runtime_dir):
         verdicts.append((b, v))
         if not args.json:
             state = "ok" if v.ok else "FAILED"
@@ -389,12 +385,7 @@ def _line(b: BackupRecord) -> str:
 
 
 async def _list(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
-    uuid = None
-    if args.domain:
-        dom = await store.domain(args.domain) or await store.domain_by_name(args.domain)
-        if dom is None:
-            raise VirtBackupError(f"no backups are recorded for a domain '{args.domain}'")
-        uuid = dom.uuid
+    uuid = (await _domain_of(store, args.domain)).uuid if args.domain else None
     backups = await store.backups(uuid)
     if args.json:
         print(json.dumps([b.as_json() for b in backups], indent=2))

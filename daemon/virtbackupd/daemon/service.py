@@ -42,7 +42,7 @@ from virtbackupd.engine.leftovers import clean_leftovers
 from virtbackupd.engine.locks import domain_lock
 from virtbackupd.engine.prune import describe, prune_under_policy
 from virtbackupd.engine.repository import Repository
-from virtbackupd.engine.verify import verify_backup
+from virtbackupd.engine.verify import verify_recorded
 from virtbackupd.errors import ConfigError, VirtBackupError
 
 VERIFY = "verify"  # the schedule kind beside the backup levels
@@ -134,20 +134,17 @@ class Service:
 
     async def _verifier(self, store: Store) -> None:
         """Scheduled verification, one domain at a time, never during a
-        backup or prune of that domain (it waits for the next schedule)."""
+        backup or prune of that domain (what is left waits for the next
+        schedule)."""
         while True:
             uuid = await self.verify_queue.get()
             name = self.names.get(uuid, uuid)
             backups = await store.backups(uuid, status=BackupStatus.COMPLETE)
+            bad = []
             try:
-                with domain_lock(self.config.runtime_dir, uuid, name, "verify"):
-                    bad = []
-                    for b in backups:
-                        if b.path is None:
-                            continue
-                        verdict = await verify_backup(Path(b.path), self.config.runtime_dir)
-                        if not verdict.ok:
-                            bad.append(verdict.as_json())
+                async for _, verdict in verify_recorded(backups, self.config.runtime_dir):
+                    if not verdict.ok:
+                        bad.append(verdict.as_json())
             except VirtBackupError as exc:
                 log.warning("scheduled verify skipped", domain=name, error=str(exc))
                 continue

@@ -18,15 +18,17 @@ backup and disk (and offset, where the check can tell).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from virtbackupd.adapters import qemu_img
 from virtbackupd.core import extents
+from virtbackupd.core.records import BackupRecord
 from virtbackupd.engine import repository
 from virtbackupd.engine.content import allocated_here, differing, digest_view, open_view
+from virtbackupd.engine.locks import domain_lock
 from virtbackupd.errors import VirtBackupError
 
 
@@ -61,6 +63,20 @@ class BackupVerdict:
                 {"disk": d.disk, "ok": d.ok, "problems": list(d.problems)} for d in self.disks
             ],
         }
+
+
+async def verify_recorded(
+    backups: Sequence[BackupRecord], runtime_dir: Path
+) -> AsyncIterator[tuple[BackupRecord, BackupVerdict]]:
+    """Verify recorded backups one by one, each under its domain's lock
+    (no prune merges what is being read). Backups without a folder, or
+    that an interrupted prune is removing, are no backups any more."""
+    for b in backups:
+        if b.path is None or b.id in repository.being_removed(Path(b.path).parent):
+            continue
+        with domain_lock(runtime_dir, b.domain_uuid, b.domain_name, "verify"):
+            verdict = await verify_backup(Path(b.path), runtime_dir)
+        yield b, verdict
 
 
 async def verify_backup(
