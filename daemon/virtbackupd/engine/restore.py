@@ -119,8 +119,7 @@ async def restore_to_dir(
     out = []
     for disk, target in targets.items():
         source = folder / repository.disk_file(disk)
-        on_progress = (lambda p, d=disk: progress(d, p)) if progress else None
-        result = await restore_image(source, target, fmt, runtime_dir, on_progress)
+        result = await restore_image(source, target, fmt, runtime_dir, _of_disk(progress, disk))
         log.info("disk restored", disk=disk, path=str(target), bytes=result.bytes_written)
         out.append(RestoredDisk(disk, target, fmt, result))
     return out
@@ -175,8 +174,7 @@ async def restore_in_place(
         target = Path(dd.source)
         before = target.stat() if target.exists() else None
         source = folder / repository.disk_file(disk)
-        on_progress = (lambda p, d=disk: progress(d, p)) if progress else None
-        result = await restore_image(source, target, fmt, runtime_dir, on_progress)
+        result = await restore_image(source, target, fmt, runtime_dir, _of_disk(progress, disk))
         if before is not None:  # keep the image's owner and mode for libvirt/QEMU
             os.chown(target, before.st_uid, before.st_gid)
             target.chmod(before.st_mode & 0o7777)
@@ -204,6 +202,10 @@ async def forget_checkpoints(
     for stored in await store.checkpoints(ref.uuid):
         if stored.status is CheckpointStatus.ACTIVE:
             await store.set_checkpoint_status(ref.uuid, stored.name, CheckpointStatus.DELETED)
+
+
+def _of_disk(progress: ProgressFn | None, disk: str) -> Callable[[CopyProgress], None] | None:
+    return (lambda p: progress(disk, p)) if progress else None
 
 
 async def _check_identical(source: Path, restored: Path, fmt: str) -> None:
