@@ -14,7 +14,12 @@ class VirtBackupError(Exception):
     """Root of every error virtbackupd raises on purpose."""
 
 
-class ConfigError(VirtBackupError):
+class InputError(VirtBackupError):
+    """The operator asked for something malformed or that does not exist
+    (an unknown domain, backup id, disk, or a bad time): exit code 2."""
+
+
+class ConfigError(InputError):
     """A configuration or policy file is invalid."""
 
 
@@ -85,7 +90,7 @@ class LibvirtError(VirtBackupError):
         self.code = code
 
 
-class DomainNotFoundError(LibvirtError):
+class DomainNotFoundError(LibvirtError, InputError):
     """No domain with that name or UUID."""
 
 
@@ -106,6 +111,10 @@ class BackupFailedError(VirtBackupError):
 class RestoreError(VirtBackupError):
     """A restore cannot be done as asked, or its result failed the check;
     nothing was left half-written."""
+
+
+class UnknownRestorePointError(RestoreError, InputError):
+    """The backup, time or disk asked for does not exist."""
 
 
 class PruneError(VirtBackupError):

@@ -1,7 +1,5 @@
-"""structlog setup for the CLI (console on stderr, or JSON lines).
-
-The daemon's journald renderer arrives with the daemon issue.
-"""
+"""structlog setup: console on stderr, JSON lines, or journald's native
+fields (the daemon under systemd)."""
 
 from __future__ import annotations
 
@@ -28,10 +26,17 @@ def daemon_format(configured: str) -> str:
 
 
 def configure(level: str = "info", fmt: str = "console") -> None:
+    """Raises ConfigError when `fmt` is journal and there is no journal."""
     renderer: structlog.typing.Processor
     if fmt == "journal":
-        from virtbackupd.adapters.journald import JournaldRenderer, JournalSender
+        from virtbackupd.adapters.journald import JOURNAL_SOCKET, JournaldRenderer, JournalSender
+        from virtbackupd.errors import ConfigError
 
+        if not os.path.exists(JOURNAL_SOCKET):  # noqa: PTH110 (a socket path, not a file we read)
+            raise ConfigError(
+                f"log.format is 'journal' but there is no journald socket at {JOURNAL_SOCKET}; "
+                "use 'auto' (journald only when systemd connected it) or 'console'"
+            )
         renderer = JournaldRenderer(JournalSender())
     elif fmt == "json":
         renderer = structlog.processors.JSONRenderer()
@@ -42,6 +47,9 @@ def configure(level: str = "info", fmt: str = "console") -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            # A traceback only where a log call passes exc_info (unexpected
+            # errors); expected ones are one line with their reason.
+            structlog.processors.format_exc_info,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),

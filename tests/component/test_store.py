@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from virtbackupd.adapters.store import MIGRATIONS, Store, StoreError
+from virtbackupd.adapters.store import MIGRATIONS, Store, StoreDamagedError, StoreError
 from virtbackupd.core.policy import Level
 from virtbackupd.core.records import BackupRecord, BackupStatus, DiskRecord
 
@@ -70,5 +72,71 @@ async def test_backup_lifecycle(tmp_path: Path) -> None:
 
 async def test_foreign_keys_are_enforced(tmp_path: Path) -> None:
     async with Store.open(tmp_path / "s.db") as store:
-        with pytest.raises(sqlite3.IntegrityError):
+        with pytest.raises(StoreError, match="FOREIGN KEY"):
             await store.start_backup(backup("orphan"))  # no such domain
+
+
+def disk(name: str) -> DiskRecord:
+    return DiskRecord(name, f"{name}.qcow2", 1 << 20, 1 << 20, 1 << 20, 0, "d", 1 << 20, "[]")
+
+
+async def test_concurrent_jobs_commit_on_one_connection(tmp_path: Path) -> None:
+    """Many jobs completing, failing and publishing progress at the same
+    time on the daemon's one connection: each transaction stays whole (no
+    "cannot start a transaction within a transaction", nothing lost)."""
+    async with Store.open(tmp_path / "s.db") as store:
+        await store.see_domain("u1", "web", NOW)
+        ids = [f"b{i}" for i in range(40)]
+        for i in ids:
+            await store.start_backup(backup(i))
+
+        async def finish(i: str, n: int) -> None:
+            await store.set_progress(i, n, 100, 1.0, NOW)
+            if n % 3:
+                await store.complete_backup(i, NOW, f"/r/{i}", [disk("vda"), disk("vdb")])
+            else:
+                await store.fail_backup(i, NOW, "boom")
+
+        await asyncio.gather(*(finish(i, n) for n, i in enumerate(ids)))
+        got = {b.id: b for b in await store.backups()}
+        for n, i in enumerate(ids):
+            if n % 3:
+                assert got[i].status is BackupStatus.COMPLETE
+                assert len(got[i].disks) == 2
+            else:
+                assert got[i].status is BackupStatus.FAILED
+        assert await store.running_progress() == []
+
+
+async def test_a_cancelled_transaction_leaves_the_connection_usable(tmp_path: Path) -> None:
+    async with Store.open(tmp_path / "s.db") as store:
+        await store.see_domain("u1", "web", NOW)
+        await store.start_backup(backup("a"))
+        task = asyncio.create_task(store.complete_backup("a", NOW, "/r/a", [disk("vda")] * 1))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await store.start_backup(backup("b"))
+        await store.complete_backup("b", NOW, "/r/b", [disk("vda")])
+        assert (await store.backup("b")).status is BackupStatus.COMPLETE  # type: ignore[union-attr]
+
+
+async def test_a_damaged_file_is_named_with_its_fix(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    db.write_bytes(b"this is no database, it was overwritten by something" * 100)
+    with pytest.raises(StoreDamagedError) as err:
+        async with Store.open(db):
+            pass
+    text = str(err.value)
+    assert str(db) in text and "virtbackup reindex" in text and "\n" not in text
+
+
+async def test_a_deleted_or_replaced_file_is_noticed(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    async with Store.open(db) as store:
+        assert not store.replaced()
+        db.unlink()
+        assert store.replaced()
+        db.write_bytes(b"")
+        assert store.replaced()

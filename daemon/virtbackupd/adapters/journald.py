@@ -20,6 +20,8 @@ import uuid
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
+import structlog
+
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 
 #: Stable MESSAGE_ID namespace: the id of an event kind is uuid5(this, event).
@@ -111,8 +113,13 @@ class JournaldRenderer:
             if value is not None:
                 # The log level is PRIORITY; LEVEL= is the backup's level.
                 fields["LEVEL" if key == "backup_level" else field_name(key)] = value
-        self.sender.send(fields)
-        return ""
+        try:
+            self.sender.send(fields)
+        except OSError as exc:
+            # journald restarted or went away: the entry still reaches
+            # stderr (which systemd also collects), never a crash.
+            return f"{fields['MESSAGE']} (journald unreachable: {exc.strerror})"
+        raise structlog.DropEvent
 
 
 def _message(event: str, context: Mapping[str, Any]) -> str:

@@ -1,72 +1,98 @@
 """APScheduler (3.x): the only module that imports it.
 
-One job per (domain, level), cron triggers in UTC with random jitter. What
-was missed while the daemon was down is decided from the state store
-(:func:`missed_since`), not from APScheduler's memory.
+APScheduler is only the timer here: when a job fires next is asked of
+:mod:`virtbackupd.core.cron` (crontab(5) semantics) through
+:class:`CrontabTrigger`, which also adds the jitter, spreading the
+backups of many domains with the same schedule over `jitter` seconds.
+What was missed while the daemon was down is decided from the state
+store (see :mod:`virtbackupd.daemon.decisions`), not from APScheduler's
+memory. Times are UTC.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Mapping
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.base import BaseTrigger
+
+from virtbackupd.core.cron import Cron, parse_cron
+
+#: Seconds of random delay added to each scheduled run (docs/configuration.md).
+JITTER_S = 30
 
 
-def validate_cron(expr: str) -> None:
-    """Raise ValueError naming what is wrong with a 5-field cron expression."""
-    fields = expr.split()
-    if len(fields) != 5:
-        raise ValueError(f"{len(fields)} fields instead of 5")
-    CronTrigger.from_crontab(expr, timezone="UTC")
+class CrontabTrigger(BaseTrigger):  # type: ignore[misc]
+    """Fires at the expression's minutes, each run delayed by a random
+    0..jitter seconds."""
 
+    def __init__(self, cron: Cron, jitter: float, rng: random.Random | None = None) -> None:
+        self.cron = cron
+        self.jitter = jitter
+        self._rng = rng or random.Random()  # noqa: S311 (spreading load, not security)
 
-def missed_since(expr: str, since: datetime, now: datetime) -> bool:
-    """Whether `expr` fired at least once after `since` and up to `now`."""
-    trigger = CronTrigger.from_crontab(expr, timezone="UTC")
-    nxt = trigger.get_next_fire_time(None, since)
-    return nxt is not None and since < nxt <= now
+    def get_next_fire_time(
+        self, previous_fire_time: datetime | None, now: datetime
+    ) -> datetime | None:
+        # The previous fire time carries its jitter; the minute it belongs
+        # to is what counts (next_after is strictly after that minute).
+        base = previous_fire_time if previous_fire_time is not None else now
+        nxt = self.cron.next_after(base.astimezone(UTC))
+        if nxt is None:
+            return None
+        return nxt + timedelta(seconds=self._rng.uniform(0, self.jitter))
+
+    def __str__(self) -> str:
+        return f"crontab[{self.cron.expr}]"
 
 
 class Schedules:
-    """The daemon's cron jobs; `sync` makes them exactly the given set."""
+    """The daemon's cron jobs; `sync` makes them exactly the given set.
+    Usable before `start` (status asks for next runs at any time)."""
 
-    def __init__(self, fire: Callable[[str, str], None], jitter: int = 30) -> None:
+    def __init__(self, fire: Callable[[str, str], None], jitter: float = JITTER_S) -> None:
         self._fire = fire
         self._jitter = jitter
         self._scheduler = AsyncIOScheduler(timezone="UTC")
-        self._jobs: dict[str, str] = {}  # job id -> cron
+        self._jobs: dict[str, Cron] = {}  # job id -> cron
 
     def start(self) -> None:
         self._scheduler.start()
 
     def shutdown(self) -> None:
-        self._scheduler.shutdown(wait=False)
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
 
     def sync(self, wanted: Mapping[tuple[str, str], str]) -> None:
-        """`wanted`: (domain uuid, level) -> cron expression."""
+        """`wanted`: (domain uuid, level) -> cron expression (validated)."""
         ids = {f"{uuid}:{level}": (uuid, level, cron) for (uuid, level), cron in wanted.items()}
         for job_id in set(self._jobs) - set(ids):
             self._scheduler.remove_job(job_id)
             del self._jobs[job_id]
-        for job_id, (uuid, level, cron) in ids.items():
-            if self._jobs.get(job_id) == cron:
+        for job_id, (uuid, level, expr) in ids.items():
+            current = self._jobs.get(job_id)
+            if current is not None and current.expr == expr:
                 continue
-            if job_id in self._jobs:
+            if current is not None:
                 self._scheduler.remove_job(job_id)
-            self._scheduler.add_job(
-                self._fire,
-                CronTrigger.from_crontab(cron, timezone="UTC"),
-                args=(uuid, level),
-                id=job_id,
-                jitter=self._jitter,
-                coalesce=True,
-                max_instances=1,
-                misfire_grace_time=None,
-            )
+            cron = parse_cron(expr)
+            kwargs: dict[str, Any] = {
+                "args": (uuid, level),
+                "id": job_id,
+                "coalesce": True,
+                "max_instances": 1,
+                "misfire_grace_time": None,
+            }
+            self._scheduler.add_job(self._fire, CrontabTrigger(cron, self._jitter), **kwargs)
             self._jobs[job_id] = cron
 
-    def next_run(self, uuid: str, level: str) -> datetime | None:
-        job = self._scheduler.get_job(f"{uuid}:{level}")
-        return job.next_run_time if job is not None else None
+    def next_run(self, uuid: str, level: str, now: datetime | None = None) -> datetime | None:
+        """When the schedule fires next (before its jitter), from the cron
+        itself: valid whether or not the scheduler has started."""
+        cron = self._jobs.get(f"{uuid}:{level}")
+        if cron is None:
+            return None
+        return cron.next_after(now or datetime.now(UTC))

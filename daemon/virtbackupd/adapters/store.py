@@ -2,16 +2,29 @@
 
 WAL mode, foreign keys on, schema versioned with PRAGMA user_version and
 applied by ordered migrations. Timestamps are stored as ISO 8601 UTC text.
+
+Concurrency: one connection per process, and every statement and every
+transaction on it goes through one ``asyncio.Lock``. A connection has one
+transaction state, so two jobs that interleave ``BEGIN ... COMMIT`` on it
+would break each other ("cannot start a transaction within a transaction"),
+and a lone write would silently join (or be rolled back with) another
+job's transaction. Serializing costs nothing measurable: SQLite admits one
+writer at a time anyway, and each call takes milliseconds against backups
+that take minutes. Other processes (the CLI beside the daemon) use their
+own connection; WAL and ``busy_timeout`` order them.
+
+sqlite3 errors never leave this module raw: they become :class:`StoreError`
+naming the file, and a damaged file names the fix (``virtbackup reindex``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import aiosqlite
 
@@ -23,6 +36,7 @@ from virtbackupd.core.records import (
     CheckpointStatus,
     DiskRecord,
     DomainRecord,
+    RunningJob,
 )
 from virtbackupd.errors import VirtBackupError
 
@@ -86,7 +100,46 @@ MIGRATIONS: Sequence[str] = (
 
 
 class StoreError(VirtBackupError):
-    """The state database cannot be opened or is from a newer version."""
+    """The state database cannot be opened or used, or is from a newer
+    version. ``path`` is the database file."""
+
+    def __init__(self, path: Path, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+
+
+class StoreDamagedError(StoreError):
+    """The file is not a usable SQLite database (truncated, overwritten,
+    corrupted pages)."""
+
+    def __init__(self, path: Path, detail: str) -> None:
+        super().__init__(
+            path,
+            f"the state database is damaged ({detail}); `virtbackup reindex` moves it "
+            "aside and rebuilds it from the backup repository",
+        )
+
+
+def _translate(path: Path, exc: sqlite3.Error) -> StoreError:
+    """sqlite3's DatabaseError family means the file itself is bad; the
+    rest (locked, disk I/O, read-only) are reported as they are."""
+    if isinstance(exc, sqlite3.DatabaseError) and not isinstance(
+        exc, sqlite3.OperationalError | sqlite3.IntegrityError | sqlite3.ProgrammingError
+    ):
+        return StoreDamagedError(path, str(exc))
+    text = str(exc)
+    if "malformed" in text or "not a database" in text:
+        return StoreDamagedError(path, text)
+    return StoreError(path, f"state database error: {text}")
+
+
+def file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path` now, None if there is none."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _ts(value: datetime | None) -> str | None:
@@ -104,62 +157,114 @@ def _req(value: str) -> datetime:
 class Store:
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
         self._db = db
+        self._lock = asyncio.Lock()
         self.path = path
+        self.identity = file_identity(path)
 
     # --- lifecycle ---------------------------------------------------------------
     @classmethod
     @asynccontextmanager
-    async def open(cls, path: Path) -> AsyncIterator[Store]:
+    async def open(cls, path: Path, create: bool = True) -> AsyncIterator[Store]:
+        """Open (and migrate) the database; `create=False` refuses to make
+        a new empty one where none is."""
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not create and not path.exists():
+            raise StoreError(path, "no state database here")
         try:
             db = await aiosqlite.connect(path, isolation_level=None)
         except (sqlite3.Error, OSError) as exc:
-            raise StoreError(f"{path}: cannot open the state database: {exc}") from exc
+            raise StoreError(path, f"cannot open the state database: {exc}") from exc
         try:
             db.row_factory = aiosqlite.Row
-            await db.execute("PRAGMA journal_mode=WAL")
-            await db.execute("PRAGMA foreign_keys=ON")
-            await db.execute("PRAGMA busy_timeout=10000")
             store = cls(db, path)
+            await store._execute("PRAGMA journal_mode=WAL")
+            await store._execute("PRAGMA foreign_keys=ON")
+            await store._execute("PRAGMA busy_timeout=10000")
             await store._migrate()
             path.chmod(0o600)
             yield store
         finally:
             await db.close()
 
+    def replaced(self) -> bool:
+        """Whether the file at our path is no longer the one we opened
+        (deleted, or replaced by another file): writes would go to a file
+        nobody else sees."""
+        return file_identity(self.path) != self.identity
+
+    async def check_integrity(self) -> None:
+        """Raise StoreDamagedError unless SQLite's quick_check passes."""
+        rows = await self._fetchall("PRAGMA quick_check")
+        problems = [str(r[0]) for r in rows if str(r[0]) != "ok"]
+        if problems:
+            raise StoreDamagedError(self.path, "; ".join(problems[:3]))
+
     async def _migrate(self) -> None:
         (version,) = await self._one("PRAGMA user_version")
         if version > len(MIGRATIONS):
             raise StoreError(
-                f"{self.path}: schema version {version} is newer than this virtbackupd "
-                f"({len(MIGRATIONS)}); upgrade virtbackupd"
+                self.path,
+                f"schema version {version} is newer than this virtbackupd "
+                f"({len(MIGRATIONS)}); upgrade virtbackupd",
             )
         for number in range(version, len(MIGRATIONS)):
-            await self._db.execute("BEGIN IMMEDIATE")
+            # Migrations hold no ';' inside literals, so splitting is safe,
+            # and unlike executescript() it keeps them in one transaction.
+            statements = [s for s in MIGRATIONS[number].split(";") if s.strip()]
+            await self._transaction(
+                [(stmt, ()) for stmt in statements] + [(f"PRAGMA user_version = {number + 1}", ())]
+            )
+
+    # --- the one way to the connection ------------------------------------------
+    async def _execute(self, sql: str, args: Sequence[object] = ()) -> None:
+        async with self._lock:
             try:
-                # Migrations hold no ';' inside literals, so splitting is safe,
-                # and unlike executescript() it keeps them in one transaction.
-                for stmt in MIGRATIONS[number].split(";"):
-                    if stmt.strip():
-                        await self._db.execute(stmt)
-                await self._db.execute(f"PRAGMA user_version = {number + 1}")
-                await self._db.execute("COMMIT")
-            except BaseException:
-                await self._db.execute("ROLLBACK")
-                raise
+                await self._db.execute(sql, args)
+            except sqlite3.Error as exc:
+                raise _translate(self.path, exc) from exc
+
+    async def _fetchall(self, sql: str, args: Sequence[object] = ()) -> list[aiosqlite.Row]:
+        async with self._lock:
+            try:
+                async with self._db.execute(sql, args) as cur:
+                    return list(await cur.fetchall())
+            except sqlite3.Error as exc:
+                raise _translate(self.path, exc) from exc
 
     async def _one(self, sql: str, *args: object) -> aiosqlite.Row:
-        async with self._db.execute(sql, args) as cur:
-            row = await cur.fetchone()
-        assert row is not None
-        return row
+        rows = await self._fetchall(sql, args)
+        assert rows
+        return rows[0]
+
+    async def _transaction(self, statements: Iterable[tuple[str, Sequence[object]]]) -> None:
+        """Run the statements in one IMMEDIATE transaction, alone on the
+        connection; all or nothing. Once begun it runs to its end even if
+        the caller is cancelled (it takes milliseconds): a cancelled job
+        must never leave the shared connection inside its transaction."""
+        await asyncio.shield(self._transaction_locked(list(statements)))
+
+    async def _transaction_locked(self, statements: list[tuple[str, Sequence[object]]]) -> None:
+        async with self._lock:
+            try:
+                await self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise _translate(self.path, exc) from exc
+            try:
+                for sql, args in statements:
+                    await self._db.execute(sql, args)
+                await self._db.execute("COMMIT")
+            except BaseException as exc:
+                await self._db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise _translate(self.path, exc) from exc
+                raise
 
     async def schema_version(self) -> int:
         return int((await self._one("PRAGMA user_version"))[0])
 
     # --- domains -------------------------------------------------------------------
     async def see_domain(self, uuid: str, name: str, now: datetime) -> None:
-        await self._db.execute(
+        await self._execute(
             """INSERT INTO domains(uuid, name, first_seen, last_seen) VALUES (?, ?, ?, ?)
                ON CONFLICT(uuid) DO UPDATE SET name = excluded.name,
                    last_seen = excluded.last_seen, undefined_at = NULL""",
@@ -167,10 +272,10 @@ class Store:
         )
 
     async def domain(self, uuid: str) -> DomainRecord | None:
-        async with self._db.execute("SELECT * FROM domains WHERE uuid = ?", (uuid,)) as cur:
-            row = await cur.fetchone()
-        if row is None:
+        rows = await self._fetchall("SELECT * FROM domains WHERE uuid = ?", (uuid,))
+        if not rows:
             return None
+        row = rows[0]
         return DomainRecord(
             row["uuid"],
             row["name"],
@@ -180,15 +285,14 @@ class Store:
         )
 
     async def domain_by_name(self, name: str) -> DomainRecord | None:
-        async with self._db.execute(
+        rows = await self._fetchall(
             "SELECT uuid FROM domains WHERE name = ? ORDER BY last_seen DESC LIMIT 1", (name,)
-        ) as cur:
-            row = await cur.fetchone()
-        return await self.domain(row["uuid"]) if row else None
+        )
+        return await self.domain(rows[0]["uuid"]) if rows else None
 
     # --- checkpoints -----------------------------------------------------------------
     async def add_checkpoint(self, cp: CheckpointRecord) -> None:
-        await self._db.execute(
+        await self._execute(
             """INSERT OR REPLACE INTO checkpoints(domain_uuid, name, parent, created, status, xml)
                VALUES (?, ?, ?, ?, ?, ?)""",
             (cp.domain_uuid, cp.name, cp.parent, _ts(cp.created), cp.status.value, cp.xml),
@@ -197,17 +301,16 @@ class Store:
     async def set_checkpoint_status(
         self, domain_uuid: str, name: str, status: CheckpointStatus
     ) -> None:
-        await self._db.execute(
+        await self._execute(
             "UPDATE checkpoints SET status = ? WHERE domain_uuid = ? AND name = ?",
             (status.value, domain_uuid, name),
         )
 
     async def checkpoints(self, domain_uuid: str) -> list[CheckpointRecord]:
-        async with self._db.execute(
+        rows = await self._fetchall(
             "SELECT * FROM checkpoints WHERE domain_uuid = ? ORDER BY created, name",
             (domain_uuid,),
-        ) as cur:
-            rows = await cur.fetchall()
+        )
         return [
             CheckpointRecord(
                 r["domain_uuid"],
@@ -222,7 +325,7 @@ class Store:
 
     # --- backups -----------------------------------------------------------------------
     async def start_backup(self, b: BackupRecord) -> None:
-        await self._db.execute(
+        await self._execute(
             """INSERT INTO backups(id, domain_uuid, domain_name, level, status, checkpoint,
                    parent_id, started, path) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
             (
@@ -240,7 +343,7 @@ class Store:
 
     async def replan_backup(self, backup_id: str, level: Level, parent: str | None) -> None:
         """A running backup changed level (its incremental became a full)."""
-        await self._db.execute(
+        await self._execute(
             "UPDATE backups SET level = ?, parent_id = ? WHERE id = ? AND status = 'running'",
             (level.value, parent, backup_id),
         )
@@ -249,27 +352,28 @@ class Store:
         self, backup_id: str, finished: datetime, path: str, disks: Sequence[DiskRecord]
     ) -> None:
         """Record the disks and mark the backup complete, in one transaction."""
-        await self._db.execute("BEGIN IMMEDIATE")
-        try:
-            for d in disks:
-                await self._db.execute(
-                    """INSERT INTO backup_disks(backup_id, disk, path, virtual_size, bytes_read,
-                           bytes_written, bytes_zeroed, digest, grid, ranges)
-                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                    (
-                        backup_id,
-                        d.disk,
-                        d.path,
-                        d.virtual_size,
-                        d.bytes_read,
-                        d.bytes_written,
-                        d.bytes_zeroed,
-                        d.digest,
-                        d.grid,
-                        d.ranges,
-                    ),
-                )
-            await self._db.execute(
+        statements: list[tuple[str, Sequence[object]]] = [
+            (
+                """INSERT INTO backup_disks(backup_id, disk, path, virtual_size, bytes_read,
+                       bytes_written, bytes_zeroed, digest, grid, ranges)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    backup_id,
+                    d.disk,
+                    d.path,
+                    d.virtual_size,
+                    d.bytes_read,
+                    d.bytes_written,
+                    d.bytes_zeroed,
+                    d.digest,
+                    d.grid,
+                    d.ranges,
+                ),
+            )
+            for d in disks
+        ]
+        statements += [
+            (
                 """UPDATE backups SET status = 'complete', finished = ?, path = ?,
                        bytes_read = ?, bytes_written = ? WHERE id = ?""",
                 (
@@ -279,83 +383,82 @@ class Store:
                     sum(d.bytes_written for d in disks),
                     backup_id,
                 ),
-            )
-            await self._db.execute("DELETE FROM progress WHERE backup_id = ?", (backup_id,))
-            await self._db.execute("COMMIT")
-        except BaseException:
-            await self._db.execute("ROLLBACK")
-            raise
+            ),
+            ("DELETE FROM progress WHERE backup_id = ?", (backup_id,)),
+        ]
+        await self._transaction(statements)
 
     async def rechain_backup(
         self, backup_id: str, parent: str | None, disks: Sequence[DiskRecord]
     ) -> None:
         """A merge gave the backup another parent and grew its ranges."""
-        await self._db.execute("BEGIN IMMEDIATE")
-        try:
-            await self._db.execute(
-                "UPDATE backups SET parent_id = ? WHERE id = ?", (parent, backup_id)
+        statements: list[tuple[str, Sequence[object]]] = [
+            ("UPDATE backups SET parent_id = ? WHERE id = ?", (parent, backup_id))
+        ]
+        statements += [
+            (
+                """UPDATE backup_disks SET digest = ?, grid = ?, ranges = ?
+                   WHERE backup_id = ? AND disk = ?""",
+                (d.digest, d.grid, d.ranges, backup_id, d.disk),
             )
-            for d in disks:
-                await self._db.execute(
-                    """UPDATE backup_disks SET digest = ?, grid = ?, ranges = ?
-                       WHERE backup_id = ? AND disk = ?""",
-                    (d.digest, d.grid, d.ranges, backup_id, d.disk),
-                )
-            await self._db.execute("COMMIT")
-        except BaseException:
-            await self._db.execute("ROLLBACK")
-            raise
+            for d in disks
+        ]
+        await self._transaction(statements)
 
     async def delete_backup(self, backup_id: str) -> None:
         """Forget a pruned backup (its children were re-parented first)."""
-        await self._db.execute("BEGIN IMMEDIATE")
-        try:
-            await self._db.execute(
-                "UPDATE backups SET parent_id = NULL WHERE parent_id = ?", (backup_id,)
-            )
-            await self._db.execute("DELETE FROM progress WHERE backup_id = ?", (backup_id,))
-            await self._db.execute("DELETE FROM backup_disks WHERE backup_id = ?", (backup_id,))
-            await self._db.execute("DELETE FROM backups WHERE id = ?", (backup_id,))
-            await self._db.execute("COMMIT")
-        except BaseException:
-            await self._db.execute("ROLLBACK")
-            raise
+        await self._transaction(
+            [
+                ("UPDATE backups SET parent_id = NULL WHERE parent_id = ?", (backup_id,)),
+                ("DELETE FROM progress WHERE backup_id = ?", (backup_id,)),
+                ("DELETE FROM backup_disks WHERE backup_id = ?", (backup_id,)),
+                ("DELETE FROM backups WHERE id = ?", (backup_id,)),
+            ]
+        )
 
     async def fail_backup(self, backup_id: str, finished: datetime, error: str) -> None:
-        await self._db.execute(
-            """UPDATE backups SET status = 'failed', finished = ?, error = ?
-               WHERE id = ? AND status = 'running'""",
-            (_ts(finished), error, backup_id),
+        await self._transaction(
+            [
+                (
+                    """UPDATE backups SET status = 'failed', finished = ?, error = ?
+                       WHERE id = ? AND status = 'running'""",
+                    (_ts(finished), error, backup_id),
+                ),
+                ("DELETE FROM progress WHERE backup_id = ?", (backup_id,)),
+            ]
         )
-        await self._db.execute("DELETE FROM progress WHERE backup_id = ?", (backup_id,))
 
     async def set_progress(
         self, backup_id: str, done: int, total: int, rate: float, now: datetime
     ) -> None:
-        await self._db.execute(
+        await self._execute(
             """INSERT INTO progress(backup_id, done, total, rate, updated) VALUES (?, ?, ?, ?, ?)
                ON CONFLICT(backup_id) DO UPDATE SET done = excluded.done,
                    total = excluded.total, rate = excluded.rate, updated = excluded.updated""",
             (backup_id, done, total, rate, _ts(now)),
         )
 
-    async def running_progress(self) -> list[dict[str, Any]]:
-        """Running backups with their last published progress."""
-        async with self._db.execute(
-            """SELECT b.id, b.domain_name, p.done, p.total, p.rate, p.updated
-               FROM backups b JOIN progress p ON p.backup_id = b.id
+    async def running_progress(self) -> list[RunningJob]:
+        """Running backups with their last published progress (zero until
+        the job has published any)."""
+        rows = await self._fetchall(
+            """SELECT b.id, b.domain_name, b.domain_uuid, b.level, b.started,
+                      p.done, p.total, p.rate, p.updated
+               FROM backups b LEFT JOIN progress p ON p.backup_id = b.id
                WHERE b.status = 'running' ORDER BY b.started"""
-        ) as cur:
-            rows = await cur.fetchall()
+        )
         return [
-            {
-                "backup_id": r[0],
-                "domain": r[1],
-                "done": r[2],
-                "total": r[3],
-                "rate": r[4],
-                "updated": r[5],
-            }
+            RunningJob(
+                backup_id=r["id"],
+                domain=r["domain_name"],
+                domain_uuid=r["domain_uuid"],
+                level=Level(r["level"]),
+                started=_req(r["started"]),
+                done=r["done"] or 0,
+                total=r["total"] or 0,
+                rate=r["rate"] or 0.0,
+                updated=_dt(r["updated"]),
+            )
             for r in rows
         ]
 
@@ -377,14 +480,12 @@ class Store:
             sql += " AND status = ?"
             args.append(status.value)
         sql += " ORDER BY started, id"
-        async with self._db.execute(sql, args) as cur:
-            rows = await cur.fetchall()
+        rows = await self._fetchall(sql, args)
         out = []
         for r in rows:
-            async with self._db.execute(
+            disks = await self._fetchall(
                 "SELECT * FROM backup_disks WHERE backup_id = ? ORDER BY disk", (r["id"],)
-            ) as cur:
-                disks = await cur.fetchall()
+            )
             out.append(
                 BackupRecord(
                     id=r["id"],

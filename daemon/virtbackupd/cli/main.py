@@ -2,7 +2,8 @@
 
 Global options come before the command: ``virtbackup [-c CONFIG] [--json]
 COMMAND ...``. Every failure ends with one clear line on stderr and a
-non-zero exit: 1 for a failed operation, 2 for bad input (usage, config).
+non-zero exit: 1 for a failed operation, 2 for bad input (usage, config,
+an unknown domain, backup, disk or time).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,21 +21,33 @@ from typing import Any
 
 from virtbackupd import __version__, logs
 from virtbackupd.adapters.libvirt_conn import Libvirt
-from virtbackupd.adapters.store import Store
+from virtbackupd.adapters.store import Store, StoreDamagedError
+from virtbackupd.cli import status as status_view
+from virtbackupd.cli.progress import ProgressLine, progress_text
 from virtbackupd.config.daemon import DaemonConfig, config_path, load_config
-from virtbackupd.config.policy import load_policies, policy_files
+from virtbackupd.config.policy import load_policies, missing_dirs, policy_files
 from virtbackupd.core.points import parse_time, pick_backup
-from virtbackupd.core.policy import Level, Policy, policy_for
+from virtbackupd.core.policy import Level, Policy, coverage, policy_for
 from virtbackupd.core.records import BackupRecord, BackupStatus, DomainRecord
+from virtbackupd.daemon.status_file import read_status
 from virtbackupd.engine import restore
 from virtbackupd.engine.backup import BackupContext, JobProgress, backup_domain
 from virtbackupd.engine.copy import CopyProgress
-from virtbackupd.engine.locks import domain_lock
+from virtbackupd.engine.locks import domain_lock, request_cancel
 from virtbackupd.engine.prune import describe, prune_under_policy
 from virtbackupd.engine.reindex import reindex
-from virtbackupd.engine.repository import being_removed, read_manifest
+from virtbackupd.engine.repository import being_removed, count_backup_folders, read_manifest
 from virtbackupd.engine.verify import verify_recorded
-from virtbackupd.errors import ConfigError, RestoreError, VirtBackupError
+from virtbackupd.errors import (
+    ConfigError,
+    DomainNotFoundError,
+    InputError,
+    RestoreError,
+    VirtBackupError,
+)
+
+#: How long `cancel` waits for the job to finish its clean-up.
+CANCEL_WAIT_S = 120
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("--backup", metavar="ID", help="only this backup")
     sub.add_parser("reindex", help="rebuild the state database from the backup repository")
     sub.add_parser("status", help="the daemon, each domain's last good backup, running jobs")
+    cn = sub.add_parser(
+        "cancel", help="cancel the running backup of a domain (cleaned up like any failure)"
+    )
+    cn.add_argument("domain", help="domain name or UUID")
     pol = sub.add_parser("policy", help="policy files")
     polsub = pol.add_subparsers(dest="policy_command", metavar="SUBCOMMAND", required=True)
     chk = polsub.add_parser(
@@ -112,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return asyncio.run(_run(args))
-    except ConfigError as exc:
+    except InputError as exc:
         print(f"virtbackup: {exc}", file=sys.stderr)
         return 2
     except VirtBackupError as exc:
@@ -121,13 +139,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("virtbackup: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`virtbackup status | head`): stop quietly
+        # like any Unix filter; keep Python from complaining at exit too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell shows for such a filter
 
 
 async def _run(args: argparse.Namespace) -> int:
     if args.command == "policy":
-        return _policy_check(args)
+        return await _policy_check(args)
     config = load_config(config_path(args.config))
     logs.configure(config.log_level, "json" if args.json else "console")
+    if args.command == "reindex":
+        return await _reindex(args, config)
     async with Store.open(config.state_db) as store:
         if args.command == "list":
             return await _list(args, config, store)
@@ -137,18 +163,10 @@ async def _run(args: argparse.Namespace) -> int:
             return await _verify(args, config, store)
         if args.command == "prune":
             return await _prune(args, config, store)
+        if args.command == "cancel":
+            return await _cancel(args, config, store)
         if args.command == "restore" and not args.in_place and not args.define:
             return await _restore(args, config, store, None)
-        if args.command == "reindex":
-            roots = {config.backup_root} | {p.target for p in _policies(config) if p.target}
-            total = 0
-            for root in sorted(roots):
-                added, problems = await reindex(store, root)
-                total += added
-                for line in problems:
-                    print(f"virtbackup: warning: {line}", file=sys.stderr)
-            print(json.dumps({"added": total}) if args.json else f"{total} backup(s) added")
-            return 0
         async with await Libvirt.open(config.libvirt_uri) as lv:
             if args.command == "backup":
                 return await _backup(args, config, store, lv)
@@ -159,25 +177,115 @@ async def _run(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
-def _policies(config: DaemonConfig) -> list[Policy]:
+def _roots(config: DaemonConfig, policies: Sequence[Policy]) -> set[Path]:
+    return {config.backup_root} | {p.target for p in policies if p.target}
+
+
+async def _reindex(args: argparse.Namespace, config: DaemonConfig) -> int:
+    """Rebuild the catalogue from the repository. A damaged database is
+    moved aside (kept for inspection, never deleted) and a new one built."""
+    moved: Path | None = None
+    try:
+        async with Store.open(config.state_db, create=False) as probe:
+            await probe.check_integrity()
+    except StoreDamagedError as exc:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        moved = config.state_db.with_name(f"{config.state_db.name}.damaged-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            part = Path(f"{config.state_db}{suffix}")
+            if part.exists():
+                part.rename(Path(f"{moved}{suffix}"))
+        print(f"virtbackup: {exc.path}: damaged ({exc}); moved aside to {moved}", file=sys.stderr)
+    except VirtBackupError:
+        pass  # no database yet: reindex creates it
+    total = 0
+    async with Store.open(config.state_db) as store:
+        for root in sorted(_roots(config, _policies(config))):
+            added, problems = await reindex(store, root)
+            total += added
+            for line in problems:
+                print(f"virtbackup: warning: {line}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"added": total, "moved_aside": str(moved) if moved else None}))
+    else:
+        print(f"{total} backup(s) added")
+    return 0
+
+
+async def _warn_if_catalogue_empty(config: DaemonConfig, store: Store) -> None:
+    """An empty catalogue beside a repository that holds backups (state.db
+    lost or replaced): say so, instead of showing nothing."""
+    if await store.backups():
+        return
+    found = sum(count_backup_folders(r) for r in _roots(config, _policies(config, quiet=True)))
+    if found:
+        print(
+            f"virtbackup: warning: {store.path} records no backup, but the repository holds "
+            f"{found} backup folder(s); `virtbackup reindex` rebuilds the catalogue",
+            file=sys.stderr,
+        )
+
+
+def _policies(config: DaemonConfig, quiet: bool = False) -> list[Policy]:
     policies, errors = load_policies(policy_files(config.policy_dirs))
-    for e in errors:
+    for e in [] if quiet else errors:
         print(f"virtbackup: warning: {e}", file=sys.stderr)
     return policies
 
 
-def _policy_check(args: argparse.Namespace) -> int:
+async def _libvirt_domains(uri: str) -> list[tuple[str, str]] | None:
+    """(name, uuid) of every domain, or None when libvirt is unreachable."""
+    try:
+        async with await Libvirt.open(uri) as lv:
+            return [(d.name, d.uuid) for d in await lv.domains()]
+    except VirtBackupError:
+        return None
+
+
+async def _policy_check(args: argparse.Namespace) -> int:
+    """Errors: a file that does not load, a domain two policies govern.
+    Warnings: a pattern that matches no domain, a missing or empty policy
+    folder, libvirt unreachable (then only the files are checked)."""
+    warnings: list[str] = []
     files = list(args.files)
-    if not files:
+    config: DaemonConfig | None = None
+    try:
         config = load_config(config_path(args.config))
+    except ConfigError:
+        if not files:
+            raise  # no file named and no config: nothing to check
+    if not files:
+        assert config is not None
+        for d in missing_dirs(config.policy_dirs):
+            warnings.append(
+                f"{d}: the policy folder does not exist (the daemon refuses to start without it)"
+            )
         files = policy_files(config.policy_dirs)
-    policies, errors = load_policies(files)
+        if not files:
+            dirs = ", ".join(str(d) for d in config.policy_dirs)
+            warnings.append(f"no policy files (*.yaml) in {dirs}: no domain would be backed up")
+    policies, load_errors = load_policies(files)
+    errors = [str(e) for e in load_errors]
+    uri = config.libvirt_uri if config is not None else "qemu:///system"
+    domains = await _libvirt_domains(uri)
+    if domains is None:
+        warnings.append(f"libvirt at {uri} is unreachable: policies not checked against domains")
+    else:
+        cov = coverage(policies, domains)
+        errors += cov.errors
+        warnings += cov.warnings
     for e in errors:
-        print(f"virtbackup: {e}", file=sys.stderr)
+        print(f"virtbackup: error: {e}", file=sys.stderr)
+    for w in warnings:
+        print(f"virtbackup: warning: {w}", file=sys.stderr)
     if args.json:
         print(
             json.dumps(
-                {"valid": [str(p.source) for p in policies], "errors": [str(e) for e in errors]}
+                {
+                    "valid": [str(p.source) for p in policies],
+                    "errors": errors,
+                    "warnings": warnings,
+                }
             )
         )
     else:
@@ -191,26 +299,20 @@ async def _backup(args: argparse.Namespace, config: DaemonConfig, store: Store, 
     policy = policy_for(ref.name, ref.uuid, _policies(config)) or Policy(
         source=Path("<command line>"), domains=(ref.name,)
     )
-    show = sys.stderr.isatty() and not args.json
+    line = ProgressLine(sys.stderr.isatty() and not args.json)
 
     def progress(p: JobProgress) -> None:
-        if show and p.size:
-            pct = 100 * p.position / p.size
-            print(
-                f"\r{p.domain}: {pct:5.1f}% walked, {p.done / 2**20:,.0f} MiB copied",
-                end="",
-                file=sys.stderr,
-                flush=True,
-            )
+        line.show(progress_text(p.domain, p.done, p.total, p.rate(), p.eta()))
 
-    record = await backup_domain(
-        BackupContext(config, store, lv, policy),
-        ref.uuid,
-        want=Level.FULL if args.full else None,
-        progress=progress,
-    )
-    if show:
-        print(file=sys.stderr)
+    try:
+        record = await backup_domain(
+            BackupContext(config, store, lv, policy),
+            ref.uuid,
+            want=Level.FULL if args.full else None,
+            progress=progress,
+        )
+    finally:
+        line.end()
     if args.json:
         print(json.dumps(record.as_json(), indent=2))
     else:
@@ -218,25 +320,41 @@ async def _backup(args: argparse.Namespace, config: DaemonConfig, store: Store, 
     return 0
 
 
-async def _domain_of(store: Store, name_or_uuid: str) -> DomainRecord:
+async def _domain_of(store: Store, config: DaemonConfig, name_or_uuid: str) -> DomainRecord:
+    """The domain by UUID or name: the catalogue first, then libvirt (a
+    renamed domain is found under its new name, a domain never backed up
+    is known). Unknown everywhere: an input error."""
     dom = await store.domain(name_or_uuid) or await store.domain_by_name(name_or_uuid)
-    if dom is None:
-        raise VirtBackupError(f"no backups are recorded for a domain '{name_or_uuid}'")
-    return dom
+    if dom is not None:
+        return dom
+    try:
+        async with await Libvirt.open(config.libvirt_uri) as lv:
+            ref = await lv.domain(name_or_uuid)
+    except DomainNotFoundError:
+        raise DomainNotFoundError(
+            f"no domain '{name_or_uuid}': libvirt does not know it and no backups of it "
+            "are recorded (`virtbackup list` shows the recorded ones)"
+        ) from None
+    except VirtBackupError as exc:
+        raise DomainNotFoundError(
+            f"no backups are recorded for a domain '{name_or_uuid}', and libvirt cannot be "
+            f"asked for it ({exc})"
+        ) from exc
+    now = datetime.now(UTC)
+    return await store.domain(ref.uuid) or DomainRecord(ref.uuid, ref.name, now, now, None)
 
 
-def _disk_progress(enabled: bool) -> restore.ProgressFn | None:
-    if not enabled:
+def _disk_progress(line: ProgressLine) -> restore.ProgressFn | None:
+    if not line.enabled:
         return None
+    started = time.monotonic()
 
     def show(disk: str, p: CopyProgress) -> None:
-        pct = 100 * p.position / p.size if p.size else 100
-        print(
-            f"\r{disk}: {pct:5.1f}% walked, {p.bytes_written / 2**20:,.0f} MiB written",
-            end="",
-            file=sys.stderr,
-            flush=True,
-        )
+        elapsed = time.monotonic() - started
+        rate = p.bytes_read / elapsed if elapsed > 0 else 0.0
+        total = p.total_estimate
+        eta = (total - p.bytes_read) / rate if rate > 0 and total >= p.bytes_read else None
+        line.show(progress_text(disk, p.bytes_read, total, rate, eta))
 
     return show
 
@@ -246,7 +364,7 @@ async def _restore(
 ) -> int:
     if args.define and args.in_place:
         raise ConfigError("--define needs --to DIR (a new domain gets new images)")
-    dom = await _domain_of(store, args.domain)
+    dom = await _domain_of(store, config, args.domain)
     at = parse_time(args.at) if args.at else None
     record = pick_backup(await store.backups(dom.uuid), args.backup, at)
     if record.path is None:
@@ -259,26 +377,27 @@ async def _restore(
         )
     manifest = read_manifest(folder)
     disks = restore.disks_of(manifest, args.disk)
-    show = sys.stderr.isatty() and not args.json
+    line = ProgressLine(sys.stderr.isatty() and not args.json)
     with domain_lock(config.runtime_dir, dom.uuid, dom.name, "restore"):
-        if args.in_place:
-            assert lv is not None
-            ref = await lv.domain(dom.uuid)
-            done = await restore.restore_in_place(
-                lv, store, ref, folder, disks, config.runtime_dir, _disk_progress(show)
-            )
-        else:
-            done = await restore.restore_to_dir(
-                folder,
-                disks,
-                args.to.absolute(),
-                args.format,
-                config.runtime_dir,
-                args.force,
-                _disk_progress(show),
-            )
-    if show:
-        print(file=sys.stderr)
+        try:
+            if args.in_place:
+                assert lv is not None
+                ref = await lv.domain(dom.uuid)
+                done = await restore.restore_in_place(
+                    lv, store, ref, folder, disks, config.runtime_dir, _disk_progress(line)
+                )
+            else:
+                done = await restore.restore_to_dir(
+                    folder,
+                    disks,
+                    args.to.absolute(),
+                    args.format,
+                    config.runtime_dir,
+                    args.force,
+                    _disk_progress(line),
+                )
+        finally:
+            line.end()
     out: dict[str, Any] = {
         "backup": record.id,
         "disks": [
@@ -308,7 +427,7 @@ async def _restore(
 
 async def _prune(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
     if args.domain:
-        domains = [await _domain_of(store, args.domain)]
+        domains = [await _domain_of(store, config, args.domain)]
     else:
         seen = {b.domain_uuid for b in await store.backups()}
         domains = [d for u in sorted(seen) if (d := await store.domain(u)) is not None]
@@ -351,7 +470,7 @@ async def _prune(args: argparse.Namespace, config: DaemonConfig, store: Store) -
 
 
 async def _verify(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
-    uuid = (await _domain_of(store, args.domain)).uuid if args.domain else None
+    uuid = (await _domain_of(store, config, args.domain)).uuid if args.domain else None
     backups = [
         b
         for b in await store.backups(uuid, status=BackupStatus.COMPLETE)
@@ -385,8 +504,10 @@ def _line(b: BackupRecord) -> str:
 
 
 async def _list(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
-    uuid = (await _domain_of(store, args.domain)).uuid if args.domain else None
+    uuid = (await _domain_of(store, config, args.domain)).uuid if args.domain else None
     backups = await store.backups(uuid)
+    if uuid is None:
+        await _warn_if_catalogue_empty(config, store)
     if args.json:
         print(json.dumps([b.as_json() for b in backups], indent=2))
     else:
@@ -395,78 +516,47 @@ async def _list(args: argparse.Namespace, config: DaemonConfig, store: Store) ->
     return 0
 
 
-def _daemon_state(config: DaemonConfig) -> dict[str, Any] | None:
-    path = config.runtime_dir / "daemon.json"
-    try:
-        data: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    try:
-        os.kill(int(data["pid"]), 0)
-    except (OSError, KeyError, ValueError):
-        return None  # left by a daemon that is gone
-    return data
-
-
 async def _status(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
-    daemon = _daemon_state(config)
-    now = datetime.now(UTC)
-    backups = await store.backups()
+    daemon = read_status(config.runtime_dir)
+    await _warn_if_catalogue_empty(config, store)
+    # The daemon's view of libvirt's domains when it runs; else ask libvirt.
+    domains = None if daemon is not None else await _libvirt_domains(config.libvirt_uri)
+    rows, unmanaged = status_view.build_rows(
+        datetime.now(UTC), await store.backups(), _policies(config), domains, daemon
+    )
     running = await store.running_progress()
-    domains: dict[str, dict[str, Any]] = {}
-    for b in backups:
-        d = domains.setdefault(
-            b.domain_uuid,
-            {"domain": b.domain_name, "uuid": b.domain_uuid, "last_good": None, "chain_length": 0},
-        )
-        if b.status is BackupStatus.COMPLETE:
-            d["last_good"] = b.id
-            d["last_good_age_s"] = int((now - (b.finished or b.started)).total_seconds())
-            d["chain_length"] = 0 if b.parent is None else d["chain_length"] + 1
-    policies = _policies(config)
-    for d in domains.values():
-        try:
-            p = policy_for(d["domain"], d["uuid"], policies)
-        except ConfigError:
-            p = None  # overlapping policies: `policy check` says which
-        d["policy"] = str(p.source) if p else None
-        d["next_runs"] = (daemon or {}).get("next_runs", {}).get(d["uuid"], {})
-    domain_rows = list(domains.values())
-    out: dict[str, Any] = {
-        "daemon": None
-        if daemon is None
-        else {
-            "pid": daemon["pid"],
-            "up_since": daemon["started"],
-            "libvirt_uri": daemon["libvirt_uri"],
-            "libvirt_connected": daemon["libvirt_connected"],
-            "queued": daemon["queued"],
-        },
-        "domains": domain_rows,
-        "running": running,
-    }
-    if args.json:
-        print(json.dumps(out, indent=2))
-        return 0
-    if daemon is None:
-        print("daemon: not running")
-    else:
-        state = "reachable" if daemon["libvirt_connected"] else "NOT reachable"
-        print(
-            f"daemon: pid {daemon['pid']}, up since {daemon['started']}, "
-            f"libvirt {daemon['libvirt_uri']} {state}, {len(daemon['queued'])} queued"
-        )
-    for d in domain_rows:
-        age = d.get("last_good_age_s")
-        age_text = f"{age // 3600}h{age % 3600 // 60:02d}m ago" if age is not None else "never"
-        nxt = ", ".join(f"{k} {v}" for k, v in d["next_runs"].items()) or "-"
-        print(
-            f"{d['domain']:20} last good {d['last_good'] or '-'} ({age_text}), "
-            f"chain {d['chain_length']}, next: {nxt}"
-        )
-    for r in running:
-        pct = 100 * r["done"] / r["total"] if r["total"] else 0
-        print(f"running: {r['domain']} {r['backup_id']} {pct:.0f}% ({r['rate'] / 2**20:.1f} MiB/s)")
+    print(status_view.render(daemon, rows, unmanaged, running, args.json))
+    return 0
+
+
+async def _cancel(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
+    """Ask the process running the domain's backup (daemon or CLI) to
+    cancel it, and wait until its clean-up has recorded it failed."""
+    dom = await _domain_of(store, config, args.domain)
+    running = [j for j in await store.running_progress() if j.domain_uuid == dom.uuid]
+    if not running:
+        print(f"virtbackup: no backup of {dom.name} is running", file=sys.stderr)
+        return 1
+    request_cancel(config.runtime_dir, dom.uuid)
+    deadline = time.monotonic() + CANCEL_WAIT_S
+    ids = {j.backup_id for j in running}
+    while True:
+        left = [b for b in await store.backups(dom.uuid) if b.id in ids]
+        if all(b.status is not BackupStatus.RUNNING for b in left):
+            break
+        if time.monotonic() > deadline:
+            print(
+                f"virtbackup: the backup of {dom.name} has not ended {CANCEL_WAIT_S} s after "
+                "the cancel request; `virtbackup status` shows it",
+                file=sys.stderr,
+            )
+            return 1
+        await asyncio.sleep(0.3)
+    for b in left:
+        if args.json:
+            print(json.dumps(b.as_json(), indent=2))
+        else:
+            print(f"cancelled backup {b.id} of {dom.name}: {b.status.value} ({b.error})")
     return 0
 
 

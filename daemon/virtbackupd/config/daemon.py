@@ -88,4 +88,5 @@ def load_config(path: Path) -> DaemonConfig:
         cfg["log_format"] = src.choice(log["format"], "log.format", LOG_FORMATS)
     if "level" in log:
         cfg["log_level"] = src.choice(log["level"], "log.level", LOG_LEVELS)
+    src.raise_errors()
     return DaemonConfig(**cfg)  # type: ignore[arg-type]

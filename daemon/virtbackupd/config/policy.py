@@ -7,8 +7,9 @@ import uuid as uuidlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from virtbackupd.config.yamlnodes import Source
+from virtbackupd.config.yamlnodes import FileProblemsError, Source
 from virtbackupd.core.backup_documents import RawDisks
+from virtbackupd.core.cron import parse_cron
 from virtbackupd.core.policy import EventAction, Policy, Quiesce, Retention
 from virtbackupd.errors import ConfigError
 
@@ -50,9 +51,7 @@ def parse_rate(text: str) -> int:
 
 
 def _cron(expr: str) -> str:
-    from virtbackupd.adapters.scheduler import validate_cron
-
-    validate_cron(expr)
+    parse_cron(expr)
     return expr
 
 
@@ -61,68 +60,98 @@ def _uuid(text: str) -> str:
 
 
 def load_policy(path: Path) -> Policy:
+    """Read one policy file; every problem in it is reported at once
+    (FileProblemsError), in line order."""
     src = Source.read(path)
     keys = src.mapping(src.root, "", TOP_KEYS)
-    if src.root is None or not keys:
+    if src.root is None or (not keys and not src.errors):
         raise ConfigError(f"{path}: empty policy (it needs at least `domains:` or `uuids:`)")
     kw: dict[str, object] = {"source": path}
     for key in ("domains", "exclude_domains"):
         if key in keys:
-            kw[key] = src.string_list(keys[key], key)
+            with src.collecting():
+                kw[key] = src.string_list(keys[key], key)
     if "uuids" in keys:
-        node = keys["uuids"]
-        items = node.value if hasattr(node, "value") and isinstance(node.value, list) else []
-        kw["uuids"] = (
-            tuple(
-                src.checked(n, f"uuids[{i}]", _uuid, "a UUID").lower() for i, n in enumerate(items)
+        with src.collecting():
+            node = keys["uuids"]
+            items = node.value if isinstance(node.value, list) else []
+            kw["uuids"] = (
+                tuple(
+                    src.checked(n, f"uuids[{i}]", _uuid, "a UUID").lower()
+                    for i, n in enumerate(items)
+                )
+                if items
+                else src.string_list(node, "uuids")
             )
-            if items
-            else src.string_list(node, "uuids")
+    if not kw.get("domains") and not kw.get("uuids") and not src.errors:
+        src.errors.append(
+            src.error(src.root, "domains", "a policy must name domains (`domains:` or `uuids:`)")
         )
-    if not kw.get("domains") and not kw.get("uuids"):
-        raise src.error(src.root, "domains", "a policy must name domains (`domains:` or `uuids:`)")
 
-    disks = src.mapping(keys.get("disks"), "disks", ["include", "exclude", "raw"])
-    if "include" in disks:
-        kw["include_disks"] = frozenset(src.string_list(disks["include"], "disks.include"))
-    if "exclude" in disks:
-        kw["exclude_disks"] = frozenset(src.string_list(disks["exclude"], "disks.exclude"))
-    if "raw" in disks:
-        kw["raw"] = RawDisks(src.choice(disks["raw"], "disks.raw", [r.value for r in RawDisks]))
+    with src.collecting():
+        disks = src.mapping(keys.get("disks"), "disks", ["include", "exclude", "raw"])
+        if "include" in disks:
+            with src.collecting():
+                kw["include_disks"] = frozenset(src.string_list(disks["include"], "disks.include"))
+        if "exclude" in disks:
+            with src.collecting():
+                kw["exclude_disks"] = frozenset(src.string_list(disks["exclude"], "disks.exclude"))
+        if "raw" in disks:
+            with src.collecting():
+                kw["raw"] = RawDisks(
+                    src.choice(disks["raw"], "disks.raw", [r.value for r in RawDisks])
+                )
 
-    schedule = src.mapping(keys.get("schedule"), "schedule", ["full", "incremental", "verify"])
-    for level in ("full", "incremental", "verify"):
-        if level in schedule and src.scalar(schedule[level], f"schedule.{level}") is not None:
-            kw[f"{level}_schedule"] = src.checked(
-                schedule[level],
-                f"schedule.{level}",
-                _cron,
-                "a cron expression with 5 fields (minute hour day month weekday)",
+    with src.collecting():
+        schedule = src.mapping(keys.get("schedule"), "schedule", ["full", "incremental", "verify"])
+        for level in ("full", "incremental", "verify"):
+            with src.collecting():
+                if level in schedule and src.scalar(schedule[level], f"schedule.{level}"):
+                    kw[f"{level}_schedule"] = src.checked(
+                        schedule[level],
+                        f"schedule.{level}",
+                        _cron,
+                        "a crontab(5) expression: minute hour day-of-month month day-of-week",
+                    )
+
+    with src.collecting():
+        chain = src.mapping(keys.get("chain"), "chain", ["max_incrementals"])
+        if "max_incrementals" in chain:
+            kw["max_incrementals"] = src.integer(
+                chain["max_incrementals"], "chain.max_incrementals"
             )
 
-    chain = src.mapping(keys.get("chain"), "chain", ["max_incrementals"])
-    if "max_incrementals" in chain:
-        kw["max_incrementals"] = src.integer(chain["max_incrementals"], "chain.max_incrementals")
+    with src.collecting():
+        retention = src.mapping(keys.get("retention"), "retention", RETENTION_KEYS)
+        kept: dict[str, int] = {}
+        for k, v in retention.items():
+            with src.collecting():
+                kept[k] = src.integer(v, f"retention.{k}")
+        kw["retention"] = Retention(**kept)
 
-    retention = src.mapping(keys.get("retention"), "retention", RETENTION_KEYS)
-    kw["retention"] = Retention(
-        **{k: src.integer(v, f"retention.{k}") for k, v in retention.items()}
-    )
-
-    events = src.mapping(keys.get("events"), "events", ["on_shutdown", "on_define"])
-    for ev in ("on_shutdown", "on_define"):
-        if ev in events:
-            kw[ev] = EventAction(
-                src.choice(events[ev], f"events.{ev}", [a.value for a in EventAction])
-            )
+    with src.collecting():
+        events = src.mapping(keys.get("events"), "events", ["on_shutdown", "on_define"])
+        for ev in ("on_shutdown", "on_define"):
+            if ev in events:
+                with src.collecting():
+                    kw[ev] = EventAction(
+                        src.choice(events[ev], f"events.{ev}", [a.value for a in EventAction])
+                    )
     if "quiesce" in keys:
-        kw["quiesce"] = Quiesce(src.choice(keys["quiesce"], "quiesce", [q.value for q in Quiesce]))
-    if "bandwidth" in keys and src.scalar(keys["bandwidth"], "bandwidth") is not None:
-        kw["bandwidth"] = src.checked(
-            keys["bandwidth"], "bandwidth", parse_rate, "a rate such as 200MiB (per second)"
-        )
+        with src.collecting():
+            kw["quiesce"] = Quiesce(
+                src.choice(keys["quiesce"], "quiesce", [q.value for q in Quiesce])
+            )
+    if "bandwidth" in keys:
+        with src.collecting():
+            if src.scalar(keys["bandwidth"], "bandwidth") is not None:
+                kw["bandwidth"] = src.checked(
+                    keys["bandwidth"], "bandwidth", parse_rate, "a rate such as 200MiB (per second)"
+                )
     if "target" in keys:
-        kw["target"] = path.resolve().parent / src.string(keys["target"], "target")
+        with src.collecting():
+            kw["target"] = path.resolve().parent / src.string(keys["target"], "target")
+    src.raise_errors()
     return Policy(**kw)  # type: ignore[arg-type]
 
 
@@ -134,6 +163,11 @@ def policy_files(dirs: Iterable[Path]) -> list[Path]:
     return files
 
 
+def missing_dirs(dirs: Iterable[Path]) -> list[Path]:
+    """Configured policy folders that do not exist (or are no folder)."""
+    return [d for d in dirs if not d.is_dir()]
+
+
 def load_policies(files: Sequence[Path]) -> tuple[list[Policy], list[ConfigError]]:
     """Every policy that loads, and an error for every one that does not;
     the same domain pattern or UUID in two files is an error too."""
@@ -142,6 +176,8 @@ def load_policies(files: Sequence[Path]) -> tuple[list[Policy], list[ConfigError
     for f in files:
         try:
             policies.append(load_policy(f))
+        except FileProblemsError as exc:
+            errors += exc.errors
         except ConfigError as exc:
             errors.append(exc)
     seen: dict[str, Path] = {}

@@ -6,7 +6,8 @@ loaded dicts) lets every message say ``file:line: key: problem``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -17,11 +18,21 @@ from virtbackupd.errors import ConfigError
 T = TypeVar("T")
 
 
+class FileProblemsError(ConfigError):
+    """Every problem found in one file, in line order (``errors``)."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        super().__init__("\n".join(str(e) for e in errors))
+        self.errors = errors
+
+
 class Source:
-    """One YAML file being read."""
+    """One YAML file being read. Problems are collected (``collecting``)
+    so that one reading reports all of them, not only the first."""
 
     def __init__(self, path: Path, text: str) -> None:
         self.path = path
+        self.errors: list[ConfigError] = []
         try:
             self.root = yaml.compose(text, Loader=yaml.SafeLoader)
         except yaml.YAMLError as exc:
@@ -39,14 +50,34 @@ class Source:
             raise ConfigError(f"{path}: not UTF-8 text") from exc
 
     def error(self, node: yaml.Node | None, key: str, problem: str) -> ConfigError:
-        line = f":{node.start_mark.line + 1}" if node is not None else ""
+        number = node.start_mark.line + 1 if node is not None else 0
+        line = f":{number}" if node is not None else ""
         where = f" {key}:" if key else ""
-        return ConfigError(f"{self.path}{line}:{where} {problem}")
+        err = ConfigError(f"{self.path}{line}:{where} {problem}")
+        err.line = number  # type: ignore[attr-defined]
+        return err
+
+    @contextmanager
+    def collecting(self) -> Iterator[None]:
+        """Record a ConfigError raised inside and go on with the next part."""
+        try:
+            yield
+        except FileProblemsError as exc:
+            self.errors += exc.errors
+        except ConfigError as exc:
+            self.errors.append(exc)
+
+    def raise_errors(self) -> None:
+        """Raise every collected problem at once, in line order."""
+        if self.errors:
+            ordered = sorted(self.errors, key=lambda e: getattr(e, "line", 0))
+            raise FileProblemsError(ordered) if len(ordered) > 1 else ordered[0]
 
     def mapping(
         self, node: yaml.Node | None, key: str, allowed: Iterable[str]
     ) -> dict[str, yaml.Node]:
-        """A mapping's entries by key; unknown and repeated keys are errors."""
+        """A mapping's entries by key; unknown and repeated keys are
+        collected as errors and left out."""
         if node is None or (isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null")):
             return {}
         if not isinstance(node, yaml.MappingNode):
@@ -57,10 +88,13 @@ class Source:
             name = k.value if isinstance(k, yaml.ScalarNode) else None
             full = f"{key}.{name}" if key else str(name)
             if not isinstance(name, str) or name not in known:
-                raise self.error(k, full, f"unknown key (expected one of: {', '.join(known)})")
-            if name in out:
-                raise self.error(k, full, "given twice")
-            out[name] = v
+                self.errors.append(
+                    self.error(k, full, f"unknown key (expected one of: {', '.join(known)})")
+                )
+            elif name in out:
+                self.errors.append(self.error(k, full, "given twice"))
+            else:
+                out[name] = v
         return out
 
     def scalar(self, node: yaml.Node, key: str) -> str | None:

@@ -102,9 +102,14 @@ def _ineligible(disk: DomainDisk) -> str | None:
 def choose_disks(disks: Sequence[DomainDisk], request: BackupRequest) -> tuple[DiskChoice, ...]:
     """Decide per disk: incremental/full with a checkpoint bitmap (qcow2),
     full without one (raw, when asked), or excluded with the reason."""
-    unknown = (request.include | request.exclude) - {d.target for d in disks}
+    # An include names a disk the operator wants: its absence is an error.
+    # An exclude of a disk this domain does not have excludes nothing (one
+    # policy serves VMs with different disks), so it is not.
+    unknown = request.include - {d.target for d in disks}
     if unknown:
-        raise PlanError(f"disks not in the domain: {', '.join(sorted(unknown))}")
+        raise PlanError(
+            f"disks.include names disks the domain does not have: {', '.join(sorted(unknown))}"
+        )
     choices = []
     for d in disks:
         why_not = _ineligible(d)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from virtbackupd.core.records import BackupRecord, BackupStatus
-from virtbackupd.errors import RestoreError
+from virtbackupd.errors import RestoreError, UnknownRestorePointError
 
 
 def parse_time(text: str) -> datetime:
@@ -16,7 +16,7 @@ def parse_time(text: str) -> datetime:
     try:
         t = datetime.fromisoformat(text)
     except ValueError as exc:
-        raise RestoreError(
+        raise UnknownRestorePointError(
             f"--at {text!r} is not an ISO 8601 time (e.g. 2026-11-24T06:00:00Z)"
         ) from exc
     return t if t.tzinfo else t.replace(tzinfo=UTC)
@@ -33,7 +33,9 @@ def pick_backup(
                 if b.status is not BackupStatus.COMPLETE:
                     raise RestoreError(f"backup {backup_id} is {b.status.value}, not complete")
                 return b
-        raise RestoreError(f"no backup {backup_id} of this domain; `virtbackup list` shows the ids")
+        raise UnknownRestorePointError(
+            f"no backup {backup_id} of this domain; `virtbackup list` shows the ids"
+        )
     if not complete:
         raise RestoreError("the domain has no complete backup")
     if at is None:

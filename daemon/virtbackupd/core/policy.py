@@ -90,3 +90,41 @@ def policy_for(name: str, uuid: str, policies: Sequence[Policy]) -> Policy | Non
         files = ", ".join(str(p.source) for p in found)
         raise ConfigError(f"domain '{name}' ({uuid}) is matched by more than one policy: {files}")
     return found[0] if found else None
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How a set of policies meets the domains libvirt has."""
+
+    errors: tuple[str, ...]  # a domain governed by more than one policy
+    warnings: tuple[str, ...]  # a pattern or UUID that matches no domain
+    governed: dict[str, Policy]  # domain uuid -> its policy
+    unmanaged: tuple[str, ...]  # names of domains no policy governs
+
+
+def coverage(policies: Sequence[Policy], domains: Sequence[tuple[str, str]]) -> Coverage:
+    """`domains`: (name, uuid) of every domain libvirt has. Overlaps are
+    errors (the daemon skips such a domain); patterns matching nothing
+    are warnings (a typo, or a VM not defined yet)."""
+    errors, warnings, unmanaged = [], [], []
+    governed: dict[str, Policy] = {}
+    for name, uuid in domains:
+        found = [p for p in policies if p.matches(name, uuid)]
+        if len(found) > 1:
+            files = " and ".join(str(p.source) for p in found)
+            errors.append(
+                f"domain '{name}' is matched by {files}; one domain must be governed by one "
+                "policy (narrow a pattern, or use exclude_domains)"
+            )
+        elif found:
+            governed[uuid] = found[0]
+        else:
+            unmanaged.append(name)
+    for p in policies:
+        for pattern in p.domains:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name, _ in domains):
+                warnings.append(f"{p.source}: domains: '{pattern}' matches no domain libvirt has")
+        for u in p.uuids:
+            if not any(uuid.lower() == u for _, uuid in domains):
+                warnings.append(f"{p.source}: uuids: {u} is no domain libvirt has")
+    return Coverage(tuple(errors), tuple(warnings), governed, tuple(sorted(unmanaged)))

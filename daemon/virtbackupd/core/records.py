@@ -97,3 +97,41 @@ class BackupRecord:
                 for d in self.disks
             ],
         }
+
+
+@dataclass(frozen=True)
+class RunningJob:
+    """A running backup with its last published progress: `done` of
+    `total` bytes (total: what the job will read, known once the disks'
+    maps are walked; 0 until then), `rate` in bytes per second."""
+
+    backup_id: str
+    domain: str
+    domain_uuid: str
+    level: Level
+    started: datetime
+    done: int = 0
+    total: int = 0
+    rate: float = 0.0
+    updated: datetime | None = None
+
+    @property
+    def eta_s(self) -> int | None:
+        """Seconds left at the current rate; None while it cannot be told."""
+        if self.total <= 0 or self.rate <= 0 or self.done > self.total:
+            return None
+        return int((self.total - self.done) / self.rate)
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "backup_id": self.backup_id,
+            "domain": self.domain,
+            "domain_uuid": self.domain_uuid,
+            "level": self.level.value,
+            "started": self.started.isoformat(),
+            "done": self.done,
+            "total": self.total,
+            "rate": self.rate,
+            "eta_s": self.eta_s,
+            "updated": self.updated.isoformat() if self.updated else None,
+        }

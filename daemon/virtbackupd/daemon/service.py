@@ -1,56 +1,54 @@
 """The virtbackupd service loop: policies -> schedules and event triggers
 -> a fair queue of backups run by the engine, under systemd.
 
-- Schedules: one cron job per (domain, level); missed runs are caught up at
-  start from the state store.
-- Events: a defined domain that matches a policy gets its schedules (and a
-  first full backup when ``events.on_define`` says so); an undefined one
-  loses them (its backups stay); a clean stop triggers ``events.on_shutdown``
-  (an offline backup); a crash is left to the engine, which turns the next
-  backup into a full one when libvirt reports the bitmaps inconsistent.
-- Queue: at most one pending request per domain (full wins over
-  incremental), FIFO across domains, ``max_concurrent_backups`` workers.
-- Signals: SIGHUP reloads config and policies (a broken file is reported
-  and the previous version stays); SIGTERM/SIGINT cancel running backups
-  (the engine cleans up) and stop.
+Lifecycle in three parts (`run`): startup (config, policies, store, clean
+up what a dead process left, schedules, catch-up of missed runs), the main
+loop (supervised tasks; SIGHUP reloads), shutdown (running backups are
+cancelled and cleaned up by the engine; exit 0, or 1 when a supervised
+task died or the state database was replaced under us).
+
+What each event, schedule tick or missed run asks for, and how requests
+merge, is decided in :mod:`virtbackupd.daemon.decisions`; this module
+carries the decisions out.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import os
 import signal
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from virtbackupd import logs
-from virtbackupd.adapters.libvirt_conn import Libvirt
-from virtbackupd.adapters.libvirt_events import EventKind, EventSource
-from virtbackupd.adapters.scheduler import Schedules, missed_since
+from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
+from virtbackupd.adapters.libvirt_events import DomainEvent, EventKind, EventSource
+from virtbackupd.adapters.scheduler import Schedules
 from virtbackupd.adapters.sd_notify import Notifier, watchdog_interval
 from virtbackupd.adapters.store import Store
 from virtbackupd.config.daemon import DaemonConfig, load_config
-from virtbackupd.config.policy import load_policies, policy_files
-from virtbackupd.core.policy import EventAction, Level, Policy, policy_for
+from virtbackupd.config.policy import load_policies, missing_dirs, policy_files
+from virtbackupd.core.policy import Level, Policy, policy_for
 from virtbackupd.core.records import BackupStatus
+from virtbackupd.daemon import decisions
+from virtbackupd.daemon.decisions import Trigger
+from virtbackupd.daemon.status_file import DaemonStatus, DomainState, remove_status, write_status
 from virtbackupd.engine.backup import BackupContext, backup_domain
 from virtbackupd.engine.leftovers import clean_leftovers
 from virtbackupd.engine.locks import domain_lock
 from virtbackupd.engine.prune import describe, prune_under_policy
-from virtbackupd.engine.repository import Repository
+from virtbackupd.engine.repository import Repository, count_backup_folders
 from virtbackupd.engine.verify import verify_recorded
 from virtbackupd.errors import ConfigError, VirtBackupError
 
 VERIFY = "verify"  # the schedule kind beside the backup levels
+STORE_CHECK_S = 5.0  # how often the daemon checks its database file is still the one it opened
 
 log = structlog.get_logger("virtbackupd.daemon")
-
-#: In the runtime dir: what the daemon does, for `virtbackup status`.
-STATUS_FILE = "daemon.json"
 
 
 class Service:
@@ -59,25 +57,48 @@ class Service:
         self.config: DaemonConfig = load_config(config_path)
         self.policies: list[Policy] = []
         self.notifier = Notifier()
-        self.pending: dict[str, Level] = {}  # domain uuid -> strongest level asked
+        self.pending: dict[str, Level] = {}  # domain uuid -> level asked
         self.queue: asyncio.Queue[str] = asyncio.Queue()
         self.verify_queue: asyncio.Queue[str] = asyncio.Queue()
         self.running: set[str] = set()
+        self.retrying: dict[str, str] = {}  # uuid -> why it waits
+        self.failures: dict[str, tuple[str, str]] = {}  # uuid -> (time, reason)
         self.stop = asyncio.Event()
+        self.exit_code = 0
         self.schedules = Schedules(self._scheduled)
-        self.names: dict[str, str] = {}  # uuid -> name
+        self.names: dict[str, str] = {}  # uuid -> name, every domain libvirt has
+        self.governing: dict[str, str] = {}  # uuid -> policy file
         self.started_at = datetime.now(UTC)
         self.libvirt_connected = False
         self.levels: dict[str, list[str]] = {}  # uuid -> scheduled levels
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.retry_handles: set[asyncio.TimerHandle] = set()
 
     # --- policies and schedules -------------------------------------------------
-    def _load_policies(self) -> None:
-        policies, errors = load_policies(policy_files(self.config.policy_dirs))
+    def _load_policies(self, at_start: bool) -> None:
+        """Read the policy folders. At start a missing folder is an error
+        (the daemon would silently back up nothing); at reload a broken
+        set keeps the previous policies."""
+        missing = missing_dirs(self.config.policy_dirs)
+        if missing and at_start:
+            raise ConfigError(
+                f"{self.config.source}: policy_dirs: {', '.join(map(str, missing))} does not "
+                "exist; create it (and put policy files in it) or fix the path"
+            )
+        for d in missing:
+            log.error("policy folder missing", folder=str(d))
+        files = policy_files(self.config.policy_dirs)
+        policies, errors = load_policies(files)
         for e in errors:
             log.error("policy file rejected", error=str(e))
-        if errors and self.policies:
+        if (errors or missing) and self.policies:
             log.warning("keeping the previous policies until the files are fixed")
             return
+        if not files:
+            log.warning(
+                "no policy files: no domain is backed up",
+                folders=[str(d) for d in self.config.policy_dirs],
+            )
         self.policies = policies
 
     def _policy(self, name: str, uuid: str) -> Policy | None:
@@ -95,31 +116,27 @@ class Service:
         wanted: dict[tuple[str, str], str] = {}
         now = datetime.now(UTC)
         self.names = {d.uuid: d.name for d in domains}
+        self.governing = {}
         for d in domains:
             policy = self._policy(d.name, d.uuid)
             if policy is None:
                 continue
-            history = [b for b in await store.backups(d.uuid) if b.status is BackupStatus.COMPLETE]
+            self.governing[d.uuid] = str(policy.source)
+            # Keeps the catalogue's name current: `virtbackup list NEWNAME`
+            # finds a renamed domain's backups at once.
+            await store.see_domain(d.uuid, d.name, now)
             if policy.verify_schedule is not None:
                 wanted[(d.uuid, VERIFY)] = policy.verify_schedule
-            for level, cron in (
-                (Level.FULL, policy.full_schedule),
-                (Level.INCREMENTAL, policy.incremental_schedule),
-            ):
-                if cron is None:
-                    continue
-                wanted[(d.uuid, level.value)] = cron
-                last = next(
-                    (
-                        b.started
-                        for b in reversed(history)
-                        if level is Level.INCREMENTAL or b.level is Level.FULL
-                    ),
-                    None,
-                )
-                if catch_up and last is not None and missed_since(cron, last, now):
-                    log.info("catching up a missed backup", domain=d.name, backup_level=level.value)
-                    self.request(d.uuid, level)
+            schedules = decisions.schedules_of(policy)
+            for level_name, cron in schedules.items():
+                wanted[(d.uuid, level_name)] = cron
+            if catch_up:
+                missed = decisions.missed_request(schedules, await store.backups(d.uuid), now)
+                if missed is not None:
+                    log.info(
+                        "catching up a missed backup", domain=d.name, backup_level=missed.value
+                    )
+                    self.request(d.uuid, missed)
         self.schedules.sync(wanted)
         self.levels = {}
         for uuid, level_name in wanted:
@@ -132,67 +149,105 @@ class Service:
             return
         self.request(uuid, Level(level))
 
-    async def _verifier(self, store: Store) -> None:
-        """Scheduled verification, one domain at a time, never during a
-        backup or prune of that domain (what is left waits for the next
-        schedule)."""
-        while True:
-            uuid = await self.verify_queue.get()
-            name = self.names.get(uuid, uuid)
-            backups = await store.backups(uuid, status=BackupStatus.COMPLETE)
-            bad = []
-            try:
-                async for _, verdict in verify_recorded(backups, self.config.runtime_dir):
-                    if not verdict.ok:
-                        bad.append(verdict.as_json())
-            except VirtBackupError as exc:
-                log.warning("scheduled verify skipped", domain=name, error=str(exc))
-                continue
-            if bad:
-                log.error("verify failed", domain=name, backups=len(backups), failed=bad)
-            else:
-                log.info("verify done", domain=name, backups=len(backups))
-
     def request(self, uuid: str, level: Level) -> None:
-        """Queue a backup; a domain waits at most once (full wins)."""
-        if uuid in self.pending:
-            if level is Level.FULL:
-                self.pending[uuid] = Level.FULL
-            return
-        self.pending[uuid] = level
-        self.queue.put_nowait(uuid)
+        """Queue a backup: one waits per domain (full wins); a domain that
+        runs now gets its request queued again when it ends."""
+        first = uuid not in self.pending
+        self.pending[uuid] = decisions.merge(self.pending.get(uuid), level)
+        if first and uuid not in self.running:
+            self.queue.put_nowait(uuid)
+        self._status()
 
-    # --- workers ------------------------------------------------------------------
+    def _retry_later(self, uuid: str, level: Level, why: str) -> None:
+        self.retrying[uuid] = why
+        loop = asyncio.get_running_loop()
+
+        def again() -> None:
+            self.retry_handles.discard(handle)
+            self.retrying.pop(uuid, None)
+            self.request(uuid, level)
+
+        handle = loop.call_later(decisions.BUSY_RETRY_S, again)
+        self.retry_handles.add(handle)
+        self._publish()
+
+    # --- supervised tasks -----------------------------------------------------------
+    def _supervise(self, name: str, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run a long-lived task. Jobs inside it are guarded on their own;
+        if the task itself ends (a bug), the daemon cannot keep its
+        promises: it logs why and stops with exit 1 so that systemd
+        restarts it (Restart=on-failure)."""
+        task = asyncio.create_task(factory(), name=name)
+        self.tasks[name] = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            if t.cancelled() or self.stop.is_set():
+                return
+            exc = t.exception()
+            log.error(
+                "daemon task died; stopping so that the service manager restarts the daemon",
+                task=name,
+                error=repr(exc) if exc else "returned",
+                exc_info=exc,
+            )
+            self._fatal()
+
+        task.add_done_callback(done)
+
+    def _fatal(self) -> None:
+        self.exit_code = 1
+        self.stop.set()
+
     async def _worker(self, store: Store) -> None:
         while True:
             uuid = await self.queue.get()
             level = self.pending.pop(uuid, None)
-            if level is None or uuid in self.running:
-                if level is not None:  # one of ours runs it now: try again later
-                    self.request(uuid, level)
-                    await asyncio.sleep(1)
+            if level is None:
                 continue
             self.running.add(uuid)
             self._status()
+            name = self.names.get(uuid, uuid)
+            error: BaseException | None = None
             try:
                 await self._backup(store, uuid, level)
             except VirtBackupError as exc:
-                log.error("backup failed", domain=self.names.get(uuid, uuid), error=str(exc))
+                error = exc
+            except Exception as exc:  # a bug: logged with its traceback, the worker lives on
+                log.error("backup crashed", domain=name, backup_level=level.value, exc_info=exc)
+                error = exc
             finally:
                 self.running.discard(uuid)
-                self._status()
+                if uuid in self.pending:  # asked again while it ran
+                    self.queue.put_nowait(uuid)
+            outcome = decisions.outcome_of(error)
+            if outcome.retry:
+                log.info(
+                    "domain busy; the backup waits and is retried",
+                    domain=name,
+                    backup_level=level.value,
+                    retry_in_s=decisions.BUSY_RETRY_S,
+                    reason=outcome.reason,
+                )
+                self._retry_later(uuid, level, outcome.reason)
+            elif not outcome.ok:
+                if error is not None and isinstance(error, VirtBackupError):
+                    log.error("backup failed", domain=name, error=outcome.reason)
+                self.failures[uuid] = (datetime.now(UTC).isoformat(), outcome.reason)
+            self._status()
 
     async def _backup(self, store: Store, uuid: str, level: Level) -> None:
         async with await Libvirt.open(self.config.libvirt_uri) as lv:
             ref = await lv.domain(uuid)
             policy = self._policy(ref.name, ref.uuid)
             if policy is None:
+                log.info("no policy governs the domain now; request dropped", domain=ref.name)
                 return
             rec = await backup_domain(
                 BackupContext(self.config, store, lv, policy),
                 uuid,
                 want=Level.FULL if level is Level.FULL else None,
             )
+            self.failures.pop(uuid, None)
             log.info(
                 "backup done",
                 domain=ref.name,
@@ -200,24 +255,121 @@ class Service:
                 backup_level=rec.level.value,
                 bytes_written=rec.bytes_written,
             )
-            # Retention and the chain limit after every successful backup;
-            # a failed prune is logged and retried after the next one.
-            try:
-                result = await prune_under_policy(
-                    self.config, store, policy, ref.uuid, ref.name, libvirt=lv
-                )
-            except (VirtBackupError, OSError) as exc:
-                log.error("prune failed", domain=ref.name, error=str(exc))
-            else:
-                pruned = [v.id for v in result.verdicts if not v.keep]
-                if result.ops:
-                    log.info(
-                        "prune done",
-                        domain=ref.name,
-                        pruned=pruned,
-                        operations=[describe(op) for op in result.ops],
-                    )
+            await self._prune(store, lv, policy, ref)
 
+    async def _prune(self, store: Store, lv: Libvirt, policy: Policy, ref: DomainRef) -> None:
+        """Retention and the chain limit after every successful backup; a
+        failed prune is logged and retried after the next one."""
+        try:
+            result = await prune_under_policy(
+                self.config, store, policy, ref.uuid, ref.name, libvirt=lv
+            )
+        except (VirtBackupError, OSError) as exc:
+            log.error("prune failed", domain=ref.name, error=str(exc))
+            return
+        if result.ops:
+            log.info(
+                "prune done",
+                domain=ref.name,
+                pruned=[v.id for v in result.verdicts if not v.keep],
+                operations=[describe(op) for op in result.ops],
+            )
+
+    async def _verifier(self, store: Store) -> None:
+        """Scheduled verification, one domain at a time, never during a
+        backup or prune of that domain (what is left waits for the next
+        schedule)."""
+        while True:
+            uuid = await self.verify_queue.get()
+            name = self.names.get(uuid, uuid)
+            try:
+                backups = await store.backups(uuid, status=BackupStatus.COMPLETE)
+                bad = [
+                    verdict.as_json()
+                    async for _, verdict in verify_recorded(backups, self.config.runtime_dir)
+                    if not verdict.ok
+                ]
+            except VirtBackupError as exc:
+                log.warning("scheduled verify skipped", domain=name, error=str(exc))
+                continue
+            except Exception as exc:  # a bug: logged, the verifier lives on
+                log.error("scheduled verify crashed", domain=name, exc_info=exc)
+                continue
+            if bad:
+                log.error("verify failed", domain=name, backups=len(backups), failed=bad)
+            else:
+                log.info("verify done", domain=name, backups=len(backups))
+
+    async def _events(self, store: Store, source: EventSource) -> None:
+        async for ev in source.events():
+            try:
+                await self._on_event(store, ev)
+            except VirtBackupError as exc:
+                # libvirtd went away while we asked it something: the
+                # reconnect's CONNECTED event resynchronises.
+                log.warning("handling a libvirt event failed", event=ev.kind.value, error=str(exc))
+            except Exception as exc:  # a bug: logged, events keep flowing
+                log.error("handling a libvirt event crashed", event=ev.kind.value, exc_info=exc)
+
+    async def _on_event(self, store: Store, ev: DomainEvent) -> None:
+        if ev.kind is EventKind.CONNECTED:
+            self.libvirt_connected = True
+            await self._resync(store, catch_up=False)
+        elif ev.kind is EventKind.DISCONNECTED:
+            self.libvirt_connected = False
+            log.warning("lost the connection to libvirtd; reconnecting")
+            self._publish()
+        elif ev.kind in (EventKind.DEFINED, EventKind.UNDEFINED):
+            await self._resync(store, catch_up=False)
+            if ev.kind is EventKind.DEFINED:
+                asked = decisions.event_request(
+                    Trigger.DEFINED,
+                    self._policy(ev.name, ev.uuid),
+                    bool(await store.backups(ev.uuid)),
+                )
+                if asked is not None:
+                    log.info("new domain: first backup", domain=ev.name, backup_level=asked.value)
+                    self.request(ev.uuid, asked)
+        elif ev.kind is EventKind.STOPPED and ev.detail in ("shutdown", "destroyed"):
+            asked = decisions.event_request(Trigger.STOPPED, self._policy(ev.name, ev.uuid), True)
+            if asked is not None:
+                log.info("domain stopped: backup", domain=ev.name, reason=ev.detail)
+                self.request(ev.uuid, asked)
+        elif ev.kind is EventKind.CRASHED:
+            log.warning(
+                "domain crashed; its next backup will be checked for broken bitmaps",
+                domain=ev.name,
+            )
+
+    async def _watch_store(self, store: Store) -> None:
+        """A state.db deleted or replaced under the daemon would take its
+        writes into a file nobody reads: stop, and let the restart open
+        what is at the path now."""
+        while True:
+            await asyncio.sleep(STORE_CHECK_S)
+            if store.replaced():
+                log.error(
+                    "the state database was removed or replaced while the daemon ran; "
+                    "stopping (a restart opens the file now at that path; `virtbackup "
+                    "reindex` rebuilds a lost one from the repository)",
+                    path=str(store.path),
+                )
+                self._fatal()
+                return
+
+    async def _watchdog(self) -> None:
+        """WATCHDOG=1 only while every supervised task is alive: a ping
+        proves the loops run, not merely this timer."""
+        interval = watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            alive = all(not t.done() for n, t in self.tasks.items() if n != "watchdog")
+            if alive:
+                self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    # --- status ----------------------------------------------------------------------
     def _status(self) -> None:
         names = sorted(self.names.get(u, u) for u in self.running)
         text = f"backing up {', '.join(names)}" if names else "idle"
@@ -226,58 +378,37 @@ class Service:
 
     def _publish(self) -> None:
         """The daemon's own state for `virtbackup status`, replaced atomically."""
-        next_runs: dict[str, dict[str, str]] = {}
-        for uuid, levels in self.levels.items():
-            for level in levels:
-                when = self.schedules.next_run(uuid, level)
+        now = datetime.now(UTC)
+        domains = {}
+        for uuid in sorted(set(self.names) | set(self.pending) | set(self.failures)):
+            runs = {}
+            for level in self.levels.get(uuid, []):
+                when = self.schedules.next_run(uuid, level, now)
                 if when is not None:
-                    next_runs.setdefault(uuid, {})[level] = when.isoformat()
-        data = {
-            "pid": os.getpid(),
-            "started": self.started_at.isoformat(),
-            "libvirt_uri": self.config.libvirt_uri,
-            "libvirt_connected": self.libvirt_connected,
-            "running": sorted(self.running),
-            "queued": sorted(self.pending),
-            "next_runs": next_runs,
-            "domains": self.names,
-        }
-        path = self.config.runtime_dir / STATUS_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        tmp.replace(path)
-
-    # --- events -------------------------------------------------------------------
-    async def _events(self, store: Store, source: EventSource) -> None:
-        async for ev in source.events():
-            if ev.kind is EventKind.CONNECTED:
-                self.libvirt_connected = True
-                await self._resync(store, catch_up=False)
-            elif ev.kind is EventKind.DISCONNECTED:
-                self.libvirt_connected = False
-                log.warning("lost the connection to libvirtd; reconnecting")
-                self._publish()
-            elif ev.kind is EventKind.DEFINED:
-                self.names[ev.uuid] = ev.name
-                policy = self._policy(ev.name, ev.uuid)
-                await self._resync(store, catch_up=False)
-                wants = policy is not None and policy.on_define is not EventAction.NONE
-                if wants and policy is not None and not await store.backups(ev.uuid):
-                    log.info("new domain: first backup", domain=ev.name)
-                    self.request(ev.uuid, Level(policy.on_define.value))
-            elif ev.kind is EventKind.UNDEFINED:
-                await self._resync(store, catch_up=False)
-            elif ev.kind is EventKind.STOPPED and ev.detail in ("shutdown", "destroyed"):
-                policy = self._policy(ev.name, ev.uuid)
-                if policy is not None and policy.on_shutdown is not EventAction.NONE:
-                    log.info("domain stopped: backup", domain=ev.name, reason=ev.detail)
-                    self.request(ev.uuid, Level(policy.on_shutdown.value))
-            elif ev.kind is EventKind.CRASHED:
-                log.warning(
-                    "domain crashed; its next backup will be checked for broken bitmaps",
-                    domain=ev.name,
-                )
+                    runs[level] = when.isoformat()
+            pending = self.pending.get(uuid)
+            domains[uuid] = DomainState(
+                name=self.names.get(uuid, uuid),
+                policy=self.governing.get(uuid),
+                next_runs=runs,
+                queued=pending.value if pending else None,
+                retrying=self.retrying.get(uuid),
+                last_failure=self.failures.get(uuid),
+            )
+        try:
+            write_status(
+                self.config.runtime_dir,
+                DaemonStatus(
+                    pid=os.getpid(),
+                    started=self.started_at.isoformat(),
+                    libvirt_uri=self.config.libvirt_uri,
+                    libvirt_connected=self.libvirt_connected,
+                    running=tuple(sorted(self.running)),
+                    domains=domains,
+                ),
+            )
+        except OSError as exc:
+            log.warning("cannot write the status file", error=str(exc))
 
     # --- lifecycle ----------------------------------------------------------------
     def _reload(self) -> None:
@@ -285,12 +416,12 @@ class Service:
             self.config = load_config(self.config_path)
         except ConfigError as exc:
             log.error("config rejected; keeping the previous one", error=str(exc))
-        self._load_policies()
+        self._load_policies(at_start=False)
         self.notifier.reloading()
 
     async def run(self) -> int:
         logs.configure(self.config.log_level, logs.daemon_format(self.config.log_format))
-        self._load_policies()
+        self._load_policies(at_start=True)
         loop = asyncio.get_running_loop()
         reload_requested = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -300,39 +431,65 @@ class Service:
             Store.open(self.config.state_db) as store,
             EventSource(self.config.libvirt_uri) as source,
         ):
+            await self._warn_if_catalogue_empty(store)
             await self._clean_interrupted(store)
-            await self._resync(store, catch_up=True)
             self.schedules.start()
-            tasks = [
-                asyncio.create_task(self._worker(store))
-                for _ in range(self.config.max_concurrent_backups)
-            ]
-            tasks.append(asyncio.create_task(self._events(store, source)))
-            tasks.append(asyncio.create_task(self._verifier(store)))
-            tasks.append(asyncio.create_task(self._watchdog()))
+            await self._resync(store, catch_up=True)
+            self.libvirt_connected = True
+            for i in range(self.config.max_concurrent_backups):
+                self._supervise(f"worker-{i}", lambda: self._worker(store))
+            self._supervise("events", lambda: self._events(store, source))
+            self._supervise("verifier", lambda: self._verifier(store))
+            self._supervise("store-watch", lambda: self._watch_store(store))
+            self._supervise("watchdog", self._watchdog)
             self.notifier.ready("idle")
-            log.info("virtbackupd started", policies=len(self.policies))
+            self._status()
+            log.info("virtbackupd started", policies=len(self.policies), domains=len(self.names))
             while not self.stop.is_set():
                 waiter = asyncio.create_task(reload_requested.wait())
                 stopper = asyncio.create_task(self.stop.wait())
                 await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
                 stopper.cancel()
-                if reload_requested.is_set():
+                if reload_requested.is_set() and not self.stop.is_set():
                     reload_requested.clear()
                     self._reload()
-                    await self._resync(store, catch_up=False)
+                    try:
+                        await self._resync(store, catch_up=False)
+                    except VirtBackupError as exc:
+                        log.warning("resynchronising after reload failed", error=str(exc))
                     self.notifier.ready("reloaded")
-            self.notifier.stopping()
-            log.info("stopping: cancelling running backups")
-            self.schedules.shutdown()
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError, VirtBackupError):
-                    await t
-        log.info("virtbackupd stopped")
-        return 0
+            await self._shutdown()
+        remove_status(self.config.runtime_dir)
+        log.info("virtbackupd stopped", exit_code=self.exit_code)
+        return self.exit_code
+
+    async def _shutdown(self) -> None:
+        self.notifier.stopping()
+        log.info("stopping: cancelling running backups", running=len(self.running))
+        self.schedules.shutdown()
+        for handle in self.retry_handles:
+            handle.cancel()
+        for t in self.tasks.values():
+            t.cancel()
+        results = await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        for name, result in zip(self.tasks, results, strict=True):
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                # Already logged by the supervisor when it died.
+                log.debug("task ended with an error", task=name, error=repr(result))
+
+    async def _warn_if_catalogue_empty(self, store: Store) -> None:
+        if await store.backups():
+            return
+        roots = {self.config.backup_root} | {p.target for p in self.policies if p.target}
+        found = sum(count_backup_folders(r) for r in roots)
+        if found:
+            log.warning(
+                "the state database records no backup, but the repository holds some; "
+                "run `virtbackup reindex` (until then the next backups are full)",
+                path=str(store.path),
+                backup_folders=found,
+            )
 
     async def _clean_interrupted(self, store: Store) -> None:
         """Backups left "running" by a daemon that died: clean each domain
@@ -359,17 +516,10 @@ class Service:
                             lv, store, ref, self.config.runtime_dir, repo, datetime.now(UTC)
                         )
                 except VirtBackupError as exc:
-                    # Keep running: the next backup of the domain tries again.
-                    log.error(
+                    # A CLI backup may hold the lock: its own process cleans
+                    # up; otherwise the domain's next backup tries again.
+                    log.warning(
                         "cleaning an interrupted backup failed", domain=ref.name, error=str(exc)
                     )
                     continue
                 log.warning("cleaned interrupted backups", domain=ref.name, backups=cleaned)
-
-    async def _watchdog(self) -> None:
-        interval = watchdog_interval()
-        if interval is None:
-            return
-        while True:
-            self.notifier.watchdog()
-            await asyncio.sleep(interval)

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -48,7 +49,12 @@ from virtbackupd.core.records import (
 from virtbackupd.engine import repository
 from virtbackupd.engine.copy import CopyOptions, CopyProgress, CopyResult, ZeroMode, copy_export
 from virtbackupd.engine.leftovers import clean_leftovers
-from virtbackupd.engine.locks import backup_slot, domain_lock
+from virtbackupd.engine.locks import (
+    backup_slot,
+    cancel_requested,
+    clear_cancel,
+    domain_lock,
+)
 from virtbackupd.engine.repository import Repository
 from virtbackupd.errors import (
     BackupBusyError,
@@ -72,21 +78,31 @@ class JobState(StrEnum):
 
 @dataclass
 class JobProgress:
+    """What a running job has read of what it will read, over all disks."""
+
     backup_id: str
     domain: str
+    started: float = field(default_factory=time.monotonic)
     disks: dict[str, CopyProgress] = field(default_factory=dict)
 
     @property
     def done(self) -> int:
-        return sum(p.bytes_read + p.bytes_zeroed for p in self.disks.values())
+        return sum(p.bytes_read for p in self.disks.values())
 
     @property
-    def position(self) -> int:
-        return sum(p.position for p in self.disks.values())
+    def total(self) -> int:
+        """Exact once every disk's walk has ended; an estimate before."""
+        return sum(p.total_estimate for p in self.disks.values())
 
-    @property
-    def size(self) -> int:
-        return sum(p.size for p in self.disks.values())
+    def rate(self, now: float | None = None) -> float:
+        elapsed = (now if now is not None else time.monotonic()) - self.started
+        return self.done / elapsed if elapsed > 0 else 0.0
+
+    def eta(self, now: float | None = None) -> float | None:
+        rate = self.rate(now)
+        if rate <= 0 or self.total < self.done:
+            return None
+        return (self.total - self.done) / rate
 
 
 ProgressFn = Callable[[JobProgress], None]
@@ -161,12 +177,56 @@ class _Job:
         self.libvirt_job = False
         self.checkpoint_created = False
         self.record: BackupRecord | None = None
+        self.progress: JobProgress | None = None
+        self.cancelled_by_operator = False
 
     def _enter(self, state: JobState) -> None:
         self.state = state
         self.log.debug("backup state", state=state.value)
 
     async def run(self) -> BackupRecord:
+        """The job, watched by a monitor that publishes its progress and
+        honours `virtbackup cancel` (the same clean-up as any failure)."""
+        runtime = self.ctx.config.runtime_dir
+        clear_cancel(runtime, self.ref.uuid)  # a request for an earlier job
+        body = asyncio.create_task(self._run())
+        monitor = asyncio.create_task(self._monitor(body))
+        try:
+            return await body
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if self.cancelled_by_operator and not (current and current.cancelling()):
+                raise BackupFailedError(
+                    f"backup {self.id} of {self.ref.name} failed: cancelled by the operator"
+                ) from None
+            raise
+        finally:
+            monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await monitor
+            clear_cancel(runtime, self.ref.uuid)
+
+    async def _monitor(self, body: asyncio.Task[BackupRecord], interval: float = 0.5) -> None:
+        runtime = self.ctx.config.runtime_dir
+        published = 0.0
+        while not body.done():
+            await asyncio.sleep(interval)
+            if cancel_requested(runtime, self.ref.uuid) and not self.cancelled_by_operator:
+                self.log.warning("cancel requested by the operator")
+                self.cancelled_by_operator = True
+                body.cancel()
+            now = time.monotonic()
+            p = self.progress
+            if p is not None and self.record is not None and now - published >= 1.0:
+                published = now
+                try:
+                    await self.ctx.store.set_progress(
+                        self.id, p.done, p.total, p.rate(now), self.ctx.now()
+                    )
+                except VirtBackupError as exc:  # progress is a nicety; the backup goes on
+                    self.log.warning("cannot publish progress", error=str(exc))
+
+    async def _run(self) -> BackupRecord:
         lv, store = self.ctx.libvirt, self.ctx.store
         info = parse_domain(
             await lv.xml(self.ref, inactive=not self.running), f"domain XML of {self.ref.name}"
@@ -212,6 +272,13 @@ class _Job:
             if isinstance(exc, VirtBackupError):
                 raise BackupFailedError(
                     f"backup {self.id} of {self.ref.name} failed: {exc}"
+                ) from exc
+            if isinstance(exc, Exception):
+                # A bug or an untranslated library error: cleaned up like any
+                # failure above; its traceback went to the log in _fail.
+                raise BackupFailedError(
+                    f"backup {self.id} of {self.ref.name} failed: internal error: "
+                    f"{type(exc).__name__}: {exc}"
                 ) from exc
             raise
         finally:
@@ -358,7 +425,7 @@ class _Job:
         """Copy every disk concurrently from its source export (address,
         export name, dirty bitmap or None) into its target image."""
         partial = self.repo.partial_dir(self.ref.uuid, self.id)
-        progress = JobProgress(self.id, self.ref.name)
+        progress = self.progress = JobProgress(self.id, self.ref.name)
         results: dict[str, CopyResult] = {}
         bandwidth = self.ctx.policy.bandwidth
         share = bandwidth // len(sources) if bandwidth else None
@@ -546,8 +613,12 @@ class _Job:
         earlier one fails."""
         reason = str(exc) or type(exc).__name__
         if isinstance(exc, asyncio.CancelledError):
-            reason = "cancelled"
-        self.log.error("backup failed", state=self.state.value, error=reason)
+            reason = "cancelled by the operator" if self.cancelled_by_operator else "cancelled"
+        if isinstance(exc, Exception) and not isinstance(exc, VirtBackupError):
+            reason = f"internal error: {type(exc).__name__}: {exc}"
+            self.log.error("backup failed", state=self.state.value, error=reason, exc_info=exc)
+        else:
+            self.log.error("backup failed", state=self.state.value, error=reason)
         self._enter(JobState.FAILED)
         lv = self.ctx.libvirt
         steps = []

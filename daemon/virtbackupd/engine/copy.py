@@ -50,6 +50,16 @@ class CopyProgress:
     bytes_read: int = 0
     bytes_written: int = 0
     bytes_zeroed: int = 0
+    bytes_found: int = 0  # data the walk has found so far (to be read)
+
+    @property
+    def total_estimate(self) -> int:
+        """Bytes this copy will read: exact once the walk reached the end;
+        before that, what was found extrapolated over the rest of the disk."""
+        if self.position >= self.size or self.position <= 0:
+            return self.bytes_found
+        rest = (self.size - self.position) * self.bytes_found // self.position
+        return self.bytes_found + rest
 
 
 @dataclass(frozen=True)
@@ -184,14 +194,18 @@ class _Copy:
             if end <= pos:
                 raise NbdProtocolError(f"{src.name}: block status at {pos} made no progress")
             pos = end
-            self.state.position = pos
-            await self._enqueue(frontier.feed(found, pos))
-        await self._enqueue(frontier.finish())
+            await self._enqueue(frontier.feed(found, pos), walked=pos)
+        await self._enqueue(frontier.finish(), walked=self.size)
         # On failure the task group cancels the workers instead.
         for _ in range(self.opts.in_flight):
             await self.queue.put(None)
 
-    async def _enqueue(self, ranges: Sequence[Range]) -> None:
+    async def _enqueue(self, ranges: Sequence[Range], walked: int) -> None:
+        # The window's data counts as found, and the window as walked,
+        # before its pieces queue up (which waits for the copy): the total
+        # estimate then never mixes a walked window with unseen data.
+        self.state.bytes_found += sum(r.length for r in ranges if r.kind is Kind.DATA)
+        self.state.position = walked
         for r in ranges:
             self.ranges.append(r)
             if r.kind is Kind.DATA:

@@ -65,3 +65,26 @@ async def backup_slot(
             on_wait()
         waited = True
         await asyncio.sleep(0.5)
+
+
+# --- cancel requests ---------------------------------------------------------------
+# `virtbackup cancel` and the job may be different processes (CLI, daemon):
+# the request is a file the running job looks for about twice a second.
+
+
+def _cancel_file(runtime_dir: Path, uuid: str) -> Path:
+    return runtime_dir / "cancel" / uuid
+
+
+def request_cancel(runtime_dir: Path, uuid: str) -> None:
+    folder = runtime_dir / "cancel"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _cancel_file(runtime_dir, uuid).write_text(f"{os.getpid()}\n")
+
+
+def cancel_requested(runtime_dir: Path, uuid: str) -> bool:
+    return _cancel_file(runtime_dir, uuid).exists()
+
+
+def clear_cancel(runtime_dir: Path, uuid: str) -> None:
+    _cancel_file(runtime_dir, uuid).unlink(missing_ok=True)

@@ -156,6 +156,15 @@ def list_backups(
     return out
 
 
+def count_backup_folders(root: Path) -> int:
+    """Committed backup folders under a repository root (a manifest in a
+    folder two levels down), without reading them: a cheap check that a
+    repository is not empty."""
+    if not root.is_dir():
+        return 0
+    return sum(1 for _ in root.glob(f"*/*/{MANIFEST}"))
+
+
 def read_manifest(folder: Path) -> dict[str, Any]:
     data: dict[str, Any] = json.loads((folder / MANIFEST).read_text())
     if data.get("format") != FORMAT:

@@ -25,7 +25,7 @@ from virtbackupd.core.records import CheckpointStatus
 from virtbackupd.core.restored_domain import RestoredImage, restored_domain_xml
 from virtbackupd.engine import repository
 from virtbackupd.engine.copy import CopyOptions, CopyProgress, CopyResult, ZeroMode, copy_export
-from virtbackupd.errors import RestoreError, VirtBackupError
+from virtbackupd.errors import RestoreError, UnknownRestorePointError, VirtBackupError
 
 log = structlog.get_logger("virtbackupd.restore")
 
@@ -46,7 +46,7 @@ def disks_of(manifest: Mapping[str, Any], wanted: Sequence[str]) -> list[str]:
     have = [str(d["name"]) for d in manifest["disks"]]
     unknown = sorted(set(wanted) - set(have))
     if unknown:
-        raise RestoreError(
+        raise UnknownRestorePointError(
             f"backup {manifest['id']} has no disk {', '.join(unknown)} (it has {', '.join(have)})"
         )
     return [d for d in have if not wanted or d in wanted]

@@ -1,0 +1,112 @@
+"""The daemon's decisions as pure functions: what an event or a missed
+run asks for, how queued requests merge, and what becomes of a request
+whose domain is busy. No clock reads, no libvirt, no store: the service
+passes in what it knows and carries the answer out."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+from virtbackupd.core.cron import parse_cron
+from virtbackupd.core.policy import EventAction, Level, Policy
+from virtbackupd.core.records import BackupRecord, BackupStatus
+
+#: A request that found its domain busy (another backup, restore or prune
+#: holds its lock; another tool's libvirt job) is tried again this much
+#: later, for as long as the daemon runs: it is never dropped.
+BUSY_RETRY_S = 15.0
+
+
+class Trigger(StrEnum):
+    """What a domain's lifecycle event means to the daemon."""
+
+    DEFINED = "defined"
+    STOPPED = "stopped"  # clean: shutdown or destroy; QEMU closed its images
+    OTHER = "other"
+
+
+def merge(pending: Level | None, new: Level) -> Level:
+    """One request per domain waits in the queue: a full asked at any
+    point wins over an incremental (a full also serves the incremental's
+    purpose; the reverse is not true)."""
+    if pending is Level.FULL or new is Level.FULL:
+        return Level.FULL
+    return Level.INCREMENTAL
+
+
+def event_request(trigger: Trigger, policy: Policy | None, has_backups: bool) -> Level | None:
+    """The backup an event asks for, or None.
+
+    - defined: ``events.on_define``, only for a domain with no backup yet
+      (a redefinition of a known domain is an edit, not a new VM);
+    - stopped cleanly: ``events.on_shutdown`` (taken offline, consistent).
+    """
+    if policy is None:
+        return None
+    if trigger is Trigger.DEFINED:
+        action = policy.on_define if not has_backups else EventAction.NONE
+    elif trigger is Trigger.STOPPED:
+        action = policy.on_shutdown
+    else:
+        return None
+    return None if action is EventAction.NONE else Level(action.value)
+
+
+def schedules_of(policy: Policy) -> dict[str, str]:
+    """The policy's backup schedules: level name -> cron expression."""
+    out = {}
+    if policy.full_schedule is not None:
+        out[Level.FULL.value] = policy.full_schedule
+    if policy.incremental_schedule is not None:
+        out[Level.INCREMENTAL.value] = policy.incremental_schedule
+    return out
+
+
+def missed_request(
+    schedules: Mapping[str, str], history: Sequence[BackupRecord], now: datetime
+) -> Level | None:
+    """At daemon start: the one backup to catch up, if a schedule fired
+    while the daemon was down. A level's schedule counts as missed when it
+    fired after the start of the domain's last complete backup that serves
+    it (any backup serves an incremental schedule, only a full serves the
+    full one). A domain never backed up is not caught up here: its
+    schedule (or ``on_define``) takes the first backup. Several missed
+    runs are caught up once."""
+    complete = [b for b in history if b.status is BackupStatus.COMPLETE]
+    if not complete:
+        return None
+    wanted: Level | None = None
+    for level_name, expr in schedules.items():
+        level = Level(level_name)
+        serving = [b for b in complete if level is Level.INCREMENTAL or b.level is Level.FULL]
+        last = max(b.started for b in serving) if serving else min(b.started for b in complete)
+        if parse_cron(expr).fired_between(last, now):
+            wanted = level if wanted is None else merge(wanted, level)
+    return wanted
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one run of a request ended, for the log and `status`."""
+
+    ok: bool
+    retry: bool = False  # busy: the same request runs again later
+    reason: str = ""
+
+
+def outcome_of(error: BaseException | None) -> Outcome:
+    """Classify how a backup attempt ended. Busy domains are retried;
+    every other failure is final for this request (the schedule or the
+    next event asks again) and is shown with its reason."""
+    from virtbackupd.errors import BackupBusyError, DomainNotFoundError
+
+    if error is None:
+        return Outcome(ok=True)
+    if isinstance(error, BackupBusyError):
+        return Outcome(ok=False, retry=True, reason=str(error))
+    if isinstance(error, DomainNotFoundError):
+        return Outcome(ok=False, reason=f"the domain is gone: {error}")
+    return Outcome(ok=False, reason=str(error) or type(error).__name__)

@@ -1,0 +1,112 @@
+"""``<runtime_dir>/daemon.json``: what the running daemon does, for
+`virtbackup status`. Written atomically by the daemon on every change,
+read by the CLI; a typed value on both sides."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STATUS_FILE = "daemon.json"
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class DomainState:
+    name: str
+    policy: str | None  # the governing policy file; None: unmanaged
+    next_runs: dict[str, str] = field(default_factory=dict)  # level -> ISO time
+    queued: str | None = None  # level waiting in the queue
+    retrying: str | None = None  # why a busy request waits to be retried
+    last_failure: tuple[str, str] | None = None  # (ISO time, reason) of an attempt
+
+
+@dataclass(frozen=True)
+class DaemonStatus:
+    pid: int
+    started: str
+    libvirt_uri: str
+    libvirt_connected: bool
+    domains: dict[str, DomainState]  # uuid -> state
+    running: tuple[str, ...] = ()  # uuids
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "pid": self.pid,
+            "started": self.started,
+            "libvirt_uri": self.libvirt_uri,
+            "libvirt_connected": self.libvirt_connected,
+            "running": list(self.running),
+            "domains": {
+                uuid: {
+                    "name": d.name,
+                    "policy": d.policy,
+                    "next_runs": d.next_runs,
+                    "queued": d.queued,
+                    "retrying": d.retrying,
+                    "last_failure": list(d.last_failure) if d.last_failure else None,
+                }
+                for uuid, d in self.domains.items()
+            },
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DaemonStatus:
+        return cls(
+            pid=int(data["pid"]),
+            started=str(data["started"]),
+            libvirt_uri=str(data["libvirt_uri"]),
+            libvirt_connected=bool(data["libvirt_connected"]),
+            running=tuple(data.get("running", ())),
+            domains={
+                uuid: DomainState(
+                    name=str(d["name"]),
+                    policy=d.get("policy"),
+                    next_runs=dict(d.get("next_runs") or {}),
+                    queued=d.get("queued"),
+                    retrying=d.get("retrying"),
+                    last_failure=_pair(d.get("last_failure")),
+                )
+                for uuid, d in data.get("domains", {}).items()
+            },
+        )
+
+
+def write_status(runtime_dir: Path, status: DaemonStatus) -> None:
+    path = runtime_dir / STATUS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(status.as_json(), indent=2))
+    tmp.replace(path)
+
+
+def remove_status(runtime_dir: Path) -> None:
+    with contextlib.suppress(OSError):
+        (runtime_dir / STATUS_FILE).unlink()
+
+
+def read_status(runtime_dir: Path) -> DaemonStatus | None:
+    """The running daemon's state; None when no daemon runs (no file, or
+    one left by a daemon that is gone)."""
+    try:
+        data = json.loads((runtime_dir / STATUS_FILE).read_text())
+        status = DaemonStatus.from_json(data)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:
+        os.kill(status.pid, 0)
+    except OSError:
+        return None
+    return status
+
+
+def _pair(value: Any) -> tuple[str, str] | None:
+    if not value:
+        return None
+    at, reason = value
+    return str(at), str(reason)
