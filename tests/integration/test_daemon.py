@@ -4,7 +4,6 @@ backups, sd_notify, and a clean stop on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import socket
 import sys
@@ -14,130 +13,19 @@ from pathlib import Path
 
 import libvirt
 
+from testbed.daemon import (
+    Daemon,
+    backups,
+    bitmaps,
+    cli_json,
+    notes,
+    wait_backups,
+    wait_running,
+)
 from testbed.domains import DomainFactory, MiB
 from testbed.guest import GuestWriter
 from testbed.host import connect, ensure_libvirtd, stop_libvirtd
 from testbed.tools import assert_restores, qemu_img_info
-
-
-async def _cli_json(config: Path, *args: str) -> dict:  # type: ignore[type-arg]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "virtbackupd.cli.main",
-        "-c",
-        str(config),
-        "--json",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    out, _ = await proc.communicate()
-    assert proc.returncode == 0
-    return json.loads(out)  # type: ignore[no-any-return]
-
-
-async def _backups(config: Path) -> list[dict]:  # type: ignore[type-arg]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "virtbackupd.cli.main",
-        "-c",
-        str(config),
-        "--json",
-        "list",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    out, _ = await proc.communicate()
-    return json.loads(out) if proc.returncode == 0 else []  # type: ignore[no-any-return]
-
-
-async def _wait_backups(config: Path, n: int, timeout: float = 60) -> list[dict]:  # type: ignore[type-arg]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done = [b for b in await _backups(config) if b["status"] != "running"]
-        if len(done) >= n:
-            return done
-        await asyncio.sleep(0.5)
-    raise AssertionError(f"fewer than {n} finished backups after {timeout}s")
-
-
-class Daemon:
-    """virtbackupd as a subprocess with a NOTIFY_SOCKET of the test's own."""
-
-    def __init__(self, config: Path, tmp: Path) -> None:
-        self.config = config
-        self.notify_path = tmp / f"notify-{time.monotonic_ns()}.sock"
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(str(self.notify_path))
-        self.notify.setblocking(False)
-        self.proc: asyncio.subprocess.Process | None = None
-        self.seen: list[str] = []
-
-    async def start(self) -> None:
-        env = {"NOTIFY_SOCKET": str(self.notify_path), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "virtbackupd.daemon.main",
-            "-c",
-            str(self.config),
-            env=env,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        await self.wait_note("READY=1")
-
-    async def wait_note(self, text: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(text in n for n in self.seen):
-            assert time.monotonic() < deadline, f"no {text} from the daemon"
-            assert self.proc is not None
-            if self.proc.returncode is not None:
-                assert self.proc.stderr is not None
-                err = (await self.proc.stderr.read()).decode()
-                raise AssertionError(f"the daemon exited ({self.proc.returncode}): {err[-3000:]}")
-            self.seen += _notes(self.notify)
-            await asyncio.sleep(0.1)
-
-    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        await asyncio.wait_for(self.proc.wait(), timeout)
-        self.seen += _notes(self.notify)
-        assert self.proc.stderr is not None
-        self.log = (await self.proc.stderr.read()).decode()
-        assert self.proc.returncode is not None
-        return self.proc.returncode
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-        self.notify.close()
-
-
-async def _wait_running(config: Path, timeout: float = 30) -> dict:  # type: ignore[type-arg]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        running = [b for b in await _backups(config) if b["status"] == "running"]
-        if running:
-            return running[0]
-        await asyncio.sleep(0.2)
-    raise AssertionError("no backup started")
-
-
-def _bitmaps(image: Path) -> set[str]:
-    data = qemu_img_info(image)["format-specific"]["data"]
-    return {b["name"] for b in data.get("bitmaps", []) if b["name"].startswith("virtbackupd-")}
-
-
-def _notes(sock: socket.socket) -> list[str]:
-    out = []
-    while True:
-        try:
-            out.append(sock.recv(4096).decode())
-        except BlockingIOError:
-            return out
 
 
 async def test_daemon_backs_up_on_define_and_shutdown_then_stops(
@@ -163,20 +51,20 @@ async def test_daemon_backs_up_on_define_and_shutdown_then_stops(
     )
     try:
         deadline = time.monotonic() + 30
-        while not any("READY=1" in n for n in _notes(notify)):
+        while not any("READY=1" in n for n in notes(notify)):
             assert time.monotonic() < deadline, "no READY=1 from the daemon"
             assert proc.returncode is None
             await asyncio.sleep(0.1)
         td = await asyncio.to_thread(domains.create, qcow2_sizes=[16 * MiB])
         guest = GuestWriter(td)
-        first = await _wait_backups(config, 1)
+        first = await wait_backups(config, 1)
         assert first[0]["level"] == "full"
         assert first[0]["status"] == "complete"
         await asyncio.to_thread(guest.write, "vda", MiB, MiB, 0x61)
         # destroy: QEMU gets SIGTERM and closes its images, a clean stop
         # ("destroyed") that triggers the on-shutdown backup, taken offline.
         await asyncio.to_thread(td.dom.destroy)
-        both = await _wait_backups(config, 2)
+        both = await wait_backups(config, 2)
         assert both[1]["level"] == "incremental"
         assert both[1]["status"] == "complete"
         assert_restores(
@@ -185,7 +73,7 @@ async def test_daemon_backs_up_on_define_and_shutdown_then_stops(
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 30)
         assert proc.returncode == 0
-        assert any("STOPPING=1" in n for n in _notes(notify))
+        assert any("STOPPING=1" in n for n in notes(notify))
     finally:
         if proc.returncode is None:
             proc.kill()
@@ -214,16 +102,16 @@ async def test_sigterm_and_sigkill_during_a_copy_leave_nothing_trusted(
     try:
         await d.start()
         await asyncio.to_thread(td.dom.destroy)  # -> on_shutdown backup, slow
-        first = await _wait_running(config)
+        first = await wait_running(config)
         await asyncio.sleep(2)
         started = time.monotonic()
         assert await d.stop(signal.SIGTERM) == 0
         assert time.monotonic() - started < 30
         assert any("STOPPING=1" in n for n in d.seen)
-        rec = next(b for b in await _backups(config) if b["id"] == first["id"])
+        rec = next(b for b in await backups(config) if b["id"] == first["id"])
         assert rec["status"] == "failed"
         assert rec["error"] == "cancelled"
-        assert _bitmaps(image) == set(), "the offline backup removed the bitmap it added"
+        assert bitmaps(image) == set(), "the offline backup removed the bitmap it added"
         assert not list(Path(rec["path"]).parent.glob("*.partial"))
 
         d2 = Daemon(config, tmp_path)
@@ -231,25 +119,25 @@ async def test_sigterm_and_sigkill_during_a_copy_leave_nothing_trusted(
             await d2.start()
             await asyncio.to_thread(td.start)
             await asyncio.to_thread(td.dom.destroy)
-            second = await _wait_running(config)
+            second = await wait_running(config)
             await asyncio.sleep(2)
             await d2.stop(signal.SIGKILL)
         finally:
             d2.close()
-        assert len(_bitmaps(image)) == 1, "a killed offline backup leaves its bitmap"
+        assert len(bitmaps(image)) == 1, "a killed offline backup leaves its bitmap"
 
         d3 = Daemon(config, tmp_path)
         try:
             await d3.start()  # cleans up before READY
-            rec = next(b for b in await _backups(config) if b["id"] == second["id"])
+            rec = next(b for b in await backups(config) if b["id"] == second["id"])
             assert rec["status"] == "failed"
             assert "interrupted" in rec["error"]
-            assert _bitmaps(image) == set()
+            assert bitmaps(image) == set()
             assert not list(Path(rec["path"]).parent.glob("*.partial"))
             await asyncio.to_thread(td.start)
             await asyncio.to_thread(guest.write, "vda", 20 * MiB, MiB, 0x72)
             await asyncio.to_thread(td.dom.destroy)
-            done = await _wait_backups(config, 3, timeout=90)
+            done = await wait_backups(config, 3, timeout=90)
             assert done[-1]["status"] == "complete"
             assert_restores(
                 Path(done[-1]["path"]),
@@ -276,7 +164,7 @@ async def test_scheduled_backups_continue_after_a_libvirtd_restart(
     try:
         await d.start()
         td = await asyncio.to_thread(domains.create, qcow2_sizes=[16 * MiB])
-        first = await _wait_backups(config, 1)
+        first = await wait_backups(config, 1)
         assert first[0]["level"] == "full"
         await asyncio.to_thread(stop_libvirtd)
         await asyncio.to_thread(ensure_libvirtd)
@@ -289,7 +177,7 @@ async def test_scheduled_backups_continue_after_a_libvirtd_restart(
         # the write (seen once in CI); it is an earlier point, not this one.
         deadline = time.monotonic() + 130
         while True:
-            done = [b for b in await _backups(config) if b["status"] != "running"]
+            done = [b for b in await backups(config) if b["status"] != "running"]
             after = [b for b in done if datetime.fromisoformat(b["started"]) > written]
             if after:
                 break
@@ -301,7 +189,7 @@ async def test_scheduled_backups_continue_after_a_libvirtd_restart(
         assert_restores(
             Path(inc["path"]), [(x["name"], x["path"]) for x in inc["disks"]], td, tmp_path
         )
-        status = await _cli_json(config, "status")
+        status = await cli_json(config, "status")
         assert status["daemon"]["pid"] == d.proc.pid  # type: ignore[union-attr]
         assert status["daemon"]["libvirt_connected"] is True
         row = next(x for x in status["domains"] if x["domain"] == td.name)
@@ -315,7 +203,7 @@ async def test_scheduled_backups_continue_after_a_libvirtd_restart(
         )
         deadline = time.monotonic() + 30
         while True:
-            status = await _cli_json(config, "status")
+            status = await cli_json(config, "status")
             row = next(x for x in status["domains"] if x["domain"] == td.name)
             if not row["next_runs"]:
                 break
@@ -324,7 +212,7 @@ async def test_scheduled_backups_continue_after_a_libvirtd_restart(
         assert row["last_good"] == inc["id"]
         assert await d.stop() == 0
         assert "Traceback" not in d.log
-        assert (await _cli_json(config, "status"))["daemon"] is None
+        assert (await cli_json(config, "status"))["daemon"] is None
     finally:
         d.close()
 
@@ -346,13 +234,13 @@ async def test_sighup_reload_keeps_previous_policies_on_errors(
         # The broken file did not replace the old policy: no backup on define.
         td = await asyncio.to_thread(domains.create, qcow2_sizes=[8 * MiB], start=False)
         await asyncio.sleep(3)
-        assert await _backups(config) == []
+        assert await backups(config) == []
         policy.write_text("domains: ['vbtest-*']\nevents: {on_shutdown: full}\n")
         d.proc.send_signal(signal.SIGHUP)
         await d.wait_note("STATUS=reloaded")
         await asyncio.to_thread(td.start)
         await asyncio.to_thread(td.dom.destroy)  # the new policy is in force
-        done = await _wait_backups(config, 1)
+        done = await wait_backups(config, 1)
         assert done[0]["status"] == "complete"
         assert await d.stop() == 0
         assert "policy file rejected" in d.log
@@ -374,14 +262,14 @@ async def test_daemon_prunes_after_each_backup(
         guest = GuestWriter(td)
         await asyncio.to_thread(guest.write, "vda", 0, MiB, 0x71)
         await asyncio.to_thread(td.dom.destroy)
-        first = (await _wait_backups(config, 1))[0]
+        first = (await wait_backups(config, 1))[0]
         assert first["level"] == "full"
         await asyncio.to_thread(td.start)
         await asyncio.to_thread(guest.write, "vda", 4 * MiB, MiB, 0x72)
         await asyncio.to_thread(td.dom.destroy)
         deadline = time.monotonic() + 60
         while True:
-            listed = await _backups(config)
+            listed = await backups(config)
             done = [b["id"] for b in listed if b["status"] == "complete"]
             if len(done) == 1 and done != [first["id"]]:
                 break  # the second backup is in and the prune after it is done

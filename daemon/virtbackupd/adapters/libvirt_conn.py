@@ -197,7 +197,12 @@ class Libvirt:
     # --- backup jobs -------------------------------------------------------------------
     async def job_active(self, ref: DomainRef) -> bool:
         dom = await self._lookup(ref)
-        info = await self._call(dom.jobInfo)
+        try:
+            info = await self._call(dom.jobInfo)
+        except LibvirtError as exc:
+            if exc.code == libvirt.VIR_ERR_OPERATION_INVALID:  # not running: no job
+                return False
+            raise
         return bool(info[0] != libvirt.VIR_DOMAIN_JOB_NONE)
 
     async def backup_begin(self, ref: DomainRef, backup_xml: str, checkpoint_xml: str) -> None:

@@ -357,12 +357,9 @@ class Service:
                 self._fatal()
                 return
 
-    async def _watchdog(self) -> None:
+    async def _watchdog(self, interval: float) -> None:
         """WATCHDOG=1 only while every supervised task is alive: a ping
         proves the loops run, not merely this timer."""
-        interval = watchdog_interval()
-        if interval is None:
-            return
         while True:
             alive = all(not t.done() for n, t in self.tasks.items() if n != "watchdog")
             if alive:
@@ -441,7 +438,9 @@ class Service:
             self._supervise("events", lambda: self._events(store, source))
             self._supervise("verifier", lambda: self._verifier(store))
             self._supervise("store-watch", lambda: self._watch_store(store))
-            self._supervise("watchdog", self._watchdog)
+            interval = watchdog_interval()
+            if interval is not None:  # WatchdogSec= set in the unit
+                self._supervise("watchdog", lambda: self._watchdog(interval))
             self.notifier.ready("idle")
             self._status()
             log.info("virtbackupd started", policies=len(self.policies), domains=len(self.names))

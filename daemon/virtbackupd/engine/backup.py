@@ -387,7 +387,16 @@ class _Job:
             )
             for c in docs.included
         }
-        results = await self._copy_all(sources, plan)
+        try:
+            results = await self._copy_all(sources, plan)
+        except VirtBackupError as exc:
+            if not await lv.is_running(self.ref):
+                # The export died with QEMU: say why, not how the socket closed.
+                raise BackupFailedError(
+                    f"{self.ref.name} stopped during the backup (the export went away with "
+                    f"it: {exc}); nothing of this backup is kept"
+                ) from exc
+            raise
         # The export must still be ours and alive: a job that someone else
         # ended, or that failed, no longer shows our point in time.
         if not await lv.job_active(self.ref):
@@ -634,8 +643,10 @@ class _Job:
         for what, step in steps:
             try:
                 await asyncio.shield(step)
-            except Exception as err:
-                self.log.exception("cleanup step failed", step=what, error=str(err))
+            except VirtBackupError as err:
+                self.log.error("cleanup step failed", step=what, error=str(err))
+            except Exception as err:  # a bug: with its traceback
+                self.log.error("cleanup step failed", step=what, error=repr(err), exc_info=err)
         self.repo.discard(self.ref.uuid, self.id)
         if self.record is not None:
             await asyncio.shield(self.ctx.store.fail_backup(self.id, self.ctx.now(), reason))
