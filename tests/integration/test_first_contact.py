@@ -25,6 +25,7 @@ from testbed.daemon import (
 )
 from testbed.domains import DomainFactory, MiB
 from testbed.guest import GuestWriter
+from testbed.host import connect, ensure_libvirtd, stop_libvirtd
 from testbed.tools import assert_restores
 from virtbackupd.engine.locks import domain_lock
 
@@ -409,4 +410,38 @@ async def test_journal_format_without_journald_is_a_clear_error(
         one_line_error(log)
         assert "no journald socket" in log
     finally:
+        d.close()
+
+
+async def test_the_daemon_starts_before_libvirtd_and_waits_for_it(
+    domains: DomainFactory, config: Path, tmp_path: Path
+) -> None:
+    """At boot (or while libvirtd restarts) the daemon used to exit 1 at
+    start ("cannot connect"), leaving it to systemd's restart loop and its
+    start limit. Now it starts, says libvirt is not reachable, and finishes
+    its start-up (schedules, catch-up) when libvirtd answers."""
+    td = await asyncio.to_thread(domains.create, qcow2_sizes=[8 * MiB], start=False)
+    policy(config, f"domains: ['{td.name}']\nschedule: {{incremental: '0 3 * * *'}}\n")
+    await asyncio.to_thread(stop_libvirtd)
+    d = Daemon(config, tmp_path)
+    try:
+        await d.start()
+        st = await status(config)
+        assert st["daemon"]["libvirt_connected"] is False
+        await asyncio.to_thread(ensure_libvirtd)
+        domains.conn = connect()
+        td.dom = domains.conn.lookupByName(td.name)
+        deadline = time.monotonic() + 60
+        while True:
+            st = await status(config)
+            rows = [r for r in st["domains"] if r["domain"] == td.name]
+            if st["daemon"]["libvirt_connected"] and rows and rows[0]["next_runs"]:
+                break
+            assert time.monotonic() < deadline, st
+            await asyncio.sleep(0.5)
+        assert "libvirtd is not reachable; starting without it" in d.read_log()
+        assert await d.stop() == 0
+        assert "Traceback" not in d.log
+    finally:
+        await asyncio.to_thread(ensure_libvirtd)
         d.close()

@@ -126,13 +126,17 @@ class DomainFactory:
         raw_size: int | None = None,
         cdrom: bool = False,
         start: bool = True,
+        root: Path = WORK_ROOT,
     ) -> GuestDomain:
+        """`root`: where the domain's folder goes (another folder than the
+        default, e.g. libvirt's image folder, for a sandboxed daemon)."""
         name = f"{PREFIX}{os.getpid()}-{next(_counter)}"
-        workdir = WORK_ROOT / name
+        workdir = root / name
         workdir.mkdir(parents=True)
         # The QEMU process runs as libvirt-qemu and must reach images, scratch
         # files and sockets created here by root.
-        WORK_ROOT.chmod(0o755)
+        if root == WORK_ROOT:  # ours; a system folder keeps its mode (0711 lets QEMU through)
+            root.chmod(0o755)
         workdir.chmod(0o777)
         disks: list[Disk] = []
         targets = (f"vd{chr(ord('a') + i)}" for i in range(26))
@@ -159,6 +163,7 @@ class DomainFactory:
     def cleanup(self) -> None:
         for td in self.created:
             remove_domain(self.conn, td.name)
+            shutil.rmtree(td.workdir, ignore_errors=True)
         self.created.clear()
 
 

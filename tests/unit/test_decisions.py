@@ -108,3 +108,26 @@ def test_busy_requests_are_retried_and_failures_carry_their_reason() -> None:
     assert outcome_of(None).ok
     crash = outcome_of(KeyError("x"))
     assert not crash.retry and crash.reason
+
+
+SCHED = {"full": "0 2 * * 0", "incremental": "0 2 * * *"}
+
+
+@pytest.mark.parametrize(
+    ("fired", "minute", "already", "asked"),
+    [
+        (INC, t(23, 2), None, INC),  # Monday: only the incremental fires
+        (INC, t(22, 2), None, FULL),  # Sunday: both fire; the full serves both
+        (FULL, t(22, 2), (t(22, 2), FULL), None),  # ...and the second asks nothing
+        (INC, t(22, 2), (t(22, 2), FULL), None),
+        (FULL, t(22, 2), None, FULL),
+        (INC, t(23, 2), (t(22, 2), FULL), INC),  # last week's full is another minute
+        (FULL, t(22, 2), (t(22, 2), INC), FULL),  # a stronger ask still goes through
+    ],
+)
+def test_two_schedules_in_one_minute_make_one_backup(
+    fired: Level, minute: datetime, already: tuple[datetime, Level] | None, asked: Level | None
+) -> None:
+    from virtbackupd.daemon.decisions import scheduled_request
+
+    assert scheduled_request(fired, minute, SCHED, already) is asked

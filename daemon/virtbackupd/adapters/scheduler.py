@@ -80,14 +80,20 @@ class Schedules:
                 self._scheduler.remove_job(job_id)
             cron = parse_cron(expr)
             kwargs: dict[str, Any] = {
-                "args": (uuid, level),
+                "args": (uuid, level, job_id),
                 "id": job_id,
                 "coalesce": True,
                 "max_instances": 1,
                 "misfire_grace_time": None,
             }
-            self._scheduler.add_job(self._fire, CrontabTrigger(cron, self._jitter), **kwargs)
+            # A coroutine job: APScheduler runs it on the event loop. A plain
+            # function would run in a thread pool, and `fire` must not touch
+            # the daemon's asyncio state from another thread.
+            self._scheduler.add_job(self._run, CrontabTrigger(cron, self._jitter), **kwargs)
             self._jobs[job_id] = cron
+
+    async def _run(self, uuid: str, level: str, _job_id: str) -> None:
+        self._fire(uuid, level)
 
     def next_run(self, uuid: str, level: str, now: datetime | None = None) -> datetime | None:
         """When the schedule fires next (before its jitter), from the cron

@@ -88,6 +88,27 @@ def missed_request(
     return wanted
 
 
+def scheduled_request(
+    fired: Level,
+    minute: datetime,
+    schedules: Mapping[str, str],
+    already: tuple[datetime, Level] | None,
+) -> Level | None:
+    """The backup a schedule firing for `minute` asks for, given what was
+    already asked for this domain (`already`: the minute and level of the
+    last scheduled request). When the full and the incremental schedule
+    fire in the same minute (each with its own jitter), one full serves
+    both: the incremental asks for the full, and whichever fires second
+    asks for nothing."""
+    level = fired
+    full = schedules.get(Level.FULL.value)
+    if level is Level.INCREMENTAL and full is not None and parse_cron(full).matches(minute):
+        level = Level.FULL
+    if already is not None and already[0] == minute and merge(already[1], level) is already[1]:
+        return None
+    return level
+
+
 @dataclass(frozen=True)
 class Outcome:
     """How one run of a request ended, for the log and `status`."""

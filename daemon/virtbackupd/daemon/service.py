@@ -43,7 +43,7 @@ from virtbackupd.engine.locks import domain_lock
 from virtbackupd.engine.prune import describe, prune_under_policy
 from virtbackupd.engine.repository import Repository, count_backup_folders
 from virtbackupd.engine.verify import verify_recorded
-from virtbackupd.errors import ConfigError, VirtBackupError
+from virtbackupd.errors import ConfigError, LibvirtError, VirtBackupError
 
 VERIFY = "verify"  # the schedule kind beside the backup levels
 STORE_CHECK_S = 5.0  # how often the daemon checks its database file is still the one it opened
@@ -72,6 +72,10 @@ class Service:
         self.libvirt_connected = False
         self.levels: dict[str, list[str]] = {}  # uuid -> scheduled levels
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.schedules_by_domain: dict[str, dict[str, str]] = {}  # uuid -> level -> cron
+        self.fired: dict[str, tuple[datetime, Level]] = {}  # uuid -> last scheduled ask
+        # Start-up work that needs libvirt, left for when it answers.
+        self.catch_up_pending = False
         self.retry_handles: set[asyncio.TimerHandle] = set()
 
     # --- policies and schedules -------------------------------------------------
@@ -117,6 +121,7 @@ class Service:
         now = datetime.now(UTC)
         self.names = {d.uuid: d.name for d in domains}
         self.governing = {}
+        self.schedules_by_domain = {}
         for d in domains:
             policy = self._policy(d.name, d.uuid)
             if policy is None:
@@ -128,6 +133,7 @@ class Service:
             if policy.verify_schedule is not None:
                 wanted[(d.uuid, VERIFY)] = policy.verify_schedule
             schedules = decisions.schedules_of(policy)
+            self.schedules_by_domain[d.uuid] = schedules
             for level_name, cron in schedules.items():
                 wanted[(d.uuid, level_name)] = cron
             if catch_up:
@@ -147,7 +153,15 @@ class Service:
         if level == VERIFY:
             self.verify_queue.put_nowait(uuid)
             return
-        self.request(uuid, Level(level))
+        # The jitter is under a minute: the minute now is the one that fired.
+        minute = datetime.now(UTC).replace(second=0, microsecond=0)
+        asked = decisions.scheduled_request(
+            Level(level), minute, self.schedules_by_domain.get(uuid, {}), self.fired.get(uuid)
+        )
+        if asked is None:
+            return  # the other schedule of this minute already asked for it
+        self.fired[uuid] = (minute, asked)
+        self.request(uuid, asked)
 
     def request(self, uuid: str, level: Level) -> None:
         """Queue a backup: one waits per domain (full wins); a domain that
@@ -314,7 +328,10 @@ class Service:
     async def _on_event(self, store: Store, ev: DomainEvent) -> None:
         if ev.kind is EventKind.CONNECTED:
             self.libvirt_connected = True
-            await self._resync(store, catch_up=False)
+            if self.catch_up_pending:  # libvirtd was not there at start
+                await self._clean_interrupted(store)
+            await self._resync(store, catch_up=self.catch_up_pending)
+            self.catch_up_pending = False
         elif ev.kind is EventKind.DISCONNECTED:
             self.libvirt_connected = False
             log.warning("lost the connection to libvirtd; reconnecting")
@@ -429,10 +446,20 @@ class Service:
             EventSource(self.config.libvirt_uri) as source,
         ):
             await self._warn_if_catalogue_empty(store)
-            await self._clean_interrupted(store)
             self.schedules.start()
-            await self._resync(store, catch_up=True)
-            self.libvirt_connected = True
+            try:
+                await self._clean_interrupted(store)
+                await self._resync(store, catch_up=True)
+                self.libvirt_connected = True
+            except LibvirtError as exc:
+                # libvirtd not (yet) there: at boot, or restarting. Wait for
+                # it instead of exiting; the event source reconnects with
+                # backoff and its CONNECTED event finishes the start-up.
+                log.warning(
+                    "libvirtd is not reachable; starting without it and waiting for it",
+                    error=str(exc),
+                )
+                self.catch_up_pending = True
             for i in range(self.config.max_concurrent_backups):
                 self._supervise(f"worker-{i}", lambda: self._worker(store))
             self._supervise("events", lambda: self._events(store, source))
