@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import sys
@@ -80,6 +81,8 @@ class Daemon:
     async def start(self, ready: bool = True, env: dict[str, str] | None = None) -> None:
         self._log_file = self.log_path.open("ab")
         base = {"NOTIFY_SOCKET": str(self.notify_path), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+        if "PYTHONPATH" in os.environ:  # e.g. to run the tests against another checkout
+            base["PYTHONPATH"] = os.environ["PYTHONPATH"]
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",

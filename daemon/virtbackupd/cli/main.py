@@ -21,26 +21,26 @@ from typing import Any
 
 from virtbackupd import __version__, logs
 from virtbackupd.adapters.libvirt_conn import Libvirt
-from virtbackupd.adapters.store import Store, StoreDamagedError
+from virtbackupd.adapters.store import Store
 from virtbackupd.cli import status as status_view
+from virtbackupd.cli.catalogue import policies, reindex_command, warn_if_catalogue_empty
+from virtbackupd.cli.domains import domain_of, libvirt_domains
+from virtbackupd.cli.policy_check import policy_check
 from virtbackupd.cli.progress import ProgressLine, progress_text
 from virtbackupd.config.daemon import DaemonConfig, config_path, load_config
-from virtbackupd.config.policy import load_policies, missing_dirs, policy_files
 from virtbackupd.core.points import parse_time, pick_backup
-from virtbackupd.core.policy import Level, Policy, coverage, policy_for
-from virtbackupd.core.records import BackupRecord, BackupStatus, DomainRecord
+from virtbackupd.core.policy import Level, Policy, policy_for
+from virtbackupd.core.records import BackupRecord, BackupStatus
 from virtbackupd.daemon.status_file import read_status
 from virtbackupd.engine import restore
 from virtbackupd.engine.backup import BackupContext, JobProgress, backup_domain
 from virtbackupd.engine.copy import CopyProgress
 from virtbackupd.engine.locks import domain_lock, request_cancel
 from virtbackupd.engine.prune import describe, prune_under_policy
-from virtbackupd.engine.reindex import reindex
-from virtbackupd.engine.repository import being_removed, count_backup_folders, read_manifest
+from virtbackupd.engine.repository import being_removed, read_manifest
 from virtbackupd.engine.verify import verify_recorded
 from virtbackupd.errors import (
     ConfigError,
-    DomainNotFoundError,
     InputError,
     RestoreError,
     VirtBackupError,
@@ -149,11 +149,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def _run(args: argparse.Namespace) -> int:
     if args.command == "policy":
-        return await _policy_check(args)
+        return await policy_check(args)
     config = load_config(config_path(args.config))
     logs.configure(config.log_level, "json" if args.json else "console")
     if args.command == "reindex":
-        return await _reindex(args, config)
+        return await reindex_command(args, config)
     async with Store.open(config.state_db) as store:
         if args.command == "list":
             return await _list(args, config, store)
@@ -177,126 +177,9 @@ async def _run(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
-def _roots(config: DaemonConfig, policies: Sequence[Policy]) -> set[Path]:
-    return {config.backup_root} | {p.target for p in policies if p.target}
-
-
-async def _reindex(args: argparse.Namespace, config: DaemonConfig) -> int:
-    """Rebuild the catalogue from the repository. A damaged database is
-    moved aside (kept for inspection, never deleted) and a new one built."""
-    moved: Path | None = None
-    try:
-        async with Store.open(config.state_db, create=False) as probe:
-            await probe.check_integrity()
-    except StoreDamagedError as exc:
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        moved = config.state_db.with_name(f"{config.state_db.name}.damaged-{stamp}")
-        for suffix in ("", "-wal", "-shm"):
-            part = Path(f"{config.state_db}{suffix}")
-            if part.exists():
-                part.rename(Path(f"{moved}{suffix}"))
-        print(f"virtbackup: {exc.path}: damaged ({exc}); moved aside to {moved}", file=sys.stderr)
-    except VirtBackupError:
-        pass  # no database yet: reindex creates it
-    total = 0
-    async with Store.open(config.state_db) as store:
-        for root in sorted(_roots(config, _policies(config))):
-            added, problems = await reindex(store, root)
-            total += added
-            for line in problems:
-                print(f"virtbackup: warning: {line}", file=sys.stderr)
-    if args.json:
-        print(json.dumps({"added": total, "moved_aside": str(moved) if moved else None}))
-    else:
-        print(f"{total} backup(s) added")
-    return 0
-
-
-async def _warn_if_catalogue_empty(config: DaemonConfig, store: Store) -> None:
-    """An empty catalogue beside a repository that holds backups (state.db
-    lost or replaced): say so, instead of showing nothing."""
-    if await store.backups():
-        return
-    found = sum(count_backup_folders(r) for r in _roots(config, _policies(config, quiet=True)))
-    if found:
-        print(
-            f"virtbackup: warning: {store.path} records no backup, but the repository holds "
-            f"{found} backup folder(s); `virtbackup reindex` rebuilds the catalogue",
-            file=sys.stderr,
-        )
-
-
-def _policies(config: DaemonConfig, quiet: bool = False) -> list[Policy]:
-    policies, errors = load_policies(policy_files(config.policy_dirs))
-    for e in [] if quiet else errors:
-        print(f"virtbackup: warning: {e}", file=sys.stderr)
-    return policies
-
-
-async def _libvirt_domains(uri: str) -> list[tuple[str, str]] | None:
-    """(name, uuid) of every domain, or None when libvirt is unreachable."""
-    try:
-        async with await Libvirt.open(uri) as lv:
-            return [(d.name, d.uuid) for d in await lv.domains()]
-    except VirtBackupError:
-        return None
-
-
-async def _policy_check(args: argparse.Namespace) -> int:
-    """Errors: a file that does not load, a domain two policies govern.
-    Warnings: a pattern that matches no domain, a missing or empty policy
-    folder, libvirt unreachable (then only the files are checked)."""
-    warnings: list[str] = []
-    files = list(args.files)
-    config: DaemonConfig | None = None
-    try:
-        config = load_config(config_path(args.config))
-    except ConfigError:
-        if not files:
-            raise  # no file named and no config: nothing to check
-    if not files:
-        assert config is not None
-        for d in missing_dirs(config.policy_dirs):
-            warnings.append(
-                f"{d}: the policy folder does not exist (the daemon refuses to start without it)"
-            )
-        files = policy_files(config.policy_dirs)
-        if not files:
-            dirs = ", ".join(str(d) for d in config.policy_dirs)
-            warnings.append(f"no policy files (*.yaml) in {dirs}: no domain would be backed up")
-    policies, load_errors = load_policies(files)
-    errors = [str(e) for e in load_errors]
-    uri = config.libvirt_uri if config is not None else "qemu:///system"
-    domains = await _libvirt_domains(uri)
-    if domains is None:
-        warnings.append(f"libvirt at {uri} is unreachable: policies not checked against domains")
-    else:
-        cov = coverage(policies, domains)
-        errors += cov.errors
-        warnings += cov.warnings
-    for e in errors:
-        print(f"virtbackup: error: {e}", file=sys.stderr)
-    for w in warnings:
-        print(f"virtbackup: warning: {w}", file=sys.stderr)
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "valid": [str(p.source) for p in policies],
-                    "errors": errors,
-                    "warnings": warnings,
-                }
-            )
-        )
-    else:
-        for p in policies:
-            print(f"ok: {p.source}")
-    return 2 if errors else 0
-
-
 async def _backup(args: argparse.Namespace, config: DaemonConfig, store: Store, lv: Libvirt) -> int:
     ref = await lv.domain(args.domain)
-    policy = policy_for(ref.name, ref.uuid, _policies(config)) or Policy(
+    policy = policy_for(ref.name, ref.uuid, policies(config)) or Policy(
         source=Path("<command line>"), domains=(ref.name,)
     )
     line = ProgressLine(sys.stderr.isatty() and not args.json)
@@ -320,30 +203,6 @@ async def _backup(args: argparse.Namespace, config: DaemonConfig, store: Store, 
     return 0
 
 
-async def _domain_of(store: Store, config: DaemonConfig, name_or_uuid: str) -> DomainRecord:
-    """The domain by UUID or name: the catalogue first, then libvirt (a
-    renamed domain is found under its new name, a domain never backed up
-    is known). Unknown everywhere: an input error."""
-    dom = await store.domain(name_or_uuid) or await store.domain_by_name(name_or_uuid)
-    if dom is not None:
-        return dom
-    try:
-        async with await Libvirt.open(config.libvirt_uri) as lv:
-            ref = await lv.domain(name_or_uuid)
-    except DomainNotFoundError:
-        raise DomainNotFoundError(
-            f"no domain '{name_or_uuid}': libvirt does not know it and no backups of it "
-            "are recorded (`virtbackup list` shows the recorded ones)"
-        ) from None
-    except VirtBackupError as exc:
-        raise DomainNotFoundError(
-            f"no backups are recorded for a domain '{name_or_uuid}', and libvirt cannot be "
-            f"asked for it ({exc})"
-        ) from exc
-    now = datetime.now(UTC)
-    return await store.domain(ref.uuid) or DomainRecord(ref.uuid, ref.name, now, now, None)
-
-
 def _disk_progress(line: ProgressLine) -> restore.ProgressFn | None:
     if not line.enabled:
         return None
@@ -364,7 +223,7 @@ async def _restore(
 ) -> int:
     if args.define and args.in_place:
         raise ConfigError("--define needs --to DIR (a new domain gets new images)")
-    dom = await _domain_of(store, config, args.domain)
+    dom = await domain_of(store, config, args.domain)
     at = parse_time(args.at) if args.at else None
     record = pick_backup(await store.backups(dom.uuid), args.backup, at)
     if record.path is None:
@@ -427,11 +286,11 @@ async def _restore(
 
 async def _prune(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
     if args.domain:
-        domains = [await _domain_of(store, config, args.domain)]
+        domains = [await domain_of(store, config, args.domain)]
     else:
         seen = {b.domain_uuid for b in await store.backups()}
         domains = [d for u in sorted(seen) if (d := await store.domain(u)) is not None]
-    policies = _policies(config)
+    governing = policies(config)
     results = []
     try:
         lv: Libvirt | None = await Libvirt.open(config.libvirt_uri)
@@ -440,7 +299,7 @@ async def _prune(args: argparse.Namespace, config: DaemonConfig, store: Store) -
         lv = None
     try:
         for dom in domains:
-            policy = policy_for(dom.name, dom.uuid, policies)
+            policy = policy_for(dom.name, dom.uuid, governing)
             if policy is None:
                 print(
                     f"virtbackup: {dom.name}: no policy governs it; nothing is pruned",
@@ -470,7 +329,7 @@ async def _prune(args: argparse.Namespace, config: DaemonConfig, store: Store) -
 
 
 async def _verify(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
-    uuid = (await _domain_of(store, config, args.domain)).uuid if args.domain else None
+    uuid = (await domain_of(store, config, args.domain)).uuid if args.domain else None
     backups = [
         b
         for b in await store.backups(uuid, status=BackupStatus.COMPLETE)
@@ -504,10 +363,10 @@ def _line(b: BackupRecord) -> str:
 
 
 async def _list(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
-    uuid = (await _domain_of(store, config, args.domain)).uuid if args.domain else None
+    uuid = (await domain_of(store, config, args.domain)).uuid if args.domain else None
     backups = await store.backups(uuid)
     if uuid is None:
-        await _warn_if_catalogue_empty(config, store)
+        await warn_if_catalogue_empty(config, store)
     if args.json:
         print(json.dumps([b.as_json() for b in backups], indent=2))
     else:
@@ -518,11 +377,11 @@ async def _list(args: argparse.Namespace, config: DaemonConfig, store: Store) ->
 
 async def _status(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
     daemon = read_status(config.runtime_dir)
-    await _warn_if_catalogue_empty(config, store)
+    await warn_if_catalogue_empty(config, store)
     # The daemon's view of libvirt's domains when it runs; else ask libvirt.
-    domains = None if daemon is not None else await _libvirt_domains(config.libvirt_uri)
+    domains = None if daemon is not None else await libvirt_domains(config.libvirt_uri)
     rows, unmanaged = status_view.build_rows(
-        datetime.now(UTC), await store.backups(), _policies(config), domains, daemon
+        datetime.now(UTC), await store.backups(), policies(config), domains, daemon
     )
     running = await store.running_progress()
     print(status_view.render(daemon, rows, unmanaged, running, args.json))
@@ -532,7 +391,7 @@ async def _status(args: argparse.Namespace, config: DaemonConfig, store: Store) 
 async def _cancel(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
     """Ask the process running the domain's backup (daemon or CLI) to
     cancel it, and wait until its clean-up has recorded it failed."""
-    dom = await _domain_of(store, config, args.domain)
+    dom = await domain_of(store, config, args.domain)
     running = [j for j in await store.running_progress() if j.domain_uuid == dom.uuid]
     if not running:
         print(f"virtbackup: no backup of {dom.name} is running", file=sys.stderr)
