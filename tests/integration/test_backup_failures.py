@@ -8,7 +8,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from testbed.daemon import spawn_cli
 from testbed.domains import WORK_ROOT, DomainFactory, GuestDomain, MiB, wait_until
 from testbed.guest import GuestWriter
 from testbed.tools import assert_restores, qemu_img_info
@@ -223,12 +223,8 @@ async def test_killed_backup_process_is_cleaned_up_by_the_next_backup(
     (config.parent / "policies" / "slow.yaml").write_text(
         f"domains: [{td.name}]\nbandwidth: 2MiB\n"
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "virtbackupd.cli.main",
-        "-c",
-        str(config),
+    proc = await spawn_cli(
+        config,
         "backup",
         td.name,
         stdout=asyncio.subprocess.DEVNULL,

@@ -19,7 +19,9 @@ from testbed.daemon import (
     backups,
     cli,
     ends_in_one_error_line,
+    most_at_once,
     one_line_error,
+    spawn_cli,
     wait_backups,
     wait_running,
 )
@@ -104,6 +106,39 @@ async def test_a_request_that_meets_a_busy_domain_waits_and_runs(
         d.close()
 
 
+async def test_several_domains_at_once_share_max_concurrent_backups(
+    domains: DomainFactory, config: Path, tmp_path: Path
+) -> None:
+    """Three domains stop at once under `max_concurrent_backups: 2`: two
+    backups run side by side (concurrent commits to one state.db broke a
+    shared transaction and silently killed workers), the third waits for a
+    slot, and all three restore byte-identical. The bandwidth limit makes
+    each backup last a few seconds so that they really overlap."""
+    config.write_text(config.read_text() + "max_concurrent_backups: 2\n")
+    policy(config, "domains: ['vbtest-*']\nbandwidth: 1MiB\nevents: {on_shutdown: full}\n")
+    tds = [await asyncio.to_thread(domains.create, qcow2_sizes=[8 * MiB]) for _ in range(3)]
+    for i, td in enumerate(tds):
+        await asyncio.to_thread(GuestWriter(td).write, "vda", 0, 4 * MiB, 0x40 + i)
+    d = Daemon(config, tmp_path)
+    try:
+        await d.start()
+        await asyncio.gather(*(asyncio.to_thread(td.dom.destroy) for td in tds))
+        done = await wait_backups(config, 3, timeout=120)
+        assert [(b["status"], b["level"]) for b in done] == [("complete", "full")] * 3, done
+        assert most_at_once(done) == 2, [(b["started"], b["finished"]) for b in done]
+        for b, td in zip(
+            sorted(done, key=lambda b: b["domain"]), sorted(tds, key=lambda t: t.name), strict=True
+        ):
+            assert b["domain"] == td.name
+            assert_restores(
+                Path(b["path"]), [(x["name"], x["path"]) for x in b["disks"]], td, tmp_path
+            )
+        assert await d.stop() == 0
+        assert "Traceback" not in d.log and "task died" not in d.log
+    finally:
+        d.close()
+
+
 async def test_a_run_missed_while_the_daemon_was_down_is_caught_up_once(
     domains: DomainFactory, config: Path, tmp_path: Path
 ) -> None:
@@ -145,16 +180,8 @@ async def test_status_shows_running_jobs_and_cancel_ends_one_cleanly(
     td = await asyncio.to_thread(domains.create, qcow2_sizes=[32 * MiB])
     await asyncio.to_thread(GuestWriter(td).write, "vda", 0, 24 * MiB, 0x41)
     # A CLI job.
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "virtbackupd.cli.main",
-        "-c",
-        str(config),
-        "backup",
-        td.name,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    proc = await spawn_cli(
+        config, "backup", td.name, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     await wait_running(config)
     deadline = time.monotonic() + 20
@@ -320,17 +347,8 @@ async def test_operator_facing_rough_edges(
     await asyncio.to_thread(GuestWriter(td).write, "vda", 0, 8 * MiB, 0x51)
     policy(config, "domains: ['vbtest-*']\nbandwidth: 4MiB\n")
     master, slave = pty.openpty()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "virtbackupd.cli.main",
-        "-c",
-        str(config),
-        "backup",
-        "--full",
-        td.name,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=slave,
+    proc = await spawn_cli(
+        config, "backup", "--full", td.name, stdout=asyncio.subprocess.PIPE, stderr=slave
     )
     os.close(slave)
     out_bytes, _ = await proc.communicate()
@@ -370,12 +388,8 @@ async def test_operator_facing_rough_edges(
     await asyncio.to_thread(td.start)
     await asyncio.to_thread(GuestWriter(td).write, "vda", 0, 12 * MiB, 0x52)
     policy(config, "domains: ['vbtest-*']\nbandwidth: 1MiB\n")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "virtbackupd.cli.main",
-        "-c",
-        str(config),
+    proc = await spawn_cli(
+        config,
         "backup",
         "--full",
         new_name,

@@ -10,40 +10,44 @@ import signal
 import socket
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
 from testbed.tools import qemu_img_info
 
 
-async def cli_json(config: Path, *args: str) -> dict:  # type: ignore[type-arg]
-    proc = await asyncio.create_subprocess_exec(
+async def spawn_cli(
+    config: Path,
+    *args: str,
+    stdout: int = asyncio.subprocess.PIPE,
+    stderr: int = asyncio.subprocess.PIPE,
+    env: dict[str, str] | None = None,
+) -> asyncio.subprocess.Process:
+    """`virtbackup -c CONFIG ARGS...` started as a process, as an operator
+    runs it; the caller waits for it (or kills it)."""
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "virtbackupd.cli.main",
         "-c",
         str(config),
-        "--json",
         *args,
-        stdout=asyncio.subprocess.PIPE,
+        stdout=stdout,
+        stderr=stderr,
+        env=env,
     )
+
+
+async def cli_json(config: Path, *args: str) -> dict:  # type: ignore[type-arg]
+    proc = await spawn_cli(config, "--json", *args, stderr=asyncio.subprocess.DEVNULL)
     out, _ = await proc.communicate()
     assert proc.returncode == 0
     return json.loads(out)  # type: ignore[no-any-return]
 
 
 async def backups(config: Path) -> list[dict]:  # type: ignore[type-arg]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "virtbackupd.cli.main",
-        "-c",
-        str(config),
-        "--json",
-        "list",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    proc = await spawn_cli(config, "--json", "list", stderr=asyncio.subprocess.DEVNULL)
     out, _ = await proc.communicate()
     return json.loads(out) if proc.returncode == 0 else []  # type: ignore[no-any-return]
 
@@ -160,17 +164,7 @@ async def cli(
     config: Path, *args: str, timeout: float = 300, env: dict[str, str] | None = None
 ) -> tuple[int, str, str]:
     """`virtbackup -c CONFIG ARGS...` as a process: (exit code, stdout, stderr)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "virtbackupd.cli.main",
-        "-c",
-        str(config),
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
+    proc = await spawn_cli(config, *args, env=env)
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
@@ -188,3 +182,17 @@ def ends_in_one_error_line(err: str) -> None:
     assert "Traceback" not in err, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("virtbackup: "), err
+
+
+def most_at_once(records: list[dict]) -> int:  # type: ignore[type-arg]
+    """The largest number of the given backup records whose [started,
+    finished] spans overlap at one instant."""
+    edges = []
+    for r in records:
+        edges.append((datetime.fromisoformat(r["started"]), 1))
+        edges.append((datetime.fromisoformat(r["finished"]), -1))
+    most = now = 0
+    for _, step in sorted(edges):  # an end sorts before a start at the same instant
+        now += step
+        most = max(most, now)
+    return most
