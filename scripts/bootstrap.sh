@@ -39,7 +39,24 @@ fi
 # --- 2. libvirtd -------------------------------------------------------------
 # Never start a second libvirtd: it fails and removes the running one's socket
 # (see shared/TESTBED.md). Only start when none is alive at all.
-if want libvirtd; then scripts/ensure-libvirtd.sh; fi
+# virtbackupd's libvirt hook (a VM start wins over an offline backup) is
+# installed first, as docs/operations.md tells operators to; a libvirtd that
+# already runs is told with SIGHUP (libvirt 9.0 looks for hooks at start and
+# on SIGHUP only).
+if want libvirtd; then
+    hook=/etc/libvirt/hooks/qemu.d/virtbackupd
+    if ! cmp -s libvirt-hooks/qemu.d/virtbackupd "$hook"; then
+        log "installing the libvirt hook $hook"
+        install -D -m 0755 libvirt-hooks/qemu.d/virtbackupd "$hook"
+        if pgrep -x libvirtd >/dev/null 2>&1; then
+            pkill -HUP -x libvirtd
+            sleep 1
+        fi
+    fi
+    install -d -m 0711 /run/virtbackupd
+    install -d -m 0700 /run/virtbackupd/hook
+    scripts/ensure-libvirtd.sh
+fi
 
 # --- 3. virtualenv -----------------------------------------------------------
 want venv || exit 0

@@ -80,7 +80,8 @@ def main() -> int:
     config = DEMO / "virtbackupd.yaml"
     config.write_text(
         "libvirt_uri: qemu:///system\nstate_dir: state\nbackup_root: backups\n"
-        f"runtime_dir: {run_dir}\npolicy_dirs: [policies]\nlog: {{format: console}}\n"
+        f"runtime_dir: {run_dir}\nscratch_dir: {run_dir}-scratch\n"
+        "policy_dirs: [policies]\nlog: {format: console}\n"
     )
     factory = DomainFactory(conn)
     daemon = None
@@ -173,6 +174,7 @@ def main() -> int:
             daemon.kill()
         factory.cleanup()
         shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(f"{run_dir}-scratch", ignore_errors=True)
         if os.environ.get("DEMO_KEEP") != "1":
             shutil.rmtree(DEMO, ignore_errors=True)
         assert all(

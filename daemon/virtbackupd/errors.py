@@ -104,6 +104,18 @@ class BackupBusyError(VirtBackupError):
     another tool's libvirt job)."""
 
 
+class DomainStartingError(BackupBusyError):
+    """The domain is being started: an offline backup yields its images to
+    QEMU (refused before it begins, or cancelled and cleaned up while it
+    runs). Retried like any busy domain, then taken online."""
+
+
+class ScratchSpaceError(VirtBackupError):
+    """The scratch file system of an online backup is (nearly) full or out
+    of QEMU's reach: the backup is refused or stopped, never the guest's
+    writes."""
+
+
 class BackupFailedError(VirtBackupError):
     """A backup failed; it was recorded as failed and cleaned up."""
 

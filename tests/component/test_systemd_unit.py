@@ -64,3 +64,22 @@ def test_unit_promises() -> None:
         assert line in text
     tmpfiles = (REPO / "systemd" / "virtbackupd.tmpfiles.conf").read_text()
     assert "d /run/virtbackupd 0711 root root -" in tmpfiles
+
+
+def test_unit_and_process_agree_on_yielding_to_guests() -> None:
+    """Backups yield to the VMs: the unit's priority settings are the ones
+    the daemon applies itself (`priority: low`, the default), and the
+    scratch folder is on disk, reachable by QEMU, in the unit and tmpfiles."""
+    from virtbackupd.adapters.priority import LOW
+    from virtbackupd.config.daemon import DaemonConfig
+
+    text = UNIT.read_text()
+    assert f"Nice={LOW.nice}\n" in text
+    assert f"IOSchedulingClass={LOW.io_class}\n" in text
+    assert f"IOSchedulingPriority={LOW.io_level}\n" in text
+    assert "StateDirectoryMode=0711" in text
+    tmpfiles = (REPO / "systemd" / "virtbackupd.tmpfiles.conf").read_text()
+    scratch = DaemonConfig(Path("x")).scratch_dir
+    assert scratch.is_relative_to("/var/lib/virtbackupd")  # on disk, not /run
+    assert f"d {scratch} 0711 root root -" in tmpfiles
+    assert "d /run/virtbackupd/hook 0700 root root -" in tmpfiles

@@ -18,10 +18,13 @@ def config(tmp_path: Path) -> Iterator[Path]:
     folder (pytest's temp dirs are 0700 root)."""
     run = WORK_ROOT / f"run-{tmp_path.name}"
     run.mkdir(parents=True, exist_ok=True)
+    scratch = WORK_ROOT / f"scratch-{tmp_path.name}"  # on disk, like the default
     (tmp_path / "policies").mkdir()
     cfg = tmp_path / "virtbackupd.yaml"
     cfg.write_text(
-        f"state_dir: state\nbackup_root: backups\nruntime_dir: {run}\npolicy_dirs: [policies]\n"
+        f"state_dir: state\nbackup_root: backups\nruntime_dir: {run}\n"
+        f"scratch_dir: {scratch}\npolicy_dirs: [policies]\n"
     )
     yield cfg
     shutil.rmtree(run, ignore_errors=True)
+    shutil.rmtree(scratch, ignore_errors=True)

@@ -73,7 +73,7 @@ def test_domain_disks_are_read_with_their_properties() -> None:
 
 
 def test_every_exclusion_carries_its_reason() -> None:
-    docs = build_documents(DISKS, request())
+    docs = build_documents(DISKS, request(raw=RawDisks.SKIP))
     reasons = {c.target: (c.included, c.reason) for c in docs.choices}
     assert reasons == {
         "vda": (True, "qcow2: full"),
@@ -87,8 +87,11 @@ def test_every_exclusion_carries_its_reason() -> None:
     }
 
 
-def test_raw_disk_is_a_full_copy_without_bitmap_when_asked() -> None:
-    docs = build_documents(DISKS, request(raw=RawDisks.FULL, incremental_from="virtbackupd-x"))
+def test_raw_disks_are_backed_up_by_default_in_full_without_bitmap() -> None:
+    """A raw boot disk silently left out was found only at restore time."""
+    assert BackupRequest("c", None, "/s", "/s").raw is RawDisks.FULL
+    docs = build_documents(DISKS, request(incremental_from="virtbackupd-x"))
+    assert "convert it to qcow2" in next(c.reason for c in docs.choices if c.target == "vdc")
     vdc = docs.backup.disk("vdc")
     assert vdc is not None and vdc.backup and vdc.backupmode is DiskBackupMode.FULL
     assert vdc.incremental is None and vdc.exportbitmap is None
@@ -101,13 +104,15 @@ def test_raw_disk_is_a_full_copy_without_bitmap_when_asked() -> None:
 def test_include_and_exclude_lists() -> None:
     docs = build_documents(DISKS, request(include=frozenset({"vda"})))
     assert [c.target for c in docs.included] == ["vda"]
+    docs = build_documents(DISKS, request(include=frozenset({"vda"}), raw=RawDisks.SKIP))
+    assert [c.target for c in docs.included] == ["vda"]
     assert docs.backup.disk("vdb").backup is False  # type: ignore[union-attr]
     docs = build_documents(DISKS, request(exclude=frozenset({"vda"})))
-    assert [c.target for c in docs.included] == ["vdb"]
+    assert [c.target for c in docs.included] == ["vdb", "vdc"]
     # One policy serves VMs with different disks: excluding a disk this VM
     # lacks excludes nothing (it failed every backup before).
     docs = build_documents(DISKS, request(exclude=frozenset({"vdz"})))
-    assert [c.target for c in docs.included] == ["vda", "vdb"]
+    assert [c.target for c in docs.included] == ["vda", "vdb", "vdc"]
     with pytest.raises(PlanError, match="disks.include names disks the domain does not have: vdz"):
         build_documents(DISKS, request(include=frozenset({"vdz"})))
 

@@ -154,3 +154,76 @@ def test_max_incrementals_zero_means_every_backup_is_full() -> None:
     )
     assert p.level is Level.FULL
     assert "max_incrementals is 0" in p.reason
+
+
+@pytest.mark.parametrize(
+    ("size", "level", "reason"),
+    [
+        (1, Level.INCREMENTAL, "changes since virtbackupd-b1"),
+        # Grown (virsh blockresize): incremental onto an overlay of the new size.
+        (2, Level.INCREMENTAL, "disk vda grew from 1 to 2 bytes: overlay of the new size"),
+        # Shrunk: nothing says what the bitmap kept; the disk is read whole.
+        (0, Level.FULL, "disk vda shrank from 1 to 0 bytes since backup b1"),
+        (None, Level.INCREMENTAL, "changes since virtbackupd-b1"),  # size unknown
+    ],
+)
+def test_a_disk_that_changed_size(size: int | None, level: Level, reason: str) -> None:
+    p = plan_backup(
+        checkpoint="virtbackupd-new",
+        disks=DISKS,
+        policy=POLICY,
+        history=[rec(1, None)],
+        stored_checkpoints=[],
+        view=view(1),
+        sizes={} if size is None else {"vda": size},
+    )
+    assert p.level is level
+    assert reason in p.reason
+
+
+@pytest.mark.parametrize(
+    ("path", "level"),
+    [
+        ("/backups/u/b1", Level.INCREMENTAL),
+        ("/backups/u/b1/", Level.INCREMENTAL),
+        ("/old-disk/u/b1", Level.FULL),  # the policy's target moved
+        ("/backups-old/u/b1", Level.FULL),  # a prefix is not the folder
+    ],
+)
+def test_a_parent_outside_the_current_repository_means_a_full(path: str, level: Level) -> None:
+    p = plan_backup(
+        checkpoint="virtbackupd-new",
+        disks=DISKS,
+        policy=POLICY,
+        history=[replace(rec(1, None), path=path)],
+        stored_checkpoints=[],
+        view=view(1),
+        repository="/backups",
+    )
+    assert p.level is level
+    if level is Level.FULL:
+        assert f"is in another repository ({path}): the target is now /backups" in p.reason
+
+
+def test_disks_left_out_are_named_with_their_reason_removable_media_are_not() -> None:
+    disks = (
+        *DISKS,
+        DomainDisk("vdb", "disk", "file", "/i/vdb.img", "raw"),
+        DomainDisk("vdc", "disk", "file", "/i/vdc.qcow2", "qcow2"),
+        DomainDisk("vdd", "disk", "file", "/i/vdd.qcow2", "qcow2", readonly=True),
+        DomainDisk("hdc", "cdrom", "file", None, "raw"),
+    )
+    p = plan_backup(
+        checkpoint="virtbackupd-new",
+        disks=disks,
+        policy=replace(POLICY, exclude_disks=frozenset({"vdc"})),
+        history=[],
+        stored_checkpoints=[],
+        view=view(),
+    )
+    # Raw disks are in by default (copied whole every time).
+    assert p.disks == ("vda", "vdb")
+    assert [(d.disk, d.reason) for d in p.left_out] == [
+        ("vdc", "excluded by policy"),
+        ("vdd", "read-only disk"),
+    ]

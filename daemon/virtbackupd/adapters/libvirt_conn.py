@@ -114,6 +114,13 @@ class Libvirt:
         flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
         return str(await self._call(dom.XMLDesc, flags))
 
+    async def disk_capacity(self, ref: DomainRef, target: str) -> int:
+        """The virtual size of a disk (virDomainGetBlockInfo: what QEMU
+        shows the guest when running, the image's size when shut off)."""
+        dom = await self._lookup(ref)
+        capacity, _allocation, _physical = await self._call(dom.blockInfo, target, 0)
+        return int(capacity)
+
     async def exists(self, name_or_uuid: str) -> bool:
         try:
             await self._lookup(name_or_uuid)

@@ -83,8 +83,14 @@ async def info(path: Path, backing_chain: bool = False) -> Any:
 
 async def bitmap_names(path: Path) -> set[str]:
     """Names of the persistent bitmaps in a qcow2 image."""
+    return set(await bitmap_flags(path))
+
+
+async def bitmap_flags(path: Path) -> dict[str, frozenset[str]]:
+    """Each persistent bitmap of a qcow2 image with its flags ("auto",
+    "in-use": the image was not closed cleanly while it was loaded)."""
     data = (await info(path)).get("format-specific", {}).get("data", {})
-    return {str(b["name"]) for b in data.get("bitmaps", [])}
+    return {str(b["name"]): frozenset(b.get("flags", [])) for b in data.get("bitmaps", [])}
 
 
 async def check(path: Path, fmt: str = "qcow2") -> Any:

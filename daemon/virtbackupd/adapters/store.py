@@ -36,6 +36,7 @@ from virtbackupd.core.records import (
     CheckpointStatus,
     DiskRecord,
     DomainRecord,
+    LeftOutDisk,
     RunningJob,
 )
 from virtbackupd.errors import VirtBackupError
@@ -94,6 +95,15 @@ MIGRATIONS: Sequence[str] = (
         total INTEGER NOT NULL,
         rate REAL NOT NULL,
         updated TEXT NOT NULL
+    );
+    """,
+    # 2: disks a backup does not hold, with the reason (nothing silently missing)
+    """
+    CREATE TABLE left_out_disks (
+        backup_id TEXT NOT NULL REFERENCES backups(id) ON DELETE CASCADE,
+        disk TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        PRIMARY KEY (backup_id, disk)
     );
     """,
 )
@@ -325,21 +335,31 @@ class Store:
 
     # --- backups -----------------------------------------------------------------------
     async def start_backup(self, b: BackupRecord) -> None:
-        await self._execute(
-            """INSERT INTO backups(id, domain_uuid, domain_name, level, status, checkpoint,
-                   parent_id, started, path) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+        statements: list[tuple[str, Sequence[object]]] = [
             (
-                b.id,
-                b.domain_uuid,
-                b.domain_name,
-                b.level.value,
-                BackupStatus.RUNNING.value,
-                b.checkpoint,
-                b.parent,
-                _ts(b.started),
-                b.path,
-            ),
-        )
+                """INSERT INTO backups(id, domain_uuid, domain_name, level, status, checkpoint,
+                       parent_id, started, path) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    b.id,
+                    b.domain_uuid,
+                    b.domain_name,
+                    b.level.value,
+                    BackupStatus.RUNNING.value,
+                    b.checkpoint,
+                    b.parent,
+                    _ts(b.started),
+                    b.path,
+                ),
+            )
+        ]
+        statements += [
+            (
+                "INSERT INTO left_out_disks(backup_id, disk, reason) VALUES (?, ?, ?)",
+                (b.id, d.disk, d.reason),
+            )
+            for d in b.left_out
+        ]
+        await self._transaction(statements)
 
     async def replan_backup(self, backup_id: str, level: Level, parent: str | None) -> None:
         """A running backup changed level (its incremental became a full)."""
@@ -412,6 +432,7 @@ class Store:
                 ("UPDATE backups SET parent_id = NULL WHERE parent_id = ?", (backup_id,)),
                 ("DELETE FROM progress WHERE backup_id = ?", (backup_id,)),
                 ("DELETE FROM backup_disks WHERE backup_id = ?", (backup_id,)),
+                ("DELETE FROM left_out_disks WHERE backup_id = ?", (backup_id,)),
                 ("DELETE FROM backups WHERE id = ?", (backup_id,)),
             ]
         )
@@ -486,6 +507,10 @@ class Store:
             disks = await self._fetchall(
                 "SELECT * FROM backup_disks WHERE backup_id = ? ORDER BY disk", (r["id"],)
             )
+            left_out = await self._fetchall(
+                "SELECT disk, reason FROM left_out_disks WHERE backup_id = ? ORDER BY disk",
+                (r["id"],),
+            )
             out.append(
                 BackupRecord(
                     id=r["id"],
@@ -515,6 +540,7 @@ class Store:
                         )
                         for d in disks
                     ),
+                    left_out=tuple(LeftOutDisk(x["disk"], x["reason"]) for x in left_out),
                 )
             )
         return out

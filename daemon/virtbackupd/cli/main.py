@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from virtbackupd import __version__, logs
+from virtbackupd.adapters import priority
 from virtbackupd.adapters.libvirt_conn import Libvirt
 from virtbackupd.adapters.store import Store
 from virtbackupd.cli import status as status_view
 from virtbackupd.cli.catalogue import policies, reindex_command, warn_if_catalogue_empty
 from virtbackupd.cli.domains import domain_of, libvirt_domains
+from virtbackupd.cli.forget import forget_checkpoints
 from virtbackupd.cli.policy_check import policy_check
 from virtbackupd.cli.progress import ProgressLine, progress_text
 from virtbackupd.config.daemon import DaemonConfig, config_path, load_config
@@ -113,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
         "cancel", help="cancel the running backup of a domain (cleaned up like any failure)"
     )
     cn.add_argument("domain", help="domain name or UUID")
+    fg = sub.add_parser(
+        "forget-checkpoints",
+        help="remove virtbackupd's checkpoints and bitmaps from a domain (e.g. before "
+        "`virsh snapshot-revert`); backups stay, the next backup is full",
+    )
+    fg.add_argument("domain", help="domain name or UUID")
     pol = sub.add_parser("policy", help="policy files")
     polsub = pol.add_subparsers(dest="policy_command", metavar="SUBCOMMAND", required=True)
     chk = polsub.add_parser(
@@ -151,6 +159,7 @@ async def _run(args: argparse.Namespace) -> int:
     if args.command == "policy":
         return await policy_check(args)
     config = load_config(config_path(args.config))
+    priority.apply(config.priority)
     logs.configure(config.log_level, "json" if args.json else "console")
     if args.command == "reindex":
         return await reindex_command(args, config)
@@ -172,6 +181,8 @@ async def _run(args: argparse.Namespace) -> int:
                 return await _backup(args, config, store, lv)
             if args.command == "checkpoints":
                 return await _checkpoints(args, store, lv)
+            if args.command == "forget-checkpoints":
+                return await forget_checkpoints(args, config, store, lv)
             if args.command == "restore":
                 return await _restore(args, config, store, lv)
     raise AssertionError(args.command)
@@ -356,9 +367,12 @@ async def _verify(args: argparse.Namespace, config: DaemonConfig, store: Store) 
 
 def _line(b: BackupRecord) -> str:
     size = f"{b.bytes_written / 2**20:,.1f} MiB"
+    left_out = "; ".join(f"{d.disk} ({d.reason})" for d in b.left_out)
     return (
         f"{b.id}  {b.domain_name:16} {b.level.value:11} {b.status.value:8} {size:>12}  "
-        f"parent={b.parent or '-'}" + (f"  error: {b.error}" if b.error else "")
+        f"parent={b.parent or '-'}"
+        + (f"  left out: {left_out}" if left_out else "")
+        + (f"  error: {b.error}" if b.error else "")
     )
 
 

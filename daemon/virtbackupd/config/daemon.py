@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from virtbackupd.adapters.priority import Priority
 from virtbackupd.config.yamlnodes import Source
 from virtbackupd.errors import ConfigError
 
@@ -22,8 +23,13 @@ class DaemonConfig:
     state_dir: Path = Path("/var/lib/virtbackupd")
     backup_root: Path = Path("/var/lib/virtbackupd/backups")
     runtime_dir: Path = Path("/run/virtbackupd")
+    # Copy-before-write scratch files of online backups: on disk, never a
+    # tmpfs by default (docs/operations.md, "What virtbackupd does to your VMs").
+    scratch_dir: Path = Path("/var/lib/virtbackupd/scratch")
     policy_dirs: tuple[Path, ...] = (Path("/etc/virtbackupd/policies.d"),)
     max_concurrent_backups: int = 2
+    # CPU and I/O priority of the daemon, the CLI and their helpers.
+    priority: Priority = Priority.LOW
     log_format: str = "auto"
     log_level: str = "info"
 
@@ -55,8 +61,10 @@ def load_config(path: Path) -> DaemonConfig:
             "state_dir",
             "backup_root",
             "runtime_dir",
+            "scratch_dir",
             "policy_dirs",
             "max_concurrent_backups",
+            "priority",
             "log",
         ],
     )
@@ -75,6 +83,7 @@ def load_config(path: Path) -> DaemonConfig:
         "state_dir": state_dir,
         "backup_root": path_of("backup_root", state_dir / "backups"),
         "runtime_dir": path_of("runtime_dir", DaemonConfig.runtime_dir),
+        "scratch_dir": path_of("scratch_dir", state_dir / "scratch"),
     }
     if "policy_dirs" in keys:
         dirs = src.string_list(keys["policy_dirs"], "policy_dirs")
@@ -82,6 +91,10 @@ def load_config(path: Path) -> DaemonConfig:
     if "max_concurrent_backups" in keys:
         cfg["max_concurrent_backups"] = src.integer(
             keys["max_concurrent_backups"], "max_concurrent_backups", minimum=1
+        )
+    if "priority" in keys:
+        cfg["priority"] = Priority(
+            src.choice(keys["priority"], "priority", [p.value for p in Priority])
         )
     log = src.mapping(keys.get("log"), "log", ["format", "level"])
     if "format" in log:

@@ -58,6 +58,7 @@ class DiskChoice:
     reason: str
     backupmode: DiskBackupMode | None = None  # for included disks
     checkpoint: bool = False  # whether the new checkpoint tracks it (bitmap)
+    removable: bool = False  # cdrom/floppy: never a disk "left out"
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class BackupRequest:
     scratch_dir: str
     include: frozenset[str] = frozenset()  # empty: every eligible disk
     exclude: frozenset[str] = frozenset()
-    raw: RawDisks = RawDisks.SKIP
+    raw: RawDisks = RawDisks.FULL
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,8 @@ def choose_disks(disks: Sequence[DomainDisk], request: BackupRequest) -> tuple[D
         if why_not is None and request.include and d.target not in request.include:
             why_not = "not in the policy's include list"
         if why_not is not None:
-            choices.append(DiskChoice(d.target, False, why_not))
+            removable = d.device in ("cdrom", "floppy")
+            choices.append(DiskChoice(d.target, False, why_not, removable=removable))
         elif d.driver_type == "qcow2":
             mode = DiskBackupMode.INCREMENTAL if request.incremental_from else DiskBackupMode.FULL
             why = (
@@ -130,7 +132,11 @@ def choose_disks(disks: Sequence[DomainDisk], request: BackupRequest) -> tuple[D
         elif d.driver_type == "raw" and request.raw is RawDisks.FULL:
             choices.append(
                 DiskChoice(
-                    d.target, True, "raw: full copy (no bitmap possible)", DiskBackupMode.FULL
+                    d.target,
+                    True,
+                    "raw: copied in full every time (no bitmap possible; convert it to qcow2 "
+                    "for incremental backups)",
+                    DiskBackupMode.FULL,
                 )
             )
         elif d.driver_type == "raw":

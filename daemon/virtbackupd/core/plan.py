@@ -15,7 +15,7 @@ from virtbackupd.core.backup_documents import (
 )
 from virtbackupd.core.domain_xml import DomainDisk
 from virtbackupd.core.policy import Level, Policy
-from virtbackupd.core.records import BackupRecord, BackupStatus, CheckpointRecord
+from virtbackupd.core.records import BackupRecord, BackupStatus, CheckpointRecord, LeftOutDisk
 from virtbackupd.errors import PlanError
 
 
@@ -43,6 +43,14 @@ class Plan:
     def disks(self) -> tuple[str, ...]:
         return tuple(c.target for c in self.choices if c.included)
 
+    @property
+    def left_out(self) -> tuple[LeftOutDisk, ...]:
+        return tuple(
+            LeftOutDisk(c.target, c.reason)
+            for c in self.choices
+            if not c.included and not c.removable
+        )
+
 
 def plan_backup(
     *,
@@ -53,8 +61,12 @@ def plan_backup(
     stored_checkpoints: Sequence[CheckpointRecord],
     view: CheckpointView,
     want: Level | None = None,
+    sizes: Mapping[str, int] | None = None,
+    repository: str | None = None,
 ) -> Plan:
-    """Decide the backup. `history` is this domain's backups, oldest first."""
+    """Decide the backup. `history` is this domain's backups, oldest first;
+    `sizes` the virtual size of each disk now; `repository` the folder the
+    policy's backups go to (a parent elsewhere cannot be a backing file)."""
     broken_own = tuple(sorted(n for n in view.broken if is_own_checkpoint(n)))
     complete = [b for b in history if b.status is BackupStatus.COMPLETE]
     last = complete[-1] if complete else None
@@ -71,6 +83,11 @@ def plan_backup(
     if last.checkpoint is None:
         return full(f"backup {last.id} left no checkpoint")
     parent = last.checkpoint
+    if repository is not None and last.path and not _inside(last.path, repository):
+        return full(
+            f"the last backup {last.id} is in another repository ({last.path}): "
+            f"the target is now {repository}"
+        )
     if parent in view.broken:
         return full(f"checkpoint {parent} has inconsistent or missing bitmaps (crash?)")
     if policy.max_incrementals == 0:
@@ -90,10 +107,28 @@ def plan_backup(
         disks,
         policy,
     )
-    previous = {d.disk for d in last.disks}
+    previous = {d.disk: d for d in last.disks}
+    grown = []
     for c in incremental.choices:
         if c.included and c.target not in previous:
             return full(f"disk {c.target} is not in backup {last.id}")
+        now = (sizes or {}).get(c.target)
+        if c.included and c.checkpoint and now is not None:
+            was = previous[c.target].virtual_size
+            if now < was:
+                # QEMU's bitmaps follow a grown disk, but nothing we can trust
+                # says what a shrink kept: read the disk whole.
+                return full(
+                    f"disk {c.target} shrank from {was} to {now} bytes since backup {last.id}"
+                )
+            if now > was:
+                grown.append(f"disk {c.target} grew from {was} to {now} bytes")
+    if grown:
+        # Sound: QEMU grew the checkpoint's bitmap with the disk, and the new
+        # area reads as zeroes through an overlay larger than its backing file.
+        incremental = _replace(
+            incremental, reason=f"{incremental.reason}; {', '.join(grown)}: overlay of the new size"
+        )
     for c in incremental.choices:
         if c.included and c.checkpoint:
             bitmaps = view.bitmaps.get(c.target)
@@ -111,6 +146,11 @@ def plan_backup(
             redefine=missing,
         )
     return incremental
+
+
+def _inside(path: str, folder: str) -> bool:
+    p, f = path.rstrip("/"), folder.rstrip("/")
+    return p.startswith(f + "/")
 
 
 def _lineage(name: str, stored: Mapping[str, CheckpointRecord]) -> list[CheckpointRecord] | None:

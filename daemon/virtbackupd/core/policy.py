@@ -62,7 +62,7 @@ class Policy:
     exclude_domains: tuple[str, ...] = ()
     include_disks: frozenset[str] = frozenset()
     exclude_disks: frozenset[str] = frozenset()
-    raw: RawDisks = RawDisks.SKIP
+    raw: RawDisks = RawDisks.FULL  # a disk silently left out is found at restore time
     full_schedule: str | None = None  # cron
     incremental_schedule: str | None = None  # cron
     verify_schedule: str | None = None  # cron: `virtbackup verify` of the domain's backups

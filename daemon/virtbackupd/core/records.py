@@ -53,6 +53,15 @@ class DiskRecord:
 
 
 @dataclass(frozen=True)
+class LeftOutDisk:
+    """A disk of the domain that a backup does not hold, and why (policy,
+    format, read-only...). Removable media (cdrom, floppy) are not listed."""
+
+    disk: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class BackupRecord:
     id: str
     domain_uuid: str
@@ -68,6 +77,7 @@ class BackupRecord:
     bytes_written: int = 0
     path: str | None = None  # the backup's folder
     disks: tuple[DiskRecord, ...] = ()
+    left_out: tuple[LeftOutDisk, ...] = ()
 
     def as_json(self) -> dict[str, object]:
         """The stable shape of `virtbackup --json list` (documented)."""
@@ -96,6 +106,7 @@ class BackupRecord:
                 }
                 for d in self.disks
             ],
+            "left_out": [{"name": d.disk, "reason": d.reason} for d in self.left_out],
         }
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import structlog
 
 from virtbackupd import logs
+from virtbackupd.adapters import priority
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
 from virtbackupd.adapters.libvirt_events import DomainEvent, EventKind, EventSource
 from virtbackupd.adapters.scheduler import Schedules
@@ -37,6 +38,7 @@ from virtbackupd.core.records import BackupStatus
 from virtbackupd.daemon import decisions
 from virtbackupd.daemon.decisions import Trigger
 from virtbackupd.daemon.status_file import DaemonStatus, DomainState, remove_status, write_status
+from virtbackupd.engine import vm_starts
 from virtbackupd.engine.backup import BackupContext, backup_domain
 from virtbackupd.engine.leftovers import clean_leftovers
 from virtbackupd.engine.locks import domain_lock
@@ -435,6 +437,7 @@ class Service:
 
     async def run(self) -> int:
         logs.configure(self.config.log_level, logs.daemon_format(self.config.log_format))
+        priority.apply(self.config.priority)
         self._load_policies(at_start=True)
         loop = asyncio.get_running_loop()
         reload_requested = asyncio.Event()
@@ -446,6 +449,13 @@ class Service:
             EventSource(self.config.libvirt_uri) as source,
         ):
             await self._warn_if_catalogue_empty(store)
+            if not vm_starts.hook_installed():
+                log.warning(
+                    "the libvirt hook is not installed: a VM started during an offline "
+                    "backup fails with 'Failed to get \"write\" lock' until the backup ends; "
+                    "install it as docs/operations.md says",
+                    hook=str(vm_starts.HOOK_INSTALLED),
+                )
             self.schedules.start()
             try:
                 await self._clean_interrupted(store)
@@ -539,7 +549,7 @@ class Service:
                 try:
                     with domain_lock(self.config.runtime_dir, ref.uuid, ref.name):
                         cleaned = await clean_leftovers(
-                            lv, store, ref, self.config.runtime_dir, repo, datetime.now(UTC)
+                            lv, store, ref, self.config, repo, datetime.now(UTC)
                         )
                 except VirtBackupError as exc:
                     # A CLI backup may hold the lock: its own process cleans

@@ -46,7 +46,7 @@ from virtbackupd.core.records import (
     CheckpointRecord,
     CheckpointStatus,
 )
-from virtbackupd.engine import repository
+from virtbackupd.engine import own_checkpoints, repository, scratch, vm_starts
 from virtbackupd.engine.copy import CopyOptions, CopyProgress, CopyResult, ZeroMode, copy_export
 from virtbackupd.engine.leftovers import clean_leftovers
 from virtbackupd.engine.locks import (
@@ -60,11 +60,21 @@ from virtbackupd.errors import (
     BackupBusyError,
     BackupFailedError,
     CheckpointInconsistentError,
+    DomainStartingError,
+    LibvirtError,
     VirtBackupError,
     first_cause,
 )
 
 log = structlog.get_logger("virtbackupd.backup")
+
+
+class _Cancel(StrEnum):
+    """Why a job was cancelled from outside; the value is the reason shown."""
+
+    OPERATOR = "cancelled by the operator"
+    DOMAIN_STARTED = "cancelled: the domain was started (a VM start wins over an offline backup)"
+    SCRATCH = "scratch space ran low"  # the message with the numbers is kept beside
 
 
 class JobState(StrEnum):
@@ -130,7 +140,7 @@ async def backup_domain(
             ctx.libvirt,
             ctx.store,
             ref,
-            ctx.config.runtime_dir,
+            ctx.config,
             Repository(ctx.policy.target or ctx.config.backup_root),
             ctx.now(),
         )
@@ -142,14 +152,18 @@ async def backup_domain(
                 f"{ref.name} has a libvirt job running that virtbackupd did not start "
                 "(another backup tool?); not disturbing it"
             )
-        job = _Job(ctx, ref, want, progress, running)
         slots = ctx.config.max_concurrent_backups
-        async with backup_slot(
-            ctx.config.runtime_dir,
-            slots,
-            lambda: log.info("waiting for a free backup slot", domain=ref.name, slots=slots),
+        # Shut off: refused while libvirt starts the domain; from here on a
+        # start waits in the hook until this job let go of the images.
+        async with (
+            backup_slot(
+                ctx.config.runtime_dir,
+                slots,
+                lambda: log.info("waiting for a free backup slot", domain=ref.name, slots=slots),
+            ),
+            vm_starts.running_or_held(ctx.libvirt, ref) as running,
         ):
-            return await job.run()
+            return await _Job(ctx, ref, want, progress, running).run()
 
 
 class _Job:
@@ -172,13 +186,16 @@ class _Job:
         self.checkpoint = checkpoint_name(self.id)
         self.repo = Repository(ctx.policy.target or ctx.config.backup_root)
         self.job_dir = ctx.config.runtime_dir / "jobs" / self.id
+        self.scratch_dir = ctx.config.scratch_dir / self.id
+        self.cancel_detail = ""
         self.state = JobState.PLANNED
         self.log = log.bind(domain=ref.name, backup_id=self.id, checkpoint=self.checkpoint)
         self.libvirt_job = False
         self.checkpoint_created = False
         self.record: BackupRecord | None = None
+        self.info: DomainInfo | None = None
         self.progress: JobProgress | None = None
-        self.cancelled_by_operator = False
+        self.cancelled: _Cancel | None = None
 
     def _enter(self, state: JobState) -> None:
         self.state = state
@@ -195,9 +212,15 @@ class _Job:
             return await body
         except asyncio.CancelledError:
             current = asyncio.current_task()
-            if self.cancelled_by_operator and not (current and current.cancelling()):
+            if self.cancelled is not None and not (current and current.cancelling()):
+                if self.cancelled is _Cancel.DOMAIN_STARTED:
+                    raise DomainStartingError(
+                        f"backup {self.id} of {self.ref.name} {self.cancelled.value}; "
+                        "nothing of it is kept, and it is taken again once the domain runs"
+                    ) from None
                 raise BackupFailedError(
-                    f"backup {self.id} of {self.ref.name} failed: cancelled by the operator"
+                    f"backup {self.id} of {self.ref.name} failed: "
+                    f"{self.cancel_detail or self.cancelled.value}"
                 ) from None
             raise
         finally:
@@ -206,15 +229,29 @@ class _Job:
                 await monitor
             clear_cancel(runtime, self.ref.uuid)
 
-    async def _monitor(self, body: asyncio.Task[BackupRecord], interval: float = 0.5) -> None:
+    async def _monitor(self, body: asyncio.Task[BackupRecord], interval: float = 0.2) -> None:
         runtime = self.ctx.config.runtime_dir
         published = 0.0
         while not body.done():
             await asyncio.sleep(interval)
-            if cancel_requested(runtime, self.ref.uuid) and not self.cancelled_by_operator:
-                self.log.warning("cancel requested by the operator")
-                self.cancelled_by_operator = True
-                body.cancel()
+            if self.cancelled is None:
+                if cancel_requested(runtime, self.ref.uuid):
+                    self.log.warning("cancel requested by the operator")
+                    self.cancelled = _Cancel.OPERATOR
+                    body.cancel()
+                elif not self.running and vm_starts.starting(self.ref.uuid):
+                    self.log.warning("the domain is being started: the offline backup gives way")
+                    self.cancelled = _Cancel.DOMAIN_STARTED
+                    body.cancel()
+                elif self.libvirt_job and self.state in (JobState.EXPORTING, JobState.COPYING):
+                    space = scratch.measure(self.ctx.config.scratch_dir)
+                    if space.running_out:
+                        self.cancel_detail = scratch.stopped_reason(
+                            space, scratch.used_by(self.scratch_dir)
+                        )
+                        self.log.error("stopping the backup", reason=self.cancel_detail)
+                        self.cancelled = _Cancel.SCRATCH
+                        body.cancel()
             now = time.monotonic()
             p = self.progress
             if p is not None and self.record is not None and now - published >= 1.0:
@@ -228,10 +265,14 @@ class _Job:
 
     async def _run(self) -> BackupRecord:
         lv, store = self.ctx.libvirt, self.ctx.store
-        info = parse_domain(
+        info = self.info = parse_domain(
             await lv.xml(self.ref, inactive=not self.running), f"domain XML of {self.ref.name}"
         )
-        plan = await self._plan(info)
+        crashed = None if self.running else await self._check_offline_bitmaps(info)
+        if crashed is not None:
+            plan = replace(await self._plan(info, Level.FULL), reason=crashed)
+        else:
+            plan = await self._plan(info)
         await store.see_domain(self.ref.uuid, self.ref.name, self.started)
         self.record = BackupRecord(
             id=self.id,
@@ -243,6 +284,7 @@ class _Job:
             parent=plan.parent_backup,
             started=self.started,
             path=str(self.repo.final_dir(self.ref.uuid, self.id)),
+            left_out=plan.left_out,
         )
         await store.start_backup(self.record)
         self.log.info(
@@ -252,6 +294,11 @@ class _Job:
             disks=list(plan.disks),
             online=self.running,
         )
+        for c in plan.choices:
+            if c.included and not c.checkpoint:
+                self.log.warning("disk copied in full", disk=c.target, reason=c.reason)
+        for left in plan.left_out:
+            self.log.warning("disk left out of the backup", disk=left.disk, reason=left.reason)
         try:
             self._prepare(info)
             if not self.running:
@@ -283,11 +330,19 @@ class _Job:
             raise
         finally:
             _rmtree(self.job_dir)
+            _rmtree(self.scratch_dir)
 
     async def _plan(self, info: DomainInfo, want: Level | None = None) -> Plan:
         lv, store = self.ctx.libvirt, self.ctx.store
         libvirt_cps = await lv.checkpoints(self.ref)
         stored = await store.checkpoints(self.ref.uuid)
+        sizes: dict[str, int] = {}
+        for d in info.disks:
+            if d.device == "disk" and d.source:
+                try:
+                    sizes[d.target] = await lv.disk_capacity(self.ref, d.target)
+                except LibvirtError as exc:  # the copy will still check the size it reads
+                    self.log.warning("cannot read the disk's size", disk=d.target, error=str(exc))
         plan = plan_backup(
             checkpoint=self.checkpoint,
             disks=info.disks,
@@ -300,24 +355,18 @@ class _Job:
                 broken=frozenset(cp.name for cp in stored if cp.status is CheckpointStatus.DELETED),
             ),
             want=want or self.want,
+            sizes=sizes,
+            repository=str(self.repo.root),
         )
         known = {cp.name for cp in libvirt_cps}
         for name in plan.delete_checkpoints:
             if name in known:
                 self.log.warning("deleting a checkpoint of ours that is not trusted", stale=name)
-                await self._delete_checkpoint(name)
+                await own_checkpoints.delete_checkpoint(lv, self.ref, name)
         for cp in plan.redefine:
             self.log.warning("redefining checkpoint libvirt lost", lost=cp.name)
             await lv.redefine_checkpoint(self.ref, cp.xml)
         return plan
-
-    async def _delete_checkpoint(self, name: str) -> None:
-        """Delete with its bitmaps; where the bitmaps are already broken or
-        gone, libvirt refuses that, and the metadata alone goes."""
-        try:
-            await self.ctx.libvirt.delete_checkpoint(self.ref, name)
-        except VirtBackupError:
-            await self.ctx.libvirt.delete_checkpoint(self.ref, name, metadata_only=True)
 
     def _prepare(self, info: DomainInfo) -> None:
         self.repo.create_partial(self.ref.uuid, self.id)
@@ -326,26 +375,93 @@ class _Job:
         self.job_dir.parent.chmod(0o711)
         self.job_dir.mkdir(mode=0o700)
         if info.qemu_user is not None:
-            # QEMU creates the NBD socket and opens scratch files in here.
+            # QEMU creates the NBD socket in here.
             os.chown(self.job_dir, *info.qemu_user)
+        if self.running:
+            # QEMU creates its copy-before-write scratch files in here.
+            scratch.prepare(self.scratch_dir, info.qemu_user)
+
+    async def _forget_own_checkpoints(self, info: DomainInfo) -> None:
+        await own_checkpoints.forget_all(
+            self.ctx.libvirt,
+            self.ctx.store,
+            self.ref,
+            info,
+            running=self.running,
+            keep=self.checkpoint,
+        )
+
+    async def _remove_bitmap_if_stopped(self) -> None:
+        """An online backup the VM's stop interrupted: libvirt deletes only
+        the checkpoint's metadata from a shut-off domain, and the new bitmap
+        would stay in the images. Removed here, unless the VM is being
+        started again (it wins; the next offline backup removes it)."""
+        if self.info is None or await self.ctx.libvirt.is_running(self.ref):
+            return
+        try:
+            with vm_starts.hold_images(self.ref.uuid, self.ref.name):
+                if await self.ctx.libvirt.is_running(self.ref):
+                    return
+                for image in own_checkpoints.qcow2_images(self.info):
+                    if self.checkpoint in await qemu_img.bitmap_names(image):
+                        await qemu_img.bitmap(image, self.checkpoint, remove=True)
+                        self.log.info("removed the new bitmap", image=str(image))
+        except DomainStartingError:
+            self.log.warning("the domain is being started; its stray bitmap stays for now")
+
+    async def _check_offline_bitmaps(self, info: DomainInfo) -> str | None:
+        """A shut-off domain's images, before anything else. A bitmap of
+        ours that no libvirt checkpoint names (left by a backup the VM's
+        stop or a kill interrupted) is removed: QEMU would track every guest
+        write in it forever. If QEMU was killed (host crash, OOM) with the
+        images open, a bitmap of ours is still flagged in-use, or the last
+        checkpoint's bitmap is missing (QEMU writes a bitmap it created into
+        the image only when it closes it): none of our checkpoints can be
+        trusted; all go, and the reason for a full backup is returned."""
+        lv, store = self.ctx.libvirt, self.ctx.store
+        known = {cp.name for cp in await lv.checkpoints(self.ref)}
+        disks = {d.target: Path(d.source or "") for d in info.disks}
+        present: dict[Path, dict[str, frozenset[str]]] = {}
+        broken = []
+        for image in own_checkpoints.qcow2_images(info):
+            present[image] = flags = await qemu_img.bitmap_flags(image)
+            for name in sorted(flags):
+                if not is_own_checkpoint(name):
+                    continue
+                if name not in known:
+                    self.log.warning(
+                        "removing a bitmap of ours that no checkpoint names",
+                        image=str(image),
+                        bitmap=name,
+                    )
+                    await qemu_img.bitmap(image, name, remove=True)
+                elif "in-use" in flags[name]:
+                    broken.append(f"bitmap {name} in {image.name} left in use")
+        complete = await store.backups(self.ref.uuid, status=BackupStatus.COMPLETE)
+        last = complete[-1] if complete else None
+        if last is not None and last.checkpoint in known:
+            for d in last.disks:
+                held = disks.get(d.disk)
+                if held in present and last.checkpoint not in present[held]:
+                    broken.append(f"bitmap {last.checkpoint} missing from {held.name}")
+        if not broken:
+            return None
+        reason = (
+            f"QEMU did not shut down cleanly ({'; '.join(broken[:3])}): "
+            "every checkpoint of ours was removed"
+        )
+        self.log.warning("checkpoint bitmaps inconsistent; taking a full backup", reason=reason)
+        await self._forget_own_checkpoints(info)
+        return reason
 
     async def _after_crash(self, info: DomainInfo, error: str) -> Plan:
         """libvirt refused our parent checkpoint: its bitmaps are broken
-        (QEMU was killed). Every checkpoint of ours on the domain is suspect
-        (deleting one re-parents its children onto the others), so all of
-        them go, and this backup becomes a full one."""
+        (QEMU was killed), and this backup becomes a full one."""
         self.log.warning(
             "checkpoint bitmaps inconsistent; deleting ours, taking a full backup", error=error
         )
-        lv, store = self.ctx.libvirt, self.ctx.store
-        for cp in await lv.checkpoints(self.ref):
-            if is_own_checkpoint(cp.name) and cp.name != self.checkpoint:
-                # With its bitmaps where libvirt can: stale bitmaps would
-                # otherwise stay in the images, tracking writes forever.
-                await self._delete_checkpoint(cp.name)
-        for rec in await store.checkpoints(self.ref.uuid):
-            if rec.status is CheckpointStatus.ACTIVE:
-                await store.set_checkpoint_status(self.ref.uuid, rec.name, CheckpointStatus.DELETED)
+        await self._forget_own_checkpoints(info)
+        store = self.ctx.store
         plan = await self._plan(info, Level.FULL)
         plan = replace(plan, reason=f"checkpoint bitmaps inconsistent ({error})")
         await store.replan_backup(self.id, plan.level, None)
@@ -362,12 +478,14 @@ class _Job:
                 checkpoint=self.checkpoint,
                 incremental_from=plan.parent_checkpoint,
                 socket_path=str(socket),
-                scratch_dir=str(self.job_dir),
+                scratch_dir=str(self.scratch_dir),
                 include=self.ctx.policy.include_disks,
                 exclude=self.ctx.policy.exclude_disks,
                 raw=self.ctx.policy.raw,
             ),
         )
+        space = scratch.check_before(self.ctx.config.scratch_dir, self.ref.name)
+        self.log.debug("scratch space", free=space.free, reserve=space.reserve)
         frozen = await self._freeze()
         try:
             await lv.backup_begin(self.ref, docs.backup.to_xml(), docs.checkpoint.to_xml())
@@ -485,8 +603,12 @@ class _Job:
             image = partial / repository.disk_file(c.target)
             if plan.level is Level.INCREMENTAL and c.checkpoint:
                 assert plan.parent_backup is not None
+                # Of the disk's size now: a disk grown since the parent gets
+                # an overlay larger than its backing file (reads zeroes there).
                 await qemu_img.create(
-                    image, backing=repository.backing_of(plan.parent_backup, c.target)
+                    image,
+                    sizes[c.target],
+                    backing=repository.backing_of(plan.parent_backup, c.target),
                 )
             else:
                 await qemu_img.create(image, sizes[c.target])
@@ -622,7 +744,11 @@ class _Job:
         earlier one fails."""
         reason = str(exc) or type(exc).__name__
         if isinstance(exc, asyncio.CancelledError):
-            reason = "cancelled by the operator" if self.cancelled_by_operator else "cancelled"
+            reason = (
+                (self.cancel_detail or self.cancelled.value)
+                if self.cancelled is not None
+                else "cancelled"
+            )
         if isinstance(exc, Exception) and not isinstance(exc, VirtBackupError):
             reason = f"internal error: {type(exc).__name__}: {exc}"
             self.log.error("backup failed", state=self.state.value, error=reason, exc_info=exc)
@@ -634,7 +760,14 @@ class _Job:
         if self.libvirt_job:
             steps.append(("abort libvirt job", lv.abort_job(self.ref)))
         if self.checkpoint_created:
-            steps.append(("delete checkpoint", self._delete_checkpoint(self.checkpoint)))
+            steps.append(
+                (
+                    "delete checkpoint",
+                    own_checkpoints.delete_checkpoint(lv, self.ref, self.checkpoint),
+                )
+            )
+            if self.running:
+                steps.append(("remove the new bitmap", self._remove_bitmap_if_stopped()))
         if self.bitmaps_added:  # offline: after the checkpoint (if any) is gone
             steps += [
                 ("remove bitmap", qemu_img.bitmap(path, self.checkpoint, remove=True))

@@ -8,7 +8,7 @@ to no live process. What such a backup may have left, and what happens:
   is never touched);
 - its checkpoint (no complete backup will ever vouch for it): deleted;
 - its offline bitmaps and checkpoint: deleted likewise;
-- its ``.partial`` folder and job folder: removed;
+- its ``.partial`` folder, job folder and scratch folder: removed;
 - its record: marked failed, "interrupted".
 """
 
@@ -24,9 +24,11 @@ import structlog
 from virtbackupd.adapters import qemu_img
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
 from virtbackupd.adapters.store import Store
+from virtbackupd.config.daemon import DaemonConfig
 from virtbackupd.core.backup_xml import Backup
 from virtbackupd.core.domain_xml import parse_domain
 from virtbackupd.core.records import BackupStatus
+from virtbackupd.engine import own_checkpoints
 from virtbackupd.engine.repository import Repository
 from virtbackupd.errors import ProcessError, VirtBackupError
 
@@ -50,12 +52,12 @@ async def clean_leftovers(
     lv: Libvirt,
     store: Store,
     ref: DomainRef,
-    runtime_dir: Path,
+    config: DaemonConfig,
     repo: Repository,
     now: datetime,
 ) -> list[str]:
     """Clean what dead backups of this domain left; the ids cleaned."""
-    jobs_dir = runtime_dir / "jobs"
+    jobs_dir = config.runtime_dir / "jobs"
     cleaned = []
     if await lv.is_running(ref) and await lv.job_active(ref):
         sock = await own_job_socket(lv, ref, jobs_dir)
@@ -68,18 +70,16 @@ async def clean_leftovers(
     images: list[Path] = []
     if not await lv.is_running(ref):
         info = parse_domain(await lv.xml(ref, inactive=True))
-        images = [Path(d.source) for d in info.disks if d.source and d.driver_type == "qcow2"]
+        images = own_checkpoints.qcow2_images(info)
     for rec in await store.backups(ref.uuid, status=BackupStatus.RUNNING):
         if rec.checkpoint and rec.checkpoint in known:
-            try:
-                await lv.delete_checkpoint(ref, rec.checkpoint)
-            except VirtBackupError:
-                await lv.delete_checkpoint(ref, rec.checkpoint, metadata_only=True)
+            await own_checkpoints.delete_checkpoint(lv, ref, rec.checkpoint)
         for image in images:  # an offline backup adds its bitmap before copying
             if rec.checkpoint:
                 await _remove_bitmap(image, rec.checkpoint)
         repo.discard(ref.uuid, rec.id)
         shutil.rmtree(jobs_dir / rec.id, ignore_errors=True)
+        shutil.rmtree(config.scratch_dir / rec.id, ignore_errors=True)
         await store.fail_backup(rec.id, now, "interrupted: the backup process died")
         log.warning("cleaned up an interrupted backup", domain=ref.name, backup_id=rec.id)
         cleaned.append(rec.id)

@@ -14,6 +14,7 @@ from virtbackupd.core.records import (
     BackupStatus,
     CheckpointRecord,
     CheckpointStatus,
+    LeftOutDisk,
 )
 from virtbackupd.engine.repository import disks_from_manifest, list_backups
 from virtbackupd.errors import VirtBackupError
@@ -67,6 +68,9 @@ async def reindex(store: Store, root: Path) -> tuple[int, list[str]]:
                 parent=parent,
                 started=started,
                 path=str(folder),
+                left_out=tuple(
+                    LeftOutDisk(str(x["name"]), str(x["reason"])) for x in m.get("left_out", [])
+                ),
             )
         )
         await store.complete_backup(

@@ -226,6 +226,8 @@ def manifest(
             }
             for d in disks
         ],
+        # Disks of the domain this backup does not hold, and why.
+        "left_out": [{"name": d.disk, "reason": d.reason} for d in plan.left_out],
     }
 
 

@@ -1,0 +1,67 @@
+"""Removing this project's checkpoints and bitmaps from a domain: after a
+crash (none can be trusted), for a stray bitmap, and on the operator's
+request (`virtbackup forget-checkpoints`, before reverting to an internal
+snapshot). Only names with our prefix are ever touched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from virtbackupd.adapters import qemu_img
+from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
+from virtbackupd.adapters.store import Store
+from virtbackupd.core.backup_documents import is_own_checkpoint
+from virtbackupd.core.domain_xml import DomainInfo
+from virtbackupd.core.records import CheckpointStatus
+from virtbackupd.errors import VirtBackupError
+
+
+def qcow2_images(info: DomainInfo) -> list[Path]:
+    """The domain's qcow2 file disks: the images that hold its bitmaps."""
+    return [
+        Path(d.source)
+        for d in info.disks
+        if d.device == "disk" and d.source and d.source_type == "file" and d.driver_type == "qcow2"
+    ]
+
+
+async def delete_checkpoint(lv: Libvirt, ref: DomainRef, name: str) -> None:
+    """Delete with its bitmaps; where the bitmaps are already broken or gone
+    (or the domain is shut off), libvirt refuses that, and the metadata
+    alone goes (the caller removes bitmaps of a shut-off domain itself)."""
+    try:
+        await lv.delete_checkpoint(ref, name)
+    except VirtBackupError:
+        await lv.delete_checkpoint(ref, name, metadata_only=True)
+
+
+async def forget_all(
+    lv: Libvirt,
+    store: Store,
+    ref: DomainRef,
+    info: DomainInfo,
+    *,
+    running: bool,
+    keep: str | None = None,
+) -> list[str]:
+    """Every checkpoint of ours but `keep` goes, with its bitmaps (deleting
+    one re-parents its children onto the others, so after a crash all are
+    suspect), and the store marks them deleted: the next backup is full.
+    A shut-off domain's images must be held (vm_starts.hold_images).
+    Returns the names removed."""
+    removed = []
+    for cp in await lv.checkpoints(ref):
+        if is_own_checkpoint(cp.name) and cp.name != keep:
+            await delete_checkpoint(lv, ref, cp.name)
+            removed.append(cp.name)
+    if not running:
+        # libvirt deleted only the metadata: the bitmaps go here.
+        for image in qcow2_images(info):
+            for name in await qemu_img.bitmap_names(image):
+                if is_own_checkpoint(name) and name != keep:
+                    await qemu_img.bitmap(image, name, remove=True)
+    for rec in await store.checkpoints(ref.uuid):
+        if rec.status is CheckpointStatus.ACTIVE and rec.name != keep:
+            await store.set_checkpoint_status(ref.uuid, rec.name, CheckpointStatus.DELETED)
+    return removed
