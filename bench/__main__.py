@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.guest_latency import guest_write_latency
+
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 
@@ -331,6 +333,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--fills", default="random,half,fragmented")
     ap.add_argument("--skip-full", action="store_true")
+    ap.add_argument("--only-latency", action="store_true", help="only the guest latency part")
     # Not /tmp: it may be a small tmpfs, and the images are GiBs.
     ap.add_argument("--work", default="/var/tmp")  # noqa: S108
     a = ap.parse_args()
@@ -347,10 +350,12 @@ def main() -> None:
     ]
     try:
         parts = head
-        if not a.skip_full:
-            parts.append(full_copies(work, size, a.fills.split(","), a.runs))
-        parts.append(incremental_costs(work, size, a.runs))
-        parts.append(unchanged_tib(work))
+        if not a.only_latency:
+            if not a.skip_full:
+                parts.append(full_copies(work, size, a.fills.split(","), a.runs))
+            parts.append(incremental_costs(work, size, a.runs))
+            parts.append(unchanged_tib(work))
+        parts.append(guest_write_latency(work, a.runs))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print("\n".join(parts))

@@ -183,7 +183,13 @@ async def test_status_shows_running_jobs_and_cancel_ends_one_cleanly(
     proc = await spawn_cli(
         config, "backup", td.name, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
-    await wait_running(config)
+    try:
+        await wait_running(config)
+    except AssertionError:
+        if proc.returncode is None:
+            proc.kill()
+        _, err = await proc.communicate()
+        raise AssertionError(f"the CLI backup said: {err.decode()[-3000:]}") from None
     deadline = time.monotonic() + 20
     while True:
         running = (await status(config))["running"]

@@ -10,11 +10,12 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import libvirt
 
-from testbed.daemon import bitmaps, cli, spawn_cli, wait_running
+from testbed.daemon import Daemon, bitmaps, cli, spawn_cli, wait_running
 from testbed.domains import DomainFactory, GuestDomain, MiB, wait_until
 from testbed.guest import GuestWriter
 from testbed.tools import assert_restores, qemu_img_info
@@ -239,3 +240,27 @@ async def test_forget_checkpoints_lets_an_internal_snapshot_revert_go_through(
     assert first["id"] in [b["id"] for b in json.loads(out)]
     restores(first, td, tmp_path)  # taken at the snapshot's state
     await asyncio.to_thread(snap.delete, 0)
+
+
+async def test_the_daemon_removes_stray_bitmaps_of_ours_at_start_never_foreign_ones(
+    domains: DomainFactory, config: Path, tmp_path: Path
+) -> None:
+    """A shut-off governed domain whose image holds a bitmap of ours that
+    no checkpoint names (what an interrupted backup leaves): the daemon
+    removes it at start. Another tool's bitmap stays."""
+    policy(config, "domains: ['vbtest-*']\n")
+    td = await asyncio.to_thread(domains.create, qcow2_sizes=[8 * MiB], start=False)
+    image = td.disk("vda").path
+    for name in ("virtbackupd-20260101T000000.000Z-dead", "nightly"):
+        await asyncio.to_thread(
+            subprocess.run, ["qemu-img", "bitmap", "--add", str(image), name], check=True
+        )
+    d = Daemon(config, tmp_path)
+    try:
+        await d.start()
+        names = {b["name"] for b in qemu_img_info(image)["format-specific"]["data"]["bitmaps"]}
+        assert names == {"nightly"}
+        assert "removing a bitmap of ours that no checkpoint names" in d.read_log()
+        assert await d.stop() == 0
+    finally:
+        d.close()

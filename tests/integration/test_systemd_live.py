@@ -207,7 +207,7 @@ async def test_the_shipped_unit_runs_the_daemon_and_backs_up_under_its_sandbox(
             assert time.monotonic() < deadline, unit_log.read_text()[-3000:]
             await asyncio.sleep(1)
         first = (await listed())[0]
-        assert first["status"] == "complete", first
+        assert first["status"] == "complete", (first["error"], unit_log.read_text()[-3000:])
         assert_restores(
             Path(first["path"]), [(d["name"], d["path"]) for d in first["disks"]], td, tmp_path
         )
@@ -222,7 +222,7 @@ async def test_the_shipped_unit_runs_the_daemon_and_backs_up_under_its_sandbox(
             assert time.monotonic() < deadline, unit_log.read_text()[-3000:]
             await asyncio.sleep(1)
         inc = next(b for b in await listed() if b["level"] == "incremental")
-        assert inc["status"] == "complete", inc
+        assert inc["status"] == "complete", (inc["error"], unit_log.read_text()[-3000:])
         assert_restores(
             Path(inc["path"]), [(d["name"], d["path"]) for d in inc["disks"]], td, tmp_path
         )

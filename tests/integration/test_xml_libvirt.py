@@ -42,7 +42,7 @@ def test_pull_backup_from_built_xml_exports_expected_disks(domains: DomainFactor
     _, sock = _begin(td, "t1", None)
     exports = run("nbdinfo", "--list", "--json", nbd_unix_uri(sock))
     assert '"vda"' in exports and '"vdb"' in exports
-    assert '"vdc"' not in exports, "raw disk skipped by default"
+    assert '"vdc"' in exports, "raw disks are backed up by default (in full)"
     vdb = td.disk("vdb")
     assert vdb.reference is not None
     qemu_img_compare(vdb.reference, nbd_unix_uri(sock, "vdb"), "raw", "raw")
@@ -52,7 +52,10 @@ def test_pull_backup_from_built_xml_exports_expected_disks(domains: DomainFactor
     assert live.to_xml() == live_xml
     assert live.disk("vda").index is not None  # type: ignore[union-attr]
     assert live.mode is BackupMode.PULL
-    assert {d.name for d in live.disks if d.backup} == {"vda", "vdb"}
+    assert {d.name for d in live.disks if d.backup} == {"vda", "vdb", "vdc"}
+    vdc = td.disk("vdc")
+    assert vdc.reference is not None
+    qemu_img_compare(vdc.reference, nbd_unix_uri(sock, "vdc"), "raw", "raw")
     _end(td)
 
 

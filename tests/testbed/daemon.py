@@ -143,7 +143,7 @@ async def wait_running(config: Path, timeout: float = 30) -> dict:  # type: igno
         if running:
             return running[0]
         await asyncio.sleep(0.2)
-    raise AssertionError("no backup started")
+    raise AssertionError(f"no backup started; the records: {await backups(config)}")
 
 
 def bitmaps(image: Path) -> set[str]:

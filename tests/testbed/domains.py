@@ -86,7 +86,9 @@ class GuestDomain:
             self.dom.destroy()
 
 
-def _domain_xml(name: str, disks: Sequence[Disk]) -> str:
+def _domain_xml(
+    name: str, disks: Sequence[Disk], agent: bool = False, workdir: Path = WORK_ROOT
+) -> str:
     parts = []
     for d in disks:
         if d.device == "cdrom":
@@ -101,11 +103,28 @@ def _domain_xml(name: str, disks: Sequence[Disk]) -> str:
                 f"<source file={quoteattr(str(d.path))}/>"
                 f"<target dev='{d.target}' bus='virtio'/></disk>"
             )
+    memory, os_xml = 128, "<os><type arch='x86_64' machine='pc'>hvm</type></os>"
+    if agent:
+        # A real Linux with the guest agent (testbed/agent_guest.py).
+        from .agent_guest import build
+
+        kernel, initrd = build()
+        memory = 256
+        os_xml = (
+            "<os><type arch='x86_64' machine='pc'>hvm</type>"
+            f"<kernel>{kernel}</kernel><initrd>{initrd}</initrd>"
+            "<cmdline>console=ttyS0 quiet</cmdline></os>"
+        )
+        parts.append(
+            "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
+            f"<serial type='file'><source path={quoteattr(str(workdir / 'console.log'))}/>"
+            "<target port='0'/></serial>"
+        )
     return f"""<domain type='qemu'>
   <name>{escape(name)}</name>
-  <memory unit='MiB'>128</memory>
+  <memory unit='MiB'>{memory}</memory>
   <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  {os_xml}
   <devices>
     {"".join(parts)}
     <memballoon model='none'/>
@@ -127,6 +146,7 @@ class DomainFactory:
         cdrom: bool = False,
         start: bool = True,
         root: Path = WORK_ROOT,
+        agent: bool = False,
     ) -> GuestDomain:
         """`root`: where the domain's folder goes (another folder than the
         default, e.g. libvirt's image folder, for a sandboxed daemon)."""
@@ -153,7 +173,7 @@ class DomainFactory:
                 f.truncate(d.size)
         if cdrom:
             disks.append(Disk("hdc", Path(), "raw", 0, device="cdrom"))
-        dom = self.conn.defineXML(_domain_xml(name, disks))
+        dom = self.conn.defineXML(_domain_xml(name, disks, agent, workdir))
         td = GuestDomain(name, workdir, disks, dom, self.conn)
         self.created.append(td)
         if start:

@@ -33,12 +33,13 @@ from virtbackupd.adapters.sd_notify import Notifier, watchdog_interval
 from virtbackupd.adapters.store import Store
 from virtbackupd.config.daemon import DaemonConfig, load_config
 from virtbackupd.config.policy import load_policies, missing_dirs, policy_files
+from virtbackupd.core.domain_xml import parse_domain
 from virtbackupd.core.policy import Level, Policy, policy_for
 from virtbackupd.core.records import BackupStatus
 from virtbackupd.daemon import decisions
 from virtbackupd.daemon.decisions import Trigger
 from virtbackupd.daemon.status_file import DaemonStatus, DomainState, remove_status, write_status
-from virtbackupd.engine import vm_starts
+from virtbackupd.engine import own_checkpoints, vm_starts
 from virtbackupd.engine.backup import BackupContext, backup_domain
 from virtbackupd.engine.leftovers import clean_leftovers
 from virtbackupd.engine.locks import domain_lock
@@ -332,6 +333,7 @@ class Service:
             self.libvirt_connected = True
             if self.catch_up_pending:  # libvirtd was not there at start
                 await self._clean_interrupted(store)
+                await self._tidy_shut_off(store)
             await self._resync(store, catch_up=self.catch_up_pending)
             self.catch_up_pending = False
         elif ev.kind is EventKind.DISCONNECTED:
@@ -459,6 +461,7 @@ class Service:
             self.schedules.start()
             try:
                 await self._clean_interrupted(store)
+                await self._tidy_shut_off(store)
                 await self._resync(store, catch_up=True)
                 self.libvirt_connected = True
             except LibvirtError as exc:
@@ -526,6 +529,36 @@ class Service:
                 path=str(store.path),
                 backup_folders=found,
             )
+
+    async def _tidy_shut_off(self, store: Store) -> None:
+        """At start, for every governed domain that is shut off: remove
+        bitmaps of ours that no checkpoint names, and drop our checkpoints
+        after a QEMU crash (own_checkpoints.check_shut_off). A domain that
+        is busy or being started is left to its next backup."""
+        async with await Libvirt.open(self.config.libvirt_uri) as lv:
+            for ref in await lv.domains():
+                if self._policy(ref.name, ref.uuid) is None or await lv.is_running(ref):
+                    continue
+                try:
+                    with domain_lock(self.config.runtime_dir, ref.uuid, ref.name, "tidy"):
+                        async with vm_starts.running_or_held(lv, ref) as running:
+                            if running:
+                                continue
+                            info = parse_domain(
+                                await lv.xml(ref, inactive=True), f"domain XML of {ref.name}"
+                            )
+                            reason = await own_checkpoints.check_shut_off(
+                                lv, store, ref, info, log.bind(domain=ref.name)
+                            )
+                except VirtBackupError as exc:
+                    log.info("left for the domain's next backup", domain=ref.name, error=str(exc))
+                    continue
+                if reason is not None:
+                    log.warning(
+                        "checkpoint bitmaps inconsistent; the next backup is full",
+                        domain=ref.name,
+                        reason=reason,
+                    )
 
     async def _clean_interrupted(self, store: Store) -> None:
         """Backups left "running" by a daemon that died: clean each domain

@@ -53,7 +53,9 @@ from virtbackupd.engine.locks import (
     backup_slot,
     cancel_requested,
     clear_cancel,
+    clear_freeze,
     domain_lock,
+    note_freeze,
 )
 from virtbackupd.engine.repository import Repository
 from virtbackupd.errors import (
@@ -410,48 +412,11 @@ class _Job:
             self.log.warning("the domain is being started; its stray bitmap stays for now")
 
     async def _check_offline_bitmaps(self, info: DomainInfo) -> str | None:
-        """A shut-off domain's images, before anything else. A bitmap of
-        ours that no libvirt checkpoint names (left by a backup the VM's
-        stop or a kill interrupted) is removed: QEMU would track every guest
-        write in it forever. If QEMU was killed (host crash, OOM) with the
-        images open, a bitmap of ours is still flagged in-use, or the last
-        checkpoint's bitmap is missing (QEMU writes a bitmap it created into
-        the image only when it closes it): none of our checkpoints can be
-        trusted; all go, and the reason for a full backup is returned."""
-        lv, store = self.ctx.libvirt, self.ctx.store
-        known = {cp.name for cp in await lv.checkpoints(self.ref)}
-        disks = {d.target: Path(d.source or "") for d in info.disks}
-        present: dict[Path, dict[str, frozenset[str]]] = {}
-        broken = []
-        for image in own_checkpoints.qcow2_images(info):
-            present[image] = flags = await qemu_img.bitmap_flags(image)
-            for name in sorted(flags):
-                if not is_own_checkpoint(name):
-                    continue
-                if name not in known:
-                    self.log.warning(
-                        "removing a bitmap of ours that no checkpoint names",
-                        image=str(image),
-                        bitmap=name,
-                    )
-                    await qemu_img.bitmap(image, name, remove=True)
-                elif "in-use" in flags[name]:
-                    broken.append(f"bitmap {name} in {image.name} left in use")
-        complete = await store.backups(self.ref.uuid, status=BackupStatus.COMPLETE)
-        last = complete[-1] if complete else None
-        if last is not None and last.checkpoint in known:
-            for d in last.disks:
-                held = disks.get(d.disk)
-                if held in present and last.checkpoint not in present[held]:
-                    broken.append(f"bitmap {last.checkpoint} missing from {held.name}")
-        if not broken:
-            return None
-        reason = (
-            f"QEMU did not shut down cleanly ({'; '.join(broken[:3])}): "
-            "every checkpoint of ours was removed"
+        reason = await own_checkpoints.check_shut_off(
+            self.ctx.libvirt, self.ctx.store, self.ref, info, self.log, keep=self.checkpoint
         )
-        self.log.warning("checkpoint bitmaps inconsistent; taking a full backup", reason=reason)
-        await self._forget_own_checkpoints(info)
+        if reason is not None:
+            self.log.warning("checkpoint bitmaps inconsistent; taking a full backup", reason=reason)
         return reason
 
     async def _after_crash(self, info: DomainInfo, error: str) -> Plan:
@@ -492,7 +457,10 @@ class _Job:
         finally:
             if frozen:
                 # The point in time is taken when the job starts: thaw at once.
-                await lv.fs_thaw(self.ref)
+                # Shielded: a cancel must not leave the guest frozen. On a
+                # failed thaw the record stays, and the next run thaws.
+                await asyncio.shield(lv.fs_thaw(self.ref))
+                clear_freeze(self.ctx.config.runtime_dir, self.ref.uuid)
         self.libvirt_job = True
         self.checkpoint_created = True
         await self._create_targets(plan, await self._sizes(docs.included))
@@ -533,9 +501,13 @@ class _Job:
         mode = self.ctx.policy.quiesce
         if mode is Quiesce.NEVER:
             return False
+        # Recorded before it is made: if this process dies before the thaw,
+        # the next backup of the domain thaws the guest (clean_leftovers).
+        note_freeze(self.ctx.config.runtime_dir, self.ref.uuid)
         try:
             count = await self.ctx.libvirt.fs_freeze(self.ref)
         except VirtBackupError as exc:
+            clear_freeze(self.ctx.config.runtime_dir, self.ref.uuid)
             if mode is Quiesce.ALWAYS:
                 raise BackupFailedError(
                     f"quiesce is 'always' but the guest agent of {self.ref.name} cannot "

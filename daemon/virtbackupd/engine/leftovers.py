@@ -9,7 +9,9 @@ to no live process. What such a backup may have left, and what happens:
 - its checkpoint (no complete backup will ever vouch for it): deleted;
 - its offline bitmaps and checkpoint: deleted likewise;
 - its ``.partial`` folder, job folder and scratch folder: removed;
-- its record: marked failed, "interrupted".
+- its record: marked failed, "interrupted";
+- a guest it froze and did not thaw (a freeze record left in the runtime
+  dir): thawed first.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from virtbackupd.core.backup_xml import Backup
 from virtbackupd.core.domain_xml import parse_domain
 from virtbackupd.core.records import BackupStatus
 from virtbackupd.engine import own_checkpoints
+from virtbackupd.engine.locks import clear_freeze, freeze_left
 from virtbackupd.engine.repository import Repository
 from virtbackupd.errors import ProcessError, VirtBackupError
 
@@ -59,6 +62,9 @@ async def clean_leftovers(
     """Clean what dead backups of this domain left; the ids cleaned."""
     jobs_dir = config.runtime_dir / "jobs"
     cleaned = []
+    if freeze_left(config.runtime_dir, ref.uuid):
+        await _thaw(lv, ref)
+        clear_freeze(config.runtime_dir, ref.uuid)
     if await lv.is_running(ref) and await lv.job_active(ref):
         sock = await own_job_socket(lv, ref, jobs_dir)
         if sock is not None:
@@ -84,6 +90,20 @@ async def clean_leftovers(
         log.warning("cleaned up an interrupted backup", domain=ref.name, backup_id=rec.id)
         cleaned.append(rec.id)
     return cleaned
+
+
+async def _thaw(lv: Libvirt, ref: DomainRef) -> None:
+    """A backup froze the guest's file systems and died before the thaw."""
+    if not await lv.is_running(ref):
+        return  # the guest stopped since: nothing is frozen any more
+    try:
+        await lv.fs_thaw(ref)
+    except VirtBackupError as exc:
+        log.warning(
+            "thawing a guest a dead backup had frozen failed", domain=ref.name, error=str(exc)
+        )
+        raise
+    log.warning("thawed the file systems of a guest a dead backup had frozen", domain=ref.name)
 
 
 async def _remove_bitmap(image: Path, name: str, wait: float = 15.0) -> None:

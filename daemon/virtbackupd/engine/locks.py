@@ -88,3 +88,34 @@ def cancel_requested(runtime_dir: Path, uuid: str) -> bool:
 
 def clear_cancel(runtime_dir: Path, uuid: str) -> None:
     _cancel_file(runtime_dir, uuid).unlink(missing_ok=True)
+
+
+# --- freeze records --------------------------------------------------------------
+# Written before the guest agent freezes a guest's file systems and removed
+# after the thaw. One left behind means the process died in between (or the
+# thaw failed): the next backup of the domain (daemon or CLI), holding its
+# lock, thaws the guest first.
+
+
+def _freeze_file(runtime_dir: Path, uuid: str) -> Path:
+    return runtime_dir / "frozen" / uuid
+
+
+def note_freeze(runtime_dir: Path, uuid: str) -> None:
+    folder = runtime_dir / "frozen"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = _freeze_file(runtime_dir, uuid)
+    path.write_text(f"{os.getpid()}\n")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def freeze_left(runtime_dir: Path, uuid: str) -> bool:
+    return _freeze_file(runtime_dir, uuid).exists()
+
+
+def clear_freeze(runtime_dir: Path, uuid: str) -> None:
+    _freeze_file(runtime_dir, uuid).unlink(missing_ok=True)

@@ -7,13 +7,14 @@ snapshot). Only names with our prefix are ever touched.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from virtbackupd.adapters import qemu_img
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
 from virtbackupd.adapters.store import Store
 from virtbackupd.core.backup_documents import is_own_checkpoint
 from virtbackupd.core.domain_xml import DomainInfo
-from virtbackupd.core.records import CheckpointStatus
+from virtbackupd.core.records import BackupStatus, CheckpointStatus
 from virtbackupd.errors import VirtBackupError
 
 
@@ -65,3 +66,53 @@ async def forget_all(
         if rec.status is CheckpointStatus.ACTIVE and rec.name != keep:
             await store.set_checkpoint_status(ref.uuid, rec.name, CheckpointStatus.DELETED)
     return removed
+
+
+async def check_shut_off(
+    lv: Libvirt,
+    store: Store,
+    ref: DomainRef,
+    info: DomainInfo,
+    log: Any,
+    keep: str | None = None,
+) -> str | None:
+    """A shut-off domain's images (held by the caller). A bitmap of ours
+    that no libvirt checkpoint names (left by a backup the VM's stop or a
+    kill interrupted) is removed: QEMU would track every guest write in it
+    forever. If QEMU was killed (host crash, OOM) with the images open, a
+    bitmap of ours is still flagged in-use, or the last checkpoint's bitmap
+    is missing (QEMU writes a bitmap it created into the image only when it
+    closes it): none of our checkpoints can be trusted. All go, and the
+    reason is returned (else None): the next backup is full."""
+    known = {cp.name for cp in await lv.checkpoints(ref)}
+    disks = {d.target: Path(d.source or "") for d in info.disks}
+    present: dict[Path, dict[str, frozenset[str]]] = {}
+    broken = []
+    for image in qcow2_images(info):
+        present[image] = flags = await qemu_img.bitmap_flags(image)
+        for name in sorted(flags):
+            if not is_own_checkpoint(name):
+                continue
+            if name not in known:
+                log.warning(
+                    "removing a bitmap of ours that no checkpoint names",
+                    image=str(image),
+                    bitmap=name,
+                )
+                await qemu_img.bitmap(image, name, remove=True)
+            elif "in-use" in flags[name]:
+                broken.append(f"bitmap {name} in {image.name} left in use")
+    complete = await store.backups(ref.uuid, status=BackupStatus.COMPLETE)
+    last = complete[-1] if complete else None
+    if last is not None and last.checkpoint in known:
+        for d in last.disks:
+            held = disks.get(d.disk)
+            if held in present and last.checkpoint not in present[held]:
+                broken.append(f"bitmap {last.checkpoint} missing from {held.name}")
+    if not broken:
+        return None
+    await forget_all(lv, store, ref, info, running=False, keep=keep)
+    return (
+        f"QEMU did not shut down cleanly ({'; '.join(broken[:3])}): "
+        "every checkpoint of ours was removed"
+    )

@@ -82,7 +82,10 @@ def stopped_reason(space: Space, used: int) -> str:
 def prepare(folder: Path, qemu_user: tuple[int, int] | None) -> None:
     """Create a job's scratch folder for QEMU. QEMU runs as its own user
     (libvirt-qemu): every folder above must let it through (o+x)."""
-    folder.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Ours: passing through, no listing (the unit's UMask=0077 would make a
+    # new folder 0700).
+    folder.parent.chmod(0o711)
     if qemu_user is not None and qemu_user[0] != 0:
         for parent in [folder.parent, *folder.parent.parents]:
             mode = parent.stat().st_mode
