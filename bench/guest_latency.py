@@ -86,21 +86,29 @@ def guest_write_latency(work: Path, runs: int) -> str:
         )
         src.unlink()
         td.start()
-        rows = {"no backup": [], "backup, priority: normal": [], "backup, priority: low": []}
+        scenarios = {
+            "backup, priority: normal": ("normal", None),
+            "backup, priority: low": ("low", None),
+            "backup, priority: low, bandwidth: 64MiB": ("low", "64MiB"),
+        }
+        rows: dict[str, list[float]] = {"no backup": []} | {name: [] for name in scenarios}
         offset = 0
         for _ in range(runs):
             rows["no backup"] += _probe(td, offset, 100, None)
             offset += 100 * 2 * WRITE
-            for name, prio in (
-                ("backup, priority: normal", "normal"),
-                ("backup, priority: low", "low"),
-            ):
-                run_dir = work / f"run-{prio}"
-                cfg = work / f"vb-{prio}.yaml"
+            for i, (name, (prio, bandwidth)) in enumerate(scenarios.items()):
+                run_dir = work / f"run-{i}"
+                cfg = work / f"vb-{i}.yaml"
+                policies = work / f"policies-{i}"
+                policies.mkdir(exist_ok=True)
+                if bandwidth:
+                    (policies / "p.yaml").write_text(
+                        f"domains: ['{td.name}']\nbandwidth: {bandwidth}\n"
+                    )
                 cfg.write_text(
-                    f"state_dir: {work}/state-{prio}\nbackup_root: {work}/backups-{prio}\n"
-                    f"runtime_dir: {run_dir}\nscratch_dir: {work}/scratch-{prio}\n"
-                    f"policy_dirs: []\npriority: {prio}\n"
+                    f"state_dir: {work}/state-{i}\nbackup_root: {work}/backups-{i}\n"
+                    f"runtime_dir: {run_dir}\nscratch_dir: {work}/scratch-{i}\n"
+                    f"policy_dirs: [{policies}]\npriority: {prio}\n"
                 )
                 proc = _backup(cfg, td)
                 time.sleep(0.5)  # into the copy
