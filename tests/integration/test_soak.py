@@ -1,4 +1,4 @@
-"""The daemon left alone for six scheduled minutes on a host whose VMs
+"""The daemon left alone for five scheduled minutes on a host whose VMs
 existed before it: several domains with `max_concurrent_backups` below
 their number, guest writes, a domain stopped over a scheduled run and
 started again, one restarted, one defined while the daemon runs, and a
@@ -30,7 +30,7 @@ from testbed.domains import DomainFactory, GuestDomain, MiB
 from testbed.guest import GuestWriter
 from testbed.host import connect, ensure_libvirtd, stop_libvirtd
 
-MINUTES = 6
+MINUTES = 5
 SIZE = 16 * MiB
 
 
@@ -91,7 +91,7 @@ def _restored_matches(backup: dict, history: History, tmp: Path) -> bool:  # typ
     return any(c.read_bytes() == data for c in history.candidates(start, end))
 
 
-@pytest.mark.timeout(900)  # six scheduled minutes by design, plus setup and checks
+@pytest.mark.timeout(900)  # five scheduled minutes by design, plus setup and checks
 async def test_daemon_soak_with_schedules_several_domains_and_a_libvirtd_restart(
     domains: DomainFactory, config: Path, tmp_path: Path
 ) -> None:

@@ -451,6 +451,9 @@ class Service:
             EventSource(self.config.libvirt_uri) as source,
         ):
             await self._warn_if_catalogue_empty(store)
+            # The hook acts only where this folder exists (tmpfiles makes it
+            # at boot; an install without tmpfiles gets it here).
+            vm_starts.HOOK_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
             if not vm_starts.hook_installed():
                 log.warning(
                     "the libvirt hook is not installed: a VM started during an offline "
