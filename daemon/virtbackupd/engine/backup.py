@@ -47,7 +47,14 @@ from virtbackupd.core.records import (
     CheckpointStatus,
 )
 from virtbackupd.engine import own_checkpoints, repository, scratch, vm_starts
-from virtbackupd.engine.copy import CopyOptions, CopyProgress, CopyResult, ZeroMode, copy_export
+from virtbackupd.engine.copy import (
+    CopyOptions,
+    CopyProgress,
+    CopyResult,
+    RateLimit,
+    ZeroMode,
+    copy_export,
+)
 from virtbackupd.engine.leftovers import clean_leftovers
 from virtbackupd.engine.locks import (
     backup_slot,
@@ -527,7 +534,9 @@ class _Job:
         progress = self.progress = JobProgress(self.id, self.ref.name)
         results: dict[str, CopyResult] = {}
         bandwidth = self.ctx.policy.bandwidth
-        share = bandwidth // len(sources) if bandwidth else None
+        # One budget for the domain: a disk with little to copy leaves the
+        # rest to the others.
+        limit = RateLimit(bandwidth, CopyOptions().request_size) if bandwidth else None
 
         async def copy_one(
             target: str, address: UnixAddress, export: str, bitmap: str | None
@@ -554,7 +563,7 @@ class _Job:
                     connections=2,
                     options=CopyOptions(
                         zero_mode=ZeroMode.WRITE_ZEROES if bitmap else ZeroMode.SKIP,
-                        bandwidth=share,
+                        shared_limit=limit,
                     ),
                     progress=on_progress,
                 )

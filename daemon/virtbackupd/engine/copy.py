@@ -40,6 +40,9 @@ class CopyOptions:
     status_window: int = 2048 * MiB  # bytes asked per BLOCK_STATUS
     zero_mode: ZeroMode = ZeroMode.SKIP
     bandwidth: int | None = None  # bytes of data read per second
+    # One limit shared by several copies (a domain's disks): what an idle
+    # disk does not use, the others may. Wins over `bandwidth`.
+    shared_limit: RateLimit | None = None
     progress_interval: float = 0.5
 
 
@@ -77,7 +80,7 @@ class CopyResult:
 ProgressCallback = Callable[[CopyProgress], None]
 
 
-class _RateLimit:
+class RateLimit:
     """Token bucket over bytes read, with a burst of a quarter second (at
     least one request); sleeping, never busy-waiting."""
 
@@ -151,7 +154,9 @@ class _Copy:
         )
         self.records: list[tuple[int, bytes]] = []
         self.ranges: list[Range] = []
-        self.limit = _RateLimit(opts.bandwidth, grid) if opts.bandwidth else None
+        self.limit = opts.shared_limit or (
+            RateLimit(opts.bandwidth, grid) if opts.bandwidth else None
+        )
         self.last_report = 0.0
 
     async def run(self) -> CopyResult:
