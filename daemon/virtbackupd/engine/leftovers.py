@@ -7,7 +7,10 @@ to no live process. What such a backup may have left, and what happens:
   its NBD socket lies in our runtime dir's jobs/ folder (another tool's job
   is never touched);
 - its checkpoint (no complete backup will ever vouch for it): deleted;
-- its offline bitmaps and checkpoint: deleted likewise;
+- its offline bitmaps: no checkpoint names them any more, and
+  own_checkpoints.check_shut_off removes them while holding the images
+  against a VM start (before the next offline backup copies, and at daemon
+  start);
 - its ``.partial`` folder, job folder and scratch folder: removed;
 - its record: marked failed, "interrupted";
 - a guest it froze and did not thaw (a freeze record left in the runtime
@@ -16,24 +19,21 @@ to no live process. What such a backup may have left, and what happens:
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 from datetime import datetime
 from pathlib import Path
 
 import structlog
 
-from virtbackupd.adapters import qemu_img
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
 from virtbackupd.adapters.store import Store
 from virtbackupd.config.daemon import DaemonConfig
 from virtbackupd.core.backup_xml import Backup
-from virtbackupd.core.domain_xml import parse_domain
 from virtbackupd.core.records import BackupStatus
 from virtbackupd.engine import own_checkpoints
 from virtbackupd.engine.locks import clear_freeze, freeze_left
 from virtbackupd.engine.repository import Repository
-from virtbackupd.errors import ProcessError, VirtBackupError
+from virtbackupd.errors import VirtBackupError
 
 log = structlog.get_logger("virtbackupd.leftovers")
 
@@ -73,16 +73,13 @@ async def clean_leftovers(
             )
             await lv.abort_job(ref)
     known = {c.name for c in await lv.checkpoints(ref)}
-    images: list[Path] = []
-    if not await lv.is_running(ref):
-        info = parse_domain(await lv.xml(ref, inactive=True))
-        images = own_checkpoints.qcow2_images(info)
     for rec in await store.backups(ref.uuid, status=BackupStatus.RUNNING):
         if rec.checkpoint and rec.checkpoint in known:
             await own_checkpoints.delete_checkpoint(lv, ref, rec.checkpoint)
-        for image in images:  # an offline backup adds its bitmap before copying
-            if rec.checkpoint:
-                await _remove_bitmap(image, rec.checkpoint)
+        # The bitmap an offline backup added to the images is now one that
+        # no checkpoint names: own_checkpoints.check_shut_off removes it,
+        # holding the images against a VM start (the job before it copies,
+        # the daemon at start).
         repo.discard(ref.uuid, rec.id)
         shutil.rmtree(jobs_dir / rec.id, ignore_errors=True)
         shutil.rmtree(config.scratch_dir / rec.id, ignore_errors=True)
@@ -104,21 +101,3 @@ async def _thaw(lv: Libvirt, ref: DomainRef) -> None:
         )
         raise
     log.warning("thawed the file systems of a guest a dead backup had frozen", domain=ref.name)
-
-
-async def _remove_bitmap(image: Path, name: str, wait: float = 15.0) -> None:
-    """Remove a bitmap the dead backup added. Its qemu-nbd got SIGTERM when
-    the backup process died (PR_SET_PDEATHSIG) but may still hold the image
-    lock for a moment: retry while the image is locked."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait
-    while True:
-        try:
-            if name in await qemu_img.bitmap_names(image):
-                await qemu_img.bitmap(image, name, remove=True)
-        except ProcessError as exc:
-            if "lock" not in exc.message or loop.time() > deadline:
-                raise
-            await asyncio.sleep(0.5)
-        else:
-            return
