@@ -95,7 +95,7 @@ async def test_incremental_into_overlay_reproduces_source(tmp_path: Path) -> Non
     assert result.bytes_read + result.bytes_zeroed == dirty
     assert result.bytes_read == 64 * 1024 + 3 * MiB
     info = await qemu_img.info(inc)
-    assert info["backing-filename"] == "full.qcow2"
+    assert info.backing_filename == "full.qcow2"
 
 
 async def test_digest_does_not_depend_on_how_the_copy_was_cut(tmp_path: Path) -> None:
@@ -195,3 +195,20 @@ async def test_cancelled_copy_leaves_nothing_running(tmp_path: Path) -> None:
     run("qemu-img", "info", dst)
     assert not any(p.suffix == ".sock" for p in tmp_path.rglob("*"))
     assert dst.exists()
+
+
+async def test_image_info_is_typed_and_follows_the_chain(tmp_path: Path) -> None:
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    await qemu_img.create(base, 4 * MiB)
+    await qemu_img.create(top, 8 * MiB, backing="base.qcow2")
+    await qemu_img.bitmap(top, "virtbackupd-x", add=True)
+    info = await qemu_img.info(top)
+    assert (info.format, info.virtual_size, info.backing_filename) == (
+        "qcow2",
+        8 * MiB,
+        "base.qcow2",
+    )
+    assert info.bitmaps == {"virtbackupd-x": frozenset({"auto"})}
+    chain = await qemu_img.info_chain(top)
+    assert [Path(i.filename).name for i in chain] == ["top.qcow2", "base.qcow2"]
+    assert chain[1].backing_filename is None and chain[1].bitmaps == {}

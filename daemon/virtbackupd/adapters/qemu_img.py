@@ -9,7 +9,8 @@ import asyncio
 import ctypes
 import json
 import signal
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,25 +73,71 @@ async def create(
     await run_tool(argv, f"qemu-img create {path}")
 
 
-async def info(path: Path, backing_chain: bool = False) -> Any:
-    """`qemu-img info --output=json` (a list with `backing_chain`)."""
+@dataclass(frozen=True)
+class ImageInfo:
+    """What `qemu-img info` says of one image, as far as we use it."""
+
+    filename: str
+    format: str
+    virtual_size: int
+    backing_filename: str | None  # as stored in the image (may be relative)
+    # qcow2 persistent bitmaps and their flags ("auto"; "in-use": the image
+    # was not closed cleanly while the bitmap was loaded)
+    bitmaps: Mapping[str, frozenset[str]]
+
+    @classmethod
+    def from_json(cls, data: Any, what: str) -> ImageInfo:
+        try:
+            specific = data.get("format-specific", {}).get("data", {})
+            return cls(
+                filename=str(data["filename"]),
+                format=str(data["format"]),
+                virtual_size=int(data["virtual-size"]),
+                backing_filename=(
+                    str(data["backing-filename"]) if "backing-filename" in data else None
+                ),
+                bitmaps={
+                    str(b["name"]): frozenset(b.get("flags", []))
+                    for b in specific.get("bitmaps", [])
+                },
+            )
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise ProcessError(what, f"unexpected output: {exc!r}") from exc
+
+
+async def _info_json(path: Path, backing_chain: bool) -> Any:
     argv = [QEMU_IMG, "info", "-U", "--output=json"]
     if backing_chain:
         argv.append("--backing-chain")
     argv.append(str(path))
-    return json.loads(await run_tool(argv, f"qemu-img info {path}"))
+    what = f"qemu-img info {path}"
+    try:
+        return json.loads(await run_tool(argv, what))
+    except json.JSONDecodeError as exc:
+        raise ProcessError(what, f"output is not JSON: {exc}") from exc
+
+
+async def info(path: Path) -> ImageInfo:
+    """`qemu-img info` of one image (shared lock: works on images in use)."""
+    return ImageInfo.from_json(await _info_json(path, False), f"qemu-img info {path}")
+
+
+async def info_chain(path: Path) -> list[ImageInfo]:
+    """`qemu-img info --backing-chain`: the image, then each backing file."""
+    data = await _info_json(path, True)
+    if not isinstance(data, list):
+        raise ProcessError(f"qemu-img info --backing-chain {path}", "expected a list")
+    return [ImageInfo.from_json(d, f"qemu-img info {path}") for d in data]
 
 
 async def bitmap_names(path: Path) -> set[str]:
     """Names of the persistent bitmaps in a qcow2 image."""
-    return set(await bitmap_flags(path))
+    return set((await info(path)).bitmaps)
 
 
 async def bitmap_flags(path: Path) -> dict[str, frozenset[str]]:
-    """Each persistent bitmap of a qcow2 image with its flags ("auto",
-    "in-use": the image was not closed cleanly while it was loaded)."""
-    data = (await info(path)).get("format-specific", {}).get("data", {})
-    return {str(b["name"]): frozenset(b.get("flags", [])) for b in data.get("bitmaps", [])}
+    """Each persistent bitmap of a qcow2 image with its flags."""
+    return dict((await info(path)).bitmaps)
 
 
 async def check(path: Path, fmt: str = "qcow2") -> Any:

@@ -608,7 +608,7 @@ class _Job:
             if not c.included:
                 continue
             path = Path(disks[c.target].source or "")
-            sizes[c.target] = int((await qemu_img.info(path))["virtual-size"])
+            sizes[c.target] = (await qemu_img.info(path)).virtual_size
             if c.checkpoint:
                 await qemu_img.bitmap(path, self.checkpoint, add=True)
                 self.bitmaps_added.append(path)

@@ -303,7 +303,7 @@ async def _rebase(domain_dir: Path, op: Rebase, runtime_dir: Path, hook: StepHoo
     for d in m["disks"]:
         image = folder / str(d["file"])
         want = repository.backing_of(op.parent, str(d["name"]))
-        if (await qemu_img.info(image)).get("backing-filename") != want:
+        if (await qemu_img.info(image)).backing_filename != want:
             await qemu_img.rebase(image, want)  # safe mode: the view stays the same
             hook(f"rebased {op.child}/{d['name']}")
     repository.write_manifest(
@@ -329,7 +329,7 @@ async def _consolidate(
     for d in m["disks"]:
         name = str(d["name"])
         image, base = folder / str(d["file"]), base_folder / str(d["file"])
-        backing = (await qemu_img.info(image)).get("backing-filename")
+        backing = (await qemu_img.info(image)).backing_filename
         if backing == repository.backing_of(op.into, name) and base.is_file():
             # The heir's view is unchanged while its bytes go down into the
             # base (they shadow it); the base's own point is being pruned.

@@ -62,12 +62,12 @@ async def restore_image(
     """A standalone, sparse `fmt` image of `source`'s view at `target`."""
     if fmt not in FORMATS:
         raise RestoreError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
-    for image in await qemu_img.info(source, backing_chain=True):
+    for image in await qemu_img.info_chain(source):
         try:
-            await qemu_img.check(Path(image["filename"]))
+            await qemu_img.check(Path(image.filename))
         except VirtBackupError as exc:
-            raise RestoreError(f"backup image {image['filename']} is damaged: {exc}") from exc
-    size = int((await qemu_img.info(source))["virtual-size"])
+            raise RestoreError(f"backup image {image.filename} is damaged: {exc}") from exc
+    size = (await qemu_img.info(source)).virtual_size
     partial = target.with_name(f".{target.name}.partial")
     partial.unlink(missing_ok=True)
     try:

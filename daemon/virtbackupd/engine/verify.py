@@ -111,12 +111,12 @@ async def _verify_disk(
         info = await qemu_img.info(image)
     except VirtBackupError as exc:
         return DiskVerdict(name, (*problems, f"qemu-img info: {exc}"))
-    if info.get("virtual-size") != d["virtual_size"]:
+    if info.virtual_size != d["virtual_size"]:
         problems.append(
-            f"virtual size is {info.get('virtual-size')}, the manifest says {d['virtual_size']}"
+            f"virtual size is {info.virtual_size}, the manifest says {d['virtual_size']}"
         )
     expected = repository.backing_of(parent, name) if parent else None
-    backing = info.get("backing-filename")
+    backing = info.backing_filename
     if backing != expected:
         problems.append(f"backing file is {backing!r}, the manifest's parent needs {expected!r}")
         return DiskVerdict(name, tuple(problems))
