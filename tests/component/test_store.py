@@ -53,7 +53,7 @@ async def test_backup_lifecycle(tmp_path: Path) -> None:
         await store.see_domain("u1", "web", NOW)
         await store.start_backup(backup("b1"))
         await store.set_progress("b1", 10, 100, 1.5, NOW)
-        disk = DiskRecord("vda", "vda.qcow2", 100, 10, 10, 0, "d", 4, "[]")
+        disk = DiskRecord("vda", "vda.qcow2", 100, 10, 10, 0, "d", 4, ())
         await store.complete_backup("b1", NOW, "/x/b1", [disk])
         await store.start_backup(backup("b2", "b1"))
         await store.fail_backup("b2", NOW, "boom")
@@ -76,7 +76,7 @@ async def test_foreign_keys_are_enforced(tmp_path: Path) -> None:
 
 
 def disk(name: str) -> DiskRecord:
-    return DiskRecord(name, f"{name}.qcow2", 1 << 20, 1 << 20, 1 << 20, 0, "d", 1 << 20, "[]")
+    return DiskRecord(name, f"{name}.qcow2", 1 << 20, 1 << 20, 1 << 20, 0, "d", 1 << 20, ())
 
 
 async def test_concurrent_jobs_commit_on_one_connection(tmp_path: Path) -> None:

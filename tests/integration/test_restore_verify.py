@@ -5,7 +5,6 @@ flipped byte is named by verify, `--define` makes a domain that starts, and
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -15,7 +14,8 @@ import pytest
 from testbed.cli import run_cli
 from testbed.domains import PREFIX, DomainFactory, GuestDomain, MiB, remove_domain
 from testbed.guest import GuestWriter
-from testbed.tools import qemu_img_compare, qemu_img_info, run
+from testbed.tools import flip_byte, qemu_img_compare, qemu_img_info
+from virtbackupd.cli.main import main as cli
 
 Snapshots = dict[str, dict[str, Path]]  # backup id -> disk -> reference copy
 
@@ -33,20 +33,6 @@ def take(config: Path, capsys: pytest.CaptureFixture[str], td: GuestDomain, *ext
     record = run_cli(config, capsys, "backup", td.name, *extra)
     assert record["status"] == "complete"
     return record  # type: ignore[no-any-return]
-
-
-def flip_byte(image: Path, guest_offset: int) -> None:
-    """Flip one byte of the data cluster `image` itself holds for `guest_offset`."""
-    for e in json.loads(run("qemu-img", "map", "--output=json", image)):
-        if e["depth"] == 0 and e["data"] and e["start"] <= guest_offset < e["start"] + e["length"]:
-            host = e["offset"] + guest_offset - e["start"]
-            with image.open("r+b") as f:
-                f.seek(host)
-                b = f.read(1)
-                f.seek(host)
-                f.write(bytes([b[0] ^ 0x40]))
-            return
-    raise AssertionError(f"{image} holds no data at {guest_offset}")
 
 
 def test_every_point_of_a_chain_restores_and_verify_names_a_flipped_byte(
@@ -121,7 +107,8 @@ def test_every_point_of_a_chain_restores_and_verify_names_a_flipped_byte(
     run_cli(config, capsys, "restore", td.name, "--disk", "vdz", "--to", str(out_dir), expect=2)
 
     # Everything verifies; then one flipped byte in the middle of the chain
-    # is found and named, and nothing else is blamed.
+    # is found and named: its disk fails, every backup restoring through it
+    # fails naming it, the older ones stay good.
     verdicts = run_cli(config, capsys, "verify", td.name)
     assert [v["backup"] for v in verdicts] == ids
     assert all(v["ok"] for v in verdicts), verdicts
@@ -132,10 +119,22 @@ def test_every_point_of_a_chain_restores_and_verify_names_a_flipped_byte(
     assert bad == [(ids[2], "vdb")]
     problems = next(d for v in verdicts for d in v["disks"] if not d["ok"])["problems"]
     assert any("digest differs" in p for p in problems), problems
-    # A restore through the damaged image still completes (it cannot tell
-    # data from damage) but verify is what says so; the full backup is fine.
+    assert [v["ok"] for v in verdicts] == [True, True, False, False, False, False]
+    assert all(v["damaged_ancestors"] == [ids[2]] for v in verdicts[3:]), verdicts
     only_full = run_cli(config, capsys, "verify", "--backup", ids[0])
     assert only_full[0]["ok"]
+    newest = run_cli(config, capsys, "verify", "--backup", ids[-1], expect=1)
+    assert any(ids[2] in p for p in newest[0]["problems"]), newest
+    # A restore through the damaged image refuses, naming backup and disk;
+    # --allow-damaged writes what can be read.
+    out_dir = tmp_path / "damaged"
+    capsys.readouterr()
+    assert cli(["-c", str(config), "restore", td.name, "--to", str(out_dir)]) == 1
+    err = capsys.readouterr().err
+    assert f"backup {ids[2]} disk vdb" in err, err
+    assert not (out_dir / "vdb.qcow2").exists()
+    run_cli(config, capsys, "restore", td.name, "--to", str(out_dir), "--allow-damaged")
+    qemu_img_compare(refs[ids[-1]]["vda"], out_dir / "vda.qcow2", "raw", "qcow2")
 
 
 def test_define_makes_a_new_domain_that_starts_and_in_place_restores_a_shut_off_one(

@@ -47,7 +47,7 @@ async def cli_json(config: Path, *args: str) -> dict:  # type: ignore[type-arg]
 
 
 async def backups(config: Path) -> list[dict]:  # type: ignore[type-arg]
-    proc = await spawn_cli(config, "--json", "list", stderr=asyncio.subprocess.DEVNULL)
+    proc = await spawn_cli(config, "--json", "list", "--all", stderr=asyncio.subprocess.DEVNULL)
     out, _ = await proc.communicate()
     return json.loads(out) if proc.returncode == 0 else []  # type: ignore[no-any-return]
 

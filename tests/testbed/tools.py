@@ -89,6 +89,20 @@ def qemu_img_info(path: str | Path) -> dict[str, Any]:
     return info
 
 
+def flip_byte(image: Path, guest_offset: int) -> None:
+    """Flip one byte of the data cluster `image` itself holds for `guest_offset`."""
+    for e in json.loads(run("qemu-img", "map", "--output=json", image)):
+        if e["depth"] == 0 and e["data"] and e["start"] <= guest_offset < e["start"] + e["length"]:
+            host = e["offset"] + guest_offset - e["start"]
+            with image.open("r+b") as f:
+                f.seek(host)
+                b = f.read(1)
+                f.seek(host)
+                f.write(bytes([b[0] ^ 0x40]))
+            return
+    raise AssertionError(f"{image} holds no data at {guest_offset}")
+
+
 def qemu_io(image: str | Path, *commands: str, fmt: str = "qcow2") -> None:
     """Run qemu-io commands on an image that no process has open."""
     args: list[str | Path] = ["qemu-io", "-f", fmt]

@@ -191,8 +191,8 @@ def test_policy_check_command_exit_codes(
 def test_backup_ids_sort_in_time_order_within_a_second() -> None:
     from datetime import UTC, datetime
 
+    from virtbackupd.adapters.repository import new_backup_id
     from virtbackupd.core.backup_documents import checkpoint_name
-    from virtbackupd.engine.repository import new_backup_id
 
     t = datetime(2026, 11, 23, 20, 15, 0, 5000, tzinfo=UTC)
     ids = [new_backup_id(t.replace(microsecond=us)) for us in (5000, 6000, 999000)]

@@ -20,6 +20,7 @@ naming the file, and a damaged file names the fix (``virtbackup reindex``).
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -28,6 +29,8 @@ from pathlib import Path
 
 import aiosqlite
 
+from virtbackupd.core import extents
+from virtbackupd.core.extents import Range
 from virtbackupd.core.policy import Level
 from virtbackupd.core.records import (
     BackupRecord,
@@ -150,6 +153,14 @@ def file_identity(path: Path) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return st.st_dev, st.st_ino
+
+
+def ranges_json(ranges: Sequence[Range]) -> str:
+    return json.dumps(extents.ranges_to_json(ranges))
+
+
+def ranges_from_json_text(text: str) -> tuple[Range, ...]:
+    return tuple(extents.ranges_from_json(json.loads(text)))
 
 
 def _ts(value: datetime | None) -> str | None:
@@ -361,6 +372,88 @@ class Store:
         ]
         await self._transaction(statements)
 
+    async def record_backup(
+        self, b: BackupRecord, checkpoint: CheckpointRecord | None = None
+    ) -> None:
+        """Make the catalogue say what the repository says of one backup
+        (committed or failed), whatever it said before: the domain, the
+        checkpoint, the row, its disks and left-out disks, in one
+        transaction. Used at commit, after a crash, and by reindex."""
+        statements: list[tuple[str, Sequence[object]]] = [
+            (
+                """INSERT INTO domains(uuid, name, first_seen, last_seen) VALUES (?, ?, ?, ?)
+                   ON CONFLICT(uuid) DO NOTHING""",
+                (b.domain_uuid, b.domain_name, _ts(b.started), _ts(b.started)),
+            )
+        ]
+        if checkpoint is not None:
+            cp = checkpoint
+            statements.append(
+                (
+                    """INSERT OR REPLACE INTO checkpoints(domain_uuid, name, parent, created,
+                           status, xml) VALUES (?, ?, ?, ?, ?, ?)""",
+                    (cp.domain_uuid, cp.name, cp.parent, _ts(cp.created), cp.status.value, cp.xml),
+                )
+            )
+        statements += [
+            ("DELETE FROM backup_disks WHERE backup_id = ?", (b.id,)),
+            ("DELETE FROM left_out_disks WHERE backup_id = ?", (b.id,)),
+            ("DELETE FROM progress WHERE backup_id = ?", (b.id,)),
+            (
+                """INSERT INTO backups(id, domain_uuid, domain_name, level, status, checkpoint,
+                       parent_id, started, finished, error, bytes_read, bytes_written, path)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT(id) DO UPDATE SET level = excluded.level,
+                       status = excluded.status, checkpoint = excluded.checkpoint,
+                       parent_id = excluded.parent_id, finished = excluded.finished,
+                       error = excluded.error, bytes_read = excluded.bytes_read,
+                       bytes_written = excluded.bytes_written, path = excluded.path""",
+                (
+                    b.id,
+                    b.domain_uuid,
+                    b.domain_name,
+                    b.level.value,
+                    b.status.value,
+                    b.checkpoint,
+                    b.parent,
+                    _ts(b.started),
+                    _ts(b.finished),
+                    b.error,
+                    b.bytes_read,
+                    b.bytes_written,
+                    b.path,
+                ),
+            ),
+        ]
+        statements += [
+            (
+                """INSERT INTO backup_disks(backup_id, disk, path, virtual_size, bytes_read,
+                       bytes_written, bytes_zeroed, digest, grid, ranges)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    b.id,
+                    d.disk,
+                    d.path,
+                    d.virtual_size,
+                    d.bytes_read,
+                    d.bytes_written,
+                    d.bytes_zeroed,
+                    d.digest,
+                    d.grid,
+                    ranges_json(d.ranges),
+                ),
+            )
+            for d in b.disks
+        ]
+        statements += [
+            (
+                "INSERT INTO left_out_disks(backup_id, disk, reason) VALUES (?, ?, ?)",
+                (b.id, d.disk, d.reason),
+            )
+            for d in b.left_out
+        ]
+        await self._transaction(statements)
+
     async def replan_backup(self, backup_id: str, level: Level, parent: str | None) -> None:
         """A running backup changed level (its incremental became a full)."""
         await self._execute(
@@ -387,7 +480,7 @@ class Store:
                     d.bytes_zeroed,
                     d.digest,
                     d.grid,
-                    d.ranges,
+                    ranges_json(d.ranges),
                 ),
             )
             for d in disks
@@ -419,7 +512,7 @@ class Store:
             (
                 """UPDATE backup_disks SET digest = ?, grid = ?, ranges = ?
                    WHERE backup_id = ? AND disk = ?""",
-                (d.digest, d.grid, d.ranges, backup_id, d.disk),
+                (d.digest, d.grid, ranges_json(d.ranges), backup_id, d.disk),
             )
             for d in disks
         ]
@@ -536,7 +629,7 @@ class Store:
                             d["bytes_zeroed"],
                             d["digest"],
                             d["grid"],
-                            d["ranges"],
+                            ranges_from_json_text(d["ranges"]),
                         )
                         for d in disks
                     ),

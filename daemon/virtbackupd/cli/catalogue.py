@@ -10,12 +10,13 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+from virtbackupd.adapters.repository import Repository
 from virtbackupd.adapters.store import Store, StoreDamagedError
 from virtbackupd.config.daemon import DaemonConfig
 from virtbackupd.config.policy import load_policies, policy_files
 from virtbackupd.core.policy import Policy
+from virtbackupd.engine.catalogue import reconcile
 from virtbackupd.engine.reindex import reindex
-from virtbackupd.engine.repository import count_backup_folders
 from virtbackupd.errors import VirtBackupError
 
 
@@ -62,15 +63,24 @@ async def reindex_command(args: argparse.Namespace, config: DaemonConfig) -> int
     return 0
 
 
-async def warn_if_catalogue_empty(config: DaemonConfig, store: Store) -> None:
-    """An empty catalogue beside a repository that holds backups (state.db
-    lost or replaced): say so, instead of showing nothing."""
-    if await store.backups():
-        return
-    found = sum(count_backup_folders(r) for r in roots(config, policies(config, quiet=True)))
-    if found:
-        print(
-            f"virtbackup: warning: {store.path} records no backup, but the repository holds "
-            f"{found} backup folder(s); `virtbackup reindex` rebuilds the catalogue",
-            file=sys.stderr,
-        )
+async def reconcile_catalogue(config: DaemonConfig, store: Store) -> None:
+    """The folders are the truth: before a command reads the catalogue, it
+    is brought in line with them (cheap: only what disagrees is read), and
+    what changed is said."""
+    for root in sorted(roots(config, policies(config, quiet=True))):
+        found = await reconcile(store, Repository(root))
+        if found.recorded or found.attempts:
+            print(
+                f"virtbackup: warning: {store.path} lacked {len(found.recorded)} backup(s) and "
+                f"{len(found.attempts)} failed attempt(s) that {root} holds; recorded them "
+                "(`virtbackup reindex` does the same)",
+                file=sys.stderr,
+            )
+        if found.vanished:
+            print(
+                f"virtbackup: warning: the folders of {', '.join(found.vanished)} are gone from "
+                f"{root}; no longer listed",
+                file=sys.stderr,
+            )
+        for line in found.problems:
+            print(f"virtbackup: warning: {line}", file=sys.stderr)

@@ -22,9 +22,11 @@ from typing import Any
 from virtbackupd import __version__, logs
 from virtbackupd.adapters import priority
 from virtbackupd.adapters.libvirt_conn import Libvirt
+from virtbackupd.adapters.repository import Repository
 from virtbackupd.adapters.store import Store
+from virtbackupd.cli import listing
 from virtbackupd.cli import status as status_view
-from virtbackupd.cli.catalogue import policies, reindex_command, warn_if_catalogue_empty
+from virtbackupd.cli.catalogue import policies, reconcile_catalogue, reindex_command
 from virtbackupd.cli.domains import domain_of, libvirt_domains
 from virtbackupd.cli.forget import forget_checkpoints
 from virtbackupd.cli.policy_check import policy_check
@@ -32,14 +34,13 @@ from virtbackupd.cli.progress import ProgressLine, progress_text
 from virtbackupd.config.daemon import DaemonConfig, config_path, load_config
 from virtbackupd.core.points import parse_time, pick_backup
 from virtbackupd.core.policy import Level, Policy, policy_for
-from virtbackupd.core.records import BackupRecord, BackupStatus
+from virtbackupd.core.records import BackupStatus
 from virtbackupd.daemon.status_file import read_status
 from virtbackupd.engine import restore
 from virtbackupd.engine.backup import BackupContext, JobProgress, backup_domain
 from virtbackupd.engine.copy import CopyProgress
 from virtbackupd.engine.locks import domain_lock, request_cancel
 from virtbackupd.engine.prune import describe, prune_under_policy
-from virtbackupd.engine.repository import being_removed, read_manifest
 from virtbackupd.engine.verify import verify_recorded
 from virtbackupd.errors import (
     ConfigError,
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--full", action="store_true", help="take a full backup, whatever the plan says")
     ls = sub.add_parser("list", help="list backups")
     ls.add_argument("domain", nargs="?", help="only this domain (name or UUID)")
+    ls.add_argument("--all", action="store_true", help="failed attempts too, with their reasons")
     cp = sub.add_parser("checkpoints", help="checkpoint lineage: libvirt's view and the store's")
     cp.add_argument("domain")
     rs = sub.add_parser(
@@ -98,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rs.add_argument("--format", choices=["qcow2", "raw"], default="qcow2", help="default qcow2")
     rs.add_argument("--define", metavar="NAME", help="define a new domain NAME on the images")
+    rs.add_argument(
+        "--allow-damaged",
+        action="store_true",
+        help="write what can be read of a damaged chain (default: refuse, naming the damage)",
+    )
     rs.add_argument(
         "--force", action="store_true", help="replace existing files or a shut-off domain NAME"
     )
@@ -164,6 +171,8 @@ async def _run(args: argparse.Namespace) -> int:
     if args.command == "reindex":
         return await reindex_command(args, config)
     async with Store.open(config.state_db) as store:
+        if args.command in ("list", "status", "verify", "prune", "restore"):
+            await reconcile_catalogue(config, store)
         if args.command == "list":
             return await _list(args, config, store)
         if args.command == "status":
@@ -210,7 +219,7 @@ async def _backup(args: argparse.Namespace, config: DaemonConfig, store: Store, 
     if args.json:
         print(json.dumps(record.as_json(), indent=2))
     else:
-        print(_line(record))
+        print(listing.line(listing.listing([record], show_failed=True)[0]))
     return 0
 
 
@@ -240,13 +249,15 @@ async def _restore(
     if record.path is None:
         raise RestoreError(f"backup {record.id} has no folder recorded")
     folder = Path(record.path)
-    if record.id in being_removed(folder.parent):
+    repo = Repository(folder.parent.parent)
+    if record.id in repo.being_removed(folder.parent.name):
         raise RestoreError(
             f"backup {record.id} is being pruned (an interrupted prune); "
             "`virtbackup prune` finishes it; choose another backup"
         )
-    manifest = read_manifest(folder)
+    manifest = repo.backup(folder.parent.name, record.id).manifest
     disks = restore.disks_of(manifest, args.disk)
+    damaged_ok = bool(args.allow_damaged)
     line = ProgressLine(sys.stderr.isatty() and not args.json)
     with domain_lock(config.runtime_dir, dom.uuid, dom.name, "restore"):
         try:
@@ -254,7 +265,14 @@ async def _restore(
                 assert lv is not None
                 ref = await lv.domain(dom.uuid)
                 done = await restore.restore_in_place(
-                    lv, store, ref, folder, disks, config.runtime_dir, _disk_progress(line)
+                    lv,
+                    store,
+                    ref,
+                    folder,
+                    disks,
+                    config.runtime_dir,
+                    _disk_progress(line),
+                    damaged_ok,
                 )
             else:
                 done = await restore.restore_to_dir(
@@ -265,13 +283,20 @@ async def _restore(
                     config.runtime_dir,
                     args.force,
                     _disk_progress(line),
+                    damaged_ok,
                 )
         finally:
             line.end()
     out: dict[str, Any] = {
         "backup": record.id,
         "disks": [
-            {"disk": r.disk, "path": str(r.path), "format": r.fmt, "bytes": r.result.bytes_written}
+            {
+                "disk": r.disk,
+                "path": str(r.path),
+                "format": r.fmt,
+                "bytes": r.result.bytes_written,
+                "damage": list(r.damage),
+            }
             for r in done
         ],
         "in_place": bool(args.in_place),
@@ -280,6 +305,9 @@ async def _restore(
         assert lv is not None
         ref, dropped = await restore.define_restored(lv, folder, args.define, done, args.force)
         out["defined"] = {"name": ref.name, "uuid": ref.uuid, "dropped_disks": list(dropped)}
+    for r in done:
+        for line_ in r.damage:
+            print(f"virtbackup: warning: written despite damage: {line_}", file=sys.stderr)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -354,7 +382,7 @@ async def _verify(args: argparse.Namespace, config: DaemonConfig, store: Store) 
         if not args.json:
             state = "ok" if v.ok else "FAILED"
             print(f"{b.domain_name} {b.id}: {state}")
-            for p in v.problems:
+            for p in (*v.problems, *v.ancestor_problems):
                 print(f"  {p}")
             for d in v.disks:
                 print(f"  {d.disk}: {'ok' if d.ok else 'FAILED'}")
@@ -365,33 +393,19 @@ async def _verify(args: argparse.Namespace, config: DaemonConfig, store: Store) 
     return 0 if all(v.ok for _, v in verdicts) else 1
 
 
-def _line(b: BackupRecord) -> str:
-    size = f"{b.bytes_written / 2**20:,.1f} MiB"
-    left_out = "; ".join(f"{d.disk} ({d.reason})" for d in b.left_out)
-    return (
-        f"{b.id}  {b.domain_name:16} {b.level.value:11} {b.status.value:8} {size:>12}  "
-        f"parent={b.parent or '-'}"
-        + (f"  left out: {left_out}" if left_out else "")
-        + (f"  error: {b.error}" if b.error else "")
-    )
-
-
 async def _list(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
     uuid = (await domain_of(store, config, args.domain)).uuid if args.domain else None
-    backups = await store.backups(uuid)
-    if uuid is None:
-        await warn_if_catalogue_empty(config, store)
+    found = listing.listing(await store.backups(uuid), show_failed=args.all)
     if args.json:
-        print(json.dumps([b.as_json() for b in backups], indent=2))
+        print(json.dumps([x.as_json() for x in found], indent=2))
     else:
-        for b in backups:
-            print(_line(b))
+        for x in found:
+            print(listing.line(x))
     return 0
 
 
 async def _status(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
     daemon = read_status(config.runtime_dir)
-    await warn_if_catalogue_empty(config, store)
     # The daemon's view of libvirt's domains when it runs; else ask libvirt.
     domains = None if daemon is not None else await libvirt_domains(config.libvirt_uri)
     rows, unmanaged = status_view.build_rows(

@@ -211,14 +211,17 @@ def piece_record(offset: int, length: int, kind: Kind, content: bytes = b"") -> 
 
 def digest_of(records: Iterable[tuple[int, bytes]]) -> str:
     """The content digest of a copy: SHA-256 over its piece records in
-    offset order. A DATA piece's record holds the XXH3-128 of its bytes
-    (:func:`content_hash`); a ZERO range's record only its place (its
-    content is zeroes by definition).
+    offset order (:func:`pieces_of`). A DATA piece's record holds the
+    XXH3-128 of its bytes (:func:`content_hash`); a ZERO range's record
+    only its place (its content is zeroes by definition).
     """
-    h = hashlib.sha256()
-    for _, rec in sorted(records, key=lambda r: r[0]):
-        h.update(rec)
-    return h.hexdigest()
+    return hashlib.sha256(pieces_of(records)).hexdigest()
+
+
+def pieces_of(records: Iterable[tuple[int, bytes]]) -> bytes:
+    """The piece records in offset order, back to back: the ``.pieces``
+    file beside a backup image, whose SHA-256 is the digest."""
+    return b"".join(rec for _, rec in sorted(records, key=lambda r: r[0]))
 
 
 def ranges_to_json(ranges: Iterable[Range]) -> list[list[object]]:

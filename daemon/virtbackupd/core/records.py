@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
+from virtbackupd.core.extents import Range
 from virtbackupd.core.policy import Level
 
 
@@ -49,7 +50,10 @@ class DiskRecord:
     bytes_zeroed: int
     digest: str
     grid: int
-    ranges: str  # JSON: [[offset, length, "data"|"zero"], ...]
+    ranges: tuple[Range, ...]  # what the digest covers (see core.extents)
+    # The piece-hash file beside the image (format 2; None for backups
+    # written in format 1): checked piece by piece as restores read.
+    pieces: str | None = None
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from virtbackupd import logs
 from virtbackupd.adapters import priority
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
 from virtbackupd.adapters.libvirt_events import DomainEvent, EventKind, EventSource
+from virtbackupd.adapters.repository import Repository
 from virtbackupd.adapters.scheduler import Schedules
 from virtbackupd.adapters.sd_notify import Notifier, watchdog_interval
 from virtbackupd.adapters.store import Store
@@ -39,12 +40,11 @@ from virtbackupd.core.records import BackupStatus
 from virtbackupd.daemon import decisions
 from virtbackupd.daemon.decisions import Trigger
 from virtbackupd.daemon.status_file import DaemonStatus, DomainState, remove_status, write_status
-from virtbackupd.engine import own_checkpoints, vm_starts
+from virtbackupd.engine import catalogue, own_checkpoints, vm_starts
 from virtbackupd.engine.backup import BackupContext, backup_domain
 from virtbackupd.engine.leftovers import clean_leftovers
 from virtbackupd.engine.locks import domain_lock
 from virtbackupd.engine.prune import describe, prune_under_policy
-from virtbackupd.engine.repository import Repository, count_backup_folders
 from virtbackupd.engine.verify import verify_recorded
 from virtbackupd.errors import ConfigError, LibvirtError, VirtBackupError
 
@@ -450,7 +450,7 @@ class Service:
             Store.open(self.config.state_db) as store,
             EventSource(self.config.libvirt_uri) as source,
         ):
-            await self._warn_if_catalogue_empty(store)
+            await self._reconcile_catalogue(store)
             # The hook acts only where this folder exists (tmpfiles makes it
             # at boot; an install without tmpfiles gets it here).
             vm_starts.HOOK_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -520,18 +520,21 @@ class Service:
                 # Already logged by the supervisor when it died.
                 log.debug("task ended with an error", task=name, error=repr(result))
 
-    async def _warn_if_catalogue_empty(self, store: Store) -> None:
-        if await store.backups():
-            return
+    def _repositories(self) -> list[Repository]:
         roots = {self.config.backup_root} | {p.target for p in self.policies if p.target}
-        found = sum(count_backup_folders(r) for r in roots)
-        if found:
-            log.warning(
-                "the state database records no backup, but the repository holds some; "
-                "run `virtbackup reindex` (until then the next backups are full)",
-                path=str(store.path),
-                backup_folders=found,
-            )
+        return [Repository(r) for r in sorted(roots)]
+
+    async def _reconcile_catalogue(self, store: Store) -> None:
+        """The folders are the truth: the catalogue is brought in line with
+        them at start (cheap: only what it disagrees on is read)."""
+        for repo in self._repositories():
+            try:
+                found = await catalogue.reconcile(store, repo)
+            except (OSError, VirtBackupError) as exc:
+                log.error("cannot reconcile the catalogue", root=str(repo.root), error=str(exc))
+                continue
+            for problem in found.problems:
+                log.warning("repository problem", root=str(repo.root), problem=problem)
 
     async def _tidy_shut_off(self, store: Store) -> None:
         """At start, for every governed domain that is shut off: remove
@@ -568,6 +571,8 @@ class Service:
         (job aborted, checkpoint deleted, partial folder removed, record
         failed) under its lock, before anything new starts."""
         uuids = {b.domain_uuid for b in await store.backups(status=BackupStatus.RUNNING)}
+        for repo in self._repositories():
+            uuids |= {d.name for d in repo.domain_dirs() if repo.undo_logs(d.name)}
         if not uuids:
             return
         async with await Libvirt.open(self.config.libvirt_uri) as lv:

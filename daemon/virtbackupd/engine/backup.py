@@ -1,12 +1,11 @@
-"""One backup job of one domain, as a state machine:
+"""One backup job of one domain, as a state machine (core.job_state):
 
     planned -> exporting -> copying -> committing -> complete
         \\-----------\\-----------\\-----------> failed
 
-``_fail`` is the one place that decides what to clean up on a failure edge:
-the libvirt job is aborted, the new checkpoint deleted (no later
-incremental may trust it), the partial folder removed, and the record
-marked failed with the reason.
+What a failure must take back is in the job's undo log (engine.undo),
+written before each step is taken; ``_fail`` replays it, the same code
+that cleans up after a dead process. The commit is engine.catalogue's.
 """
 
 from __future__ import annotations
@@ -24,9 +23,10 @@ from pathlib import Path
 
 import structlog
 
-from virtbackupd.adapters import qemu_img, qemu_nbd
+from virtbackupd.adapters import qemu_img, qemu_nbd, repository
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
 from virtbackupd.adapters.nbd.client import UnixAddress, connect
+from virtbackupd.adapters.repository import Manifest, Repository, StepHook, UndoKind, UndoLog
 from virtbackupd.adapters.store import Store
 from virtbackupd.config.daemon import DaemonConfig
 from virtbackupd.core.backup_documents import (
@@ -43,10 +43,11 @@ from virtbackupd.core.policy import Level, Policy, Quiesce
 from virtbackupd.core.records import (
     BackupRecord,
     BackupStatus,
-    CheckpointRecord,
     CheckpointStatus,
+    DiskRecord,
 )
-from virtbackupd.engine import own_checkpoints, repository, scratch, vm_starts
+from virtbackupd.engine import own_checkpoints, scratch, vm_starts
+from virtbackupd.engine.catalogue import commit_backup
 from virtbackupd.engine.copy import (
     CopyOptions,
     CopyProgress,
@@ -64,7 +65,7 @@ from virtbackupd.engine.locks import (
     domain_lock,
     note_freeze,
 )
-from virtbackupd.engine.repository import Repository
+from virtbackupd.engine.undo import Images, Undo, replay
 from virtbackupd.errors import (
     BackupBusyError,
     BackupFailedError,
@@ -134,6 +135,7 @@ class BackupContext:
     libvirt: Libvirt
     policy: Policy
     now: Callable[[], datetime] = lambda: datetime.now(UTC)
+    step: StepHook | None = None  # called after each durable commit step (crash tests)
 
 
 async def backup_domain(
@@ -186,7 +188,7 @@ class _Job:
     ) -> None:
         self.ctx = ctx
         self.running = running
-        self.bitmaps_added: list[Path] = []  # offline: images given our new bitmap
+        self.undo: Undo | None = None
         self.ref = ref
         self.want = want
         self.on_progress = progress
@@ -200,7 +202,6 @@ class _Job:
         self.state = JobState.PLANNED
         self.log = log.bind(domain=ref.name, backup_id=self.id, checkpoint=self.checkpoint)
         self.libvirt_job = False
-        self.checkpoint_created = False
         self.record: BackupRecord | None = None
         self.info: DomainInfo | None = None
         self.progress: JobProgress | None = None
@@ -296,6 +297,17 @@ class _Job:
             left_out=plan.left_out,
         )
         await store.start_backup(self.record)
+        self.undo = Undo(
+            self.repo,
+            UndoLog(
+                self.id,
+                self.ref.name,
+                self.ref.uuid,
+                plan.level,
+                self.started,
+                parent=plan.parent_backup,
+            ),
+        )
         self.log.info(
             "backup planned",
             backup_level=plan.level.value,
@@ -377,7 +389,17 @@ class _Job:
             await lv.redefine_checkpoint(self.ref, cp.xml)
         return plan
 
+    def _note(
+        self, kind: UndoKind, path: Path | str | None = None, name: str | None = None
+    ) -> None:
+        assert self.undo is not None
+        self.undo.note(kind, path, name)
+
     def _prepare(self, info: DomainInfo) -> None:
+        self._note(UndoKind.PARTIAL, self.repo.partial_dir(self.ref.uuid, self.id))
+        self._note(UndoKind.JOB_DIR, self.job_dir)
+        if self.running:
+            self._note(UndoKind.JOB_DIR, self.scratch_dir)
         self.repo.create_partial(self.ref.uuid, self.id)
         # QEMU (often not root) must traverse to its job folder, not list it.
         self.job_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -399,24 +421,6 @@ class _Job:
             running=self.running,
             keep=self.checkpoint,
         )
-
-    async def _remove_bitmap_if_stopped(self) -> None:
-        """An online backup the VM's stop interrupted: libvirt deletes only
-        the checkpoint's metadata from a shut-off domain, and the new bitmap
-        would stay in the images. Removed here, unless the VM is being
-        started again (it wins; the next offline backup removes it)."""
-        if self.info is None or await self.ctx.libvirt.is_running(self.ref):
-            return
-        try:
-            with vm_starts.hold_images(self.ref.uuid, self.ref.name):
-                if await self.ctx.libvirt.is_running(self.ref):
-                    return
-                for image in own_checkpoints.qcow2_images(self.info):
-                    if self.checkpoint in await qemu_img.bitmap_names(image):
-                        await qemu_img.bitmap(image, self.checkpoint, remove=True)
-                        self.log.info("removed the new bitmap", image=str(image))
-        except DomainStartingError:
-            self.log.warning("the domain is being started; its stray bitmap stays for now")
 
     async def _check_offline_bitmaps(self, info: DomainInfo) -> str | None:
         reason = await own_checkpoints.check_shut_off(
@@ -458,6 +462,8 @@ class _Job:
         )
         space = scratch.check_before(self.ctx.config.scratch_dir, self.ref.name)
         self.log.debug("scratch space", free=space.free, reserve=space.reserve)
+        self._note(UndoKind.LIBVIRT_JOB, socket)
+        self._note(UndoKind.CHECKPOINT, name=self.checkpoint)
         frozen = await self._freeze()
         try:
             await lv.backup_begin(self.ref, docs.backup.to_xml(), docs.checkpoint.to_xml())
@@ -469,7 +475,6 @@ class _Job:
                 await asyncio.shield(lv.fs_thaw(self.ref))
                 clear_freeze(self.ctx.config.runtime_dir, self.ref.uuid)
         self.libvirt_job = True
-        self.checkpoint_created = True
         await self._create_targets(plan, await self._sizes(docs.included))
         self._enter(JobState.COPYING)
         sources = {
@@ -610,8 +615,8 @@ class _Job:
             path = Path(disks[c.target].source or "")
             sizes[c.target] = (await qemu_img.info(path)).virtual_size
             if c.checkpoint:
+                self._note(UndoKind.BITMAP, path, self.checkpoint)
                 await qemu_img.bitmap(path, self.checkpoint, add=True)
-                self.bitmaps_added.append(path)
         await self._create_targets(plan, sizes)
         self._enter(JobState.COPYING)
         async with contextlib.AsyncExitStack() as stack:
@@ -654,8 +659,8 @@ class _Job:
             ),
             domain_xml=await self.ctx.libvirt.xml(self.ref, inactive=True),
         ).to_xml()
+        self._note(UndoKind.CHECKPOINT, name=self.checkpoint)
         await self.ctx.libvirt.redefine_checkpoint(self.ref, xml)
-        self.checkpoint_created = True
 
     async def _sizes(self, choices: Sequence[DiskChoice]) -> dict[str, int]:
         """Virtual size of each exported disk, as the export reports it."""
@@ -675,36 +680,32 @@ class _Job:
             await self._redefine_offline_checkpoint(info, plan)
         cp_xml = await lv.checkpoint_xml(self.ref, self.checkpoint)
         finished = self.ctx.now()
-        disks = repository.disk_records(results)
-        manifest = repository.manifest(
-            backup_id=self.id,
-            name=self.ref.name,
-            uuid=self.ref.uuid,
-            plan=plan,
+        disks = disk_records(results)
+        manifest = Manifest(
+            id=self.id,
+            domain_name=self.ref.name,
+            domain_uuid=self.ref.uuid,
+            level=plan.level,
+            reason=plan.reason,
             checkpoint=self.checkpoint,
+            parent=plan.parent_backup,
+            parent_checkpoint=plan.parent_checkpoint,
             started=self.started,
             finished=finished,
             disks=disks,
+            left_out=plan.left_out,
         )
         domain_xml = await lv.xml(self.ref, inactive=True)
-        final = self.repo.commit(
-            self.ref.uuid,
-            self.id,
+        assert self.undo is not None
+        await commit_backup(
+            store,
+            self.repo,
             manifest,
             {"domain.xml": domain_xml, "checkpoint.xml": cp_xml},
-            [d.path for d in disks],
+            {name: r.pieces for name, r in results.items()},
+            self.undo,
+            self.ctx.step,
         )
-        await store.add_checkpoint(
-            CheckpointRecord(
-                self.ref.uuid,
-                self.checkpoint,
-                plan.parent_checkpoint,
-                self.started,
-                CheckpointStatus.ACTIVE,
-                cp_xml,
-            )
-        )
-        await store.complete_backup(self.id, finished, str(final), disks)
         self._enter(JobState.COMPLETE)
         read = sum(d.bytes_read for d in disks)
         secs = (finished - self.started).total_seconds()
@@ -736,34 +737,38 @@ class _Job:
         else:
             self.log.error("backup failed", state=self.state.value, error=reason)
         self._enter(JobState.FAILED)
-        lv = self.ctx.libvirt
-        steps = []
-        if self.libvirt_job:
-            steps.append(("abort libvirt job", lv.abort_job(self.ref)))
-        if self.checkpoint_created:
-            steps.append(
-                (
-                    "delete checkpoint",
-                    own_checkpoints.delete_checkpoint(lv, self.ref, self.checkpoint),
-                )
-            )
-            if self.running:
-                steps.append(("remove the new bitmap", self._remove_bitmap_if_stopped()))
-        if self.bitmaps_added:  # offline: after the checkpoint (if any) is gone
-            steps += [
-                ("remove bitmap", qemu_img.bitmap(path, self.checkpoint, remove=True))
-                for path in self.bitmaps_added
-            ]
-        for what, step in steps:
-            try:
-                await asyncio.shield(step)
-            except VirtBackupError as err:
-                self.log.error("cleanup step failed", step=what, error=str(err))
-            except Exception as err:  # a bug: with its traceback
-                self.log.error("cleanup step failed", step=what, error=repr(err), exc_info=err)
-        self.repo.discard(self.ref.uuid, self.id)
-        if self.record is not None:
-            await asyncio.shield(self.ctx.store.fail_backup(self.id, self.ctx.now(), reason))
+        if self.undo is None:
+            return  # nothing was done yet but the plan
+        await replay(
+            self.ctx.libvirt,
+            self.ctx.store,
+            self.repo,
+            self.ref,
+            self.undo.log,
+            reason,
+            self.ctx.now(),
+            images=Images.TAKE_HOLD if self.running else Images.HELD,
+            logger=self.log,
+        )
+
+
+def disk_records(results: dict[str, CopyResult]) -> tuple[DiskRecord, ...]:
+    """What the manifest and the catalogue keep of each disk's copy."""
+    return tuple(
+        DiskRecord(
+            disk=name,
+            path=repository.disk_file(name),
+            virtual_size=r.size,
+            bytes_read=r.bytes_read,
+            bytes_written=r.bytes_written,
+            bytes_zeroed=r.bytes_zeroed,
+            digest=r.digest,
+            grid=r.grid,
+            ranges=r.ranges,
+            pieces=repository.pieces_file(name),
+        )
+        for name, r in sorted(results.items())
+    )
 
 
 def _rmtree(path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ async def open_view(image: Path, runtime_dir: Path) -> AsyncIterator[NbdClient]:
 class ViewDigest:
     digest: str
     not_zero: tuple[tuple[int, int], ...]  # parts of ZERO ranges that hold other bytes
+    pieces: bytes = b""  # the records the digest is made of (a .pieces file)
 
 
 async def digest_view(
@@ -68,7 +70,8 @@ async def digest_view(
     async with asyncio.TaskGroup() as tg:
         for _ in range(in_flight):
             tg.create_task(worker())
-    return ViewDigest(extents.digest_of(records), tuple(sorted(not_zero)))
+    blob = extents.pieces_of(records)
+    return ViewDigest(hashlib.sha256(blob).hexdigest(), tuple(sorted(not_zero)), blob)
 
 
 async def digest_image(

@@ -13,10 +13,12 @@ the end; cancelling the copy leaves no task behind.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Protocol
 
 from virtbackupd.adapters.nbd.client import Address, NbdClient, connect
 from virtbackupd.adapters.nbd.protocol import CONTEXT_BASE_ALLOCATION, dirty_bitmap_context
@@ -33,6 +35,16 @@ class ZeroMode(StrEnum):
     WRITE_ZEROES_NO_HOLE = "write-zeroes-no-hole"  # ... and stay allocated
 
 
+class CopyWatch(Protocol):
+    """Sees what a copy produces, as it goes: every DATA piece it read
+    (before it is written) and every ZERO range. Raising stops the copy.
+    A restore checks the backup's recorded piece hashes this way."""
+
+    def data(self, offset: int, data: memoryview) -> None: ...
+
+    def zero(self, offset: int, length: int) -> None: ...
+
+
 @dataclass(frozen=True)
 class CopyOptions:
     request_size: int = 4 * MiB  # largest READ/WRITE, and the digest's grid
@@ -44,6 +56,7 @@ class CopyOptions:
     # disk does not use, the others may. Wins over `bandwidth`.
     shared_limit: RateLimit | None = None
     progress_interval: float = 0.5
+    watch: CopyWatch | None = None
 
 
 @dataclass
@@ -75,6 +88,7 @@ class CopyResult:
     digest: str  # see core.extents.digest_of
     grid: int
     ranges: tuple[Range, ...] = field(repr=False)  # what was copied, merged
+    pieces: bytes = field(repr=False, default=b"")  # the digest's records (.pieces file)
 
 
 ProgressCallback = Callable[[CopyProgress], None]
@@ -174,15 +188,17 @@ class _Copy:
         for r in merged:
             if r.kind is Kind.ZERO:
                 self.records.append((r.offset, extents.piece_record(r.offset, r.length, r.kind)))
+        pieces = extents.pieces_of(self.records)
         return CopyResult(
             size=self.size,
             bytes_read=self.state.bytes_read,
             bytes_written=self.state.bytes_written,
             bytes_zeroed=self.state.bytes_zeroed,
             duration=time.monotonic() - started,
-            digest=extents.digest_of(self.records),
+            digest=hashlib.sha256(pieces).hexdigest(),
             grid=self.grid,
             ranges=tuple(merged),
+            pieces=pieces,
         )
 
     async def _walk(self) -> None:
@@ -211,8 +227,11 @@ class _Copy:
         # estimate then never mixes a walked window with unseen data.
         self.state.bytes_found += sum(r.length for r in ranges if r.kind is Kind.DATA)
         self.state.position = walked
+        watch = self.opts.watch
         for r in ranges:
             self.ranges.append(r)
+            if watch is not None and r.kind is Kind.ZERO:
+                watch.zero(r.offset, r.length)
             if r.kind is Kind.DATA:
                 for off, n in extents.data_pieces(r, self.grid):
                     await self.queue.put((off, n, Kind.DATA))
@@ -238,6 +257,8 @@ class _Copy:
                 piece = buf[:n]
                 await src.read_into(off, piece)
                 self.state.bytes_read += n
+                if self.opts.watch is not None:
+                    self.opts.watch.data(off, piece)
                 digest = extents.content_hash(piece)
                 await dst.write(off, piece)
                 self.state.bytes_written += n

@@ -1,54 +1,43 @@
 """Cleaning up after a backup whose process died (SIGKILL, host crash).
 
-Called with the domain's lock held: a record still "running" then belongs
-to no live process. What such a backup may have left, and what happens:
+Called with the domain's lock held: an undo log (or a record still
+"running") then belongs to no live process. For each undo log:
 
-- its pull-mode libvirt job (it never ends by itself): aborted, but only if
-  its NBD socket lies in our runtime dir's jobs/ folder (another tool's job
-  is never touched);
-- its checkpoint (no complete backup will ever vouch for it): deleted;
-- its offline bitmaps: no checkpoint names them any more, and
-  own_checkpoints.check_shut_off removes them while holding the images
-  against a VM start (before the next offline backup copies, and at daemon
-  start);
-- its ``.partial`` folder, job folder and scratch folder: removed;
-- its record: marked failed, "interrupted";
-- a guest it froze and did not thaw (a freeze record left in the runtime
-  dir): thawed first.
+- its backup folder exists: the backup committed (the rename is the
+  commit) and the catalogue is told so (engine.catalogue);
+- otherwise the log is replayed (engine.undo, the same code a failing job
+  runs): its libvirt pull job aborted if it is still ours, its checkpoint
+  deleted (no complete backup will ever vouch for it), its ``.partial``,
+  job and scratch folders removed, the attempt recorded as failed
+  ("interrupted"). An offline bitmap it added is named by no checkpoint
+  any more: own_checkpoints.check_shut_off removes it while holding the
+  images against a VM start.
+
+A record still "running" without an undo log died before writing one:
+nothing of it exists but the record, which is marked failed. A guest it
+froze and did not thaw (a freeze record in the runtime dir) is thawed
+first.
 """
 
 from __future__ import annotations
 
 import shutil
 from datetime import datetime
-from pathlib import Path
 
 import structlog
 
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
+from virtbackupd.adapters.repository import Repository
 from virtbackupd.adapters.store import Store
 from virtbackupd.config.daemon import DaemonConfig
-from virtbackupd.core.backup_xml import Backup
 from virtbackupd.core.records import BackupStatus
-from virtbackupd.engine import own_checkpoints
+from virtbackupd.engine import catalogue, undo
 from virtbackupd.engine.locks import clear_freeze, freeze_left
-from virtbackupd.engine.repository import Repository
 from virtbackupd.errors import VirtBackupError
 
 log = structlog.get_logger("virtbackupd.leftovers")
 
-
-async def own_job_socket(lv: Libvirt, ref: DomainRef, jobs_dir: Path) -> Path | None:
-    """The NBD socket of the domain's running backup job if it is one of
-    ours (its socket is under `jobs_dir`), else None."""
-    try:
-        backup = Backup.from_xml(await lv.backup_xml(ref), "running backup job", internal=True)
-    except VirtBackupError:
-        return None  # no backup job, or not one we can read
-    if backup.server is None or backup.server.socket is None:
-        return None
-    sock = Path(backup.server.socket)
-    return sock if jobs_dir in sock.parents else None
+INTERRUPTED = "interrupted: the backup process died"
 
 
 async def clean_leftovers(
@@ -60,32 +49,51 @@ async def clean_leftovers(
     now: datetime,
 ) -> list[str]:
     """Clean what dead backups of this domain left; the ids cleaned."""
-    jobs_dir = config.runtime_dir / "jobs"
-    cleaned = []
     if freeze_left(config.runtime_dir, ref.uuid):
         await _thaw(lv, ref)
         clear_freeze(config.runtime_dir, ref.uuid)
-    if await lv.is_running(ref) and await lv.job_active(ref):
-        sock = await own_job_socket(lv, ref, jobs_dir)
-        if sock is not None:
-            log.warning(
-                "aborting the job of a backup whose process died", domain=ref.name, socket=str(sock)
-            )
-            await lv.abort_job(ref)
-    known = {c.name for c in await lv.checkpoints(ref)}
+    cleaned = await settle(store, repo, ref.uuid, now, lv, ref)
     for rec in await store.backups(ref.uuid, status=BackupStatus.RUNNING):
-        if rec.checkpoint and rec.checkpoint in known:
-            await own_checkpoints.delete_checkpoint(lv, ref, rec.checkpoint)
-        # The bitmap an offline backup added to the images is now one that
-        # no checkpoint names: own_checkpoints.check_shut_off removes it,
-        # holding the images against a VM start (the job before it copies,
-        # the daemon at start).
+        if repo.final_dir(ref.uuid, rec.id).is_dir():
+            await catalogue.record_committed(store, repo, repo.backup(ref.uuid, rec.id))
+            continue
         repo.discard(ref.uuid, rec.id)
-        shutil.rmtree(jobs_dir / rec.id, ignore_errors=True)
+        shutil.rmtree(config.runtime_dir / "jobs" / rec.id, ignore_errors=True)
         shutil.rmtree(config.scratch_dir / rec.id, ignore_errors=True)
-        await store.fail_backup(rec.id, now, "interrupted: the backup process died")
+        await store.fail_backup(rec.id, now, INTERRUPTED)
         log.warning("cleaned up an interrupted backup", domain=ref.name, backup_id=rec.id)
         cleaned.append(rec.id)
+    return cleaned
+
+
+async def settle(
+    store: Store,
+    repo: Repository,
+    uuid: str,
+    now: datetime,
+    lv: Libvirt | None = None,
+    ref: DomainRef | None = None,
+) -> list[str]:
+    """The undo logs of dead backups of one domain: a committed one is
+    catalogued, the others replayed. Returns the ids replayed."""
+    cleaned = []
+    for left in repo.undo_logs(uuid):
+        if repo.final_dir(uuid, left.backup_id).is_dir():
+            await catalogue.record_committed(store, repo, repo.backup(uuid, left.backup_id))
+            repo.drop_undo(uuid, left.backup_id)
+            log.warning(
+                "a backup whose process died after its commit is complete",
+                domain=left.domain_name,
+                backup_id=left.backup_id,
+            )
+            continue
+        await undo.replay(
+            lv, store, repo, ref, left, INTERRUPTED, now, images=undo.Images.LEAVE, logger=log
+        )
+        log.warning(
+            "cleaned up an interrupted backup", domain=left.domain_name, backup_id=left.backup_id
+        )
+        cleaned.append(left.backup_id)
     return cleaned
 
 

@@ -19,24 +19,32 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import structlog
 
 from virtbackupd.adapters import qemu_img
 from virtbackupd.adapters.libvirt_conn import Libvirt
+from virtbackupd.adapters.repository import (
+    Manifest,
+    PruneJournal,
+    Repository,
+    RepositoryFormatError,
+    backing_of,
+    fsync_path,
+    next_pieces_name,
+    read_manifest,
+    read_pieces,
+    write_manifest,
+)
 from virtbackupd.adapters.store import Store
 from virtbackupd.config.daemon import DaemonConfig
-from virtbackupd.core import extents
 from virtbackupd.core.extents import Range
 from virtbackupd.core.merge_plan import Consolidate, Layer, Op, Rebase, Remove, plan_merges
 from virtbackupd.core.policy import Policy, Retention
-from virtbackupd.core.records import CheckpointStatus
+from virtbackupd.core.records import CheckpointStatus, DiskRecord
 from virtbackupd.core.retention import Point, Verdict, decide
-from virtbackupd.engine import repository
 from virtbackupd.engine.content import digest_image
 from virtbackupd.engine.locks import domain_lock
 from virtbackupd.errors import PruneError, VirtBackupError
@@ -91,29 +99,25 @@ async def prune_domain(
     `domain_dir`. The caller holds the domain's lock."""
     hook = step or (lambda _: None)
     uuid = domain_dir.name
+    repo = Repository(domain_dir.parent)
     replayed = False
     earlier: tuple[str, ...] = ()
-    if not dry_run and repository.read_journal(domain_dir) is not None:
+    if not dry_run and repo.journal(uuid) is not None:
         earlier = await finish_interrupted(store, domain_dir, runtime_dir, libvirt, hook) or ()
         replayed = True
-    found = repository.list_backups(domain_dir)
-    layers = [_layer(m) for _, m in found]
-    points = [Point(str(m["id"]), datetime.fromisoformat(m["started"])) for _, m in found]
+    found = [b.manifest for b in repo.backups(uuid)]
+    layers = [_layer(m) for m in found]
+    points = [Point(m.id, m.started) for m in found]
     verdicts = decide(points, retention)
     prune = {v.id for v in verdicts if not v.keep}
     ops = plan_merges(layers, prune, max_depth if max_depth and max_depth > 0 else None)
     result = PruneResult(uuid, tuple(verdicts), tuple(ops), dry_run, replayed, earlier)
     if dry_run or not ops:
         return result
-    manifests = {str(m["id"]): m for _, m in found}
+    manifests = {m.id: m for m in found}
     await _verify_inputs(domain_dir, ops, manifests, runtime_dir)
-    checkpoints = {
-        op.id: manifests[op.id].get("checkpoint") for op in ops if isinstance(op, Remove)
-    }
-    repository.write_journal(
-        domain_dir,
-        {"ops": [_op_json(op) for op in ops], "checkpoints": checkpoints},
-    )
+    checkpoints = {op.id: manifests[op.id].checkpoint for op in ops if isinstance(op, Remove)}
+    repo.write_journal(uuid, PruneJournal(tuple(ops), checkpoints))
     hook("journal written")
     removed = await _run_journal(store, domain_dir, runtime_dir, libvirt, hook)
     log.info(
@@ -158,7 +162,7 @@ async def finish_interrupted(
 ) -> tuple[str, ...] | None:
     """Replay an interrupted prune's journal, if there is one (None if
     not); returns the checkpoints it removed."""
-    if repository.read_journal(domain_dir) is None:
+    if Repository(domain_dir.parent).journal(domain_dir.name) is None:
         return None
     log.warning("finishing an interrupted prune", domain_uuid=domain_dir.name)
     return await _run_journal(store, domain_dir, runtime_dir, libvirt, step or (lambda _: None))
@@ -167,16 +171,12 @@ async def finish_interrupted(
 # --- planning inputs ---------------------------------------------------------------------
 
 
-def _layer(m: Mapping[str, Any]) -> Layer:
-    return Layer(
-        str(m["id"]),
-        m.get("parent"),
-        {str(d["name"]): tuple(extents.ranges_from_json(d["ranges"])) for d in m["disks"]},
-    )
+def _layer(m: Manifest) -> Layer:
+    return Layer(m.id, m.parent, {d.disk: d.ranges for d in m.disks})
 
 
 async def _verify_inputs(
-    domain_dir: Path, ops: Sequence[Op], manifests: Mapping[str, Any], runtime_dir: Path
+    domain_dir: Path, ops: Sequence[Op], manifests: Mapping[str, Manifest], runtime_dir: Path
 ) -> None:
     """Every layer a merge reads from or writes into still shows what its
     digest recorded."""
@@ -188,54 +188,20 @@ async def _verify_inputs(
             touched |= {op.heir, op.into}
     for backup_id in sorted(touched):
         folder = domain_dir / backup_id
-        for d in manifests[backup_id]["disks"]:
-            ranges = extents.ranges_from_json(d["ranges"])
-            got = await digest_image(folder / str(d["file"]), ranges, int(d["grid"]), runtime_dir)
-            if got.digest != d["digest"] or got.not_zero:
+        for d in manifests[backup_id].disks:
+            try:
+                if d.pieces is not None:
+                    read_pieces(folder, d)
+                got = await digest_image(folder / d.path, list(d.ranges), d.grid, runtime_dir)
+                good = got.digest == d.digest and not got.not_zero
+            except RepositoryFormatError:
+                good = False
+            if not good:
                 raise PruneError(
-                    f"backup {backup_id} disk {d['name']} does not match its recorded digest; "
-                    "nothing was pruned. Run `virtbackup verify` and keep the damaged chain "
-                    "for inspection"
+                    f"backup {backup_id} disk {d.disk} does not match its recorded digest; "
+                    "nothing was pruned (a damaged layer is never merged). Run `virtbackup "
+                    "verify` and keep the damaged chain for inspection"
                 )
-
-
-# --- the journal -------------------------------------------------------------------------
-
-
-def _op_json(op: Op) -> dict[str, Any]:
-    if isinstance(op, Rebase):
-        return {
-            "op": "rebase",
-            "child": op.child,
-            "parent": op.parent,
-            "absorbed": op.absorbed,
-            "ranges": _ranges_json(op.ranges),
-        }
-    if isinstance(op, Consolidate):
-        return {
-            "op": "consolidate",
-            "heir": op.heir,
-            "into": op.into,
-            "ranges": _ranges_json(op.ranges),
-        }
-    return {"op": "remove", "id": op.id}
-
-
-def _ranges_json(ranges: Mapping[str, Sequence[Range]]) -> dict[str, Any]:
-    return {disk: extents.ranges_to_json(r) for disk, r in ranges.items()}
-
-
-def _op_from_json(data: Mapping[str, Any]) -> Op:
-    def ranges() -> dict[str, tuple[Range, ...]]:
-        return {disk: tuple(extents.ranges_from_json(r)) for disk, r in data["ranges"].items()}
-
-    if data["op"] == "rebase":
-        return Rebase(data["child"], data["parent"], data["absorbed"], ranges())
-    if data["op"] == "consolidate":
-        return Consolidate(data["heir"], data["into"], ranges())
-    if data["op"] == "remove":
-        return Remove(data["id"])
-    raise PruneError(f"unknown operation {data['op']!r} in the prune journal")
 
 
 async def _run_journal(
@@ -245,9 +211,10 @@ async def _run_journal(
     libvirt: Libvirt | None,
     hook: StepHook,
 ) -> tuple[str, ...]:
-    journal = repository.read_journal(domain_dir)
+    repo = Repository(domain_dir.parent)
+    journal = repo.journal(domain_dir.name)
     assert journal is not None
-    ops = [_op_from_json(o) for o in journal["ops"]]
+    ops = list(journal.ops)
     removed_ids = {op.id for op in ops if isinstance(op, Remove)}
     for op in ops:
         if isinstance(op, Remove):
@@ -263,9 +230,9 @@ async def _run_journal(
     await _sync_store(store, domain_dir, ops)
     hook("store updated")
     removed = await _drop_checkpoints(
-        store, domain_dir.name, libvirt, [c for c in journal.get("checkpoints", {}).values() if c]
+        store, domain_dir.name, libvirt, [c for c in journal.checkpoints.values() if c]
     )
-    repository.drop_journal(domain_dir)
+    repo.drop_journal(domain_dir.name)
     hook("journal dropped")
     return removed
 
@@ -275,46 +242,40 @@ async def _run_journal(
 
 async def _new_digests(
     folder: Path,
-    disks: Sequence[Mapping[str, Any]],
+    disks: Sequence[DiskRecord],
     ranges: Mapping[str, Sequence[Range]],
     runtime_dir: Path,
-) -> list[dict[str, Any]]:
-    """The disks' entries with the merged ranges and their digest, read
-    from the layer's view (which no merge step changes)."""
-    out = []
+) -> tuple[tuple[DiskRecord, ...], dict[str, bytes]]:
+    """The disks' entries with the merged ranges, their digest and piece
+    hashes, read from the layer's view (which no merge step changes)."""
+    out, pieces = [], {}
     for d in disks:
-        name = str(d["name"])
-        new_ranges = list(ranges.get(name, extents.ranges_from_json(d["ranges"])))
-        got = await digest_image(folder / str(d["file"]), new_ranges, int(d["grid"]), runtime_dir)
-        out.append({**d, "ranges": extents.ranges_to_json(new_ranges), "digest": got.digest})
-    return out
+        new_ranges = list(ranges.get(d.disk, d.ranges))
+        got = await digest_image(folder / d.path, new_ranges, d.grid, runtime_dir)
+        name = next_pieces_name(d)
+        out.append(replace(d, ranges=tuple(new_ranges), digest=got.digest, pieces=name))
+        pieces[d.disk] = got.pieces
+    return tuple(out), pieces
 
 
-def _done(m: Mapping[str, Any], parent: str | None, absorbed: str) -> bool:
-    return m.get("parent") == parent and absorbed in m.get("absorbed", [])
+def _done(m: Manifest, parent: str | None, absorbed: str) -> bool:
+    return m.parent == parent and absorbed in m.absorbed
 
 
 async def _rebase(domain_dir: Path, op: Rebase, runtime_dir: Path, hook: StepHook) -> None:
     folder = domain_dir / op.child
-    m = repository.read_manifest(folder)
+    m = read_manifest(folder)
     if _done(m, op.parent, op.absorbed):
         return
-    disks = await _new_digests(folder, m["disks"], op.ranges, runtime_dir)
-    for d in m["disks"]:
-        image = folder / str(d["file"])
-        want = repository.backing_of(op.parent, str(d["name"]))
+    disks, pieces = await _new_digests(folder, m.disks, op.ranges, runtime_dir)
+    for d in m.disks:
+        image = folder / d.path
+        want = backing_of(op.parent, d.disk)
         if (await qemu_img.info(image)).backing_filename != want:
             await qemu_img.rebase(image, want)  # safe mode: the view stays the same
-            hook(f"rebased {op.child}/{d['name']}")
-    repository.write_manifest(
-        folder,
-        {
-            **m,
-            "parent": op.parent,
-            "disks": disks,
-            "absorbed": [*m.get("absorbed", []), op.absorbed],
-        },
-    )
+            hook(f"rebased {op.child}/{d.disk}")
+    new = replace(m, parent=op.parent, disks=disks, absorbed=(*m.absorbed, op.absorbed))
+    write_manifest(folder, new, pieces)
     hook(f"manifest {op.child}")
 
 
@@ -322,37 +283,29 @@ async def _consolidate(
     domain_dir: Path, op: Consolidate, runtime_dir: Path, hook: StepHook
 ) -> None:
     folder, base_folder = domain_dir / op.heir, domain_dir / op.into
-    m = repository.read_manifest(folder)
+    m = read_manifest(folder)
     if _done(m, None, op.into):
         return
-    disks = await _new_digests(folder, m["disks"], op.ranges, runtime_dir)
-    for d in m["disks"]:
-        name = str(d["name"])
-        image, base = folder / str(d["file"]), base_folder / str(d["file"])
+    disks, pieces = await _new_digests(folder, m.disks, op.ranges, runtime_dir)
+    for d in m.disks:
+        image, base = folder / d.path, base_folder / d.path
         backing = (await qemu_img.info(image)).backing_filename
-        if backing == repository.backing_of(op.into, name) and base.is_file():
+        if backing == backing_of(op.into, d.disk) and base.is_file():
             # The heir's view is unchanged while its bytes go down into the
             # base (they shadow it); the base's own point is being pruned.
             await qemu_img.commit(image, keep_overlay=True)
-            hook(f"committed {op.heir}/{name}")
+            hook(f"committed {op.heir}/{d.disk}")
             base.chmod(0o600)
             base.replace(image)  # atomically: the standalone image takes the overlay's place
-            repository.fsync_path(folder)
-            hook(f"moved {op.into}/{name}")
+            fsync_path(folder)
+            hook(f"moved {op.into}/{d.disk}")
         elif backing is not None:
             raise PruneError(
                 f"{image}: backing file {backing!r} is not {op.into}'s image, or that image is "
                 "gone; the prune journal cannot be finished (see docs/restore.md)"
             )
-    repository.write_manifest(
-        folder,
-        {
-            **m,
-            "parent": None,
-            "disks": disks,
-            "absorbed": [*m.get("absorbed", []), op.into],
-        },
-    )
+    new = replace(m, parent=None, disks=disks, absorbed=(*m.absorbed, op.into))
+    write_manifest(folder, new, pieces)
     hook(f"manifest {op.heir}")
 
 
@@ -360,11 +313,11 @@ def _remove(domain_dir: Path, backup_id: str, hook: StepHook) -> None:
     folder, doomed = domain_dir / backup_id, domain_dir / f".{backup_id}.removing"
     if folder.exists():
         folder.rename(doomed)
-        repository.fsync_path(domain_dir)
+        fsync_path(domain_dir)
         hook(f"hid {backup_id}")
     if doomed.exists():
         shutil.rmtree(doomed)
-        repository.fsync_path(domain_dir)
+        fsync_path(domain_dir)
         hook(f"removed {backup_id}")
 
 
@@ -378,8 +331,8 @@ async def _sync_store(store: Store, domain_dir: Path, ops: Sequence[Op]) -> None
         folder = domain_dir / backup_id
         if not folder.is_dir() or await store.backup(backup_id) is None:
             continue
-        m = repository.read_manifest(folder)
-        await store.rechain_backup(backup_id, m.get("parent"), repository.disks_from_manifest(m))
+        m = read_manifest(folder)
+        await store.rechain_backup(backup_id, m.parent, m.disks)
     for backup_id in removed:
         await store.delete_backup(backup_id)
 

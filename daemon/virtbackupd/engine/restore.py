@@ -2,15 +2,18 @@
 defined as a new domain, or written back over a shut-off domain's disks.
 
 Every image is written beside its destination as ``.<name>.partial``,
-checked against the backup with `qemu-img compare`, fsynced and only
-then renamed into place: a failed or interrupted restore never leaves a
-file that looks like a finished one, and never damages what was there.
+fsynced and only then renamed into place: a failed or interrupted restore
+never leaves a file that looks like a finished one, and never damages
+what was there. What the copy reads is checked, as it reads, against the
+piece hashes every layer of the chain recorded (core.chain_check): a
+damaged chain is refused, naming the backup and disk, unless the
+operator asks for what can be had (`allow_damaged`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,11 +22,28 @@ import structlog
 
 from virtbackupd.adapters import qemu_img, qemu_nbd
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
+from virtbackupd.adapters.repository import (
+    Manifest,
+    Repository,
+    RepositoryFormatError,
+    disk_file,
+    fsync_path,
+    read_pieces,
+)
 from virtbackupd.adapters.store import Store
+from virtbackupd.core.chain_check import (
+    ChainCheck,
+    ChainDamagedError,
+    Damage,
+    LayerPiece,
+    Seen,
+    classify,
+)
 from virtbackupd.core.domain_xml import parse_domain
+from virtbackupd.core.extents import Kind, content_hash
 from virtbackupd.core.records import CheckpointStatus
 from virtbackupd.core.restored_domain import RestoredImage, restored_domain_xml
-from virtbackupd.engine import repository
+from virtbackupd.engine.content import digest_image, open_view
 from virtbackupd.engine.copy import CopyOptions, CopyProgress, CopyResult, ZeroMode, copy_export
 from virtbackupd.errors import RestoreError, UnknownRestorePointError, VirtBackupError
 
@@ -40,33 +60,109 @@ class RestoredDisk:
     path: Path
     fmt: str
     result: CopyResult
+    damage: tuple[str, ...] = ()  # with allow_damaged: what did not check out
 
 
-def disks_of(manifest: Mapping[str, Any], wanted: Sequence[str]) -> list[str]:
-    have = [str(d["name"]) for d in manifest["disks"]]
+def disks_of(manifest: Manifest, wanted: Sequence[str]) -> list[str]:
+    have = [d.disk for d in manifest.disks]
     unknown = sorted(set(wanted) - set(have))
     if unknown:
         raise UnknownRestorePointError(
-            f"backup {manifest['id']} has no disk {', '.join(unknown)} (it has {', '.join(have)})"
+            f"backup {manifest.id} has no disk {', '.join(unknown)} (it has {', '.join(have)})"
         )
     return [d for d in have if not wanted or d in wanted]
 
 
+@dataclass(frozen=True)
+class _Layer:
+    backup_id: str
+    image: Path
+    pieces: list[LayerPiece]
+
+
+class _Chain:
+    """The layers one disk of a backup restores through, newest first,
+    with their recorded pieces; damage found before the copy (a layer's
+    piece file or, for format-1 backups, its digest) is kept here."""
+
+    def __init__(self, folder: Path, disk: str) -> None:
+        self.folder = folder
+        self.disk = disk
+        self.layers: list[_Layer] = []
+        self.damage: list[str] = []
+
+    async def load(self, runtime_dir: Path) -> None:
+        chain = Repository(folder_root(self.folder)).chain(self.folder)
+        images = await qemu_img.info_chain(self.folder / disk_file(self.disk))
+        by_dir = {b.folder.resolve(): b for b in chain}
+        for n, info in enumerate(images):
+            image = Path(info.filename)
+            if not image.is_absolute():
+                image = (self.folder / image).resolve()
+            stored = by_dir.get(image.resolve().parent)
+            record = stored.manifest.disk(self.disk) if stored else None
+            if stored is None or record is None:
+                raise RestoreError(
+                    f"{image} (layer {n} of disk {self.disk}) belongs to no backup of this chain"
+                )
+            try:
+                await qemu_img.check(image)
+            except VirtBackupError as exc:
+                raise RestoreError(
+                    f"backup {stored.manifest.id} disk {self.disk} is damaged: {exc}"
+                ) from exc
+            pieces: list[LayerPiece] = []
+            if record.pieces is None:  # format 1: a pass over this layer first
+                got = await digest_image(image, list(record.ranges), record.grid, runtime_dir)
+                if got.digest != record.digest or got.not_zero:
+                    self.damage.append(
+                        f"backup {stored.manifest.id} disk {self.disk}: its content does not "
+                        "match its recorded digest"
+                    )
+            else:
+                try:
+                    pieces = [
+                        LayerPiece(n, p.offset, p.length, p.kind, p.content)
+                        for p in read_pieces(stored.folder, record)
+                    ]
+                except RepositoryFormatError as exc:
+                    self.damage.append(f"backup {stored.manifest.id} disk {self.disk}: {exc}")
+            self.layers.append(_Layer(stored.manifest.id, image, pieces))
+
+    def describe(self, d: Damage) -> str:
+        layer = self.layers[d.layer]
+        return (
+            f"backup {layer.backup_id} disk {self.disk}: bytes {d.offset}-{d.offset + d.length} "
+            f"{d.what}"
+        )
+
+
+def folder_root(folder: Path) -> Path:
+    """The repository root of a backup folder (<root>/<uuid>/<id>)."""
+    return folder.parent.parent
+
+
 async def restore_image(
-    source: Path,
+    folder: Path,
+    disk: str,
     target: Path,
     fmt: str,
     runtime_dir: Path,
     progress: Callable[[CopyProgress], None] | None = None,
-) -> CopyResult:
-    """A standalone, sparse `fmt` image of `source`'s view at `target`."""
+    allow_damaged: bool = False,
+) -> RestoredDisk:
+    """A standalone, sparse `fmt` image at `target` of what `disk` of the
+    backup in `folder` shows, checked against every layer's recorded
+    pieces as it is copied (no pass of its own)."""
     if fmt not in FORMATS:
         raise RestoreError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
-    for image in await qemu_img.info_chain(source):
-        try:
-            await qemu_img.check(Path(image.filename))
-        except VirtBackupError as exc:
-            raise RestoreError(f"backup image {image.filename} is damaged: {exc}") from exc
+    chain = _Chain(folder, disk)
+    await chain.load(runtime_dir)
+    if chain.damage and not allow_damaged:
+        raise RestoreError(_refusal(chain.damage))
+    seen = classify([layer.pieces for layer in chain.layers])
+    check = ChainCheck(seen[Seen.VISIBLE], stop_at_first=not allow_damaged)
+    source = folder / disk_file(disk)
     size = (await qemu_img.info(source)).virtual_size
     partial = target.with_name(f".{target.name}.partial")
     partial.unlink(missing_ok=True)
@@ -85,18 +181,57 @@ async def restore_image(
                 dst.address,
                 dst.name,
                 connections=4,
-                options=CopyOptions(zero_mode=ZeroMode.SKIP),
+                options=CopyOptions(zero_mode=ZeroMode.SKIP, watch=check),
                 progress=progress,
             )
-        repository.fsync_path(partial)
-        await _check_identical(source, partial, fmt)
+        check.finish()
+        await _check_partly_hidden(chain, seen[Seen.PARTLY], check, runtime_dir)
+        fsync_path(partial)
         partial.chmod(0o600)
         partial.rename(target)
-        repository.fsync_path(target.parent)
+        fsync_path(target.parent)
+    except ChainDamagedError as exc:
+        partial.unlink(missing_ok=True)
+        raise RestoreError(_refusal([chain.describe(exc.damage)])) from None
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    return result
+    damage = (*chain.damage, *(chain.describe(d) for d in check.damage))
+    return RestoredDisk(disk, target, fmt, result, tuple(damage))
+
+
+def _refusal(found: Sequence[str]) -> str:
+    return (
+        f"the backup chain is damaged: {found[0]}"
+        + (f" (and {len(found) - 1} more)" if len(found) > 1 else "")
+        + "; nothing was restored. `virtbackup verify` shows the damage; an older backup may "
+        "be whole, or --allow-damaged writes what can be read"
+    )
+
+
+async def _check_partly_hidden(
+    chain: _Chain, pieces: Sequence[LayerPiece], check: ChainCheck, runtime_dir: Path
+) -> None:
+    """Pieces a newer layer covers in part: read from their own layer's
+    view (at most about one piece per edge of a newer range)."""
+    by_layer: dict[int, list[LayerPiece]] = {}
+    for p in pieces:
+        by_layer.setdefault(p.layer, []).append(p)
+    for n, todo in sorted(by_layer.items()):
+        async with open_view(chain.layers[n].image, runtime_dir) as view:
+            for p in todo:
+                data = await view.read(p.offset, p.length)
+                check.checked += p.length
+                bad = any(data) if p.kind is Kind.ZERO else content_hash(data) != p.content
+                if bad:
+                    what = (
+                        "should read as zeroes but does not"
+                        if p.kind is Kind.ZERO
+                        else ("reads differently than recorded")
+                    )
+                    check.damage.append(Damage(n, p.offset, p.length, what))
+                    if check.stop_at_first:
+                        raise ChainDamagedError(check.damage[-1])
 
 
 async def restore_to_dir(
@@ -107,6 +242,7 @@ async def restore_to_dir(
     runtime_dir: Path,
     force: bool = False,
     progress: ProgressFn | None = None,
+    allow_damaged: bool = False,
 ) -> list[RestoredDisk]:
     """``<to>/<disk>.<fmt>`` for each disk of the backup in `folder`."""
     targets = {d: to / f"{d}.{fmt}" for d in disks}
@@ -118,10 +254,11 @@ async def restore_to_dir(
     to.mkdir(parents=True, exist_ok=True, mode=0o711)
     out = []
     for disk, target in targets.items():
-        source = folder / repository.disk_file(disk)
-        result = await restore_image(source, target, fmt, runtime_dir, _of_disk(progress, disk))
-        log.info("disk restored", disk=disk, path=str(target), bytes=result.bytes_written)
-        out.append(RestoredDisk(disk, target, fmt, result))
+        done = await restore_image(
+            folder, disk, target, fmt, runtime_dir, _of_disk(progress, disk), allow_damaged
+        )
+        log.info("disk restored", disk=disk, path=str(target), bytes=done.result.bytes_written)
+        out.append(done)
     return out
 
 
@@ -154,6 +291,7 @@ async def restore_in_place(
     disks: Sequence[str],
     runtime_dir: Path,
     progress: ProgressFn | None = None,
+    allow_damaged: bool = False,
 ) -> list[RestoredDisk]:
     """Write the backup over the domain's own disk images (each in its own
     format), then remove every checkpoint: their bitmaps described images
@@ -173,13 +311,14 @@ async def restore_in_place(
             )
         target = Path(dd.source)
         before = target.stat() if target.exists() else None
-        source = folder / repository.disk_file(disk)
-        result = await restore_image(source, target, fmt, runtime_dir, _of_disk(progress, disk))
+        done = await restore_image(
+            folder, disk, target, fmt, runtime_dir, _of_disk(progress, disk), allow_damaged
+        )
         if before is not None:  # keep the image's owner and mode for libvirt/QEMU
             os.chown(target, before.st_uid, before.st_gid)
             target.chmod(before.st_mode & 0o7777)
         log.info("disk restored in place", domain=ref.name, disk=disk, path=str(target))
-        out.append(RestoredDisk(disk, target, fmt, result))
+        out.append(done)
     await forget_checkpoints(lv, store, ref, info_disks=list(info.disks))
     return out
 
@@ -206,9 +345,3 @@ async def forget_checkpoints(
 
 def _of_disk(progress: ProgressFn | None, disk: str) -> Callable[[CopyProgress], None] | None:
     return (lambda p: progress(disk, p)) if progress else None
-
-
-async def _check_identical(source: Path, restored: Path, fmt: str) -> None:
-    """The final integrity check: what was written reads like the backup."""
-    if not await qemu_img.compare(source, restored, "qcow2", fmt):
-        raise RestoreError(f"the restored image of {source} differs from the backup")

@@ -21,12 +21,17 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from virtbackupd.adapters import qemu_img
+from virtbackupd.adapters.repository import (
+    Repository,
+    RepositoryFormatError,
+    backing_of,
+    read_manifest,
+    read_pieces,
+)
 from virtbackupd.core import extents
-from virtbackupd.core.records import BackupRecord
-from virtbackupd.engine import repository
+from virtbackupd.core.records import BackupRecord, DiskRecord
 from virtbackupd.engine.content import allocated_here, differing, digest_view, open_view
 from virtbackupd.engine.locks import domain_lock
 from virtbackupd.errors import VirtBackupError
@@ -48,9 +53,18 @@ class BackupVerdict:
     folder: Path
     disks: tuple[DiskVerdict, ...] = ()
     problems: tuple[str, ...] = field(default=())  # about the folder itself
+    # Backups it restores through that are damaged, with what is wrong
+    # with each: a backup is only as good as its chain.
+    damaged_ancestors: tuple[str, ...] = ()
+    ancestor_problems: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
+        return self.layer_ok and not self.damaged_ancestors
+
+    @property
+    def layer_ok(self) -> bool:
+        """This backup's own images and files, apart from its ancestors."""
         return not self.problems and all(d.ok for d in self.disks)
 
     def as_json(self) -> dict[str, object]:
@@ -58,11 +72,52 @@ class BackupVerdict:
             "backup": self.backup_id,
             "path": str(self.folder),
             "ok": self.ok,
-            "problems": list(self.problems),
+            "problems": [*self.problems, *self.ancestor_problems],
+            "damaged_ancestors": list(self.damaged_ancestors),
             "disks": [
                 {"disk": d.disk, "ok": d.ok, "problems": list(d.problems)} for d in self.disks
             ],
         }
+
+
+class Verifier:
+    """Verifies backups with their chains; each layer is read once per run."""
+
+    def __init__(self, runtime_dir: Path) -> None:
+        self.runtime_dir = runtime_dir
+        self.layers: dict[Path, BackupVerdict] = {}
+
+    async def backup(self, folder: Path, disks: Sequence[str] | None = None) -> BackupVerdict:
+        """Check one backup folder and every backup it restores through;
+        never raises for what it finds wrong."""
+        own = await self.layer(folder, disks)
+        try:
+            chain = Repository(folder.parent.parent).chain(folder)
+        except VirtBackupError as exc:
+            return BackupVerdict(
+                own.backup_id, folder, own.disks, (*own.problems, f"chain unreadable: {exc}")
+            )
+        damaged, lines = [], []
+        for ancestor in chain[1:]:
+            verdict = await self.layer(ancestor.folder, disks)
+            if not verdict.layer_ok:
+                damaged.append(ancestor.manifest.id)
+                first = [
+                    *verdict.problems,
+                    *(f"{d.disk}: {p}" for d in verdict.disks for p in d.problems),
+                ]
+                lines.append(
+                    f"restores through backup {ancestor.manifest.id}, which is damaged ({first[0]})"
+                )
+        return BackupVerdict(
+            own.backup_id, folder, own.disks, own.problems, tuple(damaged), tuple(lines)
+        )
+
+    async def layer(self, folder: Path, disks: Sequence[str] | None = None) -> BackupVerdict:
+        key = folder.resolve()
+        if key not in self.layers:
+            self.layers[key] = await verify_layer(folder, self.runtime_dir, disks)
+        return self.layers[key]
 
 
 async def verify_recorded(
@@ -71,38 +126,55 @@ async def verify_recorded(
     """Verify recorded backups one by one, each under its domain's lock
     (no prune merges what is being read). Backups without a folder, or
     that an interrupted prune is removing, are no backups any more."""
+    verifier = Verifier(runtime_dir)
     for b in backups:
-        if b.path is None or b.id in repository.being_removed(Path(b.path).parent):
+        if b.path is None:
+            continue
+        folder = Path(b.path)
+        repo = Repository(folder.parent.parent)
+        if b.id in repo.being_removed(folder.parent.name):
             continue
         with domain_lock(runtime_dir, b.domain_uuid, b.domain_name, "verify"):
-            verdict = await verify_backup(Path(b.path), runtime_dir)
+            verdict = await verifier.backup(folder)
         yield b, verdict
 
 
 async def verify_backup(
     folder: Path, runtime_dir: Path, disks: Sequence[str] | None = None
 ) -> BackupVerdict:
-    """Check one backup folder; never raises for what it finds wrong."""
+    """One backup with its chain (see :class:`Verifier`)."""
+    return await Verifier(runtime_dir).backup(folder, disks)
+
+
+async def verify_layer(
+    folder: Path, runtime_dir: Path, disks: Sequence[str] | None = None
+) -> BackupVerdict:
+    """Check one backup folder's own images; never raises for what it finds."""
     try:
-        manifest = repository.read_manifest(folder)
-    except (OSError, ValueError) as exc:
+        manifest = read_manifest(folder)
+    except VirtBackupError as exc:
         return BackupVerdict(folder.name, folder, problems=(f"manifest unreadable: {exc}",))
     verdicts = []
-    for d in manifest["disks"]:
-        if disks is not None and d["name"] not in disks:
+    for d in manifest.disks:
+        if disks is not None and d.disk not in disks:
             continue
-        verdicts.append(await _verify_disk(folder, manifest.get("parent"), d, runtime_dir))
-    return BackupVerdict(str(manifest["id"]), folder, tuple(verdicts))
+        verdicts.append(await _verify_disk(folder, manifest.parent, d, runtime_dir))
+    return BackupVerdict(manifest.id, folder, tuple(verdicts))
 
 
 async def _verify_disk(
-    folder: Path, parent: str | None, d: dict[str, Any], runtime_dir: Path
+    folder: Path, parent: str | None, d: DiskRecord, runtime_dir: Path
 ) -> DiskVerdict:
-    name = str(d["name"])
-    image = folder / str(d["file"])
+    name = d.disk
+    image = folder / d.path
     problems: list[str] = []
     if not image.is_file():
         return DiskVerdict(name, (f"image {image} is missing",))
+    if d.pieces is not None:
+        try:
+            read_pieces(folder, d)
+        except RepositoryFormatError as exc:
+            problems.append(f"piece hashes: {exc}")
     try:
         await qemu_img.check(image)
     except VirtBackupError as exc:
@@ -111,11 +183,9 @@ async def _verify_disk(
         info = await qemu_img.info(image)
     except VirtBackupError as exc:
         return DiskVerdict(name, (*problems, f"qemu-img info: {exc}"))
-    if info.virtual_size != d["virtual_size"]:
-        problems.append(
-            f"virtual size is {info.virtual_size}, the manifest says {d['virtual_size']}"
-        )
-    expected = repository.backing_of(parent, name) if parent else None
+    if info.virtual_size != d.virtual_size:
+        problems.append(f"virtual size is {info.virtual_size}, the manifest says {d.virtual_size}")
+    expected = backing_of(parent, name) if parent else None
     backing = info.backing_filename
     if backing != expected:
         problems.append(f"backing file is {backing!r}, the manifest's parent needs {expected!r}")
@@ -132,15 +202,15 @@ async def _verify_disk(
 
 
 async def _verify_content(
-    image: Path, parent_image: Path | None, d: dict[str, Any], runtime_dir: Path
+    image: Path, parent_image: Path | None, d: DiskRecord, runtime_dir: Path
 ) -> list[str]:
     problems = []
-    ranges = extents.ranges_from_json(d["ranges"])
+    ranges = list(d.ranges)
     async with open_view(image, runtime_dir) as view:
-        got = await digest_view(view, ranges, int(d["grid"]))
-        if got.digest != d["digest"]:
+        got = await digest_view(view, ranges, d.grid)
+        if got.digest != d.digest:
             problems.append(
-                f"content digest differs: recorded {d['digest'][:16]}…, now {got.digest[:16]}… "
+                f"content digest differs: recorded {d.digest[:16]}…, now {got.digest[:16]}… "
                 "(data this backup copied reads differently)"
             )
         for lo, hi in got.not_zero[:5]:

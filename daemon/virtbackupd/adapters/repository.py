@@ -1,0 +1,848 @@
+"""The backup repository on disk: the only module that reads or writes its
+format (docs/repository-format.md specifies it for readers without this
+project; schemas/ holds its JSON schemas).
+
+    <root>/<domain uuid>/<backup id>/
+        <disk>.qcow2       full: standalone; incremental: overlay whose backing
+                           file is ../<parent id>/<disk>.qcow2 (relative)
+        <disk>.pieces      the hash of every piece the digest covers
+        manifest.json      ids, level, checkpoint, parent, disks, digests
+        domain.xml         the domain's (inactive) XML at backup time
+        checkpoint.xml     libvirt's checkpoint XML, for redefinition
+    <root>/<domain uuid>/<backup id>.partial/   a backup being written
+    <root>/<domain uuid>/.undo/<backup id>.json  what a running backup must undo
+    <root>/<domain uuid>/.attempts/<backup id>.json  a failed attempt
+    <root>/<domain uuid>/.prune-journal.json    a prune in progress
+
+The folders are the truth; state.db is a catalogue of them. A backup
+counts once its folder is renamed from ``.partial`` to its id (every file
+fsynced first): that rename is the commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import struct
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import TypeVar
+
+from virtbackupd.core import extents
+from virtbackupd.core.extents import Kind, Range
+from virtbackupd.core.merge_plan import Consolidate, Op, Rebase, Remove
+from virtbackupd.core.policy import Level
+from virtbackupd.core.records import BackupRecord, BackupStatus, DiskRecord, LeftOutDisk
+from virtbackupd.errors import VirtBackupError
+
+MANIFEST = "manifest.json"
+PRUNE_JOURNAL = ".prune-journal.json"
+UNDO_DIR = ".undo"
+ATTEMPTS_DIR = ".attempts"
+BACKUP_FORMAT = "virtbackupd-backup"
+FORMAT_VERSION = 2  # 2: <disk>.pieces beside every image
+READABLE_VERSIONS = (1, 2)
+_V1_FORMAT = "virtbackupd-backup/1"  # format 1 wrote the version into the name
+KEPT_ATTEMPTS = 50  # failed attempts remembered per domain
+
+StepHook = Callable[[str], None]  # called after each durable step (tests crash there)
+_T = TypeVar("_T")
+_E = TypeVar("_E", bound=StrEnum)
+
+
+class RepositoryFormatError(VirtBackupError):
+    """A repository file this version cannot read: damaged, or newer."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        self.path = path
+        super().__init__(f"{path}: {problem}")
+
+
+# --- names -------------------------------------------------------------------------------
+
+
+def new_backup_id(now: datetime) -> str:
+    """Unique, and sorting as the backups were taken (to the millisecond):
+    ``20261123T201500.123Z-3f2a``."""
+    return f"{now:%Y%m%dT%H%M%S}.{now.microsecond // 1000:03d}Z-{secrets.token_hex(2)}"
+
+
+def disk_file(disk: str) -> str:
+    return f"{disk}.qcow2"
+
+
+def pieces_file(disk: str) -> str:
+    return f"{disk}.pieces"
+
+
+def backing_of(parent_id: str, disk: str) -> str:
+    """Backing path of an incremental, relative to the overlay's folder."""
+    return f"../{parent_id}/{disk_file(disk)}"
+
+
+# --- the manifest ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """manifest.json of one backup folder."""
+
+    id: str
+    domain_name: str
+    domain_uuid: str
+    level: Level
+    reason: str
+    checkpoint: str | None
+    parent: str | None  # the backup this one's images are overlays on
+    parent_checkpoint: str | None
+    started: datetime
+    finished: datetime
+    disks: tuple[DiskRecord, ...]
+    left_out: tuple[LeftOutDisk, ...] = ()
+    absorbed: tuple[str, ...] = ()  # backups merged into this one by prunes
+    version: int = FORMAT_VERSION
+
+    @property
+    def standalone(self) -> bool:
+        return self.parent is None
+
+    def disk(self, name: str) -> DiskRecord | None:
+        return next((d for d in self.disks if d.disk == name), None)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "format": BACKUP_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "id": self.id,
+            "domain": {"name": self.domain_name, "uuid": self.domain_uuid},
+            "level": self.level.value,
+            "reason": self.reason,
+            "checkpoint": self.checkpoint,
+            "parent": self.parent,
+            "parent_checkpoint": self.parent_checkpoint,
+            "started": self.started.isoformat(),
+            "finished": self.finished.isoformat(),
+            "disks": [
+                {
+                    "name": d.disk,
+                    "file": d.path,
+                    "pieces": d.pieces,
+                    "virtual_size": d.virtual_size,
+                    "bytes_read": d.bytes_read,
+                    "bytes_written": d.bytes_written,
+                    "bytes_zeroed": d.bytes_zeroed,
+                    "digest": d.digest,
+                    "grid": d.grid,
+                    "ranges": extents.ranges_to_json(d.ranges),
+                }
+                for d in self.disks
+            ],
+            "left_out": [{"name": d.disk, "reason": d.reason} for d in self.left_out],
+            "absorbed": list(self.absorbed),
+        }
+
+    @classmethod
+    def from_json(cls, data: object, path: Path) -> Manifest:
+        f = _Fields(data, path, "")
+        fmt = f.text("format")
+        if fmt == _V1_FORMAT:
+            version = 1
+        elif fmt == BACKUP_FORMAT:
+            version = f.integer("format_version")
+        else:
+            raise RepositoryFormatError(path, f"format is {fmt!r}, not {BACKUP_FORMAT!r}")
+        if version > FORMAT_VERSION:
+            raise RepositoryFormatError(
+                path,
+                f"written in repository format {version}, newer than this virtbackupd reads "
+                f"(up to {FORMAT_VERSION}); upgrade virtbackupd to read it",
+            )
+        if version not in READABLE_VERSIONS:
+            raise RepositoryFormatError(path, f"unknown repository format {version}")
+        domain = f.sub("domain")
+        return cls(
+            id=f.text("id"),
+            domain_name=domain.text("name"),
+            domain_uuid=domain.text("uuid"),
+            level=f.enum("level", Level),
+            reason=f.text("reason", default=""),
+            checkpoint=f.opt_text("checkpoint"),
+            parent=f.opt_text("parent"),
+            parent_checkpoint=f.opt_text("parent_checkpoint"),
+            started=f.time("started"),
+            finished=f.time("finished"),
+            disks=tuple(_disk(d, version) for d in f.items("disks")),
+            left_out=tuple(
+                LeftOutDisk(x.text("name"), x.text("reason")) for x in f.items("left_out", [])
+            ),
+            absorbed=tuple(f.texts("absorbed")),
+            version=version,
+        )
+
+    def as_record(self, folder: Path) -> BackupRecord:
+        """The catalogue's row for this committed backup."""
+        return BackupRecord(
+            id=self.id,
+            domain_uuid=self.domain_uuid,
+            domain_name=self.domain_name,
+            level=self.level,
+            status=BackupStatus.COMPLETE,
+            checkpoint=self.checkpoint,
+            parent=self.parent,
+            started=self.started,
+            finished=self.finished,
+            bytes_read=sum(d.bytes_read for d in self.disks),
+            bytes_written=sum(d.bytes_written for d in self.disks),
+            path=str(folder),
+            disks=self.disks,
+            left_out=self.left_out,
+        )
+
+
+def _disk(f: _Fields, version: int) -> DiskRecord:
+    return DiskRecord(
+        disk=f.text("name"),
+        path=f.text("file"),
+        virtual_size=f.integer("virtual_size"),
+        bytes_read=f.integer("bytes_read"),
+        bytes_written=f.integer("bytes_written"),
+        bytes_zeroed=f.integer("bytes_zeroed"),
+        digest=f.text("digest"),
+        grid=f.integer("grid"),
+        ranges=f.ranges("ranges"),
+        pieces=f.text("pieces") if version >= 2 else None,
+    )
+
+
+# --- piece hashes ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One record of a disk's digest: a DATA piece with the XXH3-128 of its
+    bytes, or a ZERO range (its place only)."""
+
+    offset: int
+    length: int
+    kind: Kind
+    content: bytes = b""
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+_HEAD = struct.Struct(">QQc")
+
+
+def parse_pieces(data: bytes, path: Path) -> list[Piece]:
+    """A ``.pieces`` file: the digest's records (core.extents.piece_record)
+    back to back, in offset order; its SHA-256 is the recorded digest."""
+    out: list[Piece] = []
+    pos = 0
+    while pos < len(data):
+        if pos + _HEAD.size > len(data):
+            raise RepositoryFormatError(path, f"truncated record at byte {pos}")
+        offset, length, tag = _HEAD.unpack_from(data, pos)
+        pos += _HEAD.size
+        if tag == b"D":
+            content = data[pos : pos + 16]
+            if len(content) != 16:
+                raise RepositoryFormatError(path, f"truncated hash at byte {pos}")
+            pos += 16
+            out.append(Piece(offset, length, Kind.DATA, content))
+        elif tag == b"Z":
+            out.append(Piece(offset, length, Kind.ZERO))
+        else:
+            raise RepositoryFormatError(path, f"unknown record kind {tag!r} at byte {pos}")
+    return out
+
+
+def read_pieces(folder: Path, disk: DiskRecord) -> list[Piece]:
+    """The disk's piece hashes, checked against its recorded digest."""
+    if disk.pieces is None:
+        raise RepositoryFormatError(folder / MANIFEST, f"disk {disk.disk} has no piece file")
+    path = folder / disk.pieces
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RepositoryFormatError(path, f"cannot read: {exc.strerror or exc}") from exc
+    if hashlib.sha256(data).hexdigest() != disk.digest:
+        raise RepositoryFormatError(path, "does not match the disk's recorded digest")
+    return parse_pieces(data, path)
+
+
+# --- the prune journal -------------------------------------------------------------------
+
+JOURNAL_FORMAT = "virtbackupd-prune-journal"
+
+
+@dataclass(frozen=True)
+class PruneJournal:
+    """A prune's plan, written before anything changes (engine.prune)."""
+
+    ops: tuple[Op, ...]
+    checkpoints: Mapping[str, str | None] = field(default_factory=dict)  # removed id -> its cp
+
+    @property
+    def removing(self) -> frozenset[str]:
+        return frozenset(op.id for op in self.ops if isinstance(op, Remove))
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "format": JOURNAL_FORMAT,
+            "format_version": 1,
+            "ops": [_op_json(op) for op in self.ops],
+            "checkpoints": dict(self.checkpoints),
+        }
+
+    @classmethod
+    def from_json(cls, data: object, path: Path) -> PruneJournal:
+        f = _Fields(data, path, "")
+        version = f.integer("format_version", default=1)
+        if version > 1:
+            raise RepositoryFormatError(
+                path, f"prune journal format {version} is newer than this virtbackupd reads (1)"
+            )
+        cps = f.sub("checkpoints", default={})
+        return cls(
+            tuple(_op(o) for o in f.items("ops")),
+            {k: cps.opt_text(k) for k in cps.names()},
+        )
+
+
+def _ranges_by_disk(ranges: Mapping[str, Sequence[Range]]) -> dict[str, object]:
+    return {disk: extents.ranges_to_json(r) for disk, r in ranges.items()}
+
+
+def _op_json(op: Op) -> dict[str, object]:
+    if isinstance(op, Rebase):
+        return {
+            "op": "rebase",
+            "child": op.child,
+            "parent": op.parent,
+            "absorbed": op.absorbed,
+            "ranges": _ranges_by_disk(op.ranges),
+        }
+    if isinstance(op, Consolidate):
+        return {
+            "op": "consolidate",
+            "heir": op.heir,
+            "into": op.into,
+            "ranges": _ranges_by_disk(op.ranges),
+        }
+    return {"op": "remove", "id": op.id}
+
+
+def _op(f: _Fields) -> Op:
+    kind = f.text("op")
+    if kind == "remove":
+        return Remove(f.text("id"))
+    by_disk = f.sub("ranges")
+    ranges = {disk: by_disk.ranges(disk) for disk in by_disk.names()}
+    if kind == "rebase":
+        return Rebase(f.text("child"), f.text("parent"), f.text("absorbed"), ranges)
+    if kind == "consolidate":
+        return Consolidate(f.text("heir"), f.text("into"), ranges)
+    raise f.error("op", f"unknown operation {kind!r}")
+
+
+# --- the undo log of a running backup ----------------------------------------------------
+
+UNDO_FORMAT = "virtbackupd-undo"
+
+
+class UndoKind(StrEnum):
+    """What a backup did that a failure must take back (last first)."""
+
+    PARTIAL = "partial"  # the <id>.partial folder
+    JOB_DIR = "job_dir"  # a runtime folder (NBD sockets) or scratch folder
+    LIBVIRT_JOB = "libvirt_job"  # a pull-mode job whose NBD socket is `path`
+    CHECKPOINT = "checkpoint"  # a libvirt checkpoint named `name`
+    BITMAP = "bitmap"  # a bitmap `name` added to the image `path` (offline)
+
+
+@dataclass(frozen=True)
+class UndoStep:
+    kind: UndoKind
+    path: str | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class UndoLog:
+    """Written before each step it lists is taken, fsynced: whoever finds
+    it (the job on failure, or the next job after this process died) takes
+    the steps back in reverse order. Dropped once the backup committed."""
+
+    backup_id: str
+    domain_name: str
+    domain_uuid: str
+    level: Level
+    started: datetime
+    steps: tuple[UndoStep, ...] = ()
+    parent: str | None = None  # the backup it was to build on
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "format": UNDO_FORMAT,
+            "format_version": 1,
+            "backup_id": self.backup_id,
+            "domain": {"name": self.domain_name, "uuid": self.domain_uuid},
+            "level": self.level.value,
+            "parent": self.parent,
+            "started": self.started.isoformat(),
+            "steps": [
+                {
+                    k: v
+                    for k, v in (("do", s.kind.value), ("path", s.path), ("name", s.name))
+                    if v is not None
+                }
+                for s in self.steps
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, data: object, path: Path) -> UndoLog:
+        f = _Fields(data, path, "")
+        if f.integer("format_version") > 1:
+            raise RepositoryFormatError(path, "undo log format is newer than this version reads")
+        domain = f.sub("domain")
+        return cls(
+            backup_id=f.text("backup_id"),
+            domain_name=domain.text("name"),
+            domain_uuid=domain.text("uuid"),
+            level=f.enum("level", Level),
+            started=f.time("started"),
+            steps=tuple(
+                UndoStep(s.enum("do", UndoKind), s.opt_text("path"), s.opt_text("name"))
+                for s in f.items("steps")
+            ),
+            parent=f.opt_text("parent"),
+        )
+
+
+# --- failed attempts ---------------------------------------------------------------------
+
+ATTEMPT_FORMAT = "virtbackupd-attempt"
+
+
+@dataclass(frozen=True)
+class FailedAttempt:
+    """A backup that did not complete: kept in the repository so that a
+    rebuilt catalogue still shows it."""
+
+    backup_id: str
+    domain_name: str
+    domain_uuid: str
+    level: Level
+    started: datetime
+    finished: datetime
+    error: str
+    parent: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "format": ATTEMPT_FORMAT,
+            "format_version": 1,
+            "backup_id": self.backup_id,
+            "domain": {"name": self.domain_name, "uuid": self.domain_uuid},
+            "level": self.level.value,
+            "started": self.started.isoformat(),
+            "finished": self.finished.isoformat(),
+            "error": self.error,
+            "parent": self.parent,
+        }
+
+    @classmethod
+    def from_json(cls, data: object, path: Path) -> FailedAttempt:
+        f = _Fields(data, path, "")
+        domain = f.sub("domain")
+        return cls(
+            f.text("backup_id"),
+            domain.text("name"),
+            domain.text("uuid"),
+            f.enum("level", Level),
+            f.time("started"),
+            f.time("finished"),
+            f.text("error"),
+            f.opt_text("parent"),
+        )
+
+    def as_record(self) -> BackupRecord:
+        return BackupRecord(
+            id=self.backup_id,
+            domain_uuid=self.domain_uuid,
+            domain_name=self.domain_name,
+            level=self.level,
+            status=BackupStatus.FAILED,
+            checkpoint=None,
+            parent=self.parent,
+            started=self.started,
+            finished=self.finished,
+            error=self.error,
+        )
+
+
+# --- the repository ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredBackup:
+    folder: Path
+    manifest: Manifest
+
+
+class Repository:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def domain_dir(self, uuid: str) -> Path:
+        return self.root / uuid
+
+    def final_dir(self, uuid: str, backup_id: str) -> Path:
+        return self.domain_dir(uuid) / backup_id
+
+    def partial_dir(self, uuid: str, backup_id: str) -> Path:
+        return self.domain_dir(uuid) / f"{backup_id}.partial"
+
+    def domain_dirs(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def create_partial(self, uuid: str, backup_id: str) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.domain_dir(uuid).mkdir(exist_ok=True, mode=0o700)
+        partial = self.partial_dir(uuid, backup_id)
+        partial.mkdir(mode=0o700)
+        return partial
+
+    def discard(self, uuid: str, backup_id: str) -> None:
+        shutil.rmtree(self.partial_dir(uuid, backup_id), ignore_errors=True)
+
+    def commit(
+        self,
+        manifest: Manifest,
+        texts: Mapping[str, str],
+        pieces: Mapping[str, bytes],
+        step: StepHook | None = None,
+    ) -> Path:
+        """Write the metadata files, fsync everything, rename into place:
+        the rename is the commit (a crash before it leaves a ``.partial``
+        folder, after it a complete backup)."""
+        hook = step or _no_step
+        uuid = manifest.domain_uuid
+        partial = self.partial_dir(uuid, manifest.id)
+        for d in manifest.disks:
+            if d.pieces is not None:
+                _write_synced(partial / d.pieces, pieces[d.disk])
+        files = {**texts, MANIFEST: _json_text(manifest.to_json())}
+        for name, text in files.items():
+            _write_synced(partial / name, text.encode())
+        for d in manifest.disks:
+            path = partial / d.path
+            path.chmod(0o600)
+            fsync_path(path)
+        fsync_path(partial)
+        hook("metadata written")
+        final = self.final_dir(uuid, manifest.id)
+        partial.rename(final)
+        fsync_path(final.parent)
+        hook("renamed")
+        return final
+
+    def stale_partials(self) -> list[Path]:
+        """Leftovers of backups that crashed before their rename."""
+        if not self.root.is_dir():
+            return []
+        return sorted(self.root.glob("*/*.partial"))
+
+    # --- backups ---
+
+    def backups(
+        self, uuid: str, problems: list[str] | None = None, *, hidden: bool = False
+    ) -> list[StoredBackup]:
+        """The committed backups of one domain, oldest first (ids sort by
+        time). Those an unfinished prune is removing are left out unless
+        `hidden`. An unreadable manifest raises, or, given `problems`, is
+        reported there and skipped."""
+        domain_dir = self.domain_dir(uuid)
+        if not domain_dir.is_dir():
+            return []
+        gone = set() if hidden else self.being_removed(uuid)
+        out = []
+        for folder in sorted(domain_dir.iterdir()):
+            if not _is_backup_folder(folder) or folder.name in gone:
+                continue
+            try:
+                out.append(StoredBackup(folder, read_manifest(folder)))
+            except VirtBackupError as exc:
+                if problems is None:
+                    raise
+                problems.append(str(exc))
+        return out
+
+    def backup(self, uuid: str, backup_id: str) -> StoredBackup:
+        folder = self.final_dir(uuid, backup_id)
+        return StoredBackup(folder, read_manifest(folder))
+
+    def chain(self, folder: Path) -> list[StoredBackup]:
+        """The backup in `folder` and every backup it restores through,
+        newest first (its parent, the parent's parent, ... the standalone)."""
+        out = [StoredBackup(folder, read_manifest(folder))]
+        while (parent := out[-1].manifest.parent) is not None:
+            if any(b.manifest.id == parent for b in out):
+                raise RepositoryFormatError(folder / MANIFEST, f"the chain loops at {parent}")
+            out.append(StoredBackup(folder.parent / parent, read_manifest(folder.parent / parent)))
+        return out
+
+    def count_backup_folders(self) -> int:
+        """Committed backup folders, without reading them: a cheap check
+        that a repository is not empty."""
+        if not self.root.is_dir():
+            return 0
+        return sum(1 for _ in self.root.glob(f"*/*/{MANIFEST}"))
+
+    # --- the prune journal ---
+
+    def journal(self, uuid: str) -> PruneJournal | None:
+        path = self.domain_dir(uuid) / PRUNE_JOURNAL
+        data = _read_json(path, missing_ok=True)
+        return None if data is None else PruneJournal.from_json(data, path)
+
+    def write_journal(self, uuid: str, journal: PruneJournal) -> None:
+        _replace_synced(self.domain_dir(uuid) / PRUNE_JOURNAL, _json_text(journal.to_json()))
+
+    def drop_journal(self, uuid: str) -> None:
+        (self.domain_dir(uuid) / PRUNE_JOURNAL).unlink(missing_ok=True)
+        fsync_path(self.domain_dir(uuid))
+
+    def being_removed(self, uuid: str) -> frozenset[str]:
+        """Backups an unfinished prune is taking out: no longer restore points."""
+        journal = self.journal(uuid)
+        return journal.removing if journal is not None else frozenset()
+
+    # --- undo logs ---
+
+    def write_undo(self, log: UndoLog) -> None:
+        folder = self.domain_dir(log.domain_uuid) / UNDO_DIR
+        if not folder.is_dir():
+            self.domain_dir(log.domain_uuid).mkdir(parents=True, exist_ok=True, mode=0o700)
+            folder.mkdir(exist_ok=True, mode=0o700)
+            fsync_path(folder.parent)
+        _replace_synced(folder / f"{log.backup_id}.json", _json_text(log.to_json()))
+
+    def undo_logs(self, uuid: str) -> list[UndoLog]:
+        folder = self.domain_dir(uuid) / UNDO_DIR
+        out = []
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            data = _read_json(path, missing_ok=True)
+            if data is not None:
+                out.append(UndoLog.from_json(data, path))
+        return out
+
+    def drop_undo(self, uuid: str, backup_id: str) -> None:
+        path = self.domain_dir(uuid) / UNDO_DIR / f"{backup_id}.json"
+        if path.exists():
+            path.unlink()
+            fsync_path(path.parent)
+
+    # --- failed attempts ---
+
+    def record_attempt(self, attempt: FailedAttempt) -> None:
+        folder = self.domain_dir(attempt.domain_uuid) / ATTEMPTS_DIR
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _replace_synced(folder / f"{attempt.backup_id}.json", _json_text(attempt.to_json()))
+        for old in sorted(folder.glob("*.json"))[:-KEPT_ATTEMPTS]:
+            old.unlink(missing_ok=True)
+
+    def attempts(self, uuid: str, problems: list[str] | None = None) -> list[FailedAttempt]:
+        folder = self.domain_dir(uuid) / ATTEMPTS_DIR
+        out = []
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                data = _read_json(path, missing_ok=True)
+                if data is not None:
+                    out.append(FailedAttempt.from_json(data, path))
+            except VirtBackupError as exc:
+                if problems is None:
+                    raise
+                problems.append(str(exc))
+        return out
+
+
+def _no_step(_: str) -> None:
+    pass
+
+
+def _is_backup_folder(folder: Path) -> bool:
+    return folder.is_dir() and not folder.name.endswith(".partial") and folder.name[0] != "."
+
+
+def read_manifest(folder: Path) -> Manifest:
+    path = folder / MANIFEST
+    data = _read_json(path)
+    return Manifest.from_json(data, path)
+
+
+def write_manifest(folder: Path, manifest: Manifest, pieces: Mapping[str, bytes]) -> None:
+    """Replace a backup's manifest (merges rewrite it) and, first, the
+    piece files it names: each atomically. A crash in between leaves the
+    old manifest naming a piece file that no longer matches its digest, so
+    the new piece files get new names (``<disk>.<n>.pieces``) and the old
+    ones are removed only after the new manifest is in place."""
+    old = read_manifest(folder) if (folder / MANIFEST).exists() else None
+    for d in manifest.disks:
+        if d.pieces is not None and d.disk in pieces:
+            _write_synced(folder / d.pieces, pieces[d.disk])
+    fsync_path(folder)
+    _replace_synced(folder / MANIFEST, _json_text(manifest.to_json()))
+    if old is not None:
+        keep = {d.pieces for d in manifest.disks}
+        for d in old.disks:
+            if d.pieces is not None and d.pieces not in keep:
+                (folder / d.pieces).unlink(missing_ok=True)
+
+
+def next_pieces_name(disk: DiskRecord) -> str:
+    """A fresh name for a rewritten piece file (see write_manifest)."""
+    stem = disk.disk
+    current = disk.pieces or pieces_file(stem)
+    middle = current[len(stem) + 1 : -len(".pieces")]
+    n = int(middle) + 1 if middle.isdigit() else 1
+    return f"{stem}.{n}.pieces"
+
+
+def with_pieces(manifest: Manifest, disk: str, record: DiskRecord) -> Manifest:
+    return replace(manifest, disks=tuple(record if d.disk == disk else d for d in manifest.disks))
+
+
+# --- files -------------------------------------------------------------------------------
+
+
+def _read_json(path: Path, missing_ok: bool = False) -> object:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise RepositoryFormatError(path, "missing") from None
+    except OSError as exc:
+        raise RepositoryFormatError(path, f"cannot read: {exc.strerror or exc}") from exc
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise RepositoryFormatError(path, f"not valid JSON ({exc})") from exc
+
+
+def _json_text(data: object) -> str:
+    return json.dumps(data, indent=2) + "\n"
+
+
+def _write_synced(path: Path, data: bytes | str) -> None:
+    raw = data.encode() if isinstance(data, str) else data
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(raw)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_synced(path: Path, text: str) -> None:
+    """Write `text` beside `path`, fsync it, rename it over `path`, fsync
+    the folder: readers see the old file or the new one, never a mix."""
+    tmp = path.with_name(f"{path.name}.tmp")
+    _write_synced(tmp, text)
+    tmp.rename(path)
+    fsync_path(path.parent)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder: so that renames in it are durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Fields:
+    """Typed access to one JSON object of a repository file; every error
+    names the file and the field."""
+
+    def __init__(self, data: object, path: Path, where: str) -> None:
+        self.path = path
+        self.where = where
+        if not isinstance(data, dict):
+            raise RepositoryFormatError(path, f"{where or 'the document'} is not an object")
+        self.data: dict[str, object] = data
+
+    def error(self, key: str, problem: str) -> RepositoryFormatError:
+        return RepositoryFormatError(self.path, f"field {self.where}{key}: {problem}")
+
+    def names(self) -> list[str]:
+        return list(self.data)
+
+    def _get(self, key: str, kind: type[_T], default: _T | None = None) -> _T:
+        if key not in self.data:
+            if default is not None:
+                return default
+            raise self.error(key, "missing")
+        value = self.data[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.error(key, f"{value!r} is not a {kind.__name__}")
+        return value
+
+    def text(self, key: str, default: str | None = None) -> str:
+        return self._get(key, str, default)
+
+    def opt_text(self, key: str) -> str | None:
+        if self.data.get(key) is None:
+            return None
+        return self.text(key)
+
+    def integer(self, key: str, default: int | None = None) -> int:
+        return self._get(key, int, default)
+
+    def time(self, key: str) -> datetime:
+        try:
+            return datetime.fromisoformat(self.text(key))
+        except ValueError as exc:
+            raise self.error(key, str(exc)) from exc
+
+    def enum(self, key: str, kind: type[_E]) -> _E:
+        value = self.text(key)
+        try:
+            return kind(value)
+        except ValueError:
+            allowed = ", ".join(repr(str(m.value)) for m in kind)
+            raise self.error(key, f"{value!r} is not one of {allowed}") from None
+
+    def sub(self, key: str, default: dict[str, object] | None = None) -> _Fields:
+        return _Fields(self._get(key, dict, default), self.path, f"{self.where}{key}.")
+
+    def items(self, key: str, default: list[object] | None = None) -> Iterator[_Fields]:
+        for i, item in enumerate(self._get(key, list, default)):
+            yield _Fields(item, self.path, f"{self.where}{key}[{i}].")
+
+    def texts(self, key: str) -> list[str]:
+        values = self._get(key, list, [])
+        if not all(isinstance(v, str) for v in values):
+            raise self.error(key, "is not a list of strings")
+        return [str(v) for v in values]
+
+    def ranges(self, key: str) -> tuple[Range, ...]:
+        try:
+            return tuple(extents.ranges_from_json(self._get(key, list)))
+        except (ValueError, TypeError) as exc:
+            raise self.error(key, f"bad range list ({exc})") from exc

@@ -1,0 +1,100 @@
+"""`virtbackup list`: what the catalogue records, told as the repository
+stands now. A backup merged by a prune is shown as it is stored now
+(standalone, or on which parent), with its size on disk; backups an
+interrupted prune is removing are shown as such, never as restore points;
+failed attempts (with `--all`) with their reasons."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from virtbackupd.adapters.repository import Repository, read_manifest
+from virtbackupd.core.records import BackupRecord, BackupStatus
+from virtbackupd.errors import VirtBackupError
+
+
+class State(StrEnum):
+    COMPLETE = "complete"
+    RUNNING = "running"
+    FAILED = "failed"
+    PRUNING = "pruning"  # an interrupted prune is removing it: no restore point
+    DAMAGED = "unreadable"  # its folder or manifest cannot be read
+
+
+@dataclass(frozen=True)
+class Listed:
+    record: BackupRecord
+    state: State
+    backing: str | None = None  # the backup its images are overlays on now
+    size_on_disk: int | None = None  # bytes its folder's files take
+    problem: str | None = None
+
+    @property
+    def stored(self) -> str:
+        if self.state is not State.COMPLETE:
+            return "-"
+        return f"on {self.backing}" if self.backing else "standalone"
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            **self.record.as_json(),
+            "state": self.state.value,
+            "stored": "overlay" if self.backing else "standalone",
+            "backing": self.backing,
+            "size_on_disk": self.size_on_disk,
+            "problem": self.problem,
+        }
+
+
+def listing(backups: list[BackupRecord], show_failed: bool) -> list[Listed]:
+    out = []
+    removing: dict[Path, frozenset[str]] = {}
+    for b in backups:
+        if b.status is BackupStatus.FAILED:
+            if show_failed:
+                out.append(Listed(b, State.FAILED))
+            continue
+        if b.status is BackupStatus.RUNNING or b.path is None:
+            out.append(Listed(b, State.RUNNING))
+            continue
+        folder = Path(b.path)
+        domain_dir = folder.parent
+        if domain_dir not in removing:
+            try:
+                removing[domain_dir] = Repository(domain_dir.parent).being_removed(domain_dir.name)
+            except VirtBackupError:
+                removing[domain_dir] = frozenset()
+        if b.id in removing[domain_dir]:
+            out.append(Listed(b, State.PRUNING, size_on_disk=_size(folder)))
+            continue
+        try:
+            m = read_manifest(folder)
+        except VirtBackupError as exc:
+            out.append(Listed(b, State.DAMAGED, problem=str(exc)))
+            continue
+        out.append(Listed(b, State.COMPLETE, m.parent, _size(folder)))
+    return out
+
+
+def _size(folder: Path) -> int | None:
+    """Bytes allocated to the folder's files (sparse images count what
+    they hold, not their virtual size)."""
+    try:
+        return sum(p.stat().st_blocks * 512 for p in folder.iterdir() if p.is_file())
+    except OSError:
+        return None
+
+
+def line(x: Listed) -> str:
+    b = x.record
+    size = f"{x.size_on_disk / 2**20:,.1f} MiB" if x.size_on_disk is not None else "-"
+    left_out = "; ".join(f"{d.disk} ({d.reason})" for d in b.left_out)
+    return (
+        f"{b.id}  {b.domain_name:16} {b.level.value:11} {x.state.value:10} {size:>12}  "
+        f"{x.stored}"
+        + (f"  left out: {left_out}" if left_out else "")
+        + (f"  error: {b.error}" if b.error else "")
+        + (f"  problem: {x.problem}" if x.problem else "")
+    )

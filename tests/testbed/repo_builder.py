@@ -1,0 +1,161 @@
+"""Backup repositories built without libvirt, for the tests of what reads
+and changes a repository (verify, restore, prune, the commit and the
+catalogue): no VM is needed for those, so they run in seconds.
+
+The "domain" is a set of qcow2 images written with qemu-io. Each backup
+adds a persistent bitmap to them (the checkpoint), exports them read-only
+with qemu-nbd (with the parent's bitmap for an incremental) and copies
+them with the product's own copy engine into the product's repository,
+committing through engine.catalogue with an undo log: the same code as
+an offline backup, less the libvirt checkpoint. The libvirt paths stay
+covered by the integration tests.
+"""
+
+from __future__ import annotations
+
+import uuid as uuidlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from testbed.tools import qemu_io, run
+from virtbackupd.adapters import qemu_img, qemu_nbd
+from virtbackupd.adapters.repository import (
+    Manifest,
+    Repository,
+    UndoKind,
+    UndoLog,
+    backing_of,
+    disk_file,
+    new_backup_id,
+)
+from virtbackupd.adapters.store import Store
+from virtbackupd.core.backup_documents import checkpoint_name
+from virtbackupd.core.policy import Level
+from virtbackupd.core.records import BackupRecord, BackupStatus
+from virtbackupd.engine.backup import disk_records
+from virtbackupd.engine.catalogue import commit_backup
+from virtbackupd.engine.copy import CopyOptions, CopyResult, ZeroMode, copy_export
+from virtbackupd.engine.undo import Undo
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class BuiltDomain:
+    """A repository of one domain's backups, and the reference images."""
+
+    tmp: Path
+    disks: dict[str, int]  # target -> size
+    name: str = "built-vm"
+    uuid: str = field(default_factory=lambda: str(uuidlib.uuid4()))
+    refs: dict[str, dict[str, Path]] = field(default_factory=dict)  # id -> disk -> raw copy
+    ids: list[str] = field(default_factory=list)
+    last_checkpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        self.root = self.tmp / "repo"
+        self.runtime = self.tmp / "run"
+        self.state_db = self.tmp / "state" / "state.db"
+        self.state_db.parent.mkdir(parents=True, exist_ok=True)
+        self.repo = Repository(self.root)
+        for disk, size in self.disks.items():
+            run("qemu-img", "create", "-q", "-f", "qcow2", self.source(disk), str(size))
+
+    def source(self, disk: str) -> Path:
+        return self.tmp / f"src-{disk}.qcow2"
+
+    def folder(self, backup_id: str) -> Path:
+        return self.repo.final_dir(self.uuid, backup_id)
+
+    def image(self, backup_id: str, disk: str) -> Path:
+        return self.folder(backup_id) / disk_file(disk)
+
+    def write(self, disk: str, offset: int, length: int, pattern: int) -> None:
+        qemu_io(self.source(disk), f"write -P {pattern} {offset} {length}")
+
+    def zero(self, disk: str, offset: int, length: int) -> None:
+        qemu_io(self.source(disk), f"write -z {offset} {length}")
+
+    async def backup(
+        self,
+        store: Store,
+        level: Level | None = None,
+        step: Callable[[str], None] | None = None,
+    ) -> Manifest:
+        """One backup of every disk: incremental on the last one's
+        checkpoint unless `level` is FULL or there is none."""
+        started = datetime.now(UTC)
+        backup_id = new_backup_id(started)
+        cp = checkpoint_name(backup_id)
+        parent_cp = self.last_checkpoint if level is not Level.FULL else None
+        parent = self.ids[-1] if parent_cp else None
+        lvl = Level.INCREMENTAL if parent else Level.FULL
+        await store.see_domain(self.uuid, self.name, started)
+        await store.start_backup(
+            BackupRecord(
+                backup_id, self.uuid, self.name, lvl, BackupStatus.RUNNING, cp, parent, started
+            )
+        )
+        undo = Undo(self.repo, UndoLog(backup_id, self.name, self.uuid, lvl, started))
+        partial = self.repo.partial_dir(self.uuid, backup_id)
+        undo.note(UndoKind.PARTIAL, partial)
+        self.repo.create_partial(self.uuid, backup_id)
+        results: dict[str, CopyResult] = {}
+        for disk, size in self.disks.items():
+            src = self.source(disk)
+            await qemu_img.bitmap(src, cp, add=True)
+            target = partial / disk_file(disk)
+            await qemu_img.create(
+                target, size, backing=backing_of(parent, disk) if parent else None
+            )
+            async with (
+                qemu_nbd.serve(
+                    src, runtime_dir=self.runtime, bitmaps=[parent_cp] if parent_cp else []
+                ) as s,
+                qemu_nbd.serve(
+                    target, runtime_dir=self.runtime, readonly=False, cache="unsafe"
+                ) as t,
+            ):
+                results[disk] = await copy_export(
+                    s.address,
+                    s.name,
+                    t.address,
+                    t.name,
+                    dirty_bitmap=parent_cp,
+                    options=CopyOptions(
+                        zero_mode=ZeroMode.WRITE_ZEROES if parent else ZeroMode.SKIP
+                    ),
+                )
+        manifest = Manifest(
+            id=backup_id,
+            domain_name=self.name,
+            domain_uuid=self.uuid,
+            level=lvl,
+            reason="built by the test",
+            checkpoint=cp,
+            parent=parent,
+            parent_checkpoint=parent_cp,
+            started=started,
+            finished=datetime.now(UTC),
+            disks=disk_records(results),
+        )
+        # The reference first: a crash test kills the process inside the commit.
+        self.refs[backup_id] = {}
+        for disk in self.disks:
+            ref = self.tmp / f"ref-{backup_id}-{disk}.raw"
+            run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", self.source(disk), ref)
+            self.refs[backup_id][disk] = ref
+        await commit_backup(
+            store,
+            self.repo,
+            manifest,
+            {"domain.xml": f"<domain><name>{self.name}</name></domain>\n"},
+            {name: r.pieces for name, r in results.items()},
+            undo,
+            step,
+        )
+        self.ids.append(backup_id)
+        self.last_checkpoint = cp
+        return manifest
