@@ -15,7 +15,7 @@ import contextlib
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -25,21 +25,17 @@ import structlog
 
 from virtbackupd.adapters import qemu_img, qemu_nbd, repository
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
-from virtbackupd.adapters.nbd.client import UnixAddress, connect
+from virtbackupd.adapters.nbd.client import UnixAddress
 from virtbackupd.adapters.repository import Manifest, Repository, StepHook, UndoKind, UndoLog
 from virtbackupd.adapters.store import Store
 from virtbackupd.config.daemon import DaemonConfig
 from virtbackupd.core.backup_documents import (
-    BackupRequest,
-    DiskChoice,
-    build_documents,
     checkpoint_name,
-    is_own_checkpoint,
 )
-from virtbackupd.core.checkpoint_xml import Checkpoint, CheckpointDisk, CheckpointDiskMode
 from virtbackupd.core.domain_xml import DomainInfo, parse_domain
+from virtbackupd.core.job_state import Cleanup, JobMachine, JobState
 from virtbackupd.core.plan import CheckpointView, Plan, plan_backup
-from virtbackupd.core.policy import Level, Policy, Quiesce
+from virtbackupd.core.policy import Level, Policy
 from virtbackupd.core.records import (
     BackupRecord,
     BackupStatus,
@@ -47,6 +43,7 @@ from virtbackupd.core.records import (
     DiskRecord,
 )
 from virtbackupd.engine import own_checkpoints, scratch, vm_starts
+from virtbackupd.engine.backup_export import Export, OfflineExport, OnlineExport
 from virtbackupd.engine.catalogue import commit_backup
 from virtbackupd.engine.copy import (
     CopyOptions,
@@ -61,15 +58,12 @@ from virtbackupd.engine.locks import (
     backup_slot,
     cancel_requested,
     clear_cancel,
-    clear_freeze,
     domain_lock,
-    note_freeze,
 )
 from virtbackupd.engine.undo import Images, Undo, replay
 from virtbackupd.errors import (
     BackupBusyError,
     BackupFailedError,
-    CheckpointInconsistentError,
     DomainStartingError,
     LibvirtError,
     VirtBackupError,
@@ -85,15 +79,6 @@ class _Cancel(StrEnum):
     OPERATOR = "cancelled by the operator"
     DOMAIN_STARTED = "cancelled: the domain was started (a VM start wins over an offline backup)"
     SCRATCH = "scratch space ran low"  # the message with the numbers is kept beside
-
-
-class JobState(StrEnum):
-    PLANNED = "planned"
-    EXPORTING = "exporting"
-    COPYING = "copying"
-    COMMITTING = "committing"
-    COMPLETE = "complete"
-    FAILED = "failed"
 
 
 @dataclass
@@ -174,10 +159,10 @@ async def backup_domain(
             ),
             vm_starts.running_or_held(ctx.libvirt, ref) as running,
         ):
-            return await _Job(ctx, ref, want, progress, running).run()
+            return await Job(ctx, ref, want, progress, running).run()
 
 
-class _Job:
+class Job:
     def __init__(
         self,
         ctx: BackupContext,
@@ -199,7 +184,7 @@ class _Job:
         self.job_dir = ctx.config.runtime_dir / "jobs" / self.id
         self.scratch_dir = ctx.config.scratch_dir / self.id
         self.cancel_detail = ""
-        self.state = JobState.PLANNED
+        self.machine = JobMachine()
         self.log = log.bind(domain=ref.name, backup_id=self.id, checkpoint=self.checkpoint)
         self.libvirt_job = False
         self.record: BackupRecord | None = None
@@ -207,8 +192,12 @@ class _Job:
         self.progress: JobProgress | None = None
         self.cancelled: _Cancel | None = None
 
-    def _enter(self, state: JobState) -> None:
-        self.state = state
+    @property
+    def state(self) -> JobState:
+        return self.machine.state
+
+    def enter(self, state: JobState) -> None:
+        self.machine.advance(state)
         self.log.debug("backup state", state=state.value)
 
     async def run(self) -> BackupRecord:
@@ -320,20 +309,14 @@ class _Job:
                 self.log.warning("disk copied in full", disk=c.target, reason=c.reason)
         for left in plan.left_out:
             self.log.warning("disk left out of the backup", disk=left.disk, reason=left.reason)
+        # Online: libvirt's pull job; offline: qemu-nbd on the images.
+        export: Export = OnlineExport(self) if self.running else OfflineExport(self)
         try:
+            self.enter(JobState.EXPORTING)
             self._prepare(info)
-            if not self.running:
-                results = await self._copy_offline(info, plan)
-                self._enter(JobState.COMMITTING)
-                return await self._commit(info, plan, results)
-            try:
-                results = await self._export_and_copy(info, plan)
-            except CheckpointInconsistentError as exc:
-                if plan.level is not Level.INCREMENTAL:
-                    raise
-                plan = await self._after_crash(info, str(exc))
-                results = await self._export_and_copy(info, plan)
-            self._enter(JobState.COMMITTING)
+            results, plan = await export.copy(info, plan)
+            self.enter(JobState.COMMITTING)
+            await export.before_commit(info, plan)
             return await self._commit(info, plan, results)
         except BaseException as exc:
             await self._fail(exc)
@@ -389,17 +372,15 @@ class _Job:
             await lv.redefine_checkpoint(self.ref, cp.xml)
         return plan
 
-    def _note(
-        self, kind: UndoKind, path: Path | str | None = None, name: str | None = None
-    ) -> None:
+    def note(self, kind: UndoKind, path: Path | str | None = None, name: str | None = None) -> None:
         assert self.undo is not None
         self.undo.note(kind, path, name)
 
     def _prepare(self, info: DomainInfo) -> None:
-        self._note(UndoKind.PARTIAL, self.repo.partial_dir(self.ref.uuid, self.id))
-        self._note(UndoKind.JOB_DIR, self.job_dir)
+        self.note(UndoKind.PARTIAL, self.repo.partial_dir(self.ref.uuid, self.id))
+        self.note(UndoKind.JOB_DIR, self.job_dir)
         if self.running:
-            self._note(UndoKind.JOB_DIR, self.scratch_dir)
+            self.note(UndoKind.JOB_DIR, self.scratch_dir)
         self.repo.create_partial(self.ref.uuid, self.id)
         # QEMU (often not root) must traverse to its job folder, not list it.
         self.job_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -430,7 +411,7 @@ class _Job:
             self.log.warning("checkpoint bitmaps inconsistent; taking a full backup", reason=reason)
         return reason
 
-    async def _after_crash(self, info: DomainInfo, error: str) -> Plan:
+    async def after_crash(self, info: DomainInfo, error: str) -> Plan:
         """libvirt refused our parent checkpoint: its bitmaps are broken
         (QEMU was killed), and this backup becomes a full one."""
         self.log.warning(
@@ -444,93 +425,7 @@ class _Job:
         self.log.info("backup replanned", backup_level=plan.level.value, reason=plan.reason)
         return plan
 
-    async def _export_and_copy(self, info: DomainInfo, plan: Plan) -> dict[str, CopyResult]:
-        lv = self.ctx.libvirt
-        self._enter(JobState.EXPORTING)
-        socket = self.job_dir / "nbd.sock"
-        docs = build_documents(
-            info.disks,
-            BackupRequest(
-                checkpoint=self.checkpoint,
-                incremental_from=plan.parent_checkpoint,
-                socket_path=str(socket),
-                scratch_dir=str(self.scratch_dir),
-                include=self.ctx.policy.include_disks,
-                exclude=self.ctx.policy.exclude_disks,
-                raw=self.ctx.policy.raw,
-            ),
-        )
-        space = scratch.check_before(self.ctx.config.scratch_dir, self.ref.name)
-        self.log.debug("scratch space", free=space.free, reserve=space.reserve)
-        self._note(UndoKind.LIBVIRT_JOB, socket)
-        self._note(UndoKind.CHECKPOINT, name=self.checkpoint)
-        frozen = await self._freeze()
-        try:
-            await lv.backup_begin(self.ref, docs.backup.to_xml(), docs.checkpoint.to_xml())
-        finally:
-            if frozen:
-                # The point in time is taken when the job starts: thaw at once.
-                # Shielded: a cancel must not leave the guest frozen. On a
-                # failed thaw the record stays, and the next run thaws.
-                await asyncio.shield(lv.fs_thaw(self.ref))
-                clear_freeze(self.ctx.config.runtime_dir, self.ref.uuid)
-        self.libvirt_job = True
-        await self._create_targets(plan, await self._sizes(docs.included))
-        self._enter(JobState.COPYING)
-        sources = {
-            c.target: (
-                UnixAddress(str(socket)),
-                c.target,
-                f"backup-{c.target}" if plan.level is Level.INCREMENTAL and c.checkpoint else None,
-            )
-            for c in docs.included
-        }
-        try:
-            results = await self._copy_all(sources, plan)
-        except VirtBackupError as exc:
-            if not await lv.is_running(self.ref):
-                # The export died with QEMU: say why, not how the socket closed.
-                raise BackupFailedError(
-                    f"{self.ref.name} stopped during the backup (the export went away with "
-                    f"it: {exc}); nothing of this backup is kept"
-                ) from exc
-            raise
-        # The export must still be ours and alive: a job that someone else
-        # ended, or that failed, no longer shows our point in time.
-        if not await lv.job_active(self.ref):
-            failure = await lv.completed_job_failed(self.ref)
-            raise BackupFailedError(
-                f"the libvirt backup job of {self.ref.name} ended before the copy finished"
-                + (f": {failure}" if failure else "")
-            )
-        await lv.abort_job(self.ref)
-        self.libvirt_job = False
-        return results
-
-    async def _freeze(self) -> bool:
-        """Quiesce per policy: `never` skips; `auto` tries and warns;
-        `always` fails the backup when the guest agent cannot freeze."""
-        mode = self.ctx.policy.quiesce
-        if mode is Quiesce.NEVER:
-            return False
-        # Recorded before it is made: if this process dies before the thaw,
-        # the next backup of the domain thaws the guest (clean_leftovers).
-        note_freeze(self.ctx.config.runtime_dir, self.ref.uuid)
-        try:
-            count = await self.ctx.libvirt.fs_freeze(self.ref)
-        except VirtBackupError as exc:
-            clear_freeze(self.ctx.config.runtime_dir, self.ref.uuid)
-            if mode is Quiesce.ALWAYS:
-                raise BackupFailedError(
-                    f"quiesce is 'always' but the guest agent of {self.ref.name} cannot "
-                    f"freeze its file systems: {exc}"
-                ) from exc
-            self.log.warning("no guest agent answered; backing up without quiesce", error=str(exc))
-            return False
-        self.log.info("guest file systems frozen", count=count)
-        return True
-
-    async def _copy_all(
+    async def copy_all(
         self, sources: dict[str, tuple[UnixAddress, str, str | None]], plan: Plan
     ) -> dict[str, CopyResult]:
         """Copy every disk concurrently from its source export (address,
@@ -581,7 +476,7 @@ class _Job:
             raise first_cause(group) from group
         return results
 
-    async def _create_targets(self, plan: Plan, sizes: dict[str, int]) -> None:
+    async def create_targets(self, plan: Plan, sizes: dict[str, int]) -> None:
         partial = self.repo.partial_dir(self.ref.uuid, self.id)
         for c in plan.choices:
             if not c.included:
@@ -599,85 +494,11 @@ class _Job:
             else:
                 await qemu_img.create(image, sizes[c.target])
 
-    async def _copy_offline(self, info: DomainInfo, plan: Plan) -> dict[str, CopyResult]:
-        """A shut-off domain: no libvirt job and no checkpoint creation are
-        possible. Each image is exported read-only by qemu-nbd (with the
-        parent checkpoint's bitmap for an incremental). The new checkpoint's
-        bitmap is added *before* the copy: a guest started in between is
-        then tracked (at worst copied twice), never missed; while qemu-nbd
-        holds the image, QEMU cannot open it for writing."""
-        self._enter(JobState.EXPORTING)
-        disks = {d.target: d for d in info.disks}
-        sizes: dict[str, int] = {}
-        for c in plan.choices:
-            if not c.included:
-                continue
-            path = Path(disks[c.target].source or "")
-            sizes[c.target] = (await qemu_img.info(path)).virtual_size
-            if c.checkpoint:
-                self._note(UndoKind.BITMAP, path, self.checkpoint)
-                await qemu_img.bitmap(path, self.checkpoint, add=True)
-        await self._create_targets(plan, sizes)
-        self._enter(JobState.COPYING)
-        async with contextlib.AsyncExitStack() as stack:
-            sources: dict[str, tuple[UnixAddress, str, str | None]] = {}
-            for c in plan.choices:
-                if not c.included:
-                    continue
-                dd = disks[c.target]
-                inc = plan.level is Level.INCREMENTAL and c.checkpoint
-                bitmap = plan.parent_checkpoint if inc else None
-                export = await stack.enter_async_context(
-                    qemu_nbd.serve(
-                        Path(dd.source or ""),
-                        runtime_dir=self.job_dir,
-                        fmt=dd.driver_type or "raw",
-                        readonly=True,
-                        bitmaps=[bitmap] if bitmap else [],
-                    )
-                )
-                sources[c.target] = (export.address, export.name, bitmap)
-            return await self._copy_all(sources, plan)
-
-    async def _redefine_offline_checkpoint(self, info: DomainInfo, plan: Plan) -> None:
-        """Tell libvirt about the bitmap we added: a redefined checkpoint
-        (libvirt cannot create one on an inactive domain)."""
-        known = await self.ctx.libvirt.checkpoints(self.ref)
-        own = [c.name for c in known if is_own_checkpoint(c.name)]
-        parent = plan.parent_checkpoint or (max(own) if own else None)
-        xml = Checkpoint(
-            name=self.checkpoint,
-            parent=parent,
-            creation_time=int(self.started.timestamp()),
-            disks=tuple(
-                CheckpointDisk(
-                    c.target,
-                    CheckpointDiskMode.BITMAP if c.checkpoint else CheckpointDiskMode.NO,
-                    bitmap=self.checkpoint if c.checkpoint else None,
-                )
-                for c in plan.choices
-            ),
-            domain_xml=await self.ctx.libvirt.xml(self.ref, inactive=True),
-        ).to_xml()
-        self._note(UndoKind.CHECKPOINT, name=self.checkpoint)
-        await self.ctx.libvirt.redefine_checkpoint(self.ref, xml)
-
-    async def _sizes(self, choices: Sequence[DiskChoice]) -> dict[str, int]:
-        """Virtual size of each exported disk, as the export reports it."""
-        out: dict[str, int] = {}
-        for c in choices:
-            client = await connect(UnixAddress(str(self.job_dir / "nbd.sock")), c.target)
-            out[c.target] = client.size
-            await client.close()
-        return out
-
     async def _commit(
         self, info: DomainInfo, plan: Plan, results: dict[str, CopyResult]
     ) -> BackupRecord:
         lv, store = self.ctx.libvirt, self.ctx.store
         assert self.record is not None
-        if not self.running:
-            await self._redefine_offline_checkpoint(info, plan)
         cp_xml = await lv.checkpoint_xml(self.ref, self.checkpoint)
         finished = self.ctx.now()
         disks = disk_records(results)
@@ -697,6 +518,13 @@ class _Job:
         )
         domain_xml = await lv.xml(self.ref, inactive=True)
         assert self.undo is not None
+
+        def step(label: str) -> None:
+            if label == "renamed":  # the commit point
+                self.enter(JobState.COMMITTED)
+            if self.ctx.step is not None:
+                self.ctx.step(label)
+
         await commit_backup(
             store,
             self.repo,
@@ -704,9 +532,9 @@ class _Job:
             {"domain.xml": domain_xml, "checkpoint.xml": cp_xml},
             {name: r.pieces for name, r in results.items()},
             self.undo,
-            self.ctx.step,
+            step,
         )
-        self._enter(JobState.COMPLETE)
+        self.enter(JobState.COMPLETE)
         read = sum(d.bytes_read for d in disks)
         secs = (finished - self.started).total_seconds()
         self.log.info(
@@ -736,9 +564,18 @@ class _Job:
             self.log.error("backup failed", state=self.state.value, error=reason, exc_info=exc)
         else:
             self.log.error("backup failed", state=self.state.value, error=reason)
-        self._enter(JobState.FAILED)
-        if self.undo is None:
-            return  # nothing was done yet but the plan
+        cleanup = self.machine.fail()
+        if cleanup is Cleanup.KEEP:
+            self.log.error(
+                "the backup is complete in the repository but the catalogue could not record "
+                "it; it is recorded at the next start or command",
+                path=str(self.repo.final_dir(self.ref.uuid, self.id)),
+            )
+            return
+        if cleanup is Cleanup.NOTHING or self.undo is None:
+            if self.record is not None:
+                await asyncio.shield(self.ctx.store.fail_backup(self.id, self.ctx.now(), reason))
+            return
         await replay(
             self.ctx.libvirt,
             self.ctx.store,

@@ -1,0 +1,85 @@
+"""The states of one backup job, the moves between them, and what a
+failure in each state must clean up. Pure: engine.backup drives it.
+
+    planned ──> exporting ──> copying ──> committing ──> committed ──> complete
+       │            │  ↺          │            │              │
+       └────────────┴─────────────┴────────────┴──> failed    └──> (kept: see below)
+
+- exporting ↺ exporting: libvirt refused the parent checkpoint (QEMU was
+  killed, its bitmaps are broken): the incremental becomes a full and the
+  export starts again.
+- committed: the backup folder has its final name, the commit point
+  (adapters.repository). A failure after it (the catalogue could not be
+  written) takes nothing back: the backup is complete on disk, and the
+  catalogue is told at the next start or command (engine.catalogue).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from virtbackupd.errors import VirtBackupError
+
+
+class JobState(StrEnum):
+    PLANNED = "planned"
+    EXPORTING = "exporting"
+    COPYING = "copying"
+    COMMITTING = "committing"
+    COMMITTED = "committed"
+    COMPLETE = "complete"
+    FAILED = "failed"
+
+
+class Cleanup(StrEnum):
+    """What a failure in a state takes back."""
+
+    NOTHING = "nothing"  # nothing was done yet but the plan
+    UNDO = "undo"  # replay the undo log (engine.undo)
+    KEEP = "keep"  # committed: keep it, the catalogue catches up
+
+
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.PLANNED: frozenset({JobState.EXPORTING, JobState.FAILED}),
+    JobState.EXPORTING: frozenset({JobState.EXPORTING, JobState.COPYING, JobState.FAILED}),
+    JobState.COPYING: frozenset({JobState.COMMITTING, JobState.FAILED}),
+    JobState.COMMITTING: frozenset({JobState.COMMITTED, JobState.FAILED}),
+    JobState.COMMITTED: frozenset({JobState.COMPLETE, JobState.FAILED}),
+    JobState.COMPLETE: frozenset(),
+    JobState.FAILED: frozenset(),
+}
+
+CLEANUP: dict[JobState, Cleanup] = {
+    JobState.PLANNED: Cleanup.NOTHING,
+    JobState.EXPORTING: Cleanup.UNDO,
+    JobState.COPYING: Cleanup.UNDO,
+    JobState.COMMITTING: Cleanup.UNDO,
+    JobState.COMMITTED: Cleanup.KEEP,
+}
+
+
+class IllegalTransitionError(VirtBackupError):
+    """A bug: the job tried a move the table does not allow."""
+
+
+class JobMachine:
+    def __init__(self) -> None:
+        self.state = JobState.PLANNED
+        self.history: list[JobState] = [self.state]
+
+    def advance(self, to: JobState) -> None:
+        if to not in TRANSITIONS[self.state]:
+            raise IllegalTransitionError(
+                f"backup job cannot go from {self.state.value} to {to.value}"
+            )
+        self.state = to
+        self.history.append(to)
+
+    def fail(self) -> Cleanup:
+        """Enter FAILED; returns what the failure must clean up (decided by
+        the state it failed in)."""
+        cleanup = CLEANUP.get(self.state)
+        if cleanup is None:
+            raise IllegalTransitionError(f"a {self.state.value} backup job cannot fail")
+        self.advance(JobState.FAILED)
+        return cleanup
