@@ -39,7 +39,8 @@ from virtbackupd.daemon.status_file import read_status
 from virtbackupd.engine import restore
 from virtbackupd.engine.backup import BackupContext, JobProgress, backup_domain
 from virtbackupd.engine.copy import CopyProgress
-from virtbackupd.engine.locks import domain_lock, request_cancel
+from virtbackupd.engine.domain_job import domain_job
+from virtbackupd.engine.locks import request_cancel
 from virtbackupd.engine.prune import describe, prune_under_policy
 from virtbackupd.engine.verify import verify_recorded
 from virtbackupd.errors import (
@@ -259,11 +260,12 @@ async def _restore(
     disks = restore.disks_of(manifest, args.disk)
     damaged_ok = bool(args.allow_damaged)
     line = ProgressLine(sys.stderr.isatty() and not args.json)
-    with domain_lock(config.runtime_dir, dom.uuid, dom.name, "restore"):
+    async with domain_job(config, store, repo, dom.uuid, dom.name, "restore", libvirt=lv) as job:
         try:
             if args.in_place:
                 assert lv is not None
-                ref = await lv.domain(dom.uuid)
+                assert job.ref is not None
+                ref = job.ref
                 done = await restore.restore_in_place(
                     lv,
                     store,
@@ -377,7 +379,7 @@ async def _verify(args: argparse.Namespace, config: DaemonConfig, store: Store) 
     if args.backup is not None and not backups:
         raise VirtBackupError(f"no complete backup {args.backup}")
     verdicts = []
-    async for b, v in verify_recorded(backups, config.runtime_dir):
+    async for b, v in verify_recorded(config, store, backups):
         verdicts.append((b, v))
         if not args.json:
             state = "ok" if v.ok else "FAILED"

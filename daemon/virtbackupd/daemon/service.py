@@ -42,7 +42,7 @@ from virtbackupd.daemon.decisions import Trigger
 from virtbackupd.daemon.status_file import DaemonStatus, DomainState, remove_status, write_status
 from virtbackupd.engine import catalogue, own_checkpoints, vm_starts
 from virtbackupd.engine.backup import BackupContext, backup_domain
-from virtbackupd.engine.leftovers import clean_leftovers
+from virtbackupd.engine.domain_job import domain_job
 from virtbackupd.engine.locks import domain_lock
 from virtbackupd.engine.prune import describe, prune_under_policy
 from virtbackupd.engine.verify import verify_recorded
@@ -303,7 +303,7 @@ class Service:
                 backups = await store.backups(uuid, status=BackupStatus.COMPLETE)
                 bad = [
                     verdict.as_json()
-                    async for _, verdict in verify_recorded(backups, self.config.runtime_dir)
+                    async for _, verdict in verify_recorded(self.config, store, backups)
                     if not verdict.ok
                 ]
             except VirtBackupError as exc:
@@ -588,10 +588,10 @@ class Service:
                 policy = self._policy(ref.name, ref.uuid)
                 repo = Repository((policy.target if policy else None) or self.config.backup_root)
                 try:
-                    with domain_lock(self.config.runtime_dir, ref.uuid, ref.name):
-                        cleaned = await clean_leftovers(
-                            lv, store, ref, self.config, repo, datetime.now(UTC)
-                        )
+                    async with domain_job(
+                        self.config, store, repo, ref.uuid, ref.name, "backup", libvirt=lv
+                    ) as job:
+                        cleaned = list(job.cleaned)
                 except VirtBackupError as exc:
                     # A CLI backup may hold the lock: its own process cleans
                     # up; otherwise the domain's next backup tries again.

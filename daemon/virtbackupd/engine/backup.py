@@ -53,12 +53,11 @@ from virtbackupd.engine.copy import (
     ZeroMode,
     copy_export,
 )
-from virtbackupd.engine.leftovers import clean_leftovers
+from virtbackupd.engine.domain_job import domain_job
 from virtbackupd.engine.locks import (
     backup_slot,
     cancel_requested,
     clear_cancel,
-    domain_lock,
 )
 from virtbackupd.engine.undo import Images, Undo, replay
 from virtbackupd.errors import (
@@ -130,16 +129,20 @@ async def backup_domain(
     progress: ProgressFn | None = None,
 ) -> BackupRecord:
     """Take one backup of `domain` (name or UUID) under its lock."""
-    ref = await ctx.libvirt.domain(domain)
-    with domain_lock(ctx.config.runtime_dir, ref.uuid, ref.name):
-        await clean_leftovers(
-            ctx.libvirt,
-            ctx.store,
-            ref,
-            ctx.config,
-            Repository(ctx.policy.target or ctx.config.backup_root),
-            ctx.now(),
-        )
+    found = await ctx.libvirt.domain(domain)
+    repo = Repository(ctx.policy.target or ctx.config.backup_root)
+    async with domain_job(
+        ctx.config,
+        ctx.store,
+        repo,
+        found.uuid,
+        found.name,
+        "backup",
+        libvirt=ctx.libvirt,
+        now=ctx.now,
+    ) as job:
+        assert job.ref is not None
+        ref = job.ref
         running = await ctx.libvirt.is_running(ref)
         if running and await ctx.libvirt.job_active(ref):
             # Another tool's backup (or a migration...) owns the domain's job

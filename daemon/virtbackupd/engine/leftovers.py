@@ -73,9 +73,13 @@ async def settle(
     now: datetime,
     lv: Libvirt | None = None,
     ref: DomainRef | None = None,
+    *,
+    libvirt_free_only: bool = False,
 ) -> list[str]:
     """The undo logs of dead backups of one domain: a committed one is
-    catalogued, the others replayed. Returns the ids replayed."""
+    catalogued, the others replayed (with `libvirt_free_only`, only those
+    that need nothing of libvirt: the others wait for a caller with
+    libvirt). Returns the ids replayed."""
     cleaned = []
     for left in repo.undo_logs(uuid):
         if repo.final_dir(uuid, left.backup_id).is_dir():
@@ -86,6 +90,8 @@ async def settle(
                 domain=left.domain_name,
                 backup_id=left.backup_id,
             )
+            continue
+        if libvirt_free_only and any(s.kind in undo.LIBVIRT_STEPS for s in left.steps):
             continue
         await undo.replay(
             lv, store, repo, ref, left, INTERRUPTED, now, images=undo.Images.LEAVE, logger=log

@@ -46,7 +46,7 @@ from virtbackupd.core.policy import Policy, Retention
 from virtbackupd.core.records import CheckpointStatus, DiskRecord
 from virtbackupd.core.retention import Point, Verdict, decide
 from virtbackupd.engine.content import digest_image
-from virtbackupd.engine.locks import domain_lock
+from virtbackupd.engine.domain_job import domain_job
 from virtbackupd.errors import PruneError, VirtBackupError
 
 log = structlog.get_logger("virtbackupd.prune")
@@ -140,11 +140,11 @@ async def prune_under_policy(
     libvirt: Libvirt | None = None,
 ) -> PruneResult:
     """Prune one domain as its policy says, holding the domain's lock."""
-    root = policy.target or config.backup_root
-    with domain_lock(config.runtime_dir, uuid, name, "prune"):
+    repo = Repository(policy.target or config.backup_root)
+    async with domain_job(config, store, repo, uuid, name, "prune"):
         return await prune_domain(
             store,
-            root / uuid,
+            repo.domain_dir(uuid),
             policy.retention,
             policy.max_incrementals,
             config.runtime_dir,

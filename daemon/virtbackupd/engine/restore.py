@@ -16,7 +16,6 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import structlog
 
@@ -39,7 +38,7 @@ from virtbackupd.core.chain_check import (
     Seen,
     classify,
 )
-from virtbackupd.core.domain_xml import parse_domain
+from virtbackupd.core.domain_xml import DomainDisk, parse_domain
 from virtbackupd.core.extents import Kind, content_hash
 from virtbackupd.core.records import CheckpointStatus
 from virtbackupd.core.restored_domain import RestoredImage, restored_domain_xml
@@ -324,7 +323,7 @@ async def restore_in_place(
 
 
 async def forget_checkpoints(
-    lv: Libvirt, store: Store, ref: DomainRef, info_disks: Sequence[Any]
+    lv: Libvirt, store: Store, ref: DomainRef, info_disks: Sequence[DomainDisk]
 ) -> None:
     """Drop all of the domain's checkpoints: libvirt's metadata, the
     bitmaps left in images that were not restored, and the store's trust."""

@@ -23,9 +23,9 @@ from dataclasses import replace
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
 import structlog
+from structlog.typing import FilteringBoundLogger
 
 from virtbackupd.adapters import qemu_img
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
@@ -42,7 +42,7 @@ from virtbackupd.core.domain_xml import parse_domain
 from virtbackupd.engine import own_checkpoints, vm_starts
 from virtbackupd.errors import DomainStartingError, VirtBackupError
 
-log = structlog.get_logger("virtbackupd.undo")
+log: FilteringBoundLogger = structlog.get_logger("virtbackupd.undo")
 
 
 class Images(StrEnum):
@@ -95,7 +95,7 @@ async def replay(
     now: datetime,
     *,
     images: Images,
-    logger: Any = log,
+    logger: FilteringBoundLogger = log,
 ) -> None:
     """Take back every step of `undo`, record the attempt as failed, drop
     the log. `images` says whether bitmaps may be removed from a shut-off
@@ -103,7 +103,7 @@ async def replay(
     is gone, or a repository is tidied without libvirt) the libvirt steps
     are skipped: nothing of the domain is left to clean."""
     for step in reversed(undo.steps):
-        if step.kind in _LIBVIRT_STEPS and (lv is None or ref is None):
+        if step.kind in LIBVIRT_STEPS and (lv is None or ref is None):
             continue
         try:
             await asyncio.shield(_take_back(lv, ref, step, images, logger))
@@ -129,11 +129,15 @@ async def replay(
     repo.drop_undo(undo.domain_uuid, undo.backup_id)
 
 
-_LIBVIRT_STEPS = (UndoKind.LIBVIRT_JOB, UndoKind.CHECKPOINT, UndoKind.BITMAP)
+LIBVIRT_STEPS = (UndoKind.LIBVIRT_JOB, UndoKind.CHECKPOINT, UndoKind.BITMAP)
 
 
 async def _take_back(
-    lv: Libvirt | None, ref: DomainRef | None, step: UndoStep, images: Images, logger: Any
+    lv: Libvirt | None,
+    ref: DomainRef | None,
+    step: UndoStep,
+    images: Images,
+    logger: FilteringBoundLogger,
 ) -> None:
     if step.kind is UndoKind.PARTIAL:
         repo_partial = Path(step.path or "")
@@ -161,7 +165,7 @@ async def _take_back(
 
 
 async def _remove_stray_bitmap(
-    lv: Libvirt, ref: DomainRef, name: str, holding: bool, logger: Any
+    lv: Libvirt, ref: DomainRef, name: str, holding: bool, logger: FilteringBoundLogger
 ) -> None:
     """A shut-off domain keeps the bitmap of a deleted checkpoint (libvirt
     deletes only the metadata then). Removed while the images are held

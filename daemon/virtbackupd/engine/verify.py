@@ -30,10 +30,12 @@ from virtbackupd.adapters.repository import (
     read_manifest,
     read_pieces,
 )
+from virtbackupd.adapters.store import Store
+from virtbackupd.config.daemon import DaemonConfig
 from virtbackupd.core import extents
 from virtbackupd.core.records import BackupRecord, DiskRecord
 from virtbackupd.engine.content import allocated_here, differing, digest_view, open_view
-from virtbackupd.engine.locks import domain_lock
+from virtbackupd.engine.domain_job import domain_job
 from virtbackupd.errors import VirtBackupError
 
 
@@ -121,12 +123,13 @@ class Verifier:
 
 
 async def verify_recorded(
-    backups: Sequence[BackupRecord], runtime_dir: Path
+    config: DaemonConfig, store: Store, backups: Sequence[BackupRecord]
 ) -> AsyncIterator[tuple[BackupRecord, BackupVerdict]]:
-    """Verify recorded backups one by one, each under its domain's lock
-    (no prune merges what is being read). Backups without a folder, or
-    that an interrupted prune is removing, are no backups any more."""
-    verifier = Verifier(runtime_dir)
+    """Verify recorded backups one by one, each inside its domain's job
+    (engine.domain_job: no prune merges what is being read). Backups
+    without a folder, or that an interrupted prune is removing, are no
+    backups any more."""
+    verifier = Verifier(config.runtime_dir)
     for b in backups:
         if b.path is None:
             continue
@@ -134,7 +137,7 @@ async def verify_recorded(
         repo = Repository(folder.parent.parent)
         if b.id in repo.being_removed(folder.parent.name):
             continue
-        with domain_lock(runtime_dir, b.domain_uuid, b.domain_name, "verify"):
+        async with domain_job(config, store, repo, b.domain_uuid, b.domain_name, "verify"):
             verdict = await verifier.backup(folder)
         yield b, verdict
 

@@ -1,0 +1,122 @@
+"""Pruning repositories built without libvirt (testbed.repo_builder): a
+prune interrupted after every one of its steps loses no kept point, the
+chain limit is met by merging instead of a new full backup, and a damaged
+layer is never merged. The CLI and libvirt side of pruning is
+tests/integration/test_prune.py."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from testbed.repo_builder import BuiltDomain, MiB
+from testbed.tools import flip_byte, qemu_img_compare
+from virtbackupd.adapters.repository import PRUNE_JOURNAL
+from virtbackupd.adapters.store import Store
+from virtbackupd.core.policy import Retention
+from virtbackupd.core.records import BackupStatus
+from virtbackupd.engine.prune import prune_domain
+from virtbackupd.engine.verify import verify_backup
+from virtbackupd.errors import PruneError
+
+
+async def chain(tmp: Path, n: int) -> BuiltDomain:
+    """A full and n-1 incrementals, each after different writes."""
+    b = BuiltDomain(tmp, {"vda": 16 * MiB, "vdb": 8 * MiB})
+    async with Store.open(b.state_db) as store:
+        for i in range(n):
+            b.write("vda", (i % 4) * 4 * MiB, MiB + i * 64 * 1024, 0x30 + i)
+            if i % 2:
+                b.zero("vda", (i % 4) * 4 * MiB, 256 * 1024)
+            b.write("vdb", i * MiB, 512 * 1024, 0x60 + i)
+            await b.backup(store)
+    return b
+
+
+def assert_points_restore(b: BuiltDomain, ids: list[str]) -> None:
+    """Each kept backup's chain reads exactly like the reference at its
+    time (plain qemu-img, following the backing files)."""
+    for backup_id in ids:
+        for disk, ref in b.refs[backup_id].items():
+            qemu_img_compare(ref, b.image(backup_id, disk), "raw", "qcow2")
+
+
+class Interrupted(BaseException):
+    """Stands for the process dying right after a step."""
+
+
+async def test_prune_interrupted_after_every_step_loses_nothing(tmp_path: Path) -> None:
+    b = await chain(tmp_path, 5)
+    ids, domain_dir = b.ids, b.repo.domain_dir(b.uuid)
+    kept = ids[2:]
+
+    def stop_at_new_step(crashed: list[str]) -> Callable[[str], None]:
+        """Die right after the first step no earlier run died after."""
+
+        def hook(label: str) -> None:
+            if label not in crashed:
+                crashed.append(label)
+                raise Interrupted(label)
+
+        return hook
+
+    crashed: list[str] = []
+    for _ in range(100):
+        try:
+            async with Store.open(b.state_db) as store:
+                await prune_domain(
+                    store,
+                    domain_dir,
+                    Retention(keep_last=3),
+                    1,  # chain limit: the newest ends one overlay above its base
+                    b.runtime,
+                    step=stop_at_new_step(crashed),
+                )
+        except Interrupted:
+            assert_points_restore(b, kept)
+            continue
+        break
+    # Died once after every step: journal, each commit, move, rebase,
+    # manifest, hide, removal, the store update and dropping the journal.
+    kinds = {label.split()[0] for label in crashed}
+    assert kinds == {"journal", "committed", "moved", "manifest", "rebased", "hid", "removed",
+                     "store"}, crashed  # fmt: skip
+    assert len(crashed) >= 15, crashed
+    assert not (domain_dir / PRUNE_JOURNAL).exists()
+    assert sorted(p.name for p in domain_dir.iterdir() if p.name[0] != ".") == kept
+    assert_points_restore(b, kept)
+    async with Store.open(b.state_db) as store:
+        listed = await store.backups(b.uuid, status=BackupStatus.COMPLETE)
+    # ids[4] skipped ids[3] to meet the chain limit: both now build on ids[2].
+    assert [(r.id, r.parent) for r in listed] == [(ids[2], None), (ids[3], ids[2]),
+                                                   (ids[4], ids[2])]  # fmt: skip
+    for backup_id in kept:
+        assert (await verify_backup(b.folder(backup_id), b.runtime)).ok
+
+
+async def test_chain_limit_is_met_by_merging_not_by_a_new_full(tmp_path: Path) -> None:
+    b = await chain(tmp_path, 5)
+    async with Store.open(b.state_db) as store:
+        await prune_domain(store, b.repo.domain_dir(b.uuid), Retention(), 2, b.runtime)
+        parents = {r.id: r.parent for r in await store.backups(b.uuid)}
+    depth, cur = 0, b.ids[-1]
+    while parents[cur] is not None:
+        depth, cur = depth + 1, parents[cur]
+    assert depth == 2
+    assert_points_restore(b, b.ids)  # nothing was lost
+    for backup_id in b.ids:
+        assert (await verify_backup(b.folder(backup_id), b.runtime)).ok
+
+
+async def test_a_damaged_layer_is_never_merged(tmp_path: Path) -> None:
+    b = await chain(tmp_path, 3)
+    flip_byte(b.image(b.ids[1], "vdb"), MiB + 100)
+    async with Store.open(b.state_db) as store:
+        with pytest.raises(PruneError, match=f"backup {b.ids[1]} disk vdb"):
+            await prune_domain(
+                store, b.repo.domain_dir(b.uuid), Retention(keep_last=1), None, b.runtime
+            )
+    assert not (b.repo.domain_dir(b.uuid) / PRUNE_JOURNAL).exists()
+    assert sorted(s.manifest.id for s in b.repo.backups(b.uuid)) == b.ids
