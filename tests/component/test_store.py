@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -54,7 +55,7 @@ async def test_backup_lifecycle(tmp_path: Path) -> None:
         await store.start_backup(backup("b1"))
         await store.set_progress("b1", 10, 100, 1.5, NOW)
         disk = DiskRecord("vda", "vda.qcow2", 100, 10, 10, 0, "d", 4, ())
-        await store.complete_backup("b1", NOW, "/x/b1", [disk])
+        await complete(store, "b1", "/x/b1", [disk])
         await store.start_backup(backup("b2", "b1"))
         await store.fail_backup("b2", NOW, "boom")
         # A finished backup cannot be failed afterwards.
@@ -75,6 +76,23 @@ async def test_foreign_keys_are_enforced(tmp_path: Path) -> None:
             await store.start_backup(backup("orphan"))  # no such domain
 
 
+async def complete(store: Store, backup_id: str, path: str, disks: list[DiskRecord]) -> None:
+    """What a commit records (engine.catalogue): the whole row, disks and all."""
+    got = await store.backup(backup_id)
+    assert got is not None
+    await store.record_backup(
+        replace(
+            got,
+            status=BackupStatus.COMPLETE,
+            finished=NOW,
+            path=path,
+            disks=tuple(disks),
+            bytes_read=sum(d.bytes_read for d in disks),
+            bytes_written=sum(d.bytes_written for d in disks),
+        )
+    )
+
+
 def disk(name: str) -> DiskRecord:
     return DiskRecord(name, f"{name}.qcow2", 1 << 20, 1 << 20, 1 << 20, 0, "d", 1 << 20, ())
 
@@ -92,7 +110,7 @@ async def test_concurrent_jobs_commit_on_one_connection(tmp_path: Path) -> None:
         async def finish(i: str, n: int) -> None:
             await store.set_progress(i, n, 100, 1.0, NOW)
             if n % 3:
-                await store.complete_backup(i, NOW, f"/r/{i}", [disk("vda"), disk("vdb")])
+                await complete(store, i, f"/r/{i}", [disk("vda"), disk("vdb")])
             else:
                 await store.fail_backup(i, NOW, "boom")
 
@@ -111,13 +129,13 @@ async def test_a_cancelled_transaction_leaves_the_connection_usable(tmp_path: Pa
     async with Store.open(tmp_path / "s.db") as store:
         await store.see_domain("u1", "web", NOW)
         await store.start_backup(backup("a"))
-        task = asyncio.create_task(store.complete_backup("a", NOW, "/r/a", [disk("vda")] * 1))
+        task = asyncio.create_task(complete(store, "a", "/r/a", [disk("vda")]))
         await asyncio.sleep(0)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         await store.start_backup(backup("b"))
-        await store.complete_backup("b", NOW, "/r/b", [disk("vda")])
+        await complete(store, "b", "/r/b", [disk("vda")])
         assert (await store.backup("b")).status is BackupStatus.COMPLETE  # type: ignore[union-attr]
 
 

@@ -257,12 +257,22 @@ async def test_a_damaged_or_lost_state_database(
     assert moved.read_bytes().startswith(b"\0garbage"), "moved aside, not deleted"
     assert json.loads(out)["added"] == 1
     rc, out, _ = await cli(config, "--json", "list")
-    assert [b["status"] for b in json.loads(out)] == ["complete"]
-    # An empty catalogue beside a repository with backups is said, not hidden.
+    listed = json.loads(out)
+    assert [b["status"] for b in listed] == ["complete"]
+    # The chain goes on from the rebuilt catalogue, byte-identical.
+    await asyncio.to_thread(GuestWriter(td).write, "vda", 2 * MiB, MiB, 0x52)
+    rc, out, err = await cli(config, "--json", "backup", td.name)
+    assert rc == 0, err
+    after = json.loads(out)
+    assert (after["level"], after["parent"]) == ("incremental", listed[0]["id"])
+    assert_restores(Path(after["path"]), [("vda", "vda.qcow2")], td, tmp_path)
+    # A catalogue that lost what the folders hold is brought in line with
+    # them (the folders are the truth), and that is said.
     db.unlink()
     rc, out, err = await cli(config, "list")
-    assert rc == 0 and out == ""
-    assert "records no backup, but the repository holds 1 backup folder" in err
+    assert rc == 0, err
+    assert [line.split()[0] for line in out.splitlines()] == [listed[0]["id"], after["id"]]
+    assert "lacked 2 backup(s)" in err and "recorded them" in err
     # The daemon notices its file deleted under it and stops for a restart.
     rc, _, err = await cli(config, "reindex")
     assert rc == 0, err

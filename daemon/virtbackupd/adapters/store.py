@@ -312,13 +312,6 @@ class Store:
         return await self.domain(rows[0]["uuid"]) if rows else None
 
     # --- checkpoints -----------------------------------------------------------------
-    async def add_checkpoint(self, cp: CheckpointRecord) -> None:
-        await self._execute(
-            """INSERT OR REPLACE INTO checkpoints(domain_uuid, name, parent, created, status, xml)
-               VALUES (?, ?, ?, ?, ?, ?)""",
-            (cp.domain_uuid, cp.name, cp.parent, _ts(cp.created), cp.status.value, cp.xml),
-        )
-
     async def set_checkpoint_status(
         self, domain_uuid: str, name: str, status: CheckpointStatus
     ) -> None:
@@ -460,46 +453,6 @@ class Store:
             "UPDATE backups SET level = ?, parent_id = ? WHERE id = ? AND status = 'running'",
             (level.value, parent, backup_id),
         )
-
-    async def complete_backup(
-        self, backup_id: str, finished: datetime, path: str, disks: Sequence[DiskRecord]
-    ) -> None:
-        """Record the disks and mark the backup complete, in one transaction."""
-        statements: list[tuple[str, Sequence[object]]] = [
-            (
-                """INSERT INTO backup_disks(backup_id, disk, path, virtual_size, bytes_read,
-                       bytes_written, bytes_zeroed, digest, grid, ranges)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                (
-                    backup_id,
-                    d.disk,
-                    d.path,
-                    d.virtual_size,
-                    d.bytes_read,
-                    d.bytes_written,
-                    d.bytes_zeroed,
-                    d.digest,
-                    d.grid,
-                    ranges_json(d.ranges),
-                ),
-            )
-            for d in disks
-        ]
-        statements += [
-            (
-                """UPDATE backups SET status = 'complete', finished = ?, path = ?,
-                       bytes_read = ?, bytes_written = ? WHERE id = ?""",
-                (
-                    _ts(finished),
-                    path,
-                    sum(d.bytes_read for d in disks),
-                    sum(d.bytes_written for d in disks),
-                    backup_id,
-                ),
-            ),
-            ("DELETE FROM progress WHERE backup_id = ?", (backup_id,)),
-        ]
-        await self._transaction(statements)
 
     async def rechain_backup(
         self, backup_id: str, parent: str | None, disks: Sequence[DiskRecord]
