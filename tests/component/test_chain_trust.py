@@ -63,8 +63,16 @@ async def test_a_flipped_byte_in_the_full_fails_its_incrementals(tmp_path: Path)
     with pytest.raises(RestoreError) as refused:
         await restore(b, inc, out)
     assert f"backup {full} disk vda" in str(refused.value)
-    assert not out.exists() or not [p for p in out.iterdir() if p.name.endswith("vda.raw")]
-    assert not list(out.glob(".*partial")) if out.exists() else True
+    assert not out.exists() or not list(out.iterdir())  # no image, no partial
+
+    # All or nothing: damage in the second disk leaves the first unwritten too.
+    flip_byte(b.image(full, "vda"), 4 * MiB + 100)  # vda whole again
+    flip_byte(b.image(full, "vdb"), 100)
+    with pytest.raises(RestoreError, match=f"backup {full} disk vdb"):
+        await restore(b, inc, out)
+    assert not out.exists() or not list(out.iterdir())
+    flip_byte(b.image(full, "vdb"), 100)  # back as it was
+    flip_byte(b.image(full, "vda"), 4 * MiB + 100)  # damaged again
 
     # --allow-damaged writes what can be read: the reference but for that byte.
     await restore(b, inc, out, allow_damaged=True)

@@ -9,7 +9,7 @@ import asyncio
 import ctypes
 import json
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,23 @@ def die_with_parent() -> None:  # pragma: no cover - runs in the child
     else would)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+async def while_locked(action: Callable[[], Awaitable[None]], wait: float = 15.0) -> None:
+    """Run `action`, again while an image it needs is locked by another
+    process: a helper of a process that just died (it got SIGTERM with
+    PR_SET_PDEATHSIG) may hold the lock for a moment."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while True:
+        try:
+            await action()
+        except ProcessError as exc:
+            if "lock" not in exc.message or loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+        else:
+            return
 
 
 async def run_tool(argv: Sequence[str], what: str | None = None) -> str:

@@ -6,7 +6,6 @@ snapshot). Only names with our prefix are ever touched.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from virtbackupd.adapters.store import Store
 from virtbackupd.core.backup_documents import is_own_checkpoint
 from virtbackupd.core.domain_xml import DomainInfo
 from virtbackupd.core.records import BackupStatus, CheckpointStatus
-from virtbackupd.errors import ProcessError, VirtBackupError
+from virtbackupd.errors import VirtBackupError
 
 
 def qcow2_images(info: DomainInfo) -> list[Path]:
@@ -121,17 +120,11 @@ async def check_shut_off(
 
 async def remove_bitmap(image: Path, name: str, wait: float = 15.0) -> None:
     """Remove a bitmap from a shut-off domain's image. A dead backup's
-    qemu-nbd got SIGTERM when its process died (PR_SET_PDEATHSIG) but may
-    still hold the image lock for a moment: retry while the image is locked."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait
-    while True:
-        try:
-            if name in await qemu_img.bitmap_names(image):
-                await qemu_img.bitmap(image, name, remove=True)
-        except ProcessError as exc:
-            if "lock" not in exc.message or loop.time() > deadline:
-                raise
-            await asyncio.sleep(0.5)
-        else:
-            return
+    qemu-nbd got SIGTERM when its process died but may still hold the image
+    lock for a moment (qemu_img.while_locked)."""
+
+    async def remove() -> None:
+        if name in await qemu_img.bitmap_names(image):
+            await qemu_img.bitmap(image, name, remove=True)
+
+    await qemu_img.while_locked(remove, wait)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import structlog
@@ -272,7 +273,9 @@ async def _rebase(domain_dir: Path, op: Rebase, runtime_dir: Path, hook: StepHoo
         image = folder / d.path
         want = backing_of(op.parent, d.disk)
         if (await qemu_img.info(image)).backing_filename != want:
-            await qemu_img.rebase(image, want)  # safe mode: the view stays the same
+            # Safe mode: the view stays the same. A replay may meet the
+            # dead prune's helpers still holding the image for a moment.
+            await qemu_img.while_locked(partial(qemu_img.rebase, image, want))
             hook(f"rebased {op.child}/{d.disk}")
     new = replace(m, parent=op.parent, disks=disks, absorbed=(*m.absorbed, op.absorbed))
     write_manifest(folder, new, pieces)
@@ -293,7 +296,7 @@ async def _consolidate(
         if backing == backing_of(op.into, d.disk) and base.is_file():
             # The heir's view is unchanged while its bytes go down into the
             # base (they shadow it); the base's own point is being pruned.
-            await qemu_img.commit(image, keep_overlay=True)
+            await qemu_img.while_locked(partial(qemu_img.commit, image, keep_overlay=True))
             hook(f"committed {op.heir}/{d.disk}")
             base.chmod(0o600)
             base.replace(image)  # atomically: the standalone image takes the overlay's place

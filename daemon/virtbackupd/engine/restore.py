@@ -60,6 +60,7 @@ class RestoredDisk:
     fmt: str
     result: CopyResult
     damage: tuple[str, ...] = ()  # with allow_damaged: what did not check out
+    partial: Path | None = None  # written, not yet renamed to `path`
 
 
 def disks_of(manifest: Manifest, wanted: Sequence[str]) -> list[str]:
@@ -150,9 +151,11 @@ async def restore_image(
     progress: Callable[[CopyProgress], None] | None = None,
     allow_damaged: bool = False,
 ) -> RestoredDisk:
-    """A standalone, sparse `fmt` image at `target` of what `disk` of the
-    backup in `folder` shows, checked against every layer's recorded
-    pieces as it is copied (no pass of its own)."""
+    """A standalone, sparse `fmt` image of what `disk` of the backup in
+    `folder` shows, checked against every layer's recorded pieces as it is
+    copied (no pass of its own), written and fsynced beside `target` as
+    ``.<name>.partial``: :func:`_publish` renames it once every disk of the
+    restore is written (all or nothing)."""
     if fmt not in FORMATS:
         raise RestoreError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
     chain = _Chain(folder, disk)
@@ -187,8 +190,6 @@ async def restore_image(
         await _check_partly_hidden(chain, seen[Seen.PARTLY], check, runtime_dir)
         fsync_path(partial)
         partial.chmod(0o600)
-        partial.rename(target)
-        fsync_path(target.parent)
     except ChainDamagedError as exc:
         partial.unlink(missing_ok=True)
         raise RestoreError(_refusal([chain.describe(exc.damage)])) from None
@@ -196,7 +197,43 @@ async def restore_image(
         partial.unlink(missing_ok=True)
         raise
     damage = (*chain.damage, *(chain.describe(d) for d in check.damage))
-    return RestoredDisk(disk, target, fmt, result, tuple(damage))
+    return RestoredDisk(disk, target, fmt, result, tuple(damage), partial)
+
+
+async def _restore_all(
+    folder: Path,
+    jobs: Sequence[tuple[str, Path, str]],
+    runtime_dir: Path,
+    progress: ProgressFn | None,
+    allow_damaged: bool,
+) -> list[RestoredDisk]:
+    """Every (disk, target, format) written first, then all renamed into
+    place: a refused or failed restore leaves none of its images, and
+    replaces nothing that was there."""
+    written: list[RestoredDisk] = []
+    try:
+        for disk, target, fmt in jobs:
+            written.append(
+                await restore_image(
+                    folder, disk, target, fmt, runtime_dir, _of_disk(progress, disk), allow_damaged
+                )
+            )
+    except BaseException:
+        for r in written:
+            if r.partial is not None:
+                r.partial.unlink(missing_ok=True)
+        raise
+    return written
+
+
+def _publish(r: RestoredDisk, like: os.stat_result | None = None) -> None:
+    """Rename a written image into place (with `like`'s owner and mode)."""
+    assert r.partial is not None
+    if like is not None:  # keep the image's owner and mode for libvirt/QEMU
+        os.chown(r.partial, like.st_uid, like.st_gid)
+        r.partial.chmod(like.st_mode & 0o7777)
+    r.partial.rename(r.path)
+    fsync_path(r.path.parent)
 
 
 def _refusal(found: Sequence[str]) -> str:
@@ -251,13 +288,11 @@ async def restore_to_dir(
     # 0711: QEMU (another user) must reach the images of a --define'd
     # domain; the images themselves are 0600 until libvirt labels them.
     to.mkdir(parents=True, exist_ok=True, mode=0o711)
-    out = []
-    for disk, target in targets.items():
-        done = await restore_image(
-            folder, disk, target, fmt, runtime_dir, _of_disk(progress, disk), allow_damaged
-        )
-        log.info("disk restored", disk=disk, path=str(target), bytes=done.result.bytes_written)
-        out.append(done)
+    jobs = [(disk, target, fmt) for disk, target in targets.items()]
+    out = await _restore_all(folder, jobs, runtime_dir, progress, allow_damaged)
+    for r in out:
+        _publish(r)
+        log.info("disk restored", disk=r.disk, path=str(r.path), bytes=r.result.bytes_written)
     return out
 
 
@@ -298,7 +333,7 @@ async def restore_in_place(
     if await lv.is_running(ref):
         raise RestoreError(f"domain {ref.name} is running; --in-place needs it shut off")
     info = parse_domain(await lv.xml(ref, inactive=True), f"domain XML of {ref.name}")
-    out = []
+    jobs = []
     for disk in disks:
         dd = info.disk(disk)
         if dd is None or dd.source is None or dd.source_type != "file":
@@ -308,16 +343,11 @@ async def restore_in_place(
             raise RestoreError(
                 f"disk {disk} of {ref.name} is {fmt}; only qcow2 and raw are restored"
             )
-        target = Path(dd.source)
-        before = target.stat() if target.exists() else None
-        done = await restore_image(
-            folder, disk, target, fmt, runtime_dir, _of_disk(progress, disk), allow_damaged
-        )
-        if before is not None:  # keep the image's owner and mode for libvirt/QEMU
-            os.chown(target, before.st_uid, before.st_gid)
-            target.chmod(before.st_mode & 0o7777)
-        log.info("disk restored in place", domain=ref.name, disk=disk, path=str(target))
-        out.append(done)
+        jobs.append((disk, Path(dd.source), fmt))
+    out = await _restore_all(folder, jobs, runtime_dir, progress, allow_damaged)
+    for r in out:
+        _publish(r, r.path.stat() if r.path.exists() else None)
+        log.info("disk restored in place", domain=ref.name, disk=r.disk, path=str(r.path))
     await forget_checkpoints(lv, store, ref, info_disks=list(info.disks))
     return out
 
