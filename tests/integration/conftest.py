@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from testbed.daemon import QUICK_SCHEDULE
 from testbed.domains import WORK_ROOT
 
 
@@ -23,7 +24,7 @@ def config(tmp_path: Path) -> Iterator[Path]:
     cfg = tmp_path / "virtbackupd.yaml"
     cfg.write_text(
         f"state_dir: state\nbackup_root: backups\nruntime_dir: {run}\n"
-        f"scratch_dir: {scratch}\npolicy_dirs: [policies]\n"
+        f"scratch_dir: {scratch}\npolicy_dirs: [policies]\n{QUICK_SCHEDULE}"
     )
     yield cfg
     shutil.rmtree(run, ignore_errors=True)

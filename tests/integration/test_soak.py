@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.daemon import Daemon, backups, cli_json, most_at_once
+from testbed.daemon import QUICK_SCHEDULE, Daemon, backups, cli_json, most_at_once
 from testbed.domains import DomainFactory, GuestDomain, MiB
 from testbed.guest import GuestWriter
 from testbed.host import connect, ensure_libvirtd, stop_libvirtd
@@ -104,7 +104,10 @@ async def test_daemon_soak_with_schedules_several_domains_and_a_libvirtd_restart
     tds = [await asyncio.to_thread(domains.create, qcow2_sizes=[SIZE]) for _ in range(3)]
     unmanaged = await asyncio.to_thread(domains.create, qcow2_sizes=[MiB], start=False)
     hist = {td.name: History(td, versions, initial) for td in tds}
-    config.write_text(config.read_text() + "max_concurrent_backups: 2\n")
+    # The defaults, as an operator runs it: 0-30 s jitter, 15 s busy retry.
+    config.write_text(
+        config.read_text().replace(QUICK_SCHEDULE, "") + "max_concurrent_backups: 2\n"
+    )
     (config.parent / "policies" / "soak.yaml").write_text(
         "domains: ['vbtest-*']\n"
         f"exclude_domains: ['{unmanaged.name}']\n"

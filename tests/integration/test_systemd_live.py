@@ -155,6 +155,7 @@ async def test_the_shipped_unit_runs_the_daemon_and_backs_up_under_its_sandbox(
     config.write_text(
         f"state_dir: {state_dir}\nbackup_root: {state_dir}/backups\n"
         "runtime_dir: /run/virtbackupd\npolicy_dirs: [policies]\n"
+        "schedule: {jitter: 3}\n"
     )
     units = tmp_path / "units"
     shutil.copytree(REPO / "systemd", units)

@@ -37,6 +37,13 @@ def test_shipped_examples_load() -> None:
     assert pol.quiesce is Quiesce.AUTO
 
 
+def test_schedule_timing(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "vb.yaml", "schedule: {jitter: 0, busy_retry: 3}\n"))
+    assert (cfg.schedule_jitter, cfg.busy_retry) == (0, 3)
+    cfg = load_config(write(tmp_path, "vb2.yaml", "priority: low\n"))
+    assert (cfg.schedule_jitter, cfg.busy_retry) == (30, 15)
+
+
 def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
     cfg = load_config(
         write(tmp_path, "etc/vb.yaml", "state_dir: ../var\npolicy_dirs: [policies]\n")
@@ -64,6 +71,10 @@ def test_config_path_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
         ("policy_dirs: /etc\n", "policy_dirs: expected a list of strings"),
         ("state_dir: [\n", "not valid YAML"),
         ("libvirt_uri: a\nlibvirt_uri: b\n", ":2: libvirt_uri: given twice"),
+        ("schedule:\n  jitter: 60\n", ":2: schedule.jitter: 60 is not below 60 (seconds)"),
+        ("schedule:\n  jitter: -1\n", "schedule.jitter: expected an integer >= 0"),
+        ("schedule: {busy_retry: 0}\n", ":1: schedule.busy_retry: expected an integer >= 1"),
+        ("schedule: {retry: 5}\n", "schedule.retry: unknown key (expected one of: jitter,"),
     ],
 )
 def test_config_errors(tmp_path: Path, text: str, message: str) -> None:

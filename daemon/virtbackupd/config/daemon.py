@@ -32,6 +32,13 @@ class DaemonConfig:
     priority: Priority = Priority.LOW
     log_format: str = "auto"
     log_level: str = "info"
+    # Scheduled runs start up to this many seconds after their minute, at
+    # random (many domains on one schedule do not all start at once).
+    schedule_jitter: int = 30
+    # A request that found its domain busy (another backup, restore or
+    # prune holds its lock; another tool's libvirt job) is tried again this
+    # many seconds later, for as long as the daemon runs: never dropped.
+    busy_retry: int = 15
 
     @property
     def state_db(self) -> Path:
@@ -66,6 +73,7 @@ def load_config(path: Path) -> DaemonConfig:
             "max_concurrent_backups",
             "priority",
             "log",
+            "schedule",
         ],
     )
 
@@ -96,6 +104,16 @@ def load_config(path: Path) -> DaemonConfig:
         cfg["priority"] = Priority(
             src.choice(keys["priority"], "priority", [p.value for p in Priority])
         )
+    sched = src.mapping(keys.get("schedule"), "schedule", ["jitter", "busy_retry"])
+    if "jitter" in sched:
+        jitter = src.integer(sched["jitter"], "schedule.jitter")
+        if jitter > 59:
+            raise src.error(
+                sched["jitter"], "schedule.jitter", f"{jitter} is not below 60 (seconds)"
+            )
+        cfg["schedule_jitter"] = jitter
+    if "busy_retry" in sched:
+        cfg["busy_retry"] = src.integer(sched["busy_retry"], "schedule.busy_retry", minimum=1)
     log = src.mapping(keys.get("log"), "log", ["format", "level"])
     if "format" in log:
         cfg["log_format"] = src.choice(log["format"], "log.format", LOG_FORMATS)

@@ -14,11 +14,6 @@ from virtbackupd.core.cron import parse_cron
 from virtbackupd.core.policy import EventAction, Level, Policy
 from virtbackupd.core.records import BackupRecord, BackupStatus
 
-#: A request that found its domain busy (another backup, restore or prune
-#: holds its lock; another tool's libvirt job) is tried again this much
-#: later, for as long as the daemon runs: it is never dropped.
-BUSY_RETRY_S = 15.0
-
 
 class Trigger(StrEnum):
     """What a domain's lifecycle event means to the daemon."""

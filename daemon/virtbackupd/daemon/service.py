@@ -68,7 +68,7 @@ class Service:
         self.failures: dict[str, tuple[str, str]] = {}  # uuid -> (time, reason)
         self.stop = asyncio.Event()
         self.exit_code = 0
-        self.schedules = Schedules(self._scheduled)
+        self.schedules = Schedules(self._scheduled, jitter=self.config.schedule_jitter)
         self.names: dict[str, str] = {}  # uuid -> name, every domain libvirt has
         self.governing: dict[str, str] = {}  # uuid -> policy file
         self.started_at = datetime.now(UTC)
@@ -184,7 +184,7 @@ class Service:
             self.retrying.pop(uuid, None)
             self.request(uuid, level)
 
-        handle = loop.call_later(decisions.BUSY_RETRY_S, again)
+        handle = loop.call_later(self.config.busy_retry, again)
         self.retry_handles.add(handle)
         self._publish()
 
@@ -242,7 +242,7 @@ class Service:
                     "domain busy; the backup waits and is retried",
                     domain=name,
                     backup_level=level.value,
-                    retry_in_s=decisions.BUSY_RETRY_S,
+                    retry_in_s=self.config.busy_retry,
                     reason=outcome.reason,
                 )
                 self._retry_later(uuid, level, outcome.reason)
