@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from testbed.repo_builder import BuiltDomain, MiB
-from testbed.tools import flip_byte, qemu_img_compare, run
+from testbed.tools import flip_byte, qemu_img_compare, qemu_io, run
 from virtbackupd.adapters.repository import (
     MANIFEST,
     RepositoryFormatError,
@@ -162,3 +162,23 @@ async def test_a_newer_or_damaged_manifest_is_refused_by_name(tmp_path: Path) ->
     assert not verdict.ok
     assert any("vdb.pieces" in p for d in verdict.disks for p in d.problems)
     run("true")
+
+
+async def test_a_large_zero_range_a_newer_backup_writes_into(tmp_path: Path) -> None:
+    """The full's ZERO range is recorded whole (here 95 MiB, more than one
+    NBD read); an incremental writes into its middle. The restore checks
+    the rest of it from the full's own view, and finds bytes that appeared
+    there."""
+    b = BuiltDomain(tmp_path, {"vda": 96 * MiB})
+    async with Store.open(b.state_db) as store:
+        b.write("vda", 0, MiB, 0x71)
+        await b.backup(store)
+        b.write("vda", 50 * MiB, MiB, 0x72)
+        await b.backup(store)
+    full, inc = b.ids
+    out = tmp_path / "ok"
+    await restore_to_dir(b.folder(inc), ["vda"], out, "raw", b.runtime)
+    qemu_img_compare(b.refs[inc]["vda"], out / "vda.raw", "raw", "raw")
+    qemu_io(b.image(full, "vda"), f"write -P 0x66 {70 * MiB} 4096")
+    with pytest.raises(RestoreError, match=f"backup {full} disk vda: .*should read as zeroes"):
+        await restore_to_dir(b.folder(inc), ["vda"], tmp_path / "bad", "raw", b.runtime)

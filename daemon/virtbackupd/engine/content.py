@@ -64,7 +64,7 @@ async def digest_view(
                 rec = extents.piece_record(off, n, kind, extents.content_hash(data))
             else:
                 rec = extents.piece_record(off, n, kind)
-                not_zero.extend(await _non_zero(client, off, n))
+                not_zero.extend(await non_zero(client, off, n))
             records.append((off, rec))
 
     async with asyncio.TaskGroup() as tg:
@@ -82,7 +82,7 @@ async def digest_image(
         return await digest_view(view, ranges, grid)
 
 
-async def _non_zero(client: NbdClient, offset: int, length: int) -> list[tuple[int, int]]:
+async def non_zero(client: NbdClient, offset: int, length: int) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
     pos, end = offset, offset + length
     while pos < end:
@@ -94,14 +94,14 @@ async def _non_zero(client: NbdClient, offset: int, length: int) -> list[tuple[i
             lo, hi = max(e.offset, pos), min(e.end, end)
             if lo >= hi or e.flags & STATE_ZERO:
                 continue
-            for off, n in _chunks(lo, hi):
+            for off, n in chunks(lo, hi):
                 if any(await client.read(off, n)):
                     out.append((off, off + n))
         pos = max(pos, min(found[-1].end, end))
     return out
 
 
-def _chunks(lo: int, hi: int) -> Iterator[tuple[int, int]]:
+def chunks(lo: int, hi: int) -> Iterator[tuple[int, int]]:
     while lo < hi:
         n = min(CHUNK, hi - lo)
         yield lo, n
@@ -132,7 +132,7 @@ async def differing(
     """Chunks of `spans` where `view` differs from `base` (zeroes if None)."""
     out: list[tuple[int, int]] = []
     for lo, hi in spans:
-        for off, n in _chunks(lo, hi):
+        for off, n in chunks(lo, hi):
             mine = await view.read(off, n)
             theirs = await base.read(off, n) if base is not None else bytes(n)
             if mine != theirs:

@@ -42,7 +42,7 @@ from virtbackupd.core.domain_xml import DomainDisk, parse_domain
 from virtbackupd.core.extents import Kind, content_hash
 from virtbackupd.core.records import CheckpointStatus
 from virtbackupd.core.restored_domain import RestoredImage, restored_domain_xml
-from virtbackupd.engine.content import digest_image, open_view
+from virtbackupd.engine.content import chunks, digest_image, non_zero, open_view
 from virtbackupd.engine.copy import CopyOptions, CopyProgress, CopyResult, ZeroMode, copy_export
 from virtbackupd.errors import RestoreError, UnknownRestorePointError, VirtBackupError
 
@@ -248,23 +248,25 @@ def _refusal(found: Sequence[str]) -> str:
 async def _check_partly_hidden(
     chain: _Chain, pieces: Sequence[LayerPiece], check: ChainCheck, runtime_dir: Path
 ) -> None:
-    """Pieces a newer layer covers in part: read from their own layer's
-    view (at most about one piece per edge of a newer range)."""
+    """Pieces a newer layer covers in part: checked from their own layer's
+    view. A DATA piece is at most a grid cell (about one per edge of a
+    newer range is read); a ZERO range can be large, and block status
+    tells most of it is zeroes without a read (content.non_zero)."""
     by_layer: dict[int, list[LayerPiece]] = {}
     for p in pieces:
         by_layer.setdefault(p.layer, []).append(p)
     for n, todo in sorted(by_layer.items()):
         async with open_view(chain.layers[n].image, runtime_dir) as view:
             for p in todo:
-                data = await view.read(p.offset, p.length)
                 check.checked += p.length
-                bad = any(data) if p.kind is Kind.ZERO else content_hash(data) != p.content
+                if p.kind is Kind.ZERO:
+                    bad = bool(await non_zero(view, p.offset, p.length))
+                    what = "should read as zeroes but does not"
+                else:
+                    data = b"".join([await view.read(o, k) for o, k in chunks(p.offset, p.end)])
+                    bad = content_hash(data) != p.content
+                    what = "reads differently than recorded"
                 if bad:
-                    what = (
-                        "should read as zeroes but does not"
-                        if p.kind is Kind.ZERO
-                        else ("reads differently than recorded")
-                    )
                     check.damage.append(Damage(n, p.offset, p.length, what))
                     if check.stop_at_first:
                         raise ChainDamagedError(check.damage[-1])
