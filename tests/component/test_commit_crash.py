@@ -21,7 +21,6 @@ from virtbackupd.core.policy import Level
 from virtbackupd.core.records import BackupRecord, BackupStatus
 from virtbackupd.engine.catalogue import reconcile
 from virtbackupd.engine.leftovers import INTERRUPTED, settle
-from virtbackupd.engine.reindex import reindex
 from virtbackupd.engine.undo import Images, Undo, replay
 
 STEPS = ["metadata written", "renamed", "catalogue updated", "undo log dropped"]
@@ -119,8 +118,9 @@ async def test_a_lost_or_damaged_catalogue_is_rebuilt_with_failed_attempts(
             b.state_db.write_bytes(b"\0garbage" * 512)
             b.state_db.rename(b.state_db.with_name("state.db.damaged"))
         async with Store.open(b.state_db) as store:
-            added, problems = await reindex(store, b.root)
-            assert (added, problems) == (len(before), [])
+            found = await reconcile(store, b.repo)  # what `virtbackup reindex` runs
+            assert not found.problems
+            assert len(found.recorded) + len(found.attempts) == len(before)
             after = {r.id: r for r in await store.backups(b.uuid)}
             assert after.keys() == before.keys()
             for backup_id, rec in before.items():

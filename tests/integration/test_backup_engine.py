@@ -98,7 +98,12 @@ def test_full_then_incrementals_online_and_offline_restore_byte_identical(
         f.unlink()
     capsys.readouterr()
     assert cli(["-c", str(config), "--json", "reindex"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"added": 4, "moved_aside": None}
+    assert json.loads(capsys.readouterr().out) == {
+        "added": 4,
+        "backups": 4,
+        "failed_attempts": 0,
+        "moved_aside": None,
+    }
     assert cli(["-c", str(config), "--json", "list", td.name]) == 0
     assert json.loads(capsys.readouterr().out) == listed
     guest.write("vdb", 12 * MiB, MiB, 0x51)

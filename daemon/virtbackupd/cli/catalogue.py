@@ -16,7 +16,6 @@ from virtbackupd.config.daemon import DaemonConfig
 from virtbackupd.config.policy import load_policies, policy_files
 from virtbackupd.core.policy import Policy
 from virtbackupd.engine.catalogue import reconcile
-from virtbackupd.engine.reindex import reindex
 from virtbackupd.errors import VirtBackupError
 
 
@@ -49,17 +48,24 @@ async def reindex_command(args: argparse.Namespace, config: DaemonConfig) -> int
         print(f"virtbackup: {exc.path}: damaged ({exc}); moved aside to {moved}", file=sys.stderr)
     except VirtBackupError:
         pass  # no database yet: reindex creates it
-    total = 0
+    backups = attempts = 0
     async with Store.open(config.state_db) as store:
         for root in sorted(roots(config, policies(config))):
-            added, problems = await reindex(store, root)
-            total += added
-            for line in problems:
+            found = await reconcile(store, Repository(root))
+            backups += len(found.recorded)
+            attempts += len(found.attempts)
+            for line in found.problems:
                 print(f"virtbackup: warning: {line}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"added": total, "moved_aside": str(moved) if moved else None}))
+        out = {
+            "added": backups + attempts,
+            "backups": backups,
+            "failed_attempts": attempts,
+            "moved_aside": str(moved) if moved else None,
+        }
+        print(json.dumps(out))
     else:
-        print(f"{total} backup(s) added")
+        print(f"{backups} backup(s) and {attempts} failed attempt(s) recorded")
     return 0
 
 
