@@ -41,7 +41,13 @@ class Listed:
         return {
             **self.record.as_json(),
             "state": self.state.value,
-            "stored": "overlay" if self.backing else "standalone",
+            "stored": (
+                None
+                if self.state is not State.COMPLETE
+                else "overlay"
+                if self.backing
+                else "standalone"
+            ),
             "backing": self.backing,
             "size_on_disk": self.size_on_disk,
             "problem": self.problem,
