@@ -98,6 +98,9 @@ def test_keep_last_two_merges_and_a_killed_prune_is_finished(
     proc.wait()
     assert journal.exists(), "the prune finished before it could be killed"
     assert_points_restore(domain_dir, refs, ids[4:])
+    # `list` tells the truth meanwhile: what the prune removes is no restore point.
+    states = {b["id"]: b["state"] for b in run_cli(config, capsys, "list", td.name)}
+    assert [states[i] for i in ids] == ["pruning"] * 4 + ["complete"] * 2
 
     done = run_cli(config, capsys, "prune", td.name)[0]
     assert done["replayed_interrupted_prune"] is True
@@ -112,6 +115,10 @@ def test_keep_last_two_merges_and_a_killed_prune_is_finished(
 
     listed = run_cli(config, capsys, "list", td.name)
     assert [(b["id"], b["parent"]) for b in listed] == [(ids[4], None), (ids[5], ids[4])]
+    # Taken as an incremental, stored now as a standalone image, sized as such.
+    assert (listed[0]["level"], listed[0]["stored"]) == ("incremental", "standalone")
+    assert (listed[1]["stored"], listed[1]["backing"]) == ("overlay", ids[4])
+    assert listed[0]["size_on_disk"] > listed[0]["bytes_written"]
     verdicts = run_cli(config, capsys, "verify", td.name)
     assert all(v["ok"] for v in verdicts), verdicts
     # Restores through the CLI too, and the chain carries on incrementally.
