@@ -199,4 +199,19 @@ def test_define_makes_a_new_domain_that_starts_and_in_place_restores_a_shut_off_
     assert not bitmaps.get("bitmaps")
     td.start()
     after = take(config, capsys, td)
-    assert after["level"] == "full"
+    assert after["level"] == "full"  # of the first backup's content, restored in place
+
+    # A domain gone from libvirt is restored as a new one all the same.
+    td.dom.destroy()
+    td.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+    back = f"{td.name}-back"
+    try:
+        out = run_cli(
+            config, capsys, "restore", td.name, "--to", str(td.workdir / "back"), "--define", back
+        )
+        assert out["defined"]["name"] == back
+        qemu_img_compare(
+            refs[first["id"]]["vda"], td.workdir / "back" / "vda.qcow2", "raw", "qcow2"
+        )
+    finally:
+        remove_domain(libvirt_conn, back)

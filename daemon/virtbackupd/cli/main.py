@@ -260,7 +260,12 @@ async def _restore(
     disks = restore.disks_of(manifest, args.disk)
     damaged_ok = bool(args.allow_damaged)
     line = ProgressLine(sys.stderr.isatty() and not args.json)
-    async with domain_job(config, store, repo, dom.uuid, dom.name, "restore", libvirt=lv) as job:
+    # libvirt only to write over the domain itself: a --define restore works
+    # for a domain that is gone from libvirt.
+    domain_lv = lv if args.in_place else None
+    async with domain_job(
+        config, store, repo, dom.uuid, dom.name, "restore", libvirt=domain_lv
+    ) as job:
         try:
             if args.in_place:
                 assert lv is not None

@@ -79,6 +79,17 @@ class OnlineExport:
     async def before_commit(self, info: DomainInfo, plan: Plan) -> None:
         pass  # libvirt created the checkpoint when the job began
 
+    async def _stopped(self, wait: float = 3.0) -> bool:
+        """Did the domain stop? QEMU closes the export as it goes down, a
+        moment before libvirt reports the domain shut off."""
+        lv, loop = self.job.ctx.libvirt, asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while await lv.is_running(self.job.ref):
+            if loop.time() > deadline:
+                return False
+            await asyncio.sleep(0.2)
+        return True
+
     async def _export_and_copy(self, info: DomainInfo, plan: Plan) -> dict[str, CopyResult]:
         lv = self.job.ctx.libvirt
         self.job.enter(JobState.EXPORTING)
@@ -123,7 +134,7 @@ class OnlineExport:
         try:
             results = await self.job.copy_all(sources, plan)
         except VirtBackupError as exc:
-            if not await lv.is_running(self.job.ref):
+            if await self._stopped():
                 # The export died with QEMU: say why, not how the socket closed.
                 raise BackupFailedError(
                     f"{self.job.ref.name} stopped during the backup (the export went away with "

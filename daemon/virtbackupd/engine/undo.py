@@ -160,8 +160,8 @@ async def _take_back(
             await _remove_stray_bitmap(lv, ref, name, images is Images.HELD, logger)
     elif step.kind is UndoKind.BITMAP and images is Images.HELD and step.path and step.name:
         image = Path(step.path)
-        if image.exists() and step.name in await qemu_img.bitmap_names(image):
-            await qemu_img.bitmap(image, step.name, remove=True)
+        if image.exists():
+            await own_checkpoints.remove_bitmap(image, step.name)
 
 
 async def _remove_stray_bitmap(
@@ -180,7 +180,8 @@ async def _remove_stray_bitmap(
                 return
             for image in own_checkpoints.qcow2_images(info):
                 if name in await qemu_img.bitmap_names(image):
-                    await qemu_img.bitmap(image, name, remove=True)
+                    # QEMU that just stopped may hold the image a moment longer.
+                    await own_checkpoints.remove_bitmap(image, name)
                     logger.info("removed the new bitmap", image=str(image))
     except DomainStartingError:
         logger.warning("the domain is being started; its stray bitmap stays for now")
