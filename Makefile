@@ -26,8 +26,10 @@ format: venv
 	$(BIN)/ruff check --fix daemon tests bench scripts
 
 # Everything, integration tests against a real libvirtd and QEMU included.
+# The tests without libvirtd run alongside the integration tests
+# (scripts/run-tests.sh).
 test: bootstrap lint typecheck
-	$(BIN)/pytest $(PYTEST_ARGS)
+	scripts/run-tests.sh $(PYTEST_ARGS)
 
 # The inner loop: pure logic and component tests, no libvirtd needed.
 test-unit: venv
