@@ -46,9 +46,10 @@ def _argv(
     cache: str | None,
     aio: str | None,
     extra: Sequence[str],
+    size: int | None = None,
 ) -> list[str]:
     # -t: serve until stopped (not just the first client); -e: connections.
-    argv = [QEMU_NBD, "-t", "-f", fmt, "-k", str(socket), "-x", name, "-e", str(connections)]
+    argv = [QEMU_NBD, "-t", "-k", str(socket), "-x", name, "-e", str(connections)]
     if readonly:
         argv.append("-r")
     for b in bitmaps:
@@ -57,7 +58,11 @@ def _argv(
         argv.append(f"--cache={cache}")
     if aio:
         argv.append(f"--aio={aio}")
-    return [*argv, *extra, str(image)]
+    if size is not None:
+        # Only the first `size` bytes (a block device larger than the disk).
+        path = str(image).replace(",", ",,")
+        return [*argv, *extra, "--image-opts", f"driver={fmt},size={size},file.filename={path}"]
+    return [*argv, "-f", fmt, *extra, str(image)]
 
 
 @contextlib.asynccontextmanager
@@ -74,6 +79,7 @@ async def serve(
     aio: str | None = None,
     extra: Sequence[str] = (),
     ready_timeout: float = 30.0,
+    size: int | None = None,
 ) -> AsyncIterator[Export]:
     """Export `image` with qemu-nbd on a socket in a private directory under
     `runtime_dir`: a read-only source (with `bitmaps` as
@@ -82,7 +88,7 @@ async def serve(
     private = Path(tempfile.mkdtemp(prefix="nbd-", dir=runtime_dir))
     socket = private / "nbd.sock"
     stderr_path = private / "stderr"
-    argv = _argv(image, socket, name, fmt, readonly, bitmaps, connections, cache, aio, extra)
+    argv = _argv(image, socket, name, fmt, readonly, bitmaps, connections, cache, aio, extra, size)
     with stderr_path.open("wb") as stderr:
         proc = await asyncio.create_subprocess_exec(
             *argv,

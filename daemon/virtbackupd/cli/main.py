@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from virtbackupd import __version__, logs
-from virtbackupd.adapters import priority
+from virtbackupd.adapters import block_devices, priority
 from virtbackupd.adapters.libvirt_conn import Libvirt
 from virtbackupd.adapters.repository import Repository
 from virtbackupd.adapters.store import Store
@@ -32,9 +32,10 @@ from virtbackupd.cli.forget import forget_checkpoints
 from virtbackupd.cli.policy_check import policy_check
 from virtbackupd.cli.progress import ProgressLine, progress_text
 from virtbackupd.config.daemon import DaemonConfig, config_path, load_config
+from virtbackupd.core.domain_xml import parse_domain
 from virtbackupd.core.points import parse_time, pick_backup
 from virtbackupd.core.policy import Level, Policy, policy_for
-from virtbackupd.core.records import BackupStatus
+from virtbackupd.core.records import BackupRecord, BackupStatus, DomainRecord
 from virtbackupd.daemon.status_file import read_status
 from virtbackupd.engine import restore
 from virtbackupd.engine.backup import BackupContext, JobProgress, backup_domain
@@ -98,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--in-place",
         action="store_true",
         help="write over the domain's own disks (it must be shut off; its checkpoints go)",
+    )
+    where.add_argument(
+        "--to-device",
+        type=Path,
+        metavar="DEV",
+        help="write one disk (--disk T) onto an existing block device, not in use, as large",
     )
     rs.add_argument("--format", choices=["qcow2", "raw"], default="qcow2", help="default qcow2")
     rs.add_argument("--define", metavar="NAME", help="define a new domain NAME on the images")
@@ -184,7 +191,7 @@ async def _run(args: argparse.Namespace) -> int:
             return await _prune(args, config, store)
         if args.command == "cancel":
             return await _cancel(args, config, store)
-        if args.command == "restore" and not args.in_place and not args.define:
+        if args.command == "restore" and args.to is not None and not args.define:
             return await _restore(args, config, store, None)
         async with await Libvirt.open(config.libvirt_uri) as lv:
             if args.command == "backup":
@@ -239,11 +246,64 @@ def _disk_progress(line: ProgressLine) -> restore.ProgressFn | None:
     return show
 
 
+async def _restore_to_device(
+    args: argparse.Namespace,
+    config: DaemonConfig,
+    store: Store,
+    lv: Libvirt,
+    repo: Repository,
+    dom: DomainRecord,
+    record: BackupRecord,
+    folder: Path,
+) -> int:
+    device = block_devices.check_block_device(args.to_device)
+    for ref in await lv.domains():
+        if not await lv.is_running(ref):
+            continue
+        info = parse_domain(await lv.xml(ref), f"domain XML of {ref.name}")
+        if any(d.source and Path(d.source).resolve() == device for d in info.disks):
+            raise RestoreError(f"{args.to_device} is a disk of running domain {ref.name}")
+    why = block_devices.in_use(device)
+    if why is not None:
+        raise RestoreError(f"{args.to_device} is in use: {why}; nothing was written")
+    line = ProgressLine(sys.stderr.isatty() and not args.json)
+    disk = args.disk[0]
+    async with domain_job(config, store, repo, dom.uuid, dom.name, "restore"):
+        try:
+            done = await restore.restore_to_device(
+                folder,
+                disk,
+                device,
+                config.runtime_dir,
+                restore.of_disk(_disk_progress(line), disk),
+                bool(args.allow_damaged),
+            )
+        finally:
+            line.end()
+    for damage in done.damage:
+        print(f"virtbackup: warning: written despite damage: {damage}", file=sys.stderr)
+    out = {
+        "backup": record.id,
+        "disk": disk,
+        "device": str(args.to_device),
+        "bytes": done.result.bytes_written,
+        "zeroed": done.result.bytes_zeroed,
+        "damage": list(done.damage),
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"restored {disk} of backup {record.id} -> {args.to_device}")
+    return 0
+
+
 async def _restore(
     args: argparse.Namespace, config: DaemonConfig, store: Store, lv: Libvirt | None
 ) -> int:
-    if args.define and args.in_place:
+    if args.define and not args.to:
         raise ConfigError("--define needs --to DIR (a new domain gets new images)")
+    if args.to_device is not None and len(args.disk) != 1:
+        raise ConfigError("--to-device writes one disk: give it with --disk TARGET")
     dom = await domain_of(store, config, args.domain)
     at = parse_time(args.at) if args.at else None
     record = pick_backup(await store.backups(dom.uuid), args.backup, at)
@@ -259,6 +319,9 @@ async def _restore(
     manifest = repo.backup(folder.parent.name, record.id).manifest
     disks = restore.disks_of(manifest, args.disk)
     damaged_ok = bool(args.allow_damaged)
+    if args.to_device is not None:
+        assert lv is not None
+        return await _restore_to_device(args, config, store, lv, repo, dom, record, folder)
     line = ProgressLine(sys.stderr.isatty() and not args.json)
     # libvirt only to write over the domain itself: a --define restore works
     # for a domain that is gone from libvirt.

@@ -12,6 +12,7 @@ operator asks for what can be had (`allow_damaged`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import structlog
 
-from virtbackupd.adapters import qemu_img, qemu_nbd
+from virtbackupd.adapters import block_devices, qemu_img, qemu_nbd
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
 from virtbackupd.adapters.repository import (
     Manifest,
@@ -49,6 +50,7 @@ from virtbackupd.errors import RestoreError, UnknownRestorePointError, VirtBacku
 log = structlog.get_logger("virtbackupd.restore")
 
 FORMATS = ("qcow2", "raw")
+NOTHING_RESTORED = "nothing was restored"
 
 ProgressFn = Callable[[str, CopyProgress], None]
 
@@ -158,24 +160,97 @@ async def restore_image(
     restore is written (all or nothing)."""
     if fmt not in FORMATS:
         raise RestoreError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
-    chain = _Chain(folder, disk)
-    await chain.load(runtime_dir)
-    if chain.damage and not allow_damaged:
-        raise RestoreError(_refusal(chain.damage))
-    seen = classify([layer.pieces for layer in chain.layers])
-    check = ChainCheck(seen[Seen.VISIBLE], stop_at_first=not allow_damaged)
+    chain = await _loaded_chain(folder, disk, runtime_dir, allow_damaged)
     source = folder / disk_file(disk)
     size = (await qemu_img.info(source)).virtual_size
     partial = target.with_name(f".{target.name}.partial")
     partial.unlink(missing_ok=True)
     try:
         await qemu_img.create(partial, size, fmt=fmt)
+        # cache=unsafe: no flush per request; the file is fsynced below.
+        dst = qemu_nbd.serve(
+            partial, runtime_dir=runtime_dir, fmt=fmt, readonly=False, cache="unsafe"
+        )
+        result, damage = await _copy_checked(
+            chain, dst, ZeroMode.SKIP, runtime_dir, progress, allow_damaged
+        )
+        fsync_path(partial)
+        partial.chmod(0o600)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return RestoredDisk(disk, target, fmt, result, damage, partial)
+
+
+async def restore_to_device(
+    folder: Path,
+    disk: str,
+    device: Path,
+    runtime_dir: Path,
+    progress: Callable[[CopyProgress], None] | None = None,
+    allow_damaged: bool = False,
+) -> RestoredDisk:
+    """Write what `disk` of the backup in `folder` shows straight onto the
+    block `device` (checked by the caller: not in use), checked against
+    every layer's recorded pieces as it goes. Zero ranges are written as
+    zeroes (the device held other data), which qemu-nbd turns into
+    discards where the device supports them; bytes beyond the disk's size
+    are left alone."""
+    chain = await _loaded_chain(folder, disk, runtime_dir, allow_damaged)
+    size = (await qemu_img.info(folder / disk_file(disk))).virtual_size
+    have = block_devices.device_size(device)
+    if have < size:
+        raise RestoreError(
+            f"{device} is {have} bytes, smaller than disk {disk} ({size} bytes); nothing written"
+        )
+    dst = qemu_nbd.serve(
+        device,
+        runtime_dir=runtime_dir,
+        fmt="raw",
+        readonly=False,
+        cache="none",
+        extra=["--discard=unmap"],
+        size=size if have > size else None,
+    )
+    result, damage = await _copy_checked(
+        chain,
+        dst,
+        ZeroMode.WRITE_ZEROES,
+        runtime_dir,
+        progress,
+        allow_damaged,
+        f"the restore stopped there, and {device} holds a partial copy: do not use it",
+    )
+    fsync_path(device)
+    return RestoredDisk(disk, device, "raw", result, damage)
+
+
+async def _loaded_chain(folder: Path, disk: str, runtime_dir: Path, allow_damaged: bool) -> _Chain:
+    chain = _Chain(folder, disk)
+    await chain.load(runtime_dir)
+    if chain.damage and not allow_damaged:
+        raise RestoreError(_refusal(chain.damage))
+    return chain
+
+
+async def _copy_checked(
+    chain: _Chain,
+    target: contextlib.AbstractAsyncContextManager[qemu_nbd.Export],
+    zero_mode: ZeroMode,
+    runtime_dir: Path,
+    progress: Callable[[CopyProgress], None] | None,
+    allow_damaged: bool,
+    outcome: str = NOTHING_RESTORED,
+) -> tuple[CopyResult, tuple[str, ...]]:
+    """Copy the chain's newest view into `target`, checking every layer's
+    recorded pieces as they are read (core.chain_check)."""
+    seen = classify([layer.pieces for layer in chain.layers])
+    check = ChainCheck(seen[Seen.VISIBLE], stop_at_first=not allow_damaged)
+    source = chain.folder / disk_file(chain.disk)
+    try:
         async with (
             qemu_nbd.serve(source, runtime_dir=runtime_dir, readonly=True) as src,
-            # cache=unsafe: no flush per request; the file is fsynced below.
-            qemu_nbd.serve(
-                partial, runtime_dir=runtime_dir, fmt=fmt, readonly=False, cache="unsafe"
-            ) as dst,
+            target as dst,
         ):
             result = await copy_export(
                 src.address,
@@ -183,21 +258,14 @@ async def restore_image(
                 dst.address,
                 dst.name,
                 connections=4,
-                options=CopyOptions(zero_mode=ZeroMode.SKIP, watch=check),
+                options=CopyOptions(zero_mode=zero_mode, watch=check),
                 progress=progress,
             )
         check.finish()
         await _check_partly_hidden(chain, seen[Seen.PARTLY], check, runtime_dir)
-        fsync_path(partial)
-        partial.chmod(0o600)
     except ChainDamagedError as exc:
-        partial.unlink(missing_ok=True)
-        raise RestoreError(_refusal([chain.describe(exc.damage)])) from None
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    damage = (*chain.damage, *(chain.describe(d) for d in check.damage))
-    return RestoredDisk(disk, target, fmt, result, tuple(damage), partial)
+        raise RestoreError(_refusal([chain.describe(exc.damage)], outcome)) from None
+    return result, (*chain.damage, *(chain.describe(d) for d in check.damage))
 
 
 async def _restore_all(
@@ -215,7 +283,7 @@ async def _restore_all(
         for disk, target, fmt in jobs:
             written.append(
                 await restore_image(
-                    folder, disk, target, fmt, runtime_dir, _of_disk(progress, disk), allow_damaged
+                    folder, disk, target, fmt, runtime_dir, of_disk(progress, disk), allow_damaged
                 )
             )
     except BaseException:
@@ -236,11 +304,11 @@ def _publish(r: RestoredDisk, like: os.stat_result | None = None) -> None:
     fsync_path(r.path.parent)
 
 
-def _refusal(found: Sequence[str]) -> str:
+def _refusal(found: Sequence[str], outcome: str = NOTHING_RESTORED) -> str:
     return (
         f"the backup chain is damaged: {found[0]}"
         + (f" (and {len(found) - 1} more)" if len(found) > 1 else "")
-        + "; nothing was restored. `virtbackup verify` shows the damage; an older backup may "
+        + f"; {outcome}. `virtbackup verify` shows the damage; an older backup may "
         "be whole, or --allow-damaged writes what can be read"
     )
 
@@ -374,5 +442,5 @@ async def forget_checkpoints(
             await store.set_checkpoint_status(ref.uuid, stored.name, CheckpointStatus.DELETED)
 
 
-def _of_disk(progress: ProgressFn | None, disk: str) -> Callable[[CopyProgress], None] | None:
+def of_disk(progress: ProgressFn | None, disk: str) -> Callable[[CopyProgress], None] | None:
     return (lambda p: progress(disk, p)) if progress else None
