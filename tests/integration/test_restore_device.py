@@ -1,19 +1,21 @@
 """Restore onto a block device (issue 14, item 3): a backup's disk written
 straight onto a loop device that held other data, byte-identical to the
 reference, the bytes beyond the disk left alone; refused on a smaller
-device, on a device with a mounted file system, and on what is not a
-block device."""
+device, on a device with a mounted file system, on a disk of a running
+domain, and on what is not a block device."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import libvirt
 import pytest
 
 from testbed.cli import run_cli
-from testbed.domains import DomainFactory, MiB
+from testbed.domains import PREFIX, DomainFactory, MiB, remove_domain
 from testbed.guest import GuestWriter
 from testbed.tools import run
 from virtbackupd.cli.main import main as cli
@@ -47,6 +49,7 @@ def test_restore_onto_a_block_device(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     loops: list[str],
+    libvirt_conn: libvirt.virConnect,
 ) -> None:
     td = domains.create(qcow2_sizes=[16 * MiB])
     (config.parent / "policies" / "p.yaml").write_text(f"domains: [{td.name}]\n")
@@ -81,6 +84,24 @@ def test_restore_onto_a_block_device(
     rc, err = refused(config, capsys, td.name, "--disk", "vda", "--to-device", mounted)
     assert rc == 1 and f"mounted on {tmp_path / 'mnt'}" in err, err
     assert (tmp_path / "mnt" / "lost+found").is_dir()  # untouched
+
+    # A disk of a running domain (a block disk of a second, throw-away domain).
+    used = loop_device(loops, tmp_path / "used.img", 16 * MiB, 0)
+    name = f"{PREFIX}{os.getpid()}-blockdisk"
+    xml = (
+        f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>"
+        "<os><type arch='x86_64' machine='pc'>hvm</type></os><devices>"
+        f"<disk type='block' device='disk'><driver name='qemu' type='raw'/>"
+        f"<source dev='{used}'/><target dev='vda' bus='virtio'/></disk>"
+        "<memballoon model='none'/></devices></domain>"
+    )
+    dom = libvirt_conn.defineXML(xml)
+    try:
+        dom.create()
+        rc, err = refused(config, capsys, td.name, "--disk", "vda", "--to-device", used)
+        assert rc == 1 and f"is a disk of running domain {name}" in err, err
+    finally:
+        remove_domain(libvirt_conn, name)
 
     rc, err = refused(config, capsys, td.name, "--disk", "vda", "--to-device", str(ref))
     assert rc == 2 and "is not a block device" in err, err
