@@ -503,6 +503,16 @@ class Repository:
     def __init__(self, root: Path) -> None:
         self.root = root
 
+    @classmethod
+    def of_domain(cls, domain_dir: Path) -> Repository:
+        """The repository a domain folder (``<root>/<uuid>``) is in."""
+        return cls(domain_dir.parent)
+
+    @classmethod
+    def of_backup(cls, folder: Path) -> Repository:
+        """The repository a backup folder (``<root>/<uuid>/<id>``) is in."""
+        return cls(folder.parent.parent)
+
     def domain_dir(self, uuid: str) -> Path:
         return self.root / uuid
 

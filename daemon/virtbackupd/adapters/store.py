@@ -163,6 +163,16 @@ def ranges_from_json_text(text: str) -> tuple[Range, ...]:
     return tuple(extents.ranges_from_json(json.loads(text)))
 
 
+def _left_out_rows(b: BackupRecord) -> list[tuple[str, Sequence[object]]]:
+    return [
+        (
+            "INSERT INTO left_out_disks(backup_id, disk, reason) VALUES (?, ?, ?)",
+            (b.id, d.disk, d.reason),
+        )
+        for d in b.left_out
+    ]
+
+
 def _ts(value: datetime | None) -> str | None:
     return value.astimezone(UTC).isoformat() if value else None
 
@@ -356,13 +366,7 @@ class Store:
                 ),
             )
         ]
-        statements += [
-            (
-                "INSERT INTO left_out_disks(backup_id, disk, reason) VALUES (?, ?, ?)",
-                (b.id, d.disk, d.reason),
-            )
-            for d in b.left_out
-        ]
+        statements += _left_out_rows(b)
         await self._transaction(statements)
 
     async def record_backup(
@@ -438,13 +442,7 @@ class Store:
             )
             for d in b.disks
         ]
-        statements += [
-            (
-                "INSERT INTO left_out_disks(backup_id, disk, reason) VALUES (?, ?, ?)",
-                (b.id, d.disk, d.reason),
-            )
-            for d in b.left_out
-        ]
+        statements += _left_out_rows(b)
         await self._transaction(statements)
 
     async def replan_backup(self, backup_id: str, level: Level, parent: str | None) -> None:

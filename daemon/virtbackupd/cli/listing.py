@@ -69,7 +69,9 @@ def listing(backups: list[BackupRecord], show_failed: bool) -> list[Listed]:
         domain_dir = folder.parent
         if domain_dir not in removing:
             try:
-                removing[domain_dir] = Repository(domain_dir.parent).being_removed(domain_dir.name)
+                removing[domain_dir] = Repository.of_domain(domain_dir).being_removed(
+                    domain_dir.name
+                )
             except VirtBackupError:
                 removing[domain_dir] = frozenset()
         if b.id in removing[domain_dir]:

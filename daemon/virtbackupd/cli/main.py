@@ -310,7 +310,7 @@ async def _restore(
     if record.path is None:
         raise RestoreError(f"backup {record.id} has no folder recorded")
     folder = Path(record.path)
-    repo = Repository(folder.parent.parent)
+    repo = Repository.of_backup(folder)
     if record.id in repo.being_removed(folder.parent.name):
         raise RestoreError(
             f"backup {record.id} is being pruned (an interrupted prune); "

@@ -100,7 +100,7 @@ async def prune_domain(
     `domain_dir`. The caller holds the domain's lock."""
     hook = step or (lambda _: None)
     uuid = domain_dir.name
-    repo = Repository(domain_dir.parent)
+    repo = Repository.of_domain(domain_dir)
     replayed = False
     earlier: tuple[str, ...] = ()
     if not dry_run and repo.journal(uuid) is not None:
@@ -163,7 +163,7 @@ async def finish_interrupted(
 ) -> tuple[str, ...] | None:
     """Replay an interrupted prune's journal, if there is one (None if
     not); returns the checkpoints it removed."""
-    if Repository(domain_dir.parent).journal(domain_dir.name) is None:
+    if Repository.of_domain(domain_dir).journal(domain_dir.name) is None:
         return None
     log.warning("finishing an interrupted prune", domain_uuid=domain_dir.name)
     return await _run_journal(store, domain_dir, runtime_dir, libvirt, step or (lambda _: None))
@@ -212,7 +212,7 @@ async def _run_journal(
     libvirt: Libvirt | None,
     hook: StepHook,
 ) -> tuple[str, ...]:
-    repo = Repository(domain_dir.parent)
+    repo = Repository.of_domain(domain_dir)
     journal = repo.journal(domain_dir.name)
     assert journal is not None
     ops = list(journal.ops)

@@ -92,10 +92,12 @@ class _Chain:
         self.disk = disk
         self.layers: list[_Layer] = []
         self.damage: list[str] = []
+        self.size = 0  # the newest image's virtual size: the restored disk's
 
     async def load(self, runtime_dir: Path) -> None:
-        chain = Repository(folder_root(self.folder)).chain(self.folder)
+        chain = Repository.of_backup(self.folder).chain(self.folder)
         images = await qemu_img.info_chain(self.folder / disk_file(self.disk))
+        self.size = images[0].virtual_size
         by_dir = {b.folder.resolve(): b for b in chain}
         for n, info in enumerate(images):
             image = Path(info.filename)
@@ -139,11 +141,6 @@ class _Chain:
         )
 
 
-def folder_root(folder: Path) -> Path:
-    """The repository root of a backup folder (<root>/<uuid>/<id>)."""
-    return folder.parent.parent
-
-
 async def restore_image(
     folder: Path,
     disk: str,
@@ -161,8 +158,7 @@ async def restore_image(
     if fmt not in FORMATS:
         raise RestoreError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
     chain = await _loaded_chain(folder, disk, runtime_dir, allow_damaged)
-    source = folder / disk_file(disk)
-    size = (await qemu_img.info(source)).virtual_size
+    size = chain.size
     partial = target.with_name(f".{target.name}.partial")
     partial.unlink(missing_ok=True)
     try:
@@ -197,7 +193,7 @@ async def restore_to_device(
     discards where the device supports them; bytes beyond the disk's size
     are left alone."""
     chain = await _loaded_chain(folder, disk, runtime_dir, allow_damaged)
-    size = (await qemu_img.info(folder / disk_file(disk))).virtual_size
+    size = chain.size
     have = block_devices.device_size(device)
     if have < size:
         raise RestoreError(

@@ -87,14 +87,14 @@ class Verifier:
 
     def __init__(self, runtime_dir: Path) -> None:
         self.runtime_dir = runtime_dir
-        self.layers: dict[Path, BackupVerdict] = {}
+        self.layers: dict[tuple[Path, tuple[str, ...] | None], BackupVerdict] = {}
 
     async def backup(self, folder: Path, disks: Sequence[str] | None = None) -> BackupVerdict:
         """Check one backup folder and every backup it restores through;
         never raises for what it finds wrong."""
         own = await self.layer(folder, disks)
         try:
-            chain = Repository(folder.parent.parent).chain(folder)
+            chain = Repository.of_backup(folder).chain(folder)
         except VirtBackupError as exc:
             return BackupVerdict(
                 own.backup_id, folder, own.disks, (*own.problems, f"chain unreadable: {exc}")
@@ -116,7 +116,7 @@ class Verifier:
         )
 
     async def layer(self, folder: Path, disks: Sequence[str] | None = None) -> BackupVerdict:
-        key = folder.resolve()
+        key = (folder.resolve(), tuple(disks) if disks is not None else None)
         if key not in self.layers:
             self.layers[key] = await verify_layer(folder, self.runtime_dir, disks)
         return self.layers[key]
@@ -134,7 +134,7 @@ async def verify_recorded(
         if b.path is None:
             continue
         folder = Path(b.path)
-        repo = Repository(folder.parent.parent)
+        repo = Repository.of_backup(folder)
         if b.id in repo.being_removed(folder.parent.name):
             continue
         async with domain_job(config, store, repo, b.domain_uuid, b.domain_name, "verify"):
