@@ -147,6 +147,29 @@ class Libvirt:
         dom = await self._lookup(ref)
         await self._call(dom.create)
 
+    async def destroy(self, ref: DomainRef) -> None:
+        dom = await self._lookup(ref)
+        if await self._call(dom.isActive):
+            await self._call(dom.destroy)
+
+    # --- block jobs (a live restore's move) --------------------------------------------
+    async def block_pull(self, ref: DomainRef, disk: str, bandwidth: int = 0) -> None:
+        """Start QEMU's block stream on `disk`: every byte of its backing
+        chain is copied into the top image, which then stands alone.
+        `bandwidth` in bytes/s (0: unlimited)."""
+        dom = await self._lookup(ref)
+        await self._call(
+            dom.blockPull, disk, bandwidth, libvirt.VIR_DOMAIN_BLOCK_PULL_BANDWIDTH_BYTES
+        )
+
+    async def block_job(self, ref: DomainRef, disk: str) -> tuple[int, int] | None:
+        """(done, total) of the block job running on `disk`, None if none."""
+        dom = await self._lookup(ref)
+        info = await self._call(dom.blockJobInfo, disk, 0)
+        if not info:
+            return None
+        return int(info.get("cur", 0)), int(info.get("end", 0))
+
     # --- checkpoints -------------------------------------------------------------------
     async def checkpoints(self, ref: DomainRef) -> list[StoredCheckpoint]:
         dom = await self._lookup(ref)

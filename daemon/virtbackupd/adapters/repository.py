@@ -45,6 +45,7 @@ MANIFEST = "manifest.json"
 PRUNE_JOURNAL = ".prune-journal.json"
 UNDO_DIR = ".undo"
 ATTEMPTS_DIR = ".attempts"
+HOLDS_DIR = ".holds"
 BACKUP_FORMAT = "virtbackupd-backup"
 FORMAT_VERSION = 2  # 2: <disk>.pieces beside every image
 READABLE_VERSIONS = (1, 2)
@@ -490,6 +491,82 @@ class FailedAttempt:
         )
 
 
+# --- holds: backups something still reads -------------------------------------------------
+
+HOLD_FORMAT = "virtbackupd-hold"
+
+
+class HoldKind(StrEnum):
+    LIVE_RESTORE = "live-restore"  # a domain runs from the backup while its disks move
+    MOUNT = "mount"  # the backup's filesystems are mounted read-only
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A backup (and so its whole chain) that something outside the
+    repository reads: prune and chain merges leave every file of the chain
+    untouched while the hold exists. `detail` says what holds it, for the
+    operator; the other fields let whoever finds the hold tell whether it
+    still stands (the domain and its disks; the mount point and helper)."""
+
+    id: str
+    kind: HoldKind
+    domain_uuid: str
+    backup_id: str
+    created: datetime
+    detail: str
+    new_domain: str | None = None  # live restore: the UUID of the domain running from it
+    disks: tuple[str, ...] = ()  # live restore: its images being moved; mount: the disks
+    directory: str | None = None  # live restore: DIR; mount: the mount point
+    helper_pid: int | None = None  # mount: the qemu-storage-daemon exporting the disks
+    state_dir: str | None = None  # mount: runtime folder of its exports
+    devices: tuple[str, ...] = ()  # mount: the read-only loop devices
+    rate: int = 0  # live restore: the move's bandwidth limit, bytes/s (0: none)
+    opened: tuple[str, ...] = ()  # live restore: folders opened for QEMU's user (o+x)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "format": HOLD_FORMAT,
+            "format_version": 1,
+            "id": self.id,
+            "kind": self.kind.value,
+            "domain_uuid": self.domain_uuid,
+            "backup_id": self.backup_id,
+            "created": self.created.isoformat(),
+            "detail": self.detail,
+            "new_domain": self.new_domain,
+            "disks": list(self.disks),
+            "directory": self.directory,
+            "helper_pid": self.helper_pid,
+            "state_dir": self.state_dir,
+            "devices": list(self.devices),
+            "rate": self.rate,
+            "opened": list(self.opened),
+        }
+
+    @classmethod
+    def from_json(cls, data: object, path: Path) -> Hold:
+        f = _Fields(data, path, "")
+        if f.integer("format_version") > 1:
+            raise RepositoryFormatError(path, "hold format is newer than this version reads")
+        return cls(
+            id=f.text("id"),
+            kind=f.enum("kind", HoldKind),
+            domain_uuid=f.text("domain_uuid"),
+            backup_id=f.text("backup_id"),
+            created=f.time("created"),
+            detail=f.text("detail"),
+            new_domain=f.opt_text("new_domain"),
+            disks=tuple(f.texts("disks")),
+            directory=f.opt_text("directory"),
+            helper_pid=f.opt_integer("helper_pid"),
+            state_dir=f.opt_text("state_dir"),
+            devices=tuple(f.texts("devices")),
+            rate=f.integer("rate", 0),
+            opened=tuple(f.texts("opened")),
+        )
+
+
 # --- the repository ----------------------------------------------------------------------
 
 
@@ -664,6 +741,47 @@ class Repository:
             path.unlink()
             fsync_path(path.parent)
 
+    # --- holds ---
+
+    def add_hold(self, hold: Hold) -> None:
+        folder = self.domain_dir(hold.domain_uuid) / HOLDS_DIR
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _replace_synced(folder / f"{hold.id}.json", _json_text(hold.to_json()))
+
+    def holds(self, uuid: str | None = None) -> list[Hold]:
+        """The holds of one domain, or of every domain in the repository."""
+        dirs = [self.domain_dir(uuid)] if uuid is not None else self.domain_dirs()
+        out = []
+        for d in dirs:
+            folder = d / HOLDS_DIR
+            for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+                data = _read_json(path, missing_ok=True)
+                if data is not None:
+                    out.append(Hold.from_json(data, path))
+        return out
+
+    def drop_hold(self, hold: Hold) -> None:
+        path = self.domain_dir(hold.domain_uuid) / HOLDS_DIR / f"{hold.id}.json"
+        if path.exists():
+            path.unlink()
+            fsync_path(path.parent)
+
+    def held(self, uuid: str) -> dict[str, list[Hold]]:
+        """Backup id -> the holds on it, for every backup of `uuid` that a
+        hold reads: the held backups and every backup their chains go
+        through (an overlay reads its parents)."""
+        out: dict[str, list[Hold]] = {}
+        holds = self.holds(uuid)
+        if not holds:
+            return out
+        parent = {b.manifest.id: b.manifest.parent for b in self.backups(uuid)}
+        for h in holds:
+            at: str | None = h.backup_id
+            while at is not None and at in parent:
+                out.setdefault(at, []).append(h)
+                at = parent[at]
+        return out
+
     # --- failed attempts ---
 
     def record_attempt(self, attempt: FailedAttempt) -> None:
@@ -823,6 +941,11 @@ class _Fields:
 
     def integer(self, key: str, default: int | None = None) -> int:
         return self._get(key, int, default)
+
+    def opt_integer(self, key: str) -> int | None:
+        if self.data.get(key) is None:
+            return None
+        return self.integer(key)
 
     def time(self, key: str) -> datetime:
         try:

@@ -97,3 +97,23 @@ def _dac_label(root: etree._Element) -> tuple[int, int] | None:
         except ValueError:
             return None
     return None
+
+
+def backing_files(xml: str, target: str, document: str = "domain XML") -> list[str]:
+    """The files the disk `target` reads below its own image, nearest first,
+    as libvirt's live XML reports them (`<backingStore>` nesting). Empty for
+    a standalone image, or a shut-off domain (libvirt reports chains only
+    while it runs)."""
+    root = xmldoc.parse(xml, document, "domain")
+    out: list[str] = []
+    for disk in root.findall("devices/disk"):
+        t = disk.find("target")
+        if t is None or t.get("dev") != target:
+            continue
+        store = disk.find("backingStore")
+        while store is not None:
+            source = store.find("source")
+            if source is not None and source.get("file"):
+                out.append(str(source.get("file")))
+            store = store.find("backingStore")
+    return out

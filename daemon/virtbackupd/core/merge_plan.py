@@ -61,10 +61,20 @@ class Remove:
 Op = Rebase | Consolidate | Remove
 
 
-def plan_merges(layers: Sequence[Layer], prune: Set[str], max_depth: int | None = None) -> list[Op]:
+def plan_merges(
+    layers: Sequence[Layer],
+    prune: Set[str],
+    max_depth: int | None = None,
+    frozen: Set[str] = frozenset(),
+) -> list[Op]:
     """`layers` oldest first; `prune` the ids to take out (never the newest).
     With `max_depth`, the newest layer ends at most that many overlays above
-    its standalone base."""
+    its standalone base. `frozen`: layers whose files must not change (a
+    held backup and its chain, read by a running domain or a mount); they
+    are neither pruned nor rewritten, so the chain limit waits for them."""
+    held = sorted(prune & frozen)
+    if held:
+        raise ValueError(f"held backups cannot be pruned: {', '.join(held)}")
     if layers and layers[-1].id in prune:
         raise ValueError(f"the newest backup {layers[-1].id} cannot be pruned")
     order = [layer.id for layer in layers]
@@ -105,6 +115,8 @@ def plan_merges(layers: Sequence[Layer], prune: Set[str], max_depth: int | None 
 
     if max_depth is not None and order:
         while len(chain := _chain(order[-1], parent)) - 1 > max_depth:
+            if chain[2] in frozen:
+                break
             rebase(chain[2], chain[0], chain[1])
     return ops
 

@@ -28,6 +28,7 @@ import structlog
 from virtbackupd.adapters import qemu_img
 from virtbackupd.adapters.libvirt_conn import Libvirt
 from virtbackupd.adapters.repository import (
+    Hold,
     Manifest,
     PruneJournal,
     Repository,
@@ -109,9 +110,12 @@ async def prune_domain(
     found = [b.manifest for b in repo.backups(uuid)]
     layers = [_layer(m) for m in found]
     points = [Point(m.id, m.started) for m in found]
-    verdicts = decide(points, retention)
+    held = repo.held(uuid)
+    verdicts = [_held_verdict(v, held.get(v.id, [])) for v in decide(points, retention)]
     prune = {v.id for v in verdicts if not v.keep}
-    ops = plan_merges(layers, prune, max_depth if max_depth and max_depth > 0 else None)
+    ops = plan_merges(
+        layers, prune, max_depth if max_depth and max_depth > 0 else None, frozenset(held)
+    )
     result = PruneResult(uuid, tuple(verdicts), tuple(ops), dry_run, replayed, earlier)
     if dry_run or not ops:
         return result
@@ -128,6 +132,13 @@ async def prune_domain(
         merges=sum(not isinstance(op, Remove) for op in ops),
     )
     return PruneResult(uuid, tuple(verdicts), tuple(ops), False, replayed, earlier + removed)
+
+
+def _held_verdict(v: Verdict, holds: Sequence[Hold]) -> Verdict:
+    """A backup something reads (a live restore, a mount) stays, and says so."""
+    if not holds:
+        return v
+    return Verdict(v.id, True, (*v.reasons, *(f"held: {h.detail}" for h in holds)))
 
 
 async def prune_under_policy(

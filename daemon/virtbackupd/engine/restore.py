@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -368,6 +368,13 @@ async def define_restored(
     """Define `name` from the backup's saved domain XML, on the restored
     images. An existing domain of that name is replaced only with `force`,
     and never while it runs."""
+    images = {r.disk: RestoredImage(r.path, r.fmt) for r in restored}
+    return await define_on_images(lv, folder, name, images, force)
+
+
+async def define_on_images(
+    lv: Libvirt, folder: Path, name: str, images: Mapping[str, RestoredImage], force: bool
+) -> tuple[DomainRef, tuple[str, ...]]:
     if await lv.exists(name):
         if not force:
             raise RestoreError(f"a domain named {name!r} exists; give --force to replace it")
@@ -376,7 +383,6 @@ async def define_restored(
             raise RestoreError(f"domain {name!r} is running; shut it off to replace it")
         await lv.undefine(old)
     saved = (folder / "domain.xml").read_text()
-    images = {r.disk: RestoredImage(r.path, r.fmt) for r in restored}
     new = restored_domain_xml(saved, name, images, str(folder / "domain.xml"))
     ref = await lv.define(new.xml)
     log.info("domain defined from backup", domain=name, uuid=ref.uuid, dropped=new.dropped_disks)
