@@ -16,7 +16,8 @@ log() { printf 'bootstrap: %s\n' "$*" >&2; }
 # --- 1. Debian packages ----------------------------------------------------
 # One command per package we rely on; a missing one means "install all".
 if want packages; then
-needed_cmds=(virsh libvirtd virtlogd qemu-system-x86_64 qemu-img qemu-nbd nbdinfo nbdcopy nbdkit pkg-config gcc systemd-analyze)
+needed_cmds=(virsh libvirtd virtlogd qemu-system-x86_64 qemu-img qemu-nbd qemu-storage-daemon nbdinfo nbdcopy nbdkit pkg-config gcc systemd-analyze
+             sfdisk blkid losetup lvm e2fsck xfs_repair fsck.vfat mkfs.vfat mkfs.xfs fusefat mcopy)
 missing=()
 for c in "${needed_cmds[@]}"; do
     command -v "$c" >/dev/null 2>&1 || missing+=("$c")
@@ -32,7 +33,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         libvirt-daemon-system libvirt-daemon-driver-qemu qemu-system-x86 \
-        qemu-utils libvirt-dev pkg-config gcc libnbd-bin nbdkit systemd >/dev/null
+        qemu-utils qemu-system-common libvirt-dev pkg-config gcc libnbd-bin nbdkit systemd \
+        fdisk util-linux e2fsprogs xfsprogs dosfstools lvm2 fusefat mtools >/dev/null
 fi
 fi
 

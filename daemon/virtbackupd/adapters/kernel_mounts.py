@@ -49,7 +49,19 @@ async def detach(device: str) -> None:
             raise  # still attached: say so
 
 
+def kernel_has(fstype: str) -> bool:
+    for line in Path("/proc/filesystems").read_text().splitlines():
+        if line.split() and line.split()[-1] == fstype:
+            return True
+    return False
+
+
 async def mount(device: str, fstype: str, target: Path) -> None:
+    if fstype == "vfat" and not kernel_has("vfat"):
+        # A kernel built without FAT (cloud kernels): fusefat reads it in
+        # user space, read-only; the process ends with its unmount.
+        await run_tool(["fusefat", "-o", "ro", device, str(target)], f"fusefat {device}")
+        return
     await run_tool(
         ["mount", "-t", fstype, "-o", MOUNT_OPTIONS[fstype], device, str(target)],
         f"mount {device} ({fstype}) on {target}",

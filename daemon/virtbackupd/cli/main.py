@@ -24,7 +24,7 @@ from virtbackupd.adapters import block_devices, priority
 from virtbackupd.adapters.libvirt_conn import Libvirt
 from virtbackupd.adapters.repository import Repository
 from virtbackupd.adapters.store import Store
-from virtbackupd.cli import listing
+from virtbackupd.cli import listing, recovery
 from virtbackupd.cli import status as status_view
 from virtbackupd.cli.catalogue import policies, reconcile_catalogue, reindex_command
 from virtbackupd.cli.domains import domain_of, libvirt_domains
@@ -33,7 +33,6 @@ from virtbackupd.cli.policy_check import policy_check
 from virtbackupd.cli.progress import ProgressLine, progress_text
 from virtbackupd.config.daemon import DaemonConfig, config_path, load_config
 from virtbackupd.core.domain_xml import parse_domain
-from virtbackupd.core.points import parse_time, pick_backup
 from virtbackupd.core.policy import Level, Policy, policy_for
 from virtbackupd.core.records import BackupRecord, BackupStatus, DomainRecord
 from virtbackupd.daemon.status_file import read_status
@@ -109,6 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--format", choices=["qcow2", "raw"], default="qcow2", help="default qcow2")
     rs.add_argument("--define", metavar="NAME", help="define a new domain NAME on the images")
     rs.add_argument(
+        "--live",
+        action="store_true",
+        help="with --to and --define: start NAME at once, running from the backup, and move "
+        "its disks into DIR while it runs (`status` shows the move)",
+    )
+    rs.add_argument(
+        "--move-rate",
+        type=_positive_mib,
+        default=0,
+        metavar="MIB_S",
+        help="with --live: limit the move to this many MiB/s (default: no limit)",
+    )
+    rs.add_argument(
         "--allow-damaged",
         action="store_true",
         help="write what can be read of a damaged chain (default: refuse, naming the damage)",
@@ -124,6 +136,27 @@ def build_parser() -> argparse.ArgumentParser:
     vf = sub.add_parser("verify", help="check backup images and their recorded digests")
     vf.add_argument("domain", nargs="?", help="only this domain (name or UUID)")
     vf.add_argument("--backup", metavar="ID", help="only this backup")
+    vf.add_argument(
+        "--filesystems",
+        action="store_true",
+        help="also check every filesystem found in the backups, read-only "
+        "(e2fsck -n, xfs_repair -n, fsck.vfat -n)",
+    )
+    mt = sub.add_parser(
+        "mount", help="show a backup's files read-only below MOUNTPOINT (until `umount`)"
+    )
+    mt.add_argument("domain", help="the backed-up domain (name or UUID)")
+    mt.add_argument("mountpoint", type=Path, help="an empty folder")
+    mwhich = mt.add_mutually_exclusive_group()
+    mwhich.add_argument("--backup", metavar="ID", help="this backup (default: the newest)")
+    mwhich.add_argument(
+        "--at", metavar="TIME", help="the newest backup started at or before TIME (ISO 8601)"
+    )
+    mt.add_argument(
+        "--disk", action="append", default=[], metavar="TARGET", help="only this disk (repeat)"
+    )
+    um = sub.add_parser("umount", help="release a `virtbackup mount`: mounts, devices, helper")
+    um.add_argument("mountpoint", type=Path)
     sub.add_parser("reindex", help="rebuild the state database from the backup repository")
     sub.add_parser("status", help="the daemon, each domain's last good backup, running jobs")
     cn = sub.add_parser(
@@ -143,6 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chk.add_argument("files", nargs="*", type=Path, help="default: the config's policy_dirs")
     return parser
+
+
+def _positive_mib(text: str) -> int:
+    """MiB/s on the command line, bytes/s inside."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of MiB/s")
+    return int(value * 1024 * 1024)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -179,8 +223,12 @@ async def _run(args: argparse.Namespace) -> int:
     if args.command == "reindex":
         return await reindex_command(args, config)
     async with Store.open(config.state_db) as store:
-        if args.command in ("list", "status", "verify", "prune", "restore"):
+        if args.command in ("list", "status", "verify", "prune", "restore", "mount"):
             await reconcile_catalogue(config, store)
+        if args.command == "umount":
+            return await recovery.umount(args, config)
+        if args.command == "mount":
+            return await recovery.mount(args, config, store)
         if args.command == "list":
             return await _list(args, config, store)
         if args.command == "status":
@@ -302,22 +350,21 @@ async def _restore(
 ) -> int:
     if args.define and not args.to:
         raise ConfigError("--define needs --to DIR (a new domain gets new images)")
+    if args.move_rate and not args.live:
+        raise ConfigError("--move-rate limits a --live restore's move; give --live too")
+    if args.live:
+        assert lv is not None
+        return await recovery.live(args, config, store, lv)
     if args.to_device is not None and len(args.disk) != 1:
         raise ConfigError("--to-device writes one disk: give it with --disk TARGET")
-    dom = await domain_of(store, config, args.domain)
-    at = parse_time(args.at) if args.at else None
-    record = pick_backup(await store.backups(dom.uuid), args.backup, at)
-    if record.path is None:
-        raise RestoreError(f"backup {record.id} has no folder recorded")
-    folder = Path(record.path)
-    repo = Repository.of_backup(folder)
-    if record.id in repo.being_removed(folder.parent.name):
-        raise RestoreError(
-            f"backup {record.id} is being pruned (an interrupted prune); "
-            "`virtbackup prune` finishes it; choose another backup"
-        )
-    manifest = repo.backup(folder.parent.name, record.id).manifest
-    disks = restore.disks_of(manifest, args.disk)
+    chosen = await recovery.chosen_backup(args, config, store)
+    dom, record, folder, repo, disks = (
+        chosen.dom,
+        chosen.record,
+        chosen.folder,
+        chosen.repo,
+        chosen.disks,
+    )
     damaged_ok = bool(args.allow_damaged)
     if args.to_device is not None:
         assert lv is not None
@@ -407,6 +454,7 @@ async def _prune(args: argparse.Namespace, config: DaemonConfig, store: Store) -
         print(f"virtbackup: warning: {exc}; checkpoints of pruned backups stay", file=sys.stderr)
         lv = None
     try:
+        await recovery.hold_lines(config, lv)  # release finished moves and vanished mounts
         for dom in domains:
             policy = policy_for(dom.name, dom.uuid, governing)
             if policy is None:
@@ -446,21 +494,44 @@ async def _verify(args: argparse.Namespace, config: DaemonConfig, store: Store) 
     ]
     if args.backup is not None and not backups:
         raise VirtBackupError(f"no complete backup {args.backup}")
-    verdicts = []
+    failed = False
+    out = []
     async for b, v in verify_recorded(config, store, backups):
-        verdicts.append((b, v))
-        if not args.json:
-            state = "ok" if v.ok else "FAILED"
-            print(f"{b.domain_name} {b.id}: {state}")
-            for p in (*v.problems, *v.ancestor_problems):
-                print(f"  {p}")
-            for d in v.disks:
-                print(f"  {d.disk}: {'ok' if d.ok else 'FAILED'}")
-                for p in d.problems:
-                    print(f"    {p}")
+        row: dict[str, Any] = {"domain": b.domain_name, **v.as_json()}
+        fs: list[Any] = []
+        notes: list[str] = []
+        if args.filesystems:
+            try:
+                fs, notes = await recovery.filesystem_verdicts(config, b)
+            except VirtBackupError as exc:
+                fs_error = f"filesystems not checked: {exc}"
+                notes = [fs_error]
+                row["filesystems_error"] = fs_error
+            row["filesystems"] = [
+                {"volume": f.label, "fstype": f.fstype, "ok": f.ok, "detail": f.detail} for f in fs
+            ]
+            row["filesystems_not_read"] = notes
+        fs_ok = all(f.ok is not False for f in fs) and "filesystems_error" not in row
+        failed = failed or not v.ok or not fs_ok
+        out.append(row)
+        if args.json:
+            continue
+        state = "ok" if v.ok and fs_ok else "FAILED"
+        print(f"{b.domain_name} {b.id}: {state}")
+        for p in (*v.problems, *v.ancestor_problems):
+            print(f"  {p}")
+        for d in v.disks:
+            print(f"  {d.disk}: {'ok' if d.ok else 'FAILED'}")
+            for p in d.problems:
+                print(f"    {p}")
+        for f in fs:
+            word = {True: "ok", False: "DAMAGED", None: "-"}[f.ok]
+            print(f"  {f.label} ({f.fstype or 'nothing known'}): {word}: {f.detail}")
+        for n in notes:
+            print(f"  {n}")
     if args.json:
-        print(json.dumps([{"domain": b.domain_name, **v.as_json()} for b, v in verdicts], indent=2))
-    return 0 if all(v.ok for _, v in verdicts) else 1
+        print(json.dumps(out, indent=2))
+    return 1 if failed else 0
 
 
 async def _list(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
@@ -482,7 +553,22 @@ async def _status(args: argparse.Namespace, config: DaemonConfig, store: Store) 
         datetime.now(UTC), await store.backups(), policies(config), domains, daemon
     )
     running = await store.running_progress()
-    print(status_view.render(daemon, rows, unmanaged, running, args.json))
+    try:
+        lv: Libvirt | None = await Libvirt.open(config.libvirt_uri)
+    except VirtBackupError:
+        lv = None  # live restores are then shown without their progress
+    try:
+        holds = await recovery.hold_lines(config, lv)
+    finally:
+        if lv is not None:
+            await lv.close()
+    text = status_view.render(daemon, rows, unmanaged, running, args.json)
+    if args.json:
+        data = json.loads(text)
+        data["holds"] = holds
+        print(json.dumps(data, indent=2))
+    else:
+        print("\n".join([text, *recovery.render_holds(holds)]))
     return 0
 
 

@@ -157,7 +157,7 @@ async def restore_image(
     restore is written (all or nothing)."""
     if fmt not in FORMATS:
         raise RestoreError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
-    chain = await _loaded_chain(folder, disk, runtime_dir, allow_damaged)
+    chain = await load_chain(folder, disk, runtime_dir, allow_damaged)
     size = chain.size
     partial = target.with_name(f".{target.name}.partial")
     partial.unlink(missing_ok=True)
@@ -192,7 +192,7 @@ async def restore_to_device(
     zeroes (the device held other data), which qemu-nbd turns into
     discards where the device supports them; bytes beyond the disk's size
     are left alone."""
-    chain = await _loaded_chain(folder, disk, runtime_dir, allow_damaged)
+    chain = await load_chain(folder, disk, runtime_dir, allow_damaged)
     size = chain.size
     have = block_devices.device_size(device)
     if have < size:
@@ -221,7 +221,7 @@ async def restore_to_device(
     return RestoredDisk(disk, device, "raw", result, damage)
 
 
-async def _loaded_chain(folder: Path, disk: str, runtime_dir: Path, allow_damaged: bool) -> _Chain:
+async def load_chain(folder: Path, disk: str, runtime_dir: Path, allow_damaged: bool) -> _Chain:
     chain = _Chain(folder, disk)
     await chain.load(runtime_dir)
     if chain.damage and not allow_damaged:

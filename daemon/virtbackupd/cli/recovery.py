@@ -1,0 +1,223 @@
+"""The CLI's ways back that keep running after the command: live restore
+(`restore --live`), `mount` / `umount`, the holds they leave (shown by
+`status`), and `verify --filesystems`."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from virtbackupd.adapters.libvirt_conn import Libvirt
+from virtbackupd.adapters.repository import Hold, HoldKind, Repository
+from virtbackupd.adapters.store import Store
+from virtbackupd.cli.catalogue import policies, roots
+from virtbackupd.cli.domains import domain_of
+from virtbackupd.config.daemon import DaemonConfig
+from virtbackupd.core.points import parse_time, pick_backup
+from virtbackupd.core.records import BackupRecord, DomainRecord
+from virtbackupd.engine import guest_view, live_restore, restore
+from virtbackupd.engine.domain_job import domain_job
+from virtbackupd.errors import ConfigError, RestoreError, VirtBackupError
+
+
+@dataclass(frozen=True)
+class Chosen:
+    dom: DomainRecord
+    record: BackupRecord
+    folder: Path
+    repo: Repository
+    disks: list[str]
+
+
+async def chosen_backup(args: argparse.Namespace, config: DaemonConfig, store: Store) -> Chosen:
+    """The backup and disks `DOMAIN [--backup ID | --at TIME] [--disk T]` name."""
+    dom = await domain_of(store, config, args.domain)
+    at = parse_time(args.at) if args.at else None
+    record = pick_backup(await store.backups(dom.uuid), args.backup, at)
+    if record.path is None:
+        raise RestoreError(f"backup {record.id} has no folder recorded")
+    folder = Path(record.path)
+    repo = Repository.of_backup(folder)
+    if record.id in repo.being_removed(folder.parent.name):
+        raise RestoreError(
+            f"backup {record.id} is being pruned (an interrupted prune); "
+            "`virtbackup prune` finishes it; choose another backup"
+        )
+    manifest = repo.backup(folder.parent.name, record.id).manifest
+    return Chosen(dom, record, folder, repo, restore.disks_of(manifest, args.disk))
+
+
+def repositories(config: DaemonConfig) -> list[Repository]:
+    return [Repository(r) for r in sorted(roots(config, policies(config, quiet=True)))]
+
+
+# --- restore --live --------------------------------------------------------------------
+
+
+async def live(args: argparse.Namespace, config: DaemonConfig, store: Store, lv: Libvirt) -> int:
+    if not args.define or args.to is None:
+        raise ConfigError("--live needs --to DIR and --define NAME (a new domain runs from it)")
+    if args.format != "qcow2":
+        raise ConfigError(
+            "--live moves the disks into qcow2 images (QEMU's block stream); for raw images "
+            "restore without --live, or convert the moved images with qemu-img later"
+        )
+    c = await chosen_backup(args, config, store)
+    started = time.monotonic()
+    async with domain_job(config, store, c.repo, c.dom.uuid, c.dom.name, "restore"):
+        for disk in c.disks:  # the chain's records and images, not its content: quick
+            chain = await restore.load_chain(c.folder, disk, config.runtime_dir, args.allow_damaged)
+            for line in chain.damage:
+                print(f"virtbackup: warning: running despite damage: {line}", file=sys.stderr)
+        ref, hold, dropped = await live_restore.start_live_restore(
+            lv,
+            c.repo,
+            c.folder,
+            c.disks,
+            args.to.absolute(),
+            args.define,
+            rate=args.move_rate,
+            force=args.force,
+        )
+    took = time.monotonic() - started
+    out = {
+        "backup": c.record.id,
+        "defined": {"name": ref.name, "uuid": ref.uuid, "dropped_disks": list(dropped)},
+        "running": True,
+        "seconds": round(took, 2),
+        "hold": hold.id,
+        "disks": [{"disk": d, "path": str(live_restore.image_of(hold, d))} for d in c.disks],
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"domain {ref.name} ({ref.uuid}) runs from backup {c.record.id} ({took:.1f} s)")
+    for d in c.disks:
+        print(f"  {d}: moving into {live_restore.image_of(hold, d)}")
+    if dropped:
+        print(f"  not restored, left out of it: {', '.join(dropped)}")
+    print(
+        f"  backup {c.record.id} is held until the move ends; "
+        "`virtbackup status` shows its progress"
+    )
+    return 0
+
+
+# --- mount / umount --------------------------------------------------------------------
+
+
+async def mount(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
+    c = await chosen_backup(args, config, store)
+    started = time.monotonic()
+    async with domain_job(config, store, c.repo, c.dom.uuid, c.dom.name, "mount"):
+        result = await guest_view.mount_backup(
+            c.repo, c.folder, c.disks, args.mountpoint, config.runtime_dir
+        )
+    took = time.monotonic() - started
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "backup": c.record.id,
+                    "mountpoint": result.hold.directory,
+                    "seconds": round(took, 2),
+                    "mounted": [
+                        {"volume": m.label, "fstype": m.fstype, "path": str(m.path)}
+                        for m in result.mounted
+                    ],
+                    "not_mounted": list(result.notes),
+                },
+                indent=2,
+            )
+        )
+        return 0
+    print(f"backup {c.record.id} of {c.dom.name} mounted read-only on {result.hold.directory}")
+    for m in result.mounted:
+        print(f"  {m.path}  ({m.label}, {m.fstype})")
+    for n in result.notes:
+        print(f"  {n}")
+    if not result.mounted:
+        print("  no filesystem could be mounted; `virtbackup umount` releases the exports")
+    return 0
+
+
+async def umount(args: argparse.Namespace, config: DaemonConfig) -> int:
+    hold = await guest_view.umount(repositories(config), args.mountpoint)
+    if args.json:
+        print(json.dumps({"mountpoint": hold.directory, "backup": hold.backup_id}))
+    else:
+        print(f"released {hold.directory} (backup {hold.backup_id})")
+    return 0
+
+
+# --- holds in `status` -----------------------------------------------------------------
+
+
+async def hold_lines(config: DaemonConfig, lv: Libvirt | None) -> list[dict[str, object]]:
+    """Every hold, settled first (finished moves and vanished mounts are
+    released; stopped pulls restarted), as status rows."""
+    repos = repositories(config)
+    await guest_view.settle_mounts(repos)
+    rows: list[dict[str, object]] = []
+    moves: dict[str, live_restore.MoveState] = {}
+    if lv is not None:
+        for repo in repos:
+            with contextlib.suppress(VirtBackupError):
+                for m in await live_restore.settle(lv, repo):
+                    moves[m.hold.id] = m
+    for repo in repos:
+        for h in repo.holds():
+            rows.append(_hold_row(h, moves.get(h.id)))
+    return rows
+
+
+def _hold_row(h: Hold, move: live_restore.MoveState | None) -> dict[str, object]:
+    row: dict[str, object] = {
+        "kind": h.kind.value,
+        "backup": h.backup_id,
+        "domain_uuid": h.domain_uuid,
+        "since": h.created.isoformat(),
+        "what": h.detail,
+    }
+    if h.kind is HoldKind.MOUNT:
+        row["mountpoint"] = h.directory
+    elif move is not None:
+        row.update(move.as_json())
+    return row
+
+
+def render_holds(rows: list[dict[str, object]]) -> list[str]:
+    lines = []
+    for r in rows:
+        head = f"held: backup {r['backup']}: {r['what']}"
+        if r["kind"] == HoldKind.LIVE_RESTORE.value and "state" in r:
+            parts = []
+            for d in r.get("disks", []):  # type: ignore[attr-defined]
+                if d["moved"]:
+                    parts.append(f"{d['disk']} moved")
+                elif d["total"]:
+                    parts.append(f"{d['disk']} {100 * d['done'] // d['total']}%")
+                else:
+                    parts.append(f"{d['disk']} waiting")
+            head += f" ({r['state']}: {', '.join(parts)})"
+        lines.append(head)
+    return lines
+
+
+# --- verify --filesystems --------------------------------------------------------------
+
+
+async def filesystem_verdicts(
+    config: DaemonConfig, record: BackupRecord
+) -> tuple[list[guest_view.FsVerdict], list[str]]:
+    assert record.path is not None
+    folder = Path(record.path)
+    repo = Repository.of_backup(folder)
+    manifest = repo.backup(folder.parent.name, record.id).manifest
+    disks = [d.disk for d in manifest.disks]
+    return await guest_view.check_filesystems(folder, disks, config.runtime_dir)
