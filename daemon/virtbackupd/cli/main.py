@@ -502,7 +502,7 @@ async def _verify(args: argparse.Namespace, config: DaemonConfig, store: Store) 
         notes: list[str] = []
         if args.filesystems:
             try:
-                fs, notes = await recovery.filesystem_verdicts(config, b)
+                fs, notes = await recovery.filesystem_verdicts(config, store, b)
             except VirtBackupError as exc:
                 fs_error = f"filesystems not checked: {exc}"
                 notes = [fs_error]

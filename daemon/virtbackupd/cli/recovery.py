@@ -213,11 +213,15 @@ def render_holds(rows: list[dict[str, object]]) -> list[str]:
 
 
 async def filesystem_verdicts(
-    config: DaemonConfig, record: BackupRecord
+    config: DaemonConfig, store: Store, record: BackupRecord
 ) -> tuple[list[guest_view.FsVerdict], list[str]]:
+    """The filesystem check of one backup, under its domain's lock (no
+    prune rewrites the chain while it is read)."""
     assert record.path is not None
     folder = Path(record.path)
     repo = Repository.of_backup(folder)
-    manifest = repo.backup(folder.parent.name, record.id).manifest
-    disks = [d.disk for d in manifest.disks]
-    return await guest_view.check_filesystems(folder, disks, config.runtime_dir)
+    uuid, name = record.domain_uuid, record.domain_name
+    async with domain_job(config, store, repo, uuid, name, "verify"):
+        manifest = repo.backup(folder.parent.name, record.id).manifest
+        disks = [d.disk for d in manifest.disks]
+        return await guest_view.check_filesystems(folder, disks, config.runtime_dir)

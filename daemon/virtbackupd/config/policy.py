@@ -103,8 +103,9 @@ def load_policy(path: Path) -> Policy:
                 )
 
     with src.collecting():
-        schedule = src.mapping(keys.get("schedule"), "schedule", ["full", "incremental", "verify"])
-        for level in ("full", "incremental", "verify"):
+        kinds = ["full", "incremental", "verify", "verify_filesystems"]
+        schedule = src.mapping(keys.get("schedule"), "schedule", kinds)
+        for level in kinds:
             with src.collecting():
                 if level in schedule and src.scalar(schedule[level], f"schedule.{level}"):
                     kw[f"{level}_schedule"] = src.checked(

@@ -66,6 +66,8 @@ class Policy:
     full_schedule: str | None = None  # cron
     incremental_schedule: str | None = None  # cron
     verify_schedule: str | None = None  # cron: `virtbackup verify` of the domain's backups
+    # cron: `verify --filesystems` of the domain's newest backup
+    verify_filesystems_schedule: str | None = None
     max_incrementals: int = 30
     retention: Retention = field(default_factory=Retention)
     on_shutdown: EventAction = EventAction.NONE

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from virtbackupd import logs
 from virtbackupd.adapters import priority
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
 from virtbackupd.adapters.libvirt_events import DomainEvent, EventKind, EventSource
-from virtbackupd.adapters.repository import Repository
+from virtbackupd.adapters.repository import HoldKind, Repository
 from virtbackupd.adapters.scheduler import Schedules
 from virtbackupd.adapters.sd_notify import Notifier, watchdog_interval
 from virtbackupd.adapters.store import Store
@@ -36,11 +36,11 @@ from virtbackupd.config.daemon import DaemonConfig, load_config
 from virtbackupd.config.policy import load_policies, missing_dirs, policy_files
 from virtbackupd.core.domain_xml import parse_domain
 from virtbackupd.core.policy import Level, Policy, policy_for
-from virtbackupd.core.records import BackupStatus
+from virtbackupd.core.records import BackupRecord, BackupStatus
 from virtbackupd.daemon import decisions
 from virtbackupd.daemon.decisions import Trigger
 from virtbackupd.daemon.status_file import DaemonStatus, DomainState, remove_status, write_status
-from virtbackupd.engine import catalogue, own_checkpoints, vm_starts
+from virtbackupd.engine import catalogue, guest_view, live_restore, own_checkpoints, vm_starts
 from virtbackupd.engine.backup import BackupContext, backup_domain
 from virtbackupd.engine.domain_job import domain_job
 from virtbackupd.engine.locks import domain_lock
@@ -48,7 +48,9 @@ from virtbackupd.engine.prune import describe, prune_under_policy
 from virtbackupd.engine.verify import verify_recorded
 from virtbackupd.errors import ConfigError, LibvirtError, VirtBackupError
 
-VERIFY = "verify"  # the schedule kind beside the backup levels
+VERIFY = "verify"  # the schedule kinds beside the backup levels
+VERIFY_FS = "verify_filesystems"
+HOLDS_INTERVAL_S = 5.0  # how often live restores and mounts are looked after
 STORE_CHECK_S = 5.0  # how often the daemon checks its database file is still the one it opened
 
 log = structlog.get_logger("virtbackupd.daemon")
@@ -62,7 +64,7 @@ class Service:
         self.notifier = Notifier()
         self.pending: dict[str, Level] = {}  # domain uuid -> level asked
         self.queue: asyncio.Queue[str] = asyncio.Queue()
-        self.verify_queue: asyncio.Queue[str] = asyncio.Queue()
+        self.verify_queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self.running: set[str] = set()
         self.retrying: dict[str, str] = {}  # uuid -> why it waits
         self.failures: dict[str, tuple[str, str]] = {}  # uuid -> (time, reason)
@@ -135,6 +137,8 @@ class Service:
             await store.see_domain(d.uuid, d.name, now)
             if policy.verify_schedule is not None:
                 wanted[(d.uuid, VERIFY)] = policy.verify_schedule
+            if policy.verify_filesystems_schedule is not None:
+                wanted[(d.uuid, VERIFY_FS)] = policy.verify_filesystems_schedule
             schedules = decisions.schedules_of(policy)
             self.schedules_by_domain[d.uuid] = schedules
             for level_name, cron in schedules.items():
@@ -153,8 +157,8 @@ class Service:
         self._publish()
 
     def _scheduled(self, uuid: str, level: str) -> None:
-        if level == VERIFY:
-            self.verify_queue.put_nowait(uuid)
+        if level in (VERIFY, VERIFY_FS):
+            self.verify_queue.put_nowait((uuid, level))
             return
         # The jitter is under a minute: the minute now is the one that fired.
         minute = datetime.now(UTC).replace(second=0, microsecond=0)
@@ -297,10 +301,13 @@ class Service:
         backup or prune of that domain (what is left waits for the next
         schedule)."""
         while True:
-            uuid = await self.verify_queue.get()
+            uuid, kind = await self.verify_queue.get()
             name = self.names.get(uuid, uuid)
             try:
                 backups = await store.backups(uuid, status=BackupStatus.COMPLETE)
+                if kind == VERIFY_FS:
+                    await self._check_filesystems(store, name, backups[-1:])
+                    continue
                 bad = [
                     verdict.as_json()
                     async for _, verdict in verify_recorded(self.config, store, backups)
@@ -316,6 +323,49 @@ class Service:
                 log.error("verify failed", domain=name, backups=len(backups), failed=bad)
             else:
                 log.info("verify done", domain=name, backups=len(backups))
+
+    async def _check_filesystems(
+        self, store: Store, name: str, backups: Sequence[BackupRecord]
+    ) -> None:
+        """The scheduled `verify --filesystems` of the newest backup."""
+        for b in backups:
+            assert b.path is not None
+            folder = Path(b.path)
+            repo = Repository.of_backup(folder)
+            async with domain_job(self.config, store, repo, b.domain_uuid, name, "verify"):
+                manifest = repo.backup(folder.parent.name, b.id).manifest
+                found, notes = await guest_view.check_filesystems(
+                    folder, [d.disk for d in manifest.disks], self.config.runtime_dir
+                )
+            bad = [f"{f.label} ({f.fstype}): {f.detail}" for f in found if f.ok is False]
+            if bad:
+                log.error(
+                    "filesystem check failed", domain=name, backup=b.id, damaged=bad, notes=notes
+                )
+            else:
+                checked = [f.label for f in found if f.ok]
+                log.info(
+                    "filesystem check done", domain=name, backup=b.id, clean=checked, notes=notes
+                )
+
+    async def _holds(self) -> None:
+        """Live restores and mounts: every few seconds while any exists,
+        restart a move that is not running (its domain or libvirtd
+        restarted), release the holds of finished moves and vanished
+        mounts. Nothing to do costs one folder listing per repository."""
+        while True:
+            repos = self._repositories()
+            try:
+                await guest_view.settle_mounts(repos)
+                if any(h.kind is HoldKind.LIVE_RESTORE for r in repos for h in r.holds()):
+                    async with await Libvirt.open(self.config.libvirt_uri) as lv:
+                        for repo in repos:
+                            await live_restore.settle(lv, repo)
+            except VirtBackupError as exc:
+                log.warning("settling live restores and mounts failed", error=str(exc))
+            except Exception as exc:  # a bug: logged, tried again next round
+                log.error("settling live restores and mounts crashed", exc_info=exc)
+            await asyncio.sleep(HOLDS_INTERVAL_S)
 
     async def _events(self, store: Store, source: EventSource) -> None:
         async for ev in source.events():
@@ -481,6 +531,7 @@ class Service:
             self._supervise("events", lambda: self._events(store, source))
             self._supervise("verifier", lambda: self._verifier(store))
             self._supervise("store-watch", lambda: self._watch_store(store))
+            self._supervise("holds", self._holds)
             interval = watchdog_interval()
             if interval is not None:  # WatchdogSec= set in the unit
                 self._supervise("watchdog", lambda: self._watchdog(interval))
