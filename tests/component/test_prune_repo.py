@@ -7,13 +7,14 @@ tests/integration/test_prune.py."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from testbed.repo_builder import BuiltDomain, MiB
 from testbed.tools import flip_byte, qemu_img_compare
-from virtbackupd.adapters.repository import PRUNE_JOURNAL
+from virtbackupd.adapters.repository import PRUNE_JOURNAL, Hold, HoldKind
 from virtbackupd.adapters.store import Store
 from virtbackupd.core.policy import Retention
 from virtbackupd.core.records import BackupStatus
@@ -120,3 +121,32 @@ async def test_a_damaged_layer_is_never_merged(tmp_path: Path) -> None:
             )
     assert not (b.repo.domain_dir(b.uuid) / PRUNE_JOURNAL).exists()
     assert sorted(s.manifest.id for s in b.repo.backups(b.uuid)) == b.ids
+
+
+async def test_a_held_backup_and_its_chain_stay_untouched(tmp_path: Path) -> None:
+    """A hold (a live restore or a mount reading backup 2) keeps backups
+    1 and 2 byte for byte, files and all, whatever retention and the chain
+    limit say; once it is released the same prune takes them."""
+    b = await chain(tmp_path, 4)
+    held = b.ids[1]
+    hold = Hold("mount-test", HoldKind.MOUNT, b.uuid, held, datetime.now(UTC), "mounted on /mnt/x")
+    b.repo.add_hold(hold)
+    before = {
+        i: {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in b.folder(i).iterdir()}
+        for i in b.ids[:2]
+    }
+    domain_dir = b.repo.domain_dir(b.uuid)
+    async with Store.open(b.state_db) as store:
+        result = await prune_domain(store, domain_dir, Retention(keep_last=1), 1, b.runtime)
+        kept = {v.id: v.reasons for v in result.verdicts if v.keep}
+        assert set(kept) == {b.ids[0], b.ids[1], b.ids[3]}
+        assert kept[held] == ("held: mounted on /mnt/x",)
+        assert kept[b.ids[0]] == ("held: mounted on /mnt/x",)  # the held one's parent
+        for i in b.ids[:2]:
+            now = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in b.folder(i).iterdir()}
+            assert now == before[i], f"backup {i} was rewritten while held"
+        assert_points_restore(b, [b.ids[0], b.ids[1], b.ids[3]])
+        b.repo.drop_hold(hold)
+        result = await prune_domain(store, domain_dir, Retention(keep_last=1), 1, b.runtime)
+    assert [s.manifest.id for s in b.repo.backups(b.uuid)] == [b.ids[3]]
+    assert_points_restore(b, [b.ids[3]])

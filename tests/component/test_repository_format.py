@@ -19,7 +19,7 @@ import xxhash
 
 from testbed.repo_builder import BuiltDomain, MiB
 from testbed.tools import qemu_img_info, run
-from virtbackupd.adapters.repository import FailedAttempt, UndoKind, UndoLog
+from virtbackupd.adapters.repository import FailedAttempt, Hold, HoldKind, UndoKind, UndoLog
 from virtbackupd.adapters.store import Store
 from virtbackupd.core.policy import Level, Retention
 from virtbackupd.engine.prune import prune_domain
@@ -85,6 +85,37 @@ async def built(tmp_path: Path) -> BuiltDomain:
     b.repo.record_attempt(
         FailedAttempt("x-failed", b.name, b.uuid, Level.INCREMENTAL, now, now, "it broke")
     )
+    newest = b.repo.backups(b.uuid)[-1].manifest.id
+    b.repo.add_hold(
+        Hold(
+            "live-1",
+            HoldKind.LIVE_RESTORE,
+            b.uuid,
+            newest,
+            now,
+            "live restore of x into /d",
+            new_domain="0e6f1a2b-0000-4000-8000-000000000001",
+            disks=("vda",),
+            directory="/d",
+            rate=1 << 20,
+            opened=("/r",),
+        )
+    )
+    b.repo.add_hold(
+        Hold(
+            "mount-1",
+            HoldKind.MOUNT,
+            b.uuid,
+            newest,
+            now,
+            "mounted on /m",
+            disks=("vda",),
+            directory="/m",
+            helper_pid=1234,
+            state_dir="/run/x",
+            devices=("/dev/loop7",),
+        )
+    )
     return b
 
 
@@ -107,6 +138,11 @@ def test_a_repository_reads_as_documented(built: BuiltDomain, tmp_path: Path) ->
     assert attempts
     for path in attempts:
         schema("attempt").validate(json.loads(path.read_text()))
+    holds = sorted((domain_dir / ".holds").glob("*.json"))
+    assert [p.name for p in holds] == ["live-1.json", "mount-1.json"]
+    for path in holds:
+        schema("hold").validate(json.loads(path.read_text()))
+    assert {h.id: h for h in built.repo.holds(built.uuid)}["mount-1"].helper_pid == 1234
 
     for backup_id, m in manifests.items():
         folder = domain_dir / backup_id

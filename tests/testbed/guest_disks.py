@@ -103,8 +103,13 @@ def lvm_volumes(pv_dev: str) -> dict[str, tuple[int, int]]:
     opts = ["--devices", pv_dev, "--driverloaded", "n", "--units", "b", "--nosuffix"]
     segs = json.loads(
         _lvm(
-            "lvs", *opts, "--segments", "--reportformat", "json",
-            "-o", "lv_name,seg_pe_ranges,vg_extent_size",
+            "lvs",
+            *opts,
+            "--segments",
+            "--reportformat",
+            "json",
+            "-o",
+            "lv_name,seg_pe_ranges,vg_extent_size",
         )
     )["report"][0]["seg"]
     pe_start = int(
@@ -171,7 +176,11 @@ def build_mbr(raw: Path, version: int) -> None:
 
 def expected(version: int) -> dict[str, str]:
     """Mounted path below MOUNTPOINT -> the text of its hello.txt."""
-    out = {f"vda/{label}": text(label, version) for label, (fs, *_x) in GPT_LAYOUT.items() if fs != "lvm"}
+    out = {
+        f"vda/{label}": text(label, version)
+        for label, (fs, *_x) in GPT_LAYOUT.items()
+        if fs != "lvm"
+    }
     out.update({f"vda/part4/{VG}/{lv}": text(f"part4/{VG}/{lv}", version) for lv in LVM_VOLUMES})
     out.update({f"vdb/{label}": text(label, version) for label in MBR_LAYOUT})
     return out

@@ -188,3 +188,13 @@ def test_nothing_to_do_and_refusals() -> None:
         plan_merges(chain(3), {"b2"})
     with pytest.raises(ValueError, match="not in the repository"):
         plan_merges([Layer("x", "gone", {})], set())
+
+
+def test_held_layers_are_neither_pruned_nor_rewritten() -> None:
+    """A held backup's chain is frozen: pruning it is refused, and the
+    chain limit does not rebase a frozen layer (it waits for the hold)."""
+    with pytest.raises(ValueError, match="held backups cannot be pruned: b1"):
+        plan_merges(chain(4), {"b1"}, frozen={"b0", "b1"})
+    assert plan_merges(chain(4), set(), max_depth=1, frozen={"b0", "b1", "b2"}) == []
+    ops = plan_merges(chain(4), set(), max_depth=2, frozen={"b0", "b1"})
+    assert [(type(o).__name__, getattr(o, "child", None)) for o in ops] == [("Rebase", "b2")]
