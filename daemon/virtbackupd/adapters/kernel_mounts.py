@@ -77,6 +77,10 @@ async def mount_tmpfs(target: Path) -> None:
     )
 
 
+async def remount_read_only(target: Path) -> None:
+    await run_tool(["mount", "-o", "remount,ro", str(target)], f"remount {target} read-only")
+
+
 async def unmount(target: Path) -> None:
     await run_tool(["umount", str(target)], f"umount {target}")
 

@@ -118,7 +118,12 @@ async def close_view(pid: int | None, devices: Sequence[str], state_dir: Path) -
         except VirtBackupError as exc:
             problems.append(str(exc))
     if not problems:
-        shutil.rmtree(state_dir, ignore_errors=True)
+        try:
+            shutil.rmtree(state_dir)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            problems.append(f"{state_dir}: {exc.strerror or exc}")
     if problems:
         raise VirtBackupError("; ".join(problems))
 
@@ -183,13 +188,19 @@ async def mount_backup(
         notes = list(view.notes)
         for disk in disks:
             (mountpoint / disk).mkdir(exist_ok=True)
+        shown = []
         for v in view.volumes:
             if v.device is None or v.fstype is None:
                 what = v.fstype or "no filesystem this host knows"
                 notes.append(f"{v.region.label}: not mounted: {what}")
                 continue
+            (mountpoint / v.region.label).mkdir(parents=True, exist_ok=True)
+            shown.append(v)
+        await kernel_mounts.remount_read_only(mountpoint)  # the folders too
+        for v in shown:
+            assert v.device is not None
+            assert v.fstype is not None
             target = mountpoint / v.region.label
-            target.mkdir(parents=True, exist_ok=True)
             try:
                 await kernel_mounts.mount(v.device, v.fstype, target)
             except ProcessError as exc:
