@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -177,4 +175,5 @@ def test_verify_filesystems_names_a_damaged_superblock(
     assert (
         cli(["-c", str(config), "verify", td.name, "--backup", clean["id"], "--filesystems"]) == 0
     )
-    assert not os.listdir(Path(config.read_text().split("runtime_dir: ")[1].split()[0]) / "fscheck")
+    runtime = Path(config.read_text().split("runtime_dir: ")[1].split()[0])
+    assert not list((runtime / "fscheck").iterdir())

@@ -223,6 +223,14 @@ def _chain_dirs(repo: Repository, folder: Path) -> list[Path]:
 
 
 def _open_for_qemu(repo: Repository, folder: Path) -> list[Path]:
+    for above in reversed(repo.root.absolute().parents):
+        if stat.S_IMODE(above.stat().st_mode) & 0o001 == 0:
+            raise RestoreError(
+                f"QEMU runs as an unprivileged user and must reach the backup's images, but "
+                f"{above} (above the repository {repo.root}) is closed to other users "
+                f"(mode {stat.S_IMODE(above.stat().st_mode):04o}); allow traversal "
+                f"(chmod o+x {above}) or restore without --live"
+            )
     opened = []
     for d in _chain_dirs(repo, folder):
         mode = stat.S_IMODE(d.stat().st_mode)
