@@ -1,6 +1,8 @@
 """`make bench`: the copy engine against nbdcopy (and qemu-img convert) in
 one run, on the same kind of qemu-nbd exports; then incremental cost by
-dirty fraction, and an incremental of an unchanged 1 TiB sparse disk.
+dirty fraction, and an incremental of an unchanged 1 TiB sparse disk; guest
+write latency during a backup; recovery times (live restore against
+restore-then-start, mount against restore-and-loop-mount).
 
     python -m bench [--size-gib 4] [--runs 3] [--fills random,half,fragmented]
 
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.guest_latency import guest_write_latency
+from bench.recovery import recovery_times
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -334,6 +337,7 @@ def main() -> None:
     ap.add_argument("--fills", default="random,half,fragmented")
     ap.add_argument("--skip-full", action="store_true")
     ap.add_argument("--only-latency", action="store_true", help="only the guest latency part")
+    ap.add_argument("--only-recovery", action="store_true", help="only the recovery times")
     # Not /tmp: it may be a small tmpfs, and the images are GiBs.
     ap.add_argument("--work", default="/var/tmp")  # noqa: S108
     a = ap.parse_args()
@@ -350,12 +354,15 @@ def main() -> None:
     ]
     try:
         parts = head
-        if not a.only_latency:
+        if not (a.only_latency or a.only_recovery):
             if not a.skip_full:
                 parts.append(full_copies(work, size, a.fills.split(","), a.runs))
             parts.append(incremental_costs(work, size, a.runs))
             parts.append(unchanged_tib(work))
-        parts.append(guest_write_latency(work, a.runs))
+        if not a.only_recovery:
+            parts.append(guest_write_latency(work, a.runs))
+        if not a.only_latency:
+            parts.append(recovery_times(work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print("\n".join(parts))

@@ -356,7 +356,7 @@ class Service:
         while True:
             repos = self._repositories()
             try:
-                await guest_view.settle_mounts(repos)
+                guest_view.forget_vanished_mounts(repos)
                 if any(h.kind is HoldKind.LIVE_RESTORE for r in repos for h in r.holds()):
                     async with await Libvirt.open(self.config.libvirt_uri) as lv:
                         for repo in repos:

@@ -257,6 +257,17 @@ def mount_alive(hold: Hold) -> bool:
     return bool(kernel_mounts.mounts_under(Path(hold.directory)))
 
 
+def forget_vanished_mounts(repos: Sequence[Repository]) -> None:
+    """The daemon's part: drop the holds of mounts whose runtime folder is
+    gone (the host restarted: /run is empty). It does not look further: it
+    runs in a mount namespace of its own, without the right to unmount;
+    `umount`, `status` and `prune` release the others."""
+    for repo, hold in mount_holds(repos):
+        if hold.state_dir is not None and not Path(hold.state_dir).exists():
+            repo.drop_hold(hold)
+            log.info("mount hold released: the host restarted", mountpoint=hold.directory)
+
+
 async def settle_mounts(repos: Sequence[Repository]) -> None:
     """Release the holds of mounts that are gone (the host restarted)."""
     for repo, hold in mount_holds(repos):
