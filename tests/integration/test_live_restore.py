@@ -63,6 +63,18 @@ async def test_live_restore_runs_at_once_and_moves_while_the_guest_writes(
 
     name = f"{PREFIX}{os.getpid()}-live"
     new_dir = td.workdir / "live"  # QEMU (libvirt-qemu) must reach it
+    for args, says in (
+        (("--define", name, "--live", "--format", "raw"), "moves the disks into qcow2"),
+        (("--live",), "--live needs --to DIR and --define NAME"),
+        (("--define", name, "--move-rate", "5"), "give --live too"),
+        (("--define", name, "--live", "--move-rate", "0"), "not a positive number of MiB/s"),
+    ):
+        proc = await spawn_cli(config, "restore", td.name, "--to", str(new_dir), *args)
+        _, err = await proc.communicate()
+        assert proc.returncode == 2 and says in err.decode(), (args, err)
+    assert not libvirt_conn.listAllDomains() or name not in {
+        d.name() for d in libvirt_conn.listAllDomains()
+    }
     daemon = Daemon(config, tmp_path)
     await daemon.start()
     try:

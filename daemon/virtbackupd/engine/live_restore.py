@@ -32,7 +32,7 @@ import os
 import secrets
 import stat
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -205,6 +205,8 @@ async def _settle_one(lv: Libvirt, repo: Repository, hold: Hold) -> MoveState:
 
 
 def release(repo: Repository, hold: Hold) -> None:
+    # As stored now: another release may have handed folders to it.
+    hold = next((h for h in repo.holds(hold.domain_uuid) if h.id == hold.id), hold)
     folder = repo.final_dir(hold.domain_uuid, hold.backup_id)
     chain = [b.folder for b in repo.chain(folder)] if folder.is_dir() else []
     repo.drop_hold(hold)
@@ -243,14 +245,20 @@ def _open_for_qemu(repo: Repository, folder: Path) -> list[Path]:
 def _close(repo: Repository, opened: Sequence[Path], chain: Sequence[Path]) -> None:
     """Take back what `_open_for_qemu` opened and give the chain's images
     (`chain`: backup folders) back to root, except what another live
-    restore still needs."""
+    restore still needs: a folder it needs is handed to its hold (so that
+    the last one to finish closes it)."""
     still: set[Path] = set()
     for h in repo.holds():
-        if h.kind is HoldKind.LIVE_RESTORE:
-            still.update(Path(p) for p in h.opened)
-            folder = repo.final_dir(h.domain_uuid, h.backup_id)
-            if folder.is_dir():
-                still.update(_chain_dirs(repo, folder))
+        if h.kind is not HoldKind.LIVE_RESTORE:
+            continue
+        folder = repo.final_dir(h.domain_uuid, h.backup_id)
+        needs = set(_chain_dirs(repo, folder)) if folder.is_dir() else set()
+        needs.update(Path(p) for p in h.opened)
+        taken = [d for d in opened if d in needs and str(d) not in h.opened]
+        if taken:
+            repo.add_hold(replace(h, opened=(*h.opened, *map(str, taken))))
+            opened = [d for d in opened if d not in taken]
+        still.update(needs)
     for d in reversed(opened):
         if d not in still and d.is_dir():
             d.chmod(stat.S_IMODE(d.stat().st_mode) & ~0o011)
