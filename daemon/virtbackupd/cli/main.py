@@ -353,6 +353,8 @@ async def _restore(
     if args.move_rate and not args.live:
         raise ConfigError("--move-rate limits a --live restore's move; give --live too")
     if args.live:
+        if not args.define or args.to is None:
+            raise ConfigError("--live needs --to DIR and --define NAME (a new domain runs from it)")
         assert lv is not None
         return await recovery.live(args, config, store, lv)
     if args.to_device is not None and len(args.disk) != 1:

@@ -60,8 +60,6 @@ def repositories(config: DaemonConfig) -> list[Repository]:
 
 
 async def live(args: argparse.Namespace, config: DaemonConfig, store: Store, lv: Libvirt) -> int:
-    if not args.define or args.to is None:
-        raise ConfigError("--live needs --to DIR and --define NAME (a new domain runs from it)")
     if args.format != "qcow2":
         raise ConfigError(
             "--live moves the disks into qcow2 images (QEMU's block stream); for raw images "
