@@ -100,6 +100,23 @@ async def test_live_restore_runs_at_once_and_moves_while_the_guest_writes(
         image = new_dir / "vda.qcow2"
         assert qemu_img_info(image)["backing-filename"].endswith(f"/{inc['id']}/vda.qcow2")
 
+        # --force replaces nothing a running domain uses: NEW itself, or its image.
+        for other in (name, f"{name}-2"):
+            proc = await spawn_cli(
+                config,
+                "restore",
+                td.name,
+                "--to",
+                str(new_dir),
+                "--define",
+                other,
+                "--live",
+                "--force",
+            )
+            _, err = await proc.communicate()
+            assert proc.returncode == 1 and "running" in err.decode(), err
+        assert dom.isActive() and image.exists()
+
         # A guest write while the move runs (52 MiB of data at 2 MiB/s: about 26 s).
         new = GuestDomain(
             name, new_dir, [Disk("vda", image, "qcow2", size, reference=ref)], dom, libvirt_conn

@@ -46,6 +46,7 @@ from virtbackupd.adapters.repository import (
     Repository,
     disk_file,
 )
+from virtbackupd.core.domain_xml import parse_domain
 from virtbackupd.core.restored_domain import RestoredImage
 from virtbackupd.engine.restore import define_on_images
 from virtbackupd.errors import DomainNotFoundError, RestoreError, VirtBackupError
@@ -108,6 +109,7 @@ async def start_live_restore(
     existing = [str(p) for p in images.values() if p.exists()]
     if existing and not force:
         raise RestoreError(f"{', '.join(existing)} exists; give --force to replace it")
+    await _refuse_running_users(lv, name, set(images.values()))
     domain_uuid = folder.parent.name
     backup_id = folder.name
     made: list[Path] = []
@@ -158,6 +160,22 @@ async def start_live_restore(
         "live restore started", domain=name, uuid=ref.uuid, backup=backup_id, disks=list(disks)
     )
     return ref, hold, dropped
+
+
+async def _refuse_running_users(lv: Libvirt, name: str, images: set[Path]) -> None:
+    """Before any file is made: a running domain NAME, or one running on an
+    image this restore would replace, is refused (--force replaces only
+    what nothing runs on)."""
+    for ref in await lv.domains():
+        if not await lv.is_running(ref):
+            continue
+        if ref.name == name:
+            raise RestoreError(f"domain {name!r} is running; shut it off to replace it")
+        info = parse_domain(await lv.xml(ref), f"domain XML of {ref.name}")
+        used = {Path(d.source).resolve() for d in info.disks if d.source}
+        clash = sorted(str(p) for p in images if p.resolve() in used)
+        if clash:
+            raise RestoreError(f"{', '.join(clash)} is a disk of running domain {ref.name}")
 
 
 async def settle(lv: Libvirt, repo: Repository) -> list[MoveState]:
