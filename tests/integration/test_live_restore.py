@@ -4,7 +4,10 @@ a guest write made during the move is on the finished disk, which stands
 alone and equals the backup plus that write, byte for byte; a prune
 during the move keeps the held backups; the move survives a daemon
 restart, a libvirtd restart and a restart of the new domain (the daemon
-starts the move again), and the repository is closed again afterwards."""
+starts the move again), and the repository is closed again afterwards.
+The same daemon runs another domain's scheduled filesystem check
+(`schedule.verify_filesystems`) meanwhile and names the filesystem whose
+superblock the guest damaged."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import libvirt
 
+from testbed import guest_disks
 from testbed.daemon import Daemon, spawn_cli
 from testbed.domains import PREFIX, Disk, DomainFactory, GuestDomain, MiB, remove_domain
 from testbed.guest import GuestWriter
@@ -60,6 +64,17 @@ async def test_live_restore_runs_at_once_and_moves_while_the_guest_writes(
     ref = tmp_path / "new.reference.raw"  # the backup's content, plus NEW's writes below
     run("cp", "--sparse=always", source_ref, ref)
     guest.write("vda", 200 * MiB, MiB, 0x66)  # after the backup: not in NEW
+
+    # Meanwhile the daemon runs another domain's scheduled filesystem check
+    # (`schedule.verify_filesystems`), on a backup whose ext4 superblock the
+    # guest damaged: it must name that filesystem.
+    fs_td, raws = guest_disks.create_fs_domain(domains, tmp_path)
+    (config.parent / "policies" / "fs.yaml").write_text(
+        f"domains: [{fs_td.name}]\nschedule: {{verify_filesystems: '* * * * *'}}\n"
+    )
+    await cli(config, "backup", fs_td.name)
+    guest_disks.damage_superblock(fs_td, raws)
+    damaged = await cli(config, "backup", fs_td.name)
 
     name = f"{PREFIX}{os.getpid()}-live"
     new_dir = td.workdir / "live"  # QEMU (libvirt-qemu) must reach it
@@ -143,6 +158,7 @@ async def test_live_restore_runs_at_once_and_moves_while_the_guest_writes(
         # block job ends with it): the daemon starts the move again.
         assert await daemon.stop() == 0
         daemon.close()
+        logs = [daemon.read_log()]
         daemon = Daemon(config, tmp_path)
         await daemon.start()
         # libvirtd restarts: QEMU's job goes on and libvirt finds it again.
@@ -167,6 +183,19 @@ async def test_live_restore_runs_at_once_and_moves_while_the_guest_writes(
         print(f"move finished {took:.0f} s after the command")
         assert "live restore: pull (re)started" in daemon.read_log()
         assert "live restore finished" in daemon.read_log()
+
+        # The filesystem check: the minute it runs in may still be ahead.
+        deadline = time.monotonic() + 75
+        while "filesystem check" not in "".join([*logs, daemon.read_log()]):
+            assert time.monotonic() < deadline, "no scheduled filesystem check"
+            await asyncio.sleep(1)
+        await asyncio.sleep(0.5)
+        checked = next(
+            x for x in "".join([*logs, daemon.read_log()]).splitlines() if "filesystem check" in x
+        )
+        assert "filesystem check failed" in checked, checked
+        assert f"backup={damaged['id']}" in checked, checked
+        assert "vda/part1 (ext4): e2fsck exit" in checked and "part3" not in checked, checked
     finally:
         await daemon.stop()
         daemon.close()

@@ -4,46 +4,34 @@ filesystems (ext4, vfat, xfs, and ext4 in an LVM volume group), built on
 the host; two backups of two versions of its files, mounted side by side,
 read-only; `umount` leaves no mount, loop device or helper behind; the
 domain still starts; `verify --filesystems` passes on clean backups and
-names a filesystem whose superblock the guest damaged."""
+names a filesystem whose superblock the guest damaged. The daemon's
+scheduled filesystem check is in test_live_restore.py (it shares that
+test's daemon and its minute)."""
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import json
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from testbed import guest_disks
 from testbed.cli import run_cli
-from testbed.daemon import Daemon, cli_json
 from testbed.domains import DomainFactory, GuestDomain
 from testbed.tools import run
 from virtbackupd.cli.main import main as cli
 
 
-def write_version(td: GuestDomain, raws: dict[str, Path], version: int) -> None:
-    """The guest's disks get version `version` of their files (the domain
-    is shut off: the host writes the images, through QEMU's block layer, so
-    the persistent bitmaps see it as they see guest writes)."""
-    guest_disks.build_gpt(raws["vda"], version)
-    guest_disks.build_mbr(raws["vdb"], version)
-    for target, raw in raws.items():
-        run("qemu-img", "convert", "-n", "-f", "raw", "-O", "qcow2", raw, td.disk(target).path)
-
-
 @pytest.fixture
 def fs_domain(
     domains: DomainFactory, config: Path, tmp_path: Path
-) -> tuple[GuestDomain, dict[str, Path]]:
-    td = domains.create(qcow2_sizes=[guest_disks.GPT_SIZE, guest_disks.MBR_SIZE], start=False)
+) -> Iterator[tuple[GuestDomain, dict[str, Path]]]:
+    td, raws = guest_disks.create_fs_domain(domains, tmp_path)
     (config.parent / "policies" / "p.yaml").write_text(
         f"domains: [{td.name}]\nretention: {{keep_last: 1}}\n"
     )
-    raws = {"vda": tmp_path / "vda.raw", "vdb": tmp_path / "vdb.raw"}
-    write_version(td, raws, 1)
     yield td, raws
     # A failed test must not leave mounts, helpers or loop devices behind.
     for h in holds(config):
@@ -53,14 +41,6 @@ def fs_domain(
             run("losetup", "--detach", dev, check=False)
         if h["helper_pid"]:
             run("kill", str(h["helper_pid"]), check=False)
-
-
-def damage_superblock(td: GuestDomain, raws: dict[str, Path]) -> None:
-    """The guest damages vda/part1's ext4 superblock (its inode count)."""
-    with raws["vda"].open("r+b") as f:
-        f.seek(guest_disks.GPT_LAYOUT["part1"][1] * guest_disks.MiB + 1024)
-        f.write((12345).to_bytes(4, "little"))
-    run("qemu-img", "convert", "-n", "-f", "raw", "-O", "qcow2", raws["vda"], td.disk("vda").path)
 
 
 def mounts_below(top: Path) -> list[tuple[str, str]]:
@@ -85,7 +65,7 @@ def test_mount_two_backups_read_only_and_umount_leaves_nothing(
 ) -> None:
     td, raws = fs_domain
     first = run_cli(config, capsys, "backup", td.name)
-    write_version(td, raws, 2)
+    guest_disks.write_version(td, raws, 2)
     second = run_cli(config, capsys, "backup", td.name)
     assert second["level"] == "incremental"  # the mount reads through the chain
 
@@ -168,7 +148,7 @@ def test_verify_filesystems_names_a_damaged_superblock(
     assert all(f["ok"] for f in fs.values()), fs
     assert {f["fstype"] for f in fs.values()} == {"ext4", "vfat", "xfs"}
 
-    damage_superblock(td, raws)
+    guest_disks.damage_superblock(td, raws)
     damaged = run_cli(config, capsys, "backup", td.name)
     capsys.readouterr()
     rc = cli(["-c", str(config), "verify", td.name, "--filesystems", "--backup", damaged["id"]])
@@ -184,34 +164,3 @@ def test_verify_filesystems_names_a_damaged_superblock(
     )
     runtime = Path(config.read_text().split("runtime_dir: ")[1].split()[0])
     assert not list((runtime / "fscheck").iterdir())
-
-
-async def test_the_daemon_checks_the_newest_backups_filesystems_on_schedule(
-    fs_domain: tuple[GuestDomain, dict[str, Path]],
-    config: Path,
-    tmp_path: Path,
-) -> None:
-    """`schedule.verify_filesystems`: the daemon checks the newest backup
-    and logs a damaged filesystem as an error naming it."""
-    td, raws = fs_domain
-    (config.parent / "policies" / "p.yaml").write_text(
-        f"domains: [{td.name}]\nschedule: {{verify_filesystems: '* * * * *'}}\n"
-    )
-    await cli_json(config, "backup", td.name)
-    damage_superblock(td, raws)
-    newest = await cli_json(config, "backup", td.name)
-    d = Daemon(config, tmp_path)
-    try:
-        await d.start()
-        deadline = time.monotonic() + 75  # the next minute, plus up to 3 s of jitter
-        while "filesystem check" not in d.read_log():
-            assert time.monotonic() < deadline, d.read_log()
-            await asyncio.sleep(1)
-        await asyncio.sleep(0.5)
-        log = d.read_log()
-    finally:
-        await d.stop()
-        d.close()
-    line = next(x for x in log.splitlines() if "filesystem check" in x)
-    assert "filesystem check failed" in line and f"backup={newest['id']}" in line, line
-    assert "vda/part1 (ext4): e2fsck exit" in line and "part3" not in line, line

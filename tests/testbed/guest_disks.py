@@ -14,6 +14,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from testbed.domains import DomainFactory, GuestDomain
+
 MiB = 1024 * 1024
 SECTOR = 512
 GPT_SIZE = 1024 * MiB
@@ -184,3 +186,30 @@ def expected(version: int) -> dict[str, str]:
     out.update({f"vda/part4/{VG}/{lv}": text(f"part4/{VG}/{lv}", version) for lv in LVM_VOLUMES})
     out.update({f"vdb/{label}": text(label, version) for label in MBR_LAYOUT})
     return out
+
+
+def write_version(td: GuestDomain, raws: dict[str, Path], version: int) -> None:
+    """The guest's disks (vda: GPT, vdb: MBR) get version `version` of their
+    files. The domain is shut off: the host writes its images through
+    QEMU's block layer, so the persistent bitmaps see it as they see guest
+    writes."""
+    build_gpt(raws["vda"], version)
+    build_mbr(raws["vdb"], version)
+    for target, raw in raws.items():
+        run("qemu-img", "convert", "-n", "-f", "raw", "-O", "qcow2", raw, td.disk(target).path)
+
+
+def create_fs_domain(domains: DomainFactory, work: Path) -> tuple[GuestDomain, dict[str, Path]]:
+    """A shut-off domain whose two disks carry version 1 of the files."""
+    td = domains.create(qcow2_sizes=[GPT_SIZE, MBR_SIZE], start=False)
+    raws = {"vda": work / f"{td.name}-vda.raw", "vdb": work / f"{td.name}-vdb.raw"}
+    write_version(td, raws, 1)
+    return td, raws
+
+
+def damage_superblock(td: GuestDomain, raws: dict[str, Path]) -> None:
+    """The guest damages vda/part1's ext4 superblock (its inode count)."""
+    with raws["vda"].open("r+b") as f:
+        f.seek(GPT_LAYOUT["part1"][1] * MiB + 1024)
+        f.write((12345).to_bytes(4, "little"))
+    run("qemu-img", "convert", "-n", "-f", "raw", "-O", "qcow2", raws["vda"], td.disk("vda").path)
