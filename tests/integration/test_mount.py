@@ -83,6 +83,7 @@ def test_mount_two_backups_read_only_and_umount_leaves_nothing(
         for where, text in guest_disks.expected(version).items():
             assert (mnt / where / "hello.txt").read_text() == text, where
             assert (mnt / where / "big.bin").read_bytes()[:1] == bytes([version])
+        assert mnt.stat().st_mode & 0o777 == 0o700  # guest uids are not this host's users
         for point, options in mounts_below(mnt):
             assert options.split(",")[0] == "ro", (point, options)
         for where in ("vda/part1", "vda/part2", "vda/part3", "vda/part4/guestvg/data"):

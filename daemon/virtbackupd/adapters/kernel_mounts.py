@@ -70,9 +70,11 @@ async def mount(device: str, fstype: str, target: Path) -> None:
 
 async def mount_tmpfs(target: Path) -> None:
     """A small tmpfs to hold the mount point folders: nothing is created
-    in the operator's own filesystem below MOUNTPOINT."""
+    in the operator's own filesystem below MOUNTPOINT. Root's alone (0700):
+    the guest's files carry the guest's user ids, which may be other
+    people's on this host."""
     await run_tool(
-        ["mount", "-t", "tmpfs", "-o", "mode=0755,size=1m", "virtbackup", str(target)],
+        ["mount", "-t", "tmpfs", "-o", "mode=0700,size=1m", "virtbackup", str(target)],
         f"mount tmpfs on {target}",
     )
 
