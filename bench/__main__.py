@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.end_to_end import full_backups_end_to_end
 from bench.guest_latency import guest_write_latency
 from bench.recovery import recovery_times
 
@@ -338,6 +339,9 @@ def main() -> None:
     ap.add_argument("--skip-full", action="store_true")
     ap.add_argument("--only-latency", action="store_true", help="only the guest latency part")
     ap.add_argument("--only-recovery", action="store_true", help="only the recovery times")
+    ap.add_argument(
+        "--only-end-to-end", action="store_true", help="only the end-to-end full backups"
+    )
     # Not /tmp: it may be a small tmpfs, and the images are GiBs.
     ap.add_argument("--work", default="/var/tmp")  # noqa: S108
     a = ap.parse_args()
@@ -354,14 +358,20 @@ def main() -> None:
     ]
     try:
         parts = head
-        if not (a.only_latency or a.only_recovery):
+        only = a.only_latency or a.only_recovery or a.only_end_to_end
+        fills = a.fills.split(",")
+        if not only or a.only_end_to_end:
+            parts.append(
+                full_backups_end_to_end(work, size, fills, a.runs, make_source, drop_caches)
+            )
+        if not only:
             if not a.skip_full:
-                parts.append(full_copies(work, size, a.fills.split(","), a.runs))
+                parts.append(full_copies(work, size, fills, a.runs))
             parts.append(incremental_costs(work, size, a.runs))
             parts.append(unchanged_tib(work))
-        if not a.only_recovery:
+        if not only or a.only_latency:
             parts.append(guest_write_latency(work, a.runs))
-        if not a.only_latency:
+        if not only or a.only_recovery:
             parts.append(recovery_times(work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
