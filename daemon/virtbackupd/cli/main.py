@@ -17,38 +17,32 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from virtbackupd import __version__, logs
-from virtbackupd.adapters import block_devices, priority
+from virtbackupd.adapters import priority
 from virtbackupd.adapters.libvirt_conn import Libvirt
 from virtbackupd.adapters.repository import Repository
 from virtbackupd.adapters.store import Store
-from virtbackupd.cli import listing, recovery
-from virtbackupd.cli import status as status_view
+from virtbackupd.cli import listing
 from virtbackupd.cli.catalogue import policies, reconcile_catalogue, reindex_command
 from virtbackupd.cli.domains import domain_of, libvirt_domains
-from virtbackupd.cli.forget import forget_checkpoints
-from virtbackupd.cli.policy_check import policy_check
 from virtbackupd.cli.progress import ProgressLine, progress_text
 from virtbackupd.config.daemon import DaemonConfig, config_path, load_config
-from virtbackupd.core.domain_xml import parse_domain
 from virtbackupd.core.policy import Level, Policy, policy_for
 from virtbackupd.core.records import BackupRecord, BackupStatus, DomainRecord
-from virtbackupd.daemon.status_file import read_status
-from virtbackupd.engine import restore
 from virtbackupd.engine.backup import BackupContext, JobProgress, backup_domain
-from virtbackupd.engine.copy import CopyProgress
 from virtbackupd.engine.domain_job import domain_job
-from virtbackupd.engine.locks import request_cancel
-from virtbackupd.engine.prune import describe, prune_under_policy
-from virtbackupd.engine.verify import verify_recorded
 from virtbackupd.errors import (
     ConfigError,
     InputError,
     RestoreError,
     VirtBackupError,
 )
+
+if TYPE_CHECKING:  # the commands' own modules load when they run (a quick start)
+    from virtbackupd.engine import restore
+    from virtbackupd.engine.copy import CopyProgress
 
 #: How long `cancel` waits for the job to finish its clean-up.
 CANCEL_WAIT_S = 120
@@ -216,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def _run(args: argparse.Namespace) -> int:
     if args.command == "policy":
+        from virtbackupd.cli.policy_check import policy_check
+
         return await policy_check(args)
     config = load_config(config_path(args.config))
     priority.apply(config.priority)
@@ -225,9 +221,11 @@ async def _run(args: argparse.Namespace) -> int:
     async with Store.open(config.state_db) as store:
         if args.command in ("list", "status", "verify", "prune", "restore", "mount"):
             await reconcile_catalogue(config, store)
-        if args.command == "umount":
-            return await recovery.umount(args, config)
-        if args.command == "mount":
+        if args.command in ("mount", "umount"):
+            from virtbackupd.cli import recovery
+
+            if args.command == "umount":
+                return await recovery.umount(args, config)
             return await recovery.mount(args, config, store)
         if args.command == "list":
             return await _list(args, config, store)
@@ -247,6 +245,8 @@ async def _run(args: argparse.Namespace) -> int:
             if args.command == "checkpoints":
                 return await _checkpoints(args, store, lv)
             if args.command == "forget-checkpoints":
+                from virtbackupd.cli.forget import forget_checkpoints
+
                 return await forget_checkpoints(args, config, store, lv)
             if args.command == "restore":
                 return await _restore(args, config, store, lv)
@@ -304,6 +304,10 @@ async def _restore_to_device(
     record: BackupRecord,
     folder: Path,
 ) -> int:
+    from virtbackupd.adapters import block_devices
+    from virtbackupd.core.domain_xml import parse_domain
+    from virtbackupd.engine import restore
+
     device = block_devices.check_block_device(args.to_device)
     for ref in await lv.domains():
         if not await lv.is_running(ref):
@@ -348,6 +352,9 @@ async def _restore_to_device(
 async def _restore(
     args: argparse.Namespace, config: DaemonConfig, store: Store, lv: Libvirt | None
 ) -> int:
+    from virtbackupd.cli import recovery
+    from virtbackupd.engine import restore
+
     if args.define and not args.to:
         raise ConfigError("--define needs --to DIR (a new domain gets new images)")
     if args.move_rate and not args.live:
@@ -443,6 +450,9 @@ async def _restore(
 
 
 async def _prune(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
+    from virtbackupd.cli import recovery
+    from virtbackupd.engine.prune import describe, prune_under_policy
+
     if args.domain:
         domains = [await domain_of(store, config, args.domain)]
     else:
@@ -488,6 +498,9 @@ async def _prune(args: argparse.Namespace, config: DaemonConfig, store: Store) -
 
 
 async def _verify(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
+    from virtbackupd.cli import recovery
+    from virtbackupd.engine.verify import verify_recorded
+
     uuid = (await domain_of(store, config, args.domain)).uuid if args.domain else None
     backups = [
         b
@@ -548,6 +561,10 @@ async def _list(args: argparse.Namespace, config: DaemonConfig, store: Store) ->
 
 
 async def _status(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
+    from virtbackupd.cli import recovery
+    from virtbackupd.cli import status as status_view
+    from virtbackupd.daemon.status_file import read_status
+
     daemon = read_status(config.runtime_dir)
     # The daemon's view of libvirt's domains when it runs; else ask libvirt.
     domains = None if daemon is not None else await libvirt_domains(config.libvirt_uri)
@@ -577,6 +594,8 @@ async def _status(args: argparse.Namespace, config: DaemonConfig, store: Store) 
 async def _cancel(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
     """Ask the process running the domain's backup (daemon or CLI) to
     cancel it, and wait until its clean-up has recorded it failed."""
+    from virtbackupd.engine.locks import request_cancel
+
     dom = await domain_of(store, config, args.domain)
     running = [j for j in await store.running_progress() if j.domain_uuid == dom.uuid]
     if not running:
