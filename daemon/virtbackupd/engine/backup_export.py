@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from virtbackupd.adapters import qemu_img, qemu_nbd
-from virtbackupd.adapters.nbd.client import UnixAddress, connect
+from virtbackupd.adapters.nbd.client import UnixAddress
 from virtbackupd.adapters.repository import UndoKind
 from virtbackupd.core.backup_documents import (
     BackupRequest,
@@ -179,13 +179,12 @@ class OnlineExport:
         return True
 
     async def _sizes(self, choices: Sequence[DiskChoice]) -> dict[str, int]:
-        """Virtual size of each exported disk, as the export reports it."""
-        out: dict[str, int] = {}
-        for c in choices:
-            client = await connect(UnixAddress(str(self.job.job_dir / "nbd.sock")), c.target)
-            out[c.target] = client.size
-            await client.close()
-        return out
+        """Virtual size of each exported disk: what QEMU shows the guest
+        (libvirt's block info), the size of the node the export serves. No
+        NBD connection of its own: the copy connects anyway, and refuses a
+        target whose size differs from the export's."""
+        lv = self.job.ctx.libvirt
+        return {c.target: await lv.disk_capacity(self.job.ref, c.target) for c in choices}
 
 
 class OfflineExport:
