@@ -78,14 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write standalone images of a backup (optionally define a domain on them)",
     )
     rs.add_argument("domain", help="the backed-up domain (name or UUID, as `list` shows it)")
-    which = rs.add_mutually_exclusive_group()
-    which.add_argument("--backup", metavar="ID", help="this backup (default: the newest)")
-    which.add_argument(
-        "--at", metavar="TIME", help="the newest backup started at or before TIME (ISO 8601)"
-    )
-    rs.add_argument(
-        "--disk", action="append", default=[], metavar="TARGET", help="only this disk (repeat)"
-    )
+    _backup_and_disks(rs)
     where = rs.add_mutually_exclusive_group(required=True)
     where.add_argument("--to", type=Path, metavar="DIR", help="write <DIR>/<disk>.<format>")
     where.add_argument(
@@ -141,14 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mt.add_argument("domain", help="the backed-up domain (name or UUID)")
     mt.add_argument("mountpoint", type=Path, help="an empty folder")
-    mwhich = mt.add_mutually_exclusive_group()
-    mwhich.add_argument("--backup", metavar="ID", help="this backup (default: the newest)")
-    mwhich.add_argument(
-        "--at", metavar="TIME", help="the newest backup started at or before TIME (ISO 8601)"
-    )
-    mt.add_argument(
-        "--disk", action="append", default=[], metavar="TARGET", help="only this disk (repeat)"
-    )
+    _backup_and_disks(mt)
     um = sub.add_parser("umount", help="release a `virtbackup mount`: mounts, devices, helper")
     um.add_argument("mountpoint", type=Path)
     sub.add_parser("reindex", help="rebuild the state database from the backup repository")
@@ -170,6 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chk.add_argument("files", nargs="*", type=Path, help="default: the config's policy_dirs")
     return parser
+
+
+def _backup_and_disks(p: argparse.ArgumentParser) -> None:
+    """`[--backup ID | --at TIME] [--disk T ...]`: which backup, which disks
+    (cli.recovery.chosen_backup reads them)."""
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--backup", metavar="ID", help="this backup (default: the newest)")
+    which.add_argument(
+        "--at", metavar="TIME", help="the newest backup started at or before TIME (ISO 8601)"
+    )
+    p.add_argument(
+        "--disk", action="append", default=[], metavar="TARGET", help="only this disk (repeat)"
+    )
 
 
 def _positive_mib(text: str) -> int:
@@ -305,16 +304,12 @@ async def _restore_to_device(
     folder: Path,
 ) -> int:
     from virtbackupd.adapters import block_devices
-    from virtbackupd.core.domain_xml import parse_domain
     from virtbackupd.engine import restore
 
     device = block_devices.check_block_device(args.to_device)
-    for ref in await lv.domains():
-        if not await lv.is_running(ref):
-            continue
-        info = parse_domain(await lv.xml(ref), f"domain XML of {ref.name}")
-        if any(d.source and Path(d.source).resolve() == device for d in info.disks):
-            raise RestoreError(f"{args.to_device} is a disk of running domain {ref.name}")
+    user = await restore.running_user(lv, {device})
+    if user is not None:
+        raise RestoreError(f"{args.to_device} is a disk of running domain {user[0]}")
     why = block_devices.in_use(device)
     if why is not None:
         raise RestoreError(f"{args.to_device} is in use: {why}; nothing was written")
@@ -466,7 +461,7 @@ async def _prune(args: argparse.Namespace, config: DaemonConfig, store: Store) -
         print(f"virtbackup: warning: {exc}; checkpoints of pruned backups stay", file=sys.stderr)
         lv = None
     try:
-        await recovery.hold_lines(config, lv)  # release finished moves and vanished mounts
+        await recovery.settle_holds(recovery.repositories(config), lv)
         for dom in domains:
             policy = policy_for(dom.name, dom.uuid, governing)
             if policy is None:
@@ -498,8 +493,7 @@ async def _prune(args: argparse.Namespace, config: DaemonConfig, store: Store) -
 
 
 async def _verify(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
-    from virtbackupd.cli import recovery
-    from virtbackupd.engine.verify import verify_recorded
+    from virtbackupd.engine.verify import verify_filesystems, verify_recorded
 
     uuid = (await domain_of(store, config, args.domain)).uuid if args.domain else None
     backups = [
@@ -517,7 +511,7 @@ async def _verify(args: argparse.Namespace, config: DaemonConfig, store: Store) 
         notes: list[str] = []
         if args.filesystems:
             try:
-                fs, notes = await recovery.filesystem_verdicts(config, store, b)
+                fs, notes = await verify_filesystems(config, store, b)
             except VirtBackupError as exc:
                 fs_error = f"filesystems not checked: {exc}"
                 notes = [fs_error]

@@ -156,18 +156,26 @@ async def umount(args: argparse.Namespace, config: DaemonConfig) -> int:
 # --- holds in `status` -----------------------------------------------------------------
 
 
-async def hold_lines(config: DaemonConfig, lv: Libvirt | None) -> list[dict[str, object]]:
-    """Every hold, settled first (finished moves and vanished mounts are
-    released; stopped pulls restarted), as status rows."""
-    repos = repositories(config)
+async def settle_holds(
+    repos: list[Repository], lv: Libvirt | None
+) -> dict[str, live_restore.MoveState]:
+    """Release finished moves and vanished mounts, restart stopped moves
+    (what the daemon does when it runs); the moves' states by hold id."""
     await guest_view.settle_mounts(repos)
-    rows: list[dict[str, object]] = []
     moves: dict[str, live_restore.MoveState] = {}
     if lv is not None:
         for repo in repos:
             with contextlib.suppress(VirtBackupError):
                 for m in await live_restore.settle(lv, repo):
                     moves[m.hold.id] = m
+    return moves
+
+
+async def hold_lines(config: DaemonConfig, lv: Libvirt | None) -> list[dict[str, object]]:
+    """Every hold, settled first, as status rows."""
+    repos = repositories(config)
+    moves = await settle_holds(repos, lv)
+    rows: list[dict[str, object]] = []
     for repo in repos:
         for h in repo.holds():
             rows.append(_hold_row(h, moves.get(h.id)))
@@ -205,21 +213,3 @@ def render_holds(rows: list[dict[str, object]]) -> list[str]:
             head += f" ({r['state']}: {', '.join(parts)})"
         lines.append(head)
     return lines
-
-
-# --- verify --filesystems --------------------------------------------------------------
-
-
-async def filesystem_verdicts(
-    config: DaemonConfig, store: Store, record: BackupRecord
-) -> tuple[list[guest_view.FsVerdict], list[str]]:
-    """The filesystem check of one backup, under its domain's lock (no
-    prune rewrites the chain while it is read)."""
-    assert record.path is not None
-    folder = Path(record.path)
-    repo = Repository.of_backup(folder)
-    uuid, name = record.domain_uuid, record.domain_name
-    async with domain_job(config, store, repo, uuid, name, "verify"):
-        manifest = repo.backup(folder.parent.name, record.id).manifest
-        disks = [d.disk for d in manifest.disks]
-        return await guest_view.check_filesystems(folder, disks, config.runtime_dir)

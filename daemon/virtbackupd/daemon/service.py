@@ -45,7 +45,7 @@ from virtbackupd.engine.backup import BackupContext, backup_domain
 from virtbackupd.engine.domain_job import domain_job
 from virtbackupd.engine.locks import domain_lock
 from virtbackupd.engine.prune import describe, prune_under_policy
-from virtbackupd.engine.verify import verify_recorded
+from virtbackupd.engine.verify import verify_filesystems, verify_recorded
 from virtbackupd.errors import ConfigError, LibvirtError, VirtBackupError
 
 VERIFY = "verify"  # the schedule kinds beside the backup levels
@@ -329,14 +329,7 @@ class Service:
     ) -> None:
         """The scheduled `verify --filesystems` of the newest backup."""
         for b in backups:
-            assert b.path is not None
-            folder = Path(b.path)
-            repo = Repository.of_backup(folder)
-            async with domain_job(self.config, store, repo, b.domain_uuid, name, "verify"):
-                manifest = repo.backup(folder.parent.name, b.id).manifest
-                found, notes = await guest_view.check_filesystems(
-                    folder, [d.disk for d in manifest.disks], self.config.runtime_dir
-                )
+            found, notes = await verify_filesystems(self.config, store, b)
             bad = [f"{f.label} ({f.fstype}): {f.detail}" for f in found if f.ok is False]
             if bad:
                 log.error(

@@ -46,9 +46,8 @@ from virtbackupd.adapters.repository import (
     Repository,
     disk_file,
 )
-from virtbackupd.core.domain_xml import parse_domain
 from virtbackupd.core.restored_domain import RestoredImage
-from virtbackupd.engine.restore import define_on_images
+from virtbackupd.engine.restore import define_on_images, running_user
 from virtbackupd.errors import DomainNotFoundError, RestoreError, VirtBackupError
 
 log = structlog.get_logger("virtbackupd.live_restore")
@@ -166,16 +165,11 @@ async def _refuse_running_users(lv: Libvirt, name: str, images: set[Path]) -> No
     """Before any file is made: a running domain NAME, or one running on an
     image this restore would replace, is refused (--force replaces only
     what nothing runs on)."""
-    for ref in await lv.domains():
-        if not await lv.is_running(ref):
-            continue
-        if ref.name == name:
-            raise RestoreError(f"domain {name!r} is running; shut it off to replace it")
-        info = parse_domain(await lv.xml(ref), f"domain XML of {ref.name}")
-        used = {Path(d.source).resolve() for d in info.disks if d.source}
-        clash = sorted(str(p) for p in images if p.resolve() in used)
-        if clash:
-            raise RestoreError(f"{', '.join(clash)} is a disk of running domain {ref.name}")
+    if await lv.exists(name) and await lv.is_running(await lv.domain(name)):
+        raise RestoreError(f"domain {name!r} is running; shut it off to replace it")
+    user = await running_user(lv, images)
+    if user is not None:
+        raise RestoreError(f"{user[1]} is a disk of running domain {user[0]}")
 
 
 async def settle(lv: Libvirt, repo: Repository) -> list[MoveState]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -360,6 +360,20 @@ async def restore_to_dir(
         _publish(r)
         log.info("disk restored", disk=r.disk, path=str(r.path), bytes=r.result.bytes_written)
     return out
+
+
+async def running_user(lv: Libvirt, paths: Set[Path]) -> tuple[str, Path] | None:
+    """A running domain with one of `paths` (files or devices) as a disk,
+    and which path: nothing a domain runs on may be written over."""
+    wanted = {p.resolve(): p for p in paths}
+    for ref in await lv.domains():
+        if not await lv.is_running(ref):
+            continue
+        info = parse_domain(await lv.xml(ref), f"domain XML of {ref.name}")
+        for d in info.disks:
+            if d.source and (hit := wanted.get(Path(d.source).resolve())) is not None:
+                return ref.name, hit
+    return None
 
 
 async def define_restored(

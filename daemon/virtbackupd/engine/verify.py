@@ -36,6 +36,7 @@ from virtbackupd.core import extents
 from virtbackupd.core.records import BackupRecord, DiskRecord
 from virtbackupd.engine.content import allocated_here, differing, digest_view, open_view
 from virtbackupd.engine.domain_job import domain_job
+from virtbackupd.engine.guest_view import FsVerdict, check_filesystems
 from virtbackupd.errors import VirtBackupError
 
 
@@ -140,6 +141,21 @@ async def verify_recorded(
         async with domain_job(config, store, repo, b.domain_uuid, b.domain_name, "verify"):
             verdict = await verifier.backup(folder)
         yield b, verdict
+
+
+async def verify_filesystems(
+    config: DaemonConfig, store: Store, b: BackupRecord
+) -> tuple[list[FsVerdict], list[str]]:
+    """`verify --filesystems` of one backup (the CLI's, and the daemon's
+    `schedule.verify_filesystems`): each filesystem's read-only check,
+    inside the domain's job (no prune rewrites the chain meanwhile)."""
+    assert b.path is not None
+    folder = Path(b.path)
+    repo = Repository.of_backup(folder)
+    async with domain_job(config, store, repo, b.domain_uuid, b.domain_name, "verify"):
+        manifest = repo.backup(folder.parent.name, b.id).manifest
+        disks = [d.disk for d in manifest.disks]
+        return await check_filesystems(folder, disks, config.runtime_dir)
 
 
 async def verify_backup(
