@@ -37,6 +37,14 @@ async def cli(config: Path, *args: str) -> dict:  # type: ignore[type-arg]
     return json.loads(out)  # type: ignore[no-any-return]
 
 
+async def refused(config: Path, *args: str) -> tuple[int, str]:
+    """A command expected to fail: its exit status and stderr."""
+    proc = await spawn_cli(config, *args)
+    _, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, err.decode()
+
+
 async def live_holds(config: Path) -> list[dict]:  # type: ignore[type-arg]
     return [h for h in (await cli(config, "status"))["holds"] if h["kind"] == "live-restore"]
 
@@ -84,9 +92,8 @@ async def test_live_restore_runs_at_once_and_moves_while_the_guest_writes(
         (("--define", name, "--move-rate", "5"), "give --live too"),
         (("--define", name, "--live", "--move-rate", "0"), "not a positive number of MiB/s"),
     ):
-        proc = await spawn_cli(config, "restore", td.name, "--to", str(new_dir), *args)
-        _, err = await proc.communicate()
-        assert proc.returncode == 2 and says in err.decode(), (args, err)
+        rc, err = await refused(config, "restore", td.name, "--to", str(new_dir), *args)
+        assert rc == 2 and says in err, (args, err)
     assert not libvirt_conn.listAllDomains() or name not in {
         d.name() for d in libvirt_conn.listAllDomains()
     }
@@ -117,7 +124,7 @@ async def test_live_restore_runs_at_once_and_moves_while_the_guest_writes(
 
         # --force replaces nothing a running domain uses: NEW itself, or its image.
         for other in (name, f"{name}-2"):
-            proc = await spawn_cli(
+            rc, err = await refused(
                 config,
                 "restore",
                 td.name,
@@ -128,8 +135,7 @@ async def test_live_restore_runs_at_once_and_moves_while_the_guest_writes(
                 "--live",
                 "--force",
             )
-            _, err = await proc.communicate()
-            assert proc.returncode == 1 and "running" in err.decode(), err
+            assert rc == 1 and "running" in err, err
         assert dom.isActive() and image.exists()
 
         # A guest write while the move runs (52 MiB of data at 2 MiB/s: about 26 s).
