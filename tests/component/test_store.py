@@ -125,6 +125,26 @@ async def test_concurrent_jobs_commit_on_one_connection(tmp_path: Path) -> None:
         assert await store.running_progress() == []
 
 
+async def test_many_openers_of_a_new_database_create_it_once(tmp_path: Path) -> None:
+    """The daemon and CLI commands opening a database that does not exist
+    yet, at the same moment, on their own connections: each must find the
+    schema whole (CI once saw "table domains already exists" when the CLI's
+    backup and `status` both created it)."""
+    path = tmp_path / "s.db"
+
+    async def open_and_use(n: int) -> int:
+        async with Store.open(path) as store:
+            await store.see_domain(f"u{n}", f"vm{n}", NOW)
+            return await store.schema_version()
+
+    for _ in range(5):
+        path.unlink(missing_ok=True)
+        versions = await asyncio.gather(*(open_and_use(n) for n in range(8)))
+        assert versions == [len(MIGRATIONS)] * 8
+        async with Store.open(path) as store:
+            assert all([await store.domain(f"u{n}") for n in range(8)])
+
+
 async def test_a_cancelled_transaction_leaves_the_connection_usable(tmp_path: Path) -> None:
     async with Store.open(tmp_path / "s.db") as store:
         await store.see_domain("u1", "web", NOW)

@@ -24,7 +24,7 @@ async def partition_table(file: Path) -> str:
         str(file),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        preexec_fn=die_with_parent,
+        preexec_fn=die_with_parent(),
     )
     out, err = await proc.communicate()
     if proc.returncode != 0:
@@ -50,7 +50,7 @@ async def content_type(file: Path, offset: int, size: int) -> str | None:
         str(file),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        preexec_fn=die_with_parent,
+        preexec_fn=die_with_parent(),
     )
     out, err = await proc.communicate()
     if proc.returncode == 2:  # nothing found
@@ -138,7 +138,7 @@ async def check_filesystem(device: str, fstype: str) -> FsckResult:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         stdin=asyncio.subprocess.DEVNULL,
-        preexec_fn=die_with_parent,
+        preexec_fn=die_with_parent(),
     )
     out, _ = await proc.communicate()
     code = proc.returncode if proc.returncode is not None else -1

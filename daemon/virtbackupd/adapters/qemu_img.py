@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import json
+import os
 import signal
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,13 +23,25 @@ QEMU_IMG = "qemu-img"
 PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> None:  # pragma: no cover - runs in the child
-    """preexec_fn for helper processes: the kernel sends SIGTERM when we die,
-    so that no qemu-nbd outlives a killed virtbackupd holding an image lock
-    (under systemd the control group does this too; from the CLI nothing
-    else would)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+def die_with_parent() -> Callable[[], None]:
+    """A preexec_fn for helper processes: the kernel sends SIGTERM when we
+    die, so that no qemu-nbd outlives a killed virtbackupd holding an image
+    lock (under systemd the control group does this too; from the CLI
+    nothing else would). The signal follows the *thread* that forked, so
+    spawn from the event loop's thread, which lives as long as we do."""
+    spawner = os.getpid()
+
+    def in_the_child() -> None:  # pragma: no cover - runs in the child
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        # A parent killed between fork and the prctl never sends the
+        # signal: the child was already reparented. Then go now, as the
+        # signal would have made it (a helper left running would hold its
+        # image's lock).
+        if os.getppid() != spawner:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return in_the_child
 
 
 async def while_locked(action: Callable[[], Awaitable[None]], wait: float = 15.0) -> None:
@@ -54,7 +67,7 @@ async def run_tool(argv: Sequence[str], what: str | None = None) -> str:
         *argv,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        preexec_fn=die_with_parent,  # forked from the loop thread, see die_with_parent
+        preexec_fn=die_with_parent(),  # forked from the loop thread, see die_with_parent
     )
     try:
         out, err = await proc.communicate()

@@ -95,7 +95,7 @@ async def serve(
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=stderr,
-            preexec_fn=die_with_parent,  # forked from the loop thread, see die_with_parent
+            preexec_fn=die_with_parent(),  # forked from the loop thread, see die_with_parent
         )
     export = Export(socket, name)
     try:

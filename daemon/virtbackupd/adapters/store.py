@@ -22,7 +22,8 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -208,14 +209,31 @@ class Store:
         try:
             db.row_factory = aiosqlite.Row
             store = cls(db, path)
-            await store._execute("PRAGMA journal_mode=WAL")
-            await store._execute("PRAGMA foreign_keys=ON")
             await store._execute("PRAGMA busy_timeout=10000")
+            await store._enter_wal()
+            await store._execute("PRAGMA foreign_keys=ON")
             await store._migrate()
             path.chmod(0o600)
             yield store
         finally:
             await db.close()
+
+    async def _enter_wal(self) -> None:
+        """Switch to WAL (a no-op once the file is in WAL). Switching a new
+        file needs a lock that another process opening it at the same
+        moment may hold, and SQLite answers that with "database is locked"
+        without waiting on the busy timeout: so wait here, as long as the
+        busy timeout would."""
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                await self._execute("PRAGMA journal_mode=WAL")
+            except StoreError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+            else:
+                return
 
     def replaced(self) -> bool:
         """Whether the file at our path is no longer the one we opened
@@ -231,20 +249,31 @@ class Store:
             raise StoreDamagedError(self.path, "; ".join(problems[:3]))
 
     async def _migrate(self) -> None:
-        (version,) = await self._one("PRAGMA user_version")
-        if version > len(MIGRATIONS):
-            raise StoreError(
-                self.path,
-                f"schema version {version} is newer than this virtbackupd "
-                f"({len(MIGRATIONS)}); upgrade virtbackupd",
-            )
-        for number in range(version, len(MIGRATIONS)):
-            # Migrations hold no ';' inside literals, so splitting is safe,
-            # and unlike executescript() it keeps them in one transaction.
-            statements = [s for s in MIGRATIONS[number].split(";") if s.strip()]
-            await self._transaction(
-                [(stmt, ()) for stmt in statements] + [(f"PRAGMA user_version = {number + 1}", ())]
-            )
+        """Bring the schema up to date. The version is read inside the
+        IMMEDIATE transaction that applies the migrations: two processes
+        opening a new database at once (the daemon and a CLI command, or
+        two commands) must not both see version 0 and both create it."""
+
+        async def upgrade() -> None:
+            async with self._db.execute("PRAGMA user_version") as cur:
+                row = await cur.fetchone()
+            version = int(row[0]) if row else 0
+            if version > len(MIGRATIONS):
+                raise StoreError(
+                    self.path,
+                    f"schema version {version} is newer than this virtbackupd "
+                    f"({len(MIGRATIONS)}); upgrade virtbackupd",
+                )
+            for number in range(version, len(MIGRATIONS)):
+                # Migrations hold no ';' inside literals, so splitting is
+                # safe, and unlike executescript() it keeps them inside this
+                # one transaction.
+                for stmt in MIGRATIONS[number].split(";"):
+                    if stmt.strip():
+                        await self._db.execute(stmt)
+                await self._db.execute(f"PRAGMA user_version = {number + 1}")
+
+        await asyncio.shield(self._immediate(upgrade))
 
     # --- the one way to the connection ------------------------------------------
     async def _execute(self, sql: str, args: Sequence[object] = ()) -> None:
@@ -272,17 +301,24 @@ class Store:
         connection; all or nothing. Once begun it runs to its end even if
         the caller is cancelled (it takes milliseconds): a cancelled job
         must never leave the shared connection inside its transaction."""
-        await asyncio.shield(self._transaction_locked(list(statements)))
+        todo = list(statements)
 
-    async def _transaction_locked(self, statements: list[tuple[str, Sequence[object]]]) -> None:
+        async def run() -> None:
+            for sql, args in todo:
+                await self._db.execute(sql, args)
+
+        await asyncio.shield(self._immediate(run))
+
+    async def _immediate(self, body: Callable[[], Awaitable[None]]) -> None:
+        """`body` inside BEGIN IMMEDIATE ... COMMIT, alone on the connection;
+        rolled back if it raises."""
         async with self._lock:
             try:
                 await self._db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
                 raise _translate(self.path, exc) from exc
             try:
-                for sql, args in statements:
-                    await self._db.execute(sql, args)
+                await body()
                 await self._db.execute("COMMIT")
             except BaseException as exc:
                 await self._db.execute("ROLLBACK")
