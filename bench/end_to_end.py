@@ -80,7 +80,13 @@ class Ways:
         )
         _run(VIRTBACKUP, "-c", cfg, "backup", "--full", self.td.name)
         _run("sync")
-        self.check = lambda: _compare(next(d.glob("backups/*/*/vda.qcow2")), self.source)
+
+        def check() -> None:
+            image = next(d.glob("backups/*/*/vda.qcow2"))
+            _run("qemu-img", "check", "-q", image)  # our own writer's image: no error, no leak
+            _compare(image, self.source)
+
+        self.check = check
         self.cleanup = lambda: (
             _run(VIRTBACKUP, "-c", cfg, "forget-checkpoints", self.td.name),
             shutil.rmtree(d),

@@ -140,3 +140,12 @@ def first_cause(exc: BaseException) -> BaseException:
         inner = [e for e in exc.exceptions if not isinstance(e, asyncio.CancelledError)]
         exc = (inner or list(exc.exceptions))[0]
     return exc
+
+
+class ImageWriteError(VirtBackupError):
+    """Writing a backup image failed: the file system refused (no space,
+    I/O error) or a write the image cannot take; the backup fails."""
+
+    def __init__(self, path: object, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path

@@ -19,6 +19,9 @@ from virtbackupd.adapters.repository import (
     read_manifest,
 )
 from virtbackupd.adapters.store import Store
+from virtbackupd.core.policy import Retention
+from virtbackupd.engine.copy import CopyOptions
+from virtbackupd.engine.prune import prune_domain
 from virtbackupd.engine.restore import restore_to_dir
 from virtbackupd.engine.verify import verify_backup
 from virtbackupd.errors import RestoreError
@@ -116,6 +119,38 @@ async def test_every_point_restores_byte_identical(tmp_path: Path) -> None:
         done = await restore_to_dir(b.folder(backup_id), ["vda"], out, fmt, b.runtime)
         assert not done[0].damage
         qemu_img_compare(b.refs[backup_id]["vda"], out / f"vda.{fmt}", "raw", fmt)
+        assert (await verify_backup(b.folder(backup_id), b.runtime)).ok
+
+
+async def test_a_chain_of_mixed_grids_restores_verifies_and_merges(tmp_path: Path) -> None:
+    """Backups made before the copy's request size (the digest's grid) went
+    from 4 MiB to 2 MiB sit below newer ones: each layer is checked on its
+    own recorded grid, in a restore, a verify and a merge."""
+    b = BuiltDomain(tmp_path, {"vda": 24 * MiB})
+    async with Store.open(b.state_db) as store:
+        b.write("vda", 0, 20 * MiB, 0x41)
+        await b.backup(store, grid=4 * MiB)
+        b.write("vda", 3 * MiB, 5 * MiB, 0x42)
+        b.zero("vda", 12 * MiB, 3 * MiB)
+        await b.backup(store, grid=2 * MiB)
+        b.write("vda", 7 * MiB, 2 * MiB, 0x43)
+        await b.backup(store)
+        grids = [read_manifest(b.folder(i)).disks[0].grid for i in b.ids]
+        assert grids == [4 * MiB, 2 * MiB, CopyOptions().request_size]
+        for i, backup_id in enumerate(b.ids):
+            out = tmp_path / f"r{i}"
+            done = await restore_to_dir(b.folder(backup_id), ["vda"], out, "raw", b.runtime)
+            assert not done[0].damage
+            qemu_img_compare(b.refs[backup_id]["vda"], out / "vda.raw", "raw", "raw")
+            assert (await verify_backup(b.folder(backup_id), b.runtime)).ok
+        # A chain limit of 1: the 2 MiB layer is merged into the 4 MiB full.
+        await prune_domain(store, b.repo.domain_dir(b.uuid), Retention(), 1, b.runtime)
+        parents = {r.id: r.parent for r in await store.backups(b.uuid)}
+    assert parents[b.ids[2]] is not None and parents[parents[b.ids[2]]] is None, parents
+    for backup_id in b.ids:
+        out = tmp_path / f"merged-{backup_id}"
+        await restore_to_dir(b.folder(backup_id), ["vda"], out, "raw", b.runtime)
+        qemu_img_compare(b.refs[backup_id]["vda"], out / "vda.raw", "raw", "raw")
         assert (await verify_backup(b.folder(backup_id), b.runtime)).ok
 
 

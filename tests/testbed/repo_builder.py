@@ -21,6 +21,7 @@ from pathlib import Path
 
 from testbed.tools import qemu_io, run
 from virtbackupd.adapters import qemu_img, qemu_nbd
+from virtbackupd.adapters.qcow2_writer import new_image
 from virtbackupd.adapters.repository import (
     Manifest,
     Repository,
@@ -36,7 +37,7 @@ from virtbackupd.core.policy import Level
 from virtbackupd.core.records import BackupRecord, BackupStatus
 from virtbackupd.engine.backup import disk_records
 from virtbackupd.engine.catalogue import commit_backup
-from virtbackupd.engine.copy import CopyOptions, CopyResult, ZeroMode, copy_export
+from virtbackupd.engine.copy import CopyOptions, CopyResult, ZeroMode, copy_into
 from virtbackupd.engine.undo import Undo
 
 MiB = 1024 * 1024
@@ -83,6 +84,7 @@ class BuiltDomain:
         store: Store,
         level: Level | None = None,
         step: Callable[[str], None] | None = None,
+        grid: int | None = None,
     ) -> Manifest:
         """One backup of every disk: incremental on the last one's
         checkpoint unless `level` is FULL or there is none."""
@@ -107,27 +109,25 @@ class BuiltDomain:
             src = self.source(disk)
             await qemu_img.bitmap(src, cp, add=True)
             target = partial / disk_file(disk)
-            await qemu_img.create(
-                target, size, backing=backing_of(parent, disk) if parent else None
-            )
+            backing = backing_of(parent, disk) if parent else None
             async with (
                 qemu_nbd.serve(
                     src, runtime_dir=self.runtime, bitmaps=[parent_cp] if parent_cp else []
                 ) as s,
-                qemu_nbd.serve(
-                    target, runtime_dir=self.runtime, readonly=False, cache="unsafe"
-                ) as t,
+                new_image(target, size, backing) as t,
             ):
-                results[disk] = await copy_export(
+                results[disk] = await copy_into(
                     s.address,
                     s.name,
-                    t.address,
-                    t.name,
+                    t,
                     dirty_bitmap=parent_cp,
                     options=CopyOptions(
-                        zero_mode=ZeroMode.WRITE_ZEROES if parent else ZeroMode.SKIP
+                        zero_mode=ZeroMode.WRITE_ZEROES if parent else ZeroMode.SKIP,
+                        request_size=grid or CopyOptions().request_size,
                     ),
                 )
+            # The image writer's work, checked every time: no error, no leak.
+            run("qemu-img", "check", "-q", target)
         manifest = Manifest(
             id=backup_id,
             domain_name=self.name,

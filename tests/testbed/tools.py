@@ -117,8 +117,10 @@ def assert_restores(
     folder: Path, disks: Iterable[tuple[str, str]], td: GuestDomain, tmp: Path
 ) -> None:
     """Convert each (disk, file) of a backup folder with plain qemu-img (the
-    whole backing chain) and compare it with the test bed's reference."""
+    whole backing chain) and compare it with the test bed's reference;
+    `qemu-img check` first: the image must have no error and no leak."""
     for name, file in disks:
+        subprocess.run(["qemu-img", "check", "-q", str(folder / file)], check=True)
         out = tmp / f"restored-{folder.name}-{name}.raw"
         subprocess.run(
             ["qemu-img", "convert", "-O", "raw", str(folder / file), str(out)], check=True

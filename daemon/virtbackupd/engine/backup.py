@@ -23,7 +23,7 @@ from pathlib import Path
 
 import structlog
 
-from virtbackupd.adapters import qemu_img, qemu_nbd, repository
+from virtbackupd.adapters import qcow2_writer, repository
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
 from virtbackupd.adapters.nbd.client import UnixAddress
 from virtbackupd.adapters.repository import Manifest, Repository, StepHook, UndoKind, UndoLog
@@ -51,7 +51,7 @@ from virtbackupd.engine.copy import (
     CopyResult,
     RateLimit,
     ZeroMode,
-    copy_export,
+    copy_into,
 )
 from virtbackupd.engine.domain_job import domain_job
 from virtbackupd.engine.locks import (
@@ -194,6 +194,8 @@ class Job:
         self.info: DomainInfo | None = None
         self.progress: JobProgress | None = None
         self.cancelled: _Cancel | None = None
+        # Each included disk's image: path, size, backing file (create_targets).
+        self.targets: dict[str, tuple[Path, int, str | None]] = {}
 
     @property
     def state(self) -> JobState:
@@ -433,7 +435,6 @@ class Job:
     ) -> dict[str, CopyResult]:
         """Copy every disk concurrently from its source export (address,
         export name, dirty bitmap or None) into its target image."""
-        partial = self.repo.partial_dir(self.ref.uuid, self.id)
         progress = self.progress = JobProgress(self.id, self.ref.name)
         results: dict[str, CopyResult] = {}
         bandwidth = self.ctx.policy.bandwidth
@@ -449,19 +450,15 @@ class Job:
                 if self.on_progress:
                     self.on_progress(progress)
 
-            image = partial / repository.disk_file(target)
-            # cache=unsafe: the target qemu-nbd skips its many flushes (about
-            # twice as fast, docs/performance.md). Durability does not depend
-            # on them: on commit every image is fsynced after qemu-nbd exited,
-            # before the rename that makes the backup count.
-            async with qemu_nbd.serve(
-                image, runtime_dir=self.job_dir, readonly=False, cache="unsafe"
-            ) as t:
-                results[target] = await copy_export(
+            image, size, backing = self.targets[target]
+            # Written in our own process (adapters.qcow2_writer): a writing
+            # qemu-nbd was the slowest part of a backup (docs/performance.md).
+            # Durable at commit, which fsyncs every image before the rename.
+            async with qcow2_writer.new_image(image, size, backing) as writer:
+                results[target] = await copy_into(
                     address,
                     export,
-                    t.address,
-                    t.name,
+                    writer,
                     dirty_bitmap=bitmap,
                     connections=2,
                     options=CopyOptions(
@@ -480,22 +477,21 @@ class Job:
         return results
 
     async def create_targets(self, plan: Plan, sizes: dict[str, int]) -> None:
+        """Name each included disk's image: its path, size and backing file
+        (the images are written by copy_all)."""
         partial = self.repo.partial_dir(self.ref.uuid, self.id)
+        self.targets = {}
         for c in plan.choices:
             if not c.included:
                 continue
-            image = partial / repository.disk_file(c.target)
+            backing = None
             if plan.level is Level.INCREMENTAL and c.checkpoint:
                 assert plan.parent_backup is not None
-                # Of the disk's size now: a disk grown since the parent gets
-                # an overlay larger than its backing file (reads zeroes there).
-                await qemu_img.create(
-                    image,
-                    sizes[c.target],
-                    backing=repository.backing_of(plan.parent_backup, c.target),
-                )
-            else:
-                await qemu_img.create(image, sizes[c.target])
+                backing = repository.backing_of(plan.parent_backup, c.target)
+            # Of the disk's size now: a disk grown since the parent gets an
+            # overlay larger than its backing file (reads zeroes there).
+            image = partial / repository.disk_file(c.target)
+            self.targets[c.target] = (image, sizes[c.target], backing)
 
     async def _commit(
         self, info: DomainInfo, plan: Plan, results: dict[str, CopyResult]
