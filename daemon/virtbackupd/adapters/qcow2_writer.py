@@ -19,6 +19,7 @@ backing file.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 from array import array
 from collections import OrderedDict
@@ -31,6 +32,8 @@ from virtbackupd.core import qcow2_layout as q
 from virtbackupd.errors import ImageWriteError
 
 _ZERO_CLUSTER = bytes(q.CLUSTER)
+_INLINE_WRITE = 512 * 1024  # smaller writes are done on the event loop's thread
+_WRITEBACK_WINDOW = 64 << 20
 _NO_ENTRIES = array("Q", bytes(q.CLUSTER))
 _ZERO_ENTRIES = array("Q", [q.ZERO]) * q.L2_ENTRIES
 
@@ -62,6 +65,8 @@ class Qcow2Writer:
         self._next = q.CLUSTER  # cluster 0 is the header's
         self._finished = False
         self._writing = asyncio.Lock()
+        self._written_back = 0  # writeback started for the file below this
+        self._last_window = (0, 0)  # (offset, length) whose writeback began last
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         # The header cluster stays zero until the end: no valid image before.
         os.ftruncate(self._fd, q.CLUSTER)
@@ -82,9 +87,23 @@ class Qcow2Writer:
         async with self._writing:
             for host, piece in runs:
                 try:
-                    await asyncio.to_thread(_pwrite_all, self._fd, piece, host)
+                    if len(piece) <= _INLINE_WRITE:
+                        # Cheaper here than the hand-over to a thread.
+                        _pwrite_all(self._fd, piece, host)
+                    else:
+                        await asyncio.to_thread(_pwrite_all, self._fd, piece, host)
                 except OSError as exc:
                     raise ImageWriteError(self.path, f"cannot write: {exc.strerror}") from exc
+            if self._next - self._written_back >= _WRITEBACK_WINDOW:
+                # Write the last window to disk now rather than all at the
+                # commit's fsync (same total time, measured), and drop the
+                # window before it from the page cache once it is on disk:
+                # a backup must not fill the host's memory with dirty pages
+                # nor push the guests' cached data out.
+                window = (self._written_back, self._next - self._written_back)
+                done, self._written_back = self._last_window, self._next
+                self._last_window = window
+                await asyncio.to_thread(_write_back, self._fd, window, done)
 
     async def write_zeroes(self, offset: int, length: int, no_hole: bool = False) -> None:
         """Make the range read as zeroes (`no_hole` makes no difference:
@@ -251,6 +270,23 @@ def _big_endian(entries: array[int]) -> bytes:
     swapped = array("Q", entries)
     swapped.byteswap()
     return swapped.tobytes()
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _write_back(fd: int, window: tuple[int, int], done: tuple[int, int]) -> None:
+    """Start writing `window` to disk (sync_file_range(2) with
+    SYNC_FILE_RANGE_WRITE: no wait), and drop `done`, whose writeback began
+    one window earlier, from the page cache (pages not yet written stay).
+    Only a head start and a courtesy: the commit's fsync still makes the
+    image durable, so failures here are ignored."""
+    _libc.sync_file_range(
+        fd, ctypes.c_int64(window[0]), ctypes.c_int64(window[1]), _SYNC_FILE_RANGE_WRITE
+    )
+    if done[1]:
+        os.posix_fadvise(fd, done[0], done[1], os.POSIX_FADV_DONTNEED)
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
