@@ -19,7 +19,6 @@ backing file.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
 from array import array
 from collections import OrderedDict
@@ -27,13 +26,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from virtbackupd.adapters.image_files import FileSink, all_zero, pwrite_all
 from virtbackupd.adapters.nbd.protocol import BlockSize
 from virtbackupd.core import qcow2_layout as q
 from virtbackupd.errors import ImageWriteError
 
-_ZERO_CLUSTER = bytes(q.CLUSTER)
-_INLINE_WRITE = 512 * 1024  # smaller writes are done on the event loop's thread
-_WRITEBACK_WINDOW = 64 << 20
 _NO_ENTRIES = array("Q", bytes(q.CLUSTER))
 _ZERO_ENTRIES = array("Q", [q.ZERO]) * q.L2_ENTRIES
 
@@ -64,10 +61,8 @@ class Qcow2Writer:
         self._cached = max(1, cached_tables)  # 64 tables: 4 MiB, mapping 32 GiB
         self._next = q.CLUSTER  # cluster 0 is the header's
         self._finished = False
-        self._writing = asyncio.Lock()
-        self._written_back = 0  # writeback started for the file below this
-        self._last_window = (0, 0)  # (offset, length) whose writeback began last
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self._sink = FileSink(path)
+        self._fd = self._sink.fd
         # The header cluster stays zero until the end: no valid image before.
         os.ftruncate(self._fd, q.CLUSTER)
 
@@ -79,31 +74,7 @@ class Qcow2Writer:
     async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
         view = memoryview(data)
         self._check(offset, len(view))
-        runs = self._allocate(offset, view)
-        # One write at a time: concurrent writes to one file contend for
-        # its inode lock, and the waiters spin (measured: twice the system
-        # CPU time for nothing; page-cache writes gain nothing from
-        # parallelism). The loop keeps reading meanwhile.
-        async with self._writing:
-            for host, piece in runs:
-                try:
-                    if len(piece) <= _INLINE_WRITE:
-                        # Cheaper here than the hand-over to a thread.
-                        _pwrite_all(self._fd, piece, host)
-                    else:
-                        await asyncio.to_thread(_pwrite_all, self._fd, piece, host)
-                except OSError as exc:
-                    raise ImageWriteError(self.path, f"cannot write: {exc.strerror}") from exc
-            if self._next - self._written_back >= _WRITEBACK_WINDOW:
-                # Write the last window to disk now rather than all at the
-                # commit's fsync (same total time, measured), and drop the
-                # window before it from the page cache once it is on disk:
-                # a backup must not fill the host's memory with dirty pages
-                # nor push the guests' cached data out.
-                window = (self._written_back, self._next - self._written_back)
-                done, self._written_back = self._last_window, self._next
-                self._last_window = window
-                await asyncio.to_thread(_write_back, self._fd, window, done)
+        await self._sink.put(self._allocate(offset, view))
 
     async def write_zeroes(self, offset: int, length: int, no_hole: bool = False) -> None:
         """Make the range read as zeroes (`no_hole` makes no difference:
@@ -136,9 +107,7 @@ class Qcow2Writer:
         self._finished = True
 
     async def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._sink.close()
 
     # --- mapping --------------------------------------------------------------------
     def _check(self, offset: int, length: int) -> None:
@@ -164,7 +133,7 @@ class Qcow2Writer:
             piece = view[pos : pos + q.CLUSTER]
             cluster = (offset + pos) // q.CLUSTER
             entry = self._entry(cluster)
-            if _all_zero(piece):
+            if all_zero(piece):
                 if entry or self.backing is not None:
                     self._set(cluster, q.zeroed(entry))
             else:
@@ -217,26 +186,26 @@ class Qcow2Writer:
     def _evict(self) -> None:
         while len(self._tables) > self._cached:
             index, table = self._tables.popitem(last=False)
-            _pwrite_all(self._fd, _big_endian(table), self._l1[index])
+            pwrite_all(self._fd, _big_endian(table), self._l1[index])
 
     # --- the end --------------------------------------------------------------------
     def _finish(self) -> None:
         for index, table in self._tables.items():
-            _pwrite_all(self._fd, _big_endian(table), self._l1[index])
+            pwrite_all(self._fd, _big_endian(table), self._l1[index])
         self._tables.clear()
         tail = q.tail_layout(self._next // q.CLUSTER, self.l1_size)
         l1 = array("Q", [q.table_entry(h) if h else 0 for h in self._l1])
-        _pwrite_all(
+        pwrite_all(
             self._fd,
             _big_endian(l1).ljust(tail.l1_clusters * q.CLUSTER, b"\x00"),
             tail.l1_offset,
         )
         for i in range(tail.refblocks):
             block = q.refcount_block(i, tail.end_cluster)
-            _pwrite_all(self._fd, block, tail.refblocks_offset + i * q.CLUSTER)
-        _pwrite_all(self._fd, q.reftable(tail), tail.reftable_offset)
+            pwrite_all(self._fd, block, tail.refblocks_offset + i * q.CLUSTER)
+        pwrite_all(self._fd, q.reftable(tail), tail.reftable_offset)
         header = q.header(self.size, self.l1_size, tail, self.backing, self.backing_format)
-        _pwrite_all(self._fd, header, 0)
+        pwrite_all(self._fd, header, 0)
 
 
 @asynccontextmanager
@@ -244,21 +213,11 @@ async def new_image(
     path: Path, size: int, backing: str | None = None, backing_format: str = "qcow2"
 ) -> AsyncIterator[Qcow2Writer]:
     """A Qcow2Writer for a new image, closed (finished or not) on leaving."""
-    try:
-        writer = Qcow2Writer(path, size, backing, backing_format)
-    except OSError as exc:
-        raise ImageWriteError(path, f"cannot create the image: {exc.strerror}") from exc
+    writer = Qcow2Writer(path, size, backing, backing_format)
     try:
         yield writer
     finally:
         await writer.close()
-
-
-def _all_zero(piece: memoryview) -> bool:
-    # Comparing memoryviews goes byte by byte in Python's C code (240 us
-    # for a zero cluster); a copy to bytes and memcmp takes 3 us. Data
-    # usually differs from zeroes in its first bytes: look there first.
-    return piece[:16] == _ZERO_CLUSTER[:16] and bytes(piece) == _ZERO_CLUSTER[: len(piece)]
 
 
 _LITTLE = array("H", [1]).tobytes() == b"\x01\x00"
@@ -270,28 +229,3 @@ def _big_endian(entries: array[int]) -> bytes:
     swapped = array("Q", entries)
     swapped.byteswap()
     return swapped.tobytes()
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _write_back(fd: int, window: tuple[int, int], done: tuple[int, int]) -> None:
-    """Start writing `window` to disk (sync_file_range(2) with
-    SYNC_FILE_RANGE_WRITE: no wait), and drop `done`, whose writeback began
-    one window earlier, from the page cache (pages not yet written stay).
-    Only a head start and a courtesy: the commit's fsync still makes the
-    image durable, so failures here are ignored."""
-    _libc.sync_file_range(
-        fd, ctypes.c_int64(window[0]), ctypes.c_int64(window[1]), _SYNC_FILE_RANGE_WRITE
-    )
-    if done[1]:
-        os.posix_fadvise(fd, done[0], done[1], os.POSIX_FADV_DONTNEED)
-
-
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n

@@ -12,9 +12,8 @@ operator asks for what can be had (`allow_damaged`).
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Mapping, Sequence, Set
+from collections.abc import Awaitable, Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,9 @@ import structlog
 
 from virtbackupd.adapters import block_devices, qemu_img, qemu_nbd
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
+from virtbackupd.adapters.nbd.client import Address
+from virtbackupd.adapters.qcow2_writer import new_image
+from virtbackupd.adapters.raw_writer import new_raw_image
 from virtbackupd.adapters.repository import (
     Manifest,
     Repository,
@@ -44,7 +46,14 @@ from virtbackupd.core.extents import Kind, content_hash
 from virtbackupd.core.records import CheckpointStatus
 from virtbackupd.core.restored_domain import RestoredImage, restored_domain_xml
 from virtbackupd.engine.content import chunks, digest_image, non_zero, open_view
-from virtbackupd.engine.copy import CopyOptions, CopyProgress, CopyResult, ZeroMode, copy_export
+from virtbackupd.engine.copy import (
+    CopyOptions,
+    CopyProgress,
+    CopyResult,
+    ZeroMode,
+    copy_export,
+    copy_into,
+)
 from virtbackupd.errors import RestoreError, UnknownRestorePointError, VirtBackupError
 
 log = structlog.get_logger("virtbackupd.restore")
@@ -162,14 +171,18 @@ async def restore_image(
     partial = target.with_name(f".{target.name}.partial")
     partial.unlink(missing_ok=True)
     try:
-        await qemu_img.create(partial, size, fmt=fmt)
-        # cache=unsafe: no flush per request; the file is fsynced below.
-        dst = qemu_nbd.serve(
-            partial, runtime_dir=runtime_dir, fmt=fmt, readonly=False, cache="unsafe"
-        )
-        result, damage = await _copy_checked(
-            chain, dst, ZeroMode.SKIP, runtime_dir, progress, allow_damaged
-        )
+        # Written in our own process, as backups are (docs/data-path.md).
+        opener = new_image(partial, size) if fmt == "qcow2" else new_raw_image(partial, size)
+        async with opener as writer:
+
+            async def copy(address: Address, export: str, options: CopyOptions) -> CopyResult:
+                return await copy_into(
+                    address, export, writer, connections=4, options=options, progress=progress
+                )
+
+            result, damage = await _copy_checked(
+                chain, copy, ZeroMode.SKIP, runtime_dir, allow_damaged
+            )
         fsync_path(partial)
         partial.chmod(0o600)
     except BaseException:
@@ -208,12 +221,24 @@ async def restore_to_device(
         extra=["--discard=unmap"],
         size=size if have > size else None,
     )
+
+    async def copy(address: Address, export: str, options: CopyOptions) -> CopyResult:
+        async with dst as d:
+            return await copy_export(
+                address,
+                export,
+                d.address,
+                d.name,
+                connections=4,
+                options=options,
+                progress=progress,
+            )
+
     result, damage = await _copy_checked(
         chain,
-        dst,
+        copy,
         ZeroMode.WRITE_ZEROES,
         runtime_dir,
-        progress,
         allow_damaged,
         f"the restore stopped there, and {device} holds a partial copy: do not use it",
     )
@@ -231,31 +256,22 @@ async def load_chain(folder: Path, disk: str, runtime_dir: Path, allow_damaged: 
 
 async def _copy_checked(
     chain: _Chain,
-    target: contextlib.AbstractAsyncContextManager[qemu_nbd.Export],
+    copy: Callable[[Address, str, CopyOptions], Awaitable[CopyResult]],
     zero_mode: ZeroMode,
     runtime_dir: Path,
-    progress: Callable[[CopyProgress], None] | None,
     allow_damaged: bool,
     outcome: str = NOTHING_RESTORED,
 ) -> tuple[CopyResult, tuple[str, ...]]:
-    """Copy the chain's newest view into `target`, checking every layer's
-    recorded pieces as they are read (core.chain_check)."""
+    """Copy the chain's newest view with `copy` (from a read-only export
+    of it), checking every layer's recorded pieces as they are read
+    (core.chain_check)."""
     seen = classify([layer.pieces for layer in chain.layers])
     check = ChainCheck(seen[Seen.VISIBLE], stop_at_first=not allow_damaged)
     source = chain.folder / disk_file(chain.disk)
     try:
-        async with (
-            qemu_nbd.serve(source, runtime_dir=runtime_dir, readonly=True) as src,
-            target as dst,
-        ):
-            result = await copy_export(
-                src.address,
-                src.name,
-                dst.address,
-                dst.name,
-                connections=4,
-                options=CopyOptions(zero_mode=zero_mode, watch=check),
-                progress=progress,
+        async with qemu_nbd.serve(source, runtime_dir=runtime_dir, readonly=True) as src:
+            result = await copy(
+                src.address, src.name, CopyOptions(zero_mode=zero_mode, watch=check)
             )
         check.finish()
         await _check_partly_hidden(chain, seen[Seen.PARTLY], check, runtime_dir)

@@ -1,8 +1,9 @@
-"""The backup image writer against real qemu-img: every image it writes
+"""The image writers against real qemu-img. Every qcow2 image written
 passes `qemu-img check` (no error, no leaked cluster) and reads back, with
 plain qemu-img, exactly as a raw reference written alongside it; overlays
 hide their backing file where they say zeroes, and merge with
-`qemu-img commit` as QEMU's own images do."""
+`qemu-img commit` as QEMU's own images do. Raw images read back the same
+and keep their zeroes as holes."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 
 from testbed.tools import run
 from virtbackupd.adapters.qcow2_writer import Qcow2Writer, new_image
+from virtbackupd.adapters.raw_writer import RawWriter, new_raw_image
 from virtbackupd.core import qcow2_layout as q
 from virtbackupd.errors import ImageWriteError
 
@@ -24,7 +26,7 @@ MiB = 1 << 20
 class Mirror:
     """A writer and a raw reference file that get the same writes."""
 
-    def __init__(self, writer: Qcow2Writer, reference: Path) -> None:
+    def __init__(self, writer: Qcow2Writer | RawWriter, reference: Path) -> None:
         self.writer = writer
         self.fd = os.open(reference, os.O_RDWR | os.O_CREAT, 0o600)
         os.ftruncate(self.fd, writer.size)
@@ -168,3 +170,26 @@ async def test_an_unfinished_image_is_no_image(tmp_path: Path) -> None:
         await w.write(0, random.Random(2).randbytes(MiB))
     out = run("qemu-img", "info", "--output=json", image, check=False)
     assert '"format": "qcow2"' not in out
+
+
+async def test_a_raw_image_reads_back_as_written_and_keeps_zeroes_as_holes(
+    tmp_path: Path,
+) -> None:
+    rnd = random.Random(11)
+    size = 256 * MiB + 512
+    image, ref = tmp_path / "disk.raw", tmp_path / "ref.raw"
+    async with new_raw_image(image, size) as w:
+        m = Mirror(w, ref)
+        await fill(m, rnd, 200)
+        await m.write(size - 512, rnd.randbytes(512))  # the disk's last sector
+        await m.write(5 * C + 4096, rnd.randbytes(8192))  # inside a block
+        await m.write(200 * MiB, bytes(8 * MiB))  # zero data: holes, punched if need be
+        await m.zero(C, 3 * C)  # a hole punched into written data
+        await w.flush()
+        m.close()
+    run("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", image, ref)
+    # Written blocks are as many as the reference's non-zero 64 KiB blocks.
+    data = ref.read_bytes()
+    zero = bytes(C)
+    nonzero = sum(1 for o in range(0, size, C) if data[o : o + C] != zero[: size - o])
+    assert image.stat().st_blocks * 512 <= nonzero * C + 16 * 4096
