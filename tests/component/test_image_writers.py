@@ -7,6 +7,7 @@ and keep their zeroes as holes."""
 
 from __future__ import annotations
 
+import mmap
 import os
 import random
 from pathlib import Path
@@ -31,7 +32,7 @@ class Mirror:
         self.fd = os.open(reference, os.O_RDWR | os.O_CREAT, 0o600)
         os.ftruncate(self.fd, writer.size)
 
-    async def write(self, offset: int, data: bytes) -> None:
+    async def write(self, offset: int, data: bytes | memoryview) -> None:
         os.pwrite(self.fd, data, offset)
         await self.writer.write(offset, data)
 
@@ -48,14 +49,17 @@ def check_and_compare(image: Path, reference: Path) -> None:
     run("qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", image, reference)
 
 
-def data(rnd: random.Random, length: int, zero_clusters: bool = True) -> bytes:
-    """Random bytes, some of whose clusters are all zeroes."""
-    out = bytearray(rnd.randbytes(length))
+def data(rnd: random.Random, length: int, zero_clusters: bool = True) -> memoryview:
+    """Random bytes, some of whose clusters are all zeroes, in page-aligned
+    memory as the copy engine's buffers are: the writers hand them to the
+    disk with direct I/O (other tests' `bytes` take the page cache)."""
+    out = memoryview(mmap.mmap(-1, length))
+    out[:] = rnd.randbytes(length)
     if zero_clusters:
         for c in range(0, length, C):
             if rnd.random() < 0.25:
                 out[c : c + C] = bytes(len(out[c : c + C]))
-    return bytes(out)
+    return out
 
 
 async def fill(m: Mirror, rnd: random.Random, writes: int) -> None:

@@ -1,31 +1,42 @@
 """Writing image files from our own process: the part the qcow2 and raw
 writers share (adapters.qcow2_writer, adapters.raw_writer).
 
-Measured on this machine kind (docs/performance.md): writes go one at a
-time (concurrent writes to one file contend for its inode lock, and the
-waiters spin); small ones on the event loop's thread, where they cost
-less than the hand-over to a worker thread; and every 64 MiB the last
-window is sent to disk and the one before dropped from the page cache, so
-that a large backup or restore neither fills the host's memory with dirty
-pages nor pushes the guests' cached data out. Durability is the caller's:
-an fsync before the rename that publishes the file.
+Data goes to disk with direct I/O (O_DIRECT) where the file system takes
+it: measured on this machine kind (docs/performance.md), writing through
+the page cache cost five to ten times the system CPU time, and a backup
+or restore that fills the host's memory with its pages pushes the guests'
+cached data out. Writes that direct I/O cannot take (not aligned to
+4 KiB in the file, in memory or in length: metadata, a disk's last
+piece) and whole files on a file system without it go through the page
+cache; there, every 64 MiB the last window is sent to disk and the one
+before dropped from the cache. Writes go one at a time (concurrent
+writes to one file contend for its inode lock, and the waiters spin);
+small ones on the event loop's thread, where they cost less than the
+hand-over to a worker thread. Durability is the caller's: an fsync
+before the rename that publishes the file.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import structlog
+
 from virtbackupd.errors import ImageWriteError
+
+log = structlog.get_logger("virtbackupd.images")
 
 ZERO_BLOCK = bytes(64 * 1024)
 _INLINE_WRITE = 512 * 1024
 _WRITEBACK_WINDOW = 64 << 20
 _SYNC_FILE_RANGE_WRITE = 2
 _libc = ctypes.CDLL(None, use_errno=True)
+DIRECT_ALIGN = 4096
 
 
 def all_zero(piece: memoryview) -> bool:
@@ -44,9 +55,25 @@ def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         offset += n
 
 
+def direct_io(path: Path) -> bool:
+    """Whether the file system of `path` (an existing file) takes O_DIRECT."""
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC))
+    except OSError:
+        return False
+    return True
+
+
+def _address(view: memoryview) -> int | None:
+    if view.readonly:
+        return None
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
 class FileSink:
     """A new file at `path` (created empty, mode 0600, replacing any) that
-    takes (offset, bytes) writes as described above."""
+    takes (offset, bytes) writes as described above. `fd` is the file
+    through the page cache (metadata, reads); data that can goes past it."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -54,6 +81,13 @@ class FileSink:
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise ImageWriteError(path, f"cannot create the image: {exc.strerror}") from exc
+        self._direct = -1
+        if direct_io(path):
+            self._direct = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        else:
+            log.warning(
+                "no direct I/O on this file system: writing through the page cache", path=str(path)
+            )
         self._writing = asyncio.Lock()
         self._window = [0, 0, 0]  # lowest offset, highest end, bytes written
         self._previous = (0, 0)  # the window whose writeback began last
@@ -62,18 +96,43 @@ class FileSink:
         async with self._writing:
             for offset, piece in writes:
                 try:
-                    if len(piece) <= _INLINE_WRITE:
-                        pwrite_all(self.fd, piece, offset)
-                    else:
-                        await asyncio.to_thread(pwrite_all, self.fd, piece, offset)
+                    await self._put(offset, piece)
                 except OSError as exc:
                     raise ImageWriteError(self.path, f"cannot write: {exc.strerror}") from exc
-                self._note(offset, len(piece))
             if self._window[2] >= _WRITEBACK_WINDOW:
                 lo, hi, _ = self._window
                 done, self._previous = self._previous, (lo, hi - lo)
                 self._window = [0, 0, 0]
                 await asyncio.to_thread(_write_back, self.fd, (lo, hi - lo), done)
+
+    async def _put(self, offset: int, piece: memoryview) -> None:
+        if self._direct >= 0 and self._aligned(offset, piece):
+            try:
+                await asyncio.to_thread(pwrite_all, self._direct, piece, offset)
+            except OSError as exc:
+                # EINVAL: the device wants more alignment than 4 KiB. The
+                # page cache takes it; later writes too.
+                if exc.errno != errno.EINVAL:
+                    raise
+                log.warning("direct I/O refused; writing through the page cache", error=str(exc))
+                os.close(self._direct)
+                self._direct = -1
+            else:
+                return
+        if len(piece) <= _INLINE_WRITE:
+            pwrite_all(self.fd, piece, offset)
+        else:
+            await asyncio.to_thread(pwrite_all, self.fd, piece, offset)
+        self._note(offset, len(piece))
+
+    @staticmethod
+    def _aligned(offset: int, piece: memoryview) -> bool:
+        address = _address(piece)
+        return (
+            address is not None
+            and not (offset | len(piece) | address) % DIRECT_ALIGN
+            and len(piece) > 0
+        )
 
     def _note(self, offset: int, length: int) -> None:
         w = self._window
@@ -84,9 +143,10 @@ class FileSink:
         w[2] += length
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for fd in (self.fd, self._direct):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self._direct = -1
 
 
 def _write_back(fd: int, window: tuple[int, int], done: tuple[int, int]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import mmap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -275,7 +276,9 @@ class _Copy:
     async def _worker(self, index: int) -> None:
         src = self.sources[index % len(self.sources)]
         dst = self.targets[index % len(self.targets)]
-        buf = memoryview(bytearray(self.grid))
+        # Page-aligned (anonymous mmap): image writers can hand it to the
+        # disk with direct I/O (adapters.image_files).
+        buf = memoryview(mmap.mmap(-1, self.grid))
         no_hole = self.opts.zero_mode is ZeroMode.WRITE_ZEROES_NO_HOLE
         while (item := await self.queue.get()) is not None:
             off, n, kind = item
