@@ -27,6 +27,7 @@ from pathlib import Path
 
 from bench.end_to_end import full_backups_end_to_end
 from bench.guest_latency import guest_write_latency
+from bench.prune_cost import prune_costs
 from bench.recovery import recovery_times
 
 MiB = 1024 * 1024
@@ -339,6 +340,7 @@ def main() -> None:
     ap.add_argument("--skip-full", action="store_true")
     ap.add_argument("--only-latency", action="store_true", help="only the guest latency part")
     ap.add_argument("--only-recovery", action="store_true", help="only the recovery times")
+    ap.add_argument("--only-prune", action="store_true", help="only the prune costs")
     ap.add_argument(
         "--only-end-to-end", action="store_true", help="only the end-to-end full backups"
     )
@@ -358,7 +360,7 @@ def main() -> None:
     ]
     try:
         parts = head
-        only = a.only_latency or a.only_recovery or a.only_end_to_end
+        only = a.only_latency or a.only_recovery or a.only_end_to_end or a.only_prune
         fills = a.fills.split(",")
         if not only or a.only_end_to_end:
             parts.append(
@@ -373,6 +375,8 @@ def main() -> None:
             parts.append(guest_write_latency(work, a.runs))
         if not only or a.only_recovery:
             parts.append(recovery_times(work))
+        if not only or a.only_prune:
+            parts.append(prune_costs(work, drop_caches))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print("\n".join(parts))
