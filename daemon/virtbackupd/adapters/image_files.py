@@ -8,7 +8,8 @@ or restore that fills the host's memory with its pages pushes the guests'
 cached data out. Writes that direct I/O cannot take (not aligned to
 4 KiB in the file, in memory or in length: metadata, a disk's last
 piece) and whole files on a file system without it go through the page
-cache; there, every 64 MiB the last window is sent to disk and the one
+cache, and so do writes of 512 KiB or less (each would wait for the
+disk); there, every 64 MiB the last window is sent to disk and the one
 before dropped from the cache. Writes go one at a time (concurrent
 writes to one file contend for its inode lock, and the waiters spin);
 small ones on the event loop's thread, where they cost less than the
@@ -106,7 +107,10 @@ class FileSink:
                 await asyncio.to_thread(_write_back, self.fd, (lo, hi - lo), done)
 
     async def _put(self, offset: int, piece: memoryview) -> None:
-        if self._direct >= 0 and self._aligned(offset, piece):
+        # Small writes (fragmented disks) through the page cache: one at a
+        # time with direct I/O, each would wait for the disk (measured: a
+        # fragmented backup 1.5x slower).
+        if self._direct >= 0 and len(piece) > _INLINE_WRITE and self._aligned(offset, piece):
             try:
                 await asyncio.to_thread(pwrite_all, self._direct, piece, offset)
             except OSError as exc:
