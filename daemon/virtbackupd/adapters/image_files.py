@@ -72,16 +72,22 @@ def _address(view: memoryview) -> int | None:
 
 
 class FileSink:
-    """A new file at `path` (created empty, mode 0600, replacing any) that
-    takes (offset, bytes) writes as described above. `fd` is the file
-    through the page cache (metadata, reads); data that can goes past it."""
+    """A new file at `path` (created with `size` bytes of zeroes, mode
+    0600, replacing any) that takes (offset, bytes) writes as described
+    above. `fd` is the file through the page cache (metadata, reads); data
+    that can goes past it."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, size: int) -> None:
         self.path = path
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise ImageWriteError(path, f"cannot create the image: {exc.strerror}") from exc
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as exc:
+            os.close(self.fd)
+            raise ImageWriteError(path, f"cannot size the image: {exc.strerror}") from exc
         self._direct = -1
         if direct_io(path):
             self._direct = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)

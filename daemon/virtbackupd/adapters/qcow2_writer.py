@@ -61,10 +61,8 @@ class Qcow2Writer:
         self._cached = max(1, cached_tables)  # 64 tables: 4 MiB, mapping 32 GiB
         self._next = q.CLUSTER  # cluster 0 is the header's
         self._finished = False
-        self._sink = FileSink(path)
-        self._fd = self._sink.fd
         # The header cluster stays zero until the end: no valid image before.
-        os.ftruncate(self._fd, q.CLUSTER)
+        self._sink = FileSink(path, q.CLUSTER)
 
     # --- what the copy engine sees --------------------------------------------------
     @property
@@ -173,7 +171,7 @@ class Qcow2Writer:
             return self._new_table(index)
         table = self._tables.get(index)
         if table is None:
-            raw = os.pread(self._fd, q.CLUSTER, self._l1[index])
+            raw = os.pread(self._sink.fd, q.CLUSTER, self._l1[index])
             table = array("Q", raw.ljust(q.CLUSTER, b"\x00"))
             if _LITTLE:
                 table.byteswap()
@@ -186,26 +184,26 @@ class Qcow2Writer:
     def _evict(self) -> None:
         while len(self._tables) > self._cached:
             index, table = self._tables.popitem(last=False)
-            pwrite_all(self._fd, _big_endian(table), self._l1[index])
+            pwrite_all(self._sink.fd, _big_endian(table), self._l1[index])
 
     # --- the end --------------------------------------------------------------------
     def _finish(self) -> None:
         for index, table in self._tables.items():
-            pwrite_all(self._fd, _big_endian(table), self._l1[index])
+            pwrite_all(self._sink.fd, _big_endian(table), self._l1[index])
         self._tables.clear()
         tail = q.tail_layout(self._next // q.CLUSTER, self.l1_size)
         l1 = array("Q", [q.table_entry(h) if h else 0 for h in self._l1])
         pwrite_all(
-            self._fd,
+            self._sink.fd,
             _big_endian(l1).ljust(tail.l1_clusters * q.CLUSTER, b"\x00"),
             tail.l1_offset,
         )
         for i in range(tail.refblocks):
             block = q.refcount_block(i, tail.end_cluster)
-            pwrite_all(self._fd, block, tail.refblocks_offset + i * q.CLUSTER)
-        pwrite_all(self._fd, q.reftable(tail), tail.reftable_offset)
+            pwrite_all(self._sink.fd, block, tail.refblocks_offset + i * q.CLUSTER)
+        pwrite_all(self._sink.fd, q.reftable(tail), tail.reftable_offset)
         header = q.header(self.size, self.l1_size, tail, self.backing, self.backing_format)
-        pwrite_all(self._fd, header, 0)
+        pwrite_all(self._sink.fd, header, 0)
 
 
 @asynccontextmanager

@@ -33,12 +33,7 @@ class RawWriter:
         self.size = size
         self.block_size = BlockSize(minimum=4096, preferred=_BLOCK, maximum=64 << 20)
         self.max_request = self.block_size.maximum
-        self._sink = FileSink(path)
-        try:
-            os.ftruncate(self._sink.fd, size)
-        except OSError as exc:
-            self._sink.close()
-            raise ImageWriteError(path, f"cannot size the image: {exc.strerror}") from exc
+        self._sink = FileSink(path, size)
 
     @property
     def name(self) -> str:

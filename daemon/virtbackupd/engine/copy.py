@@ -336,19 +336,13 @@ async def copy_export(
 ) -> CopyResult:
     """Open the connections (up to `connections` per side where the server
     advertises multi-conn), copy, and close them whatever happens."""
-    dirty = dirty_bitmap_context(dirty_bitmap) if dirty_bitmap else None
-    contexts = [CONTEXT_BASE_ALLOCATION] + ([dirty] if dirty else [])
-    sources = await _open(source, source_export, contexts, connections)
+    targets = await _open(target, target_export, (), connections)
     try:
-        targets = await _open(target, target_export, (), connections)
-        try:
-            return await copy_disk(
-                sources, targets, dirty_context=dirty, options=options, progress=progress
-            )
-        finally:
-            await asyncio.gather(*(c.close() for c in targets))
+        return await _copy_from(
+            source, source_export, targets, dirty_bitmap, connections, options, progress
+        )
     finally:
-        await asyncio.gather(*(c.close() for c in sources))
+        await asyncio.gather(*(c.close() for c in targets))
 
 
 async def copy_into(
@@ -362,12 +356,27 @@ async def copy_into(
     progress: ProgressCallback | None = None,
 ) -> CopyResult:
     """Like copy_export, into a target of our own process (it stays open)."""
+    return await _copy_from(
+        source, source_export, [target], dirty_bitmap, connections, options, progress
+    )
+
+
+async def _copy_from(
+    source: Address,
+    source_export: str,
+    targets: Sequence[Target],
+    dirty_bitmap: str | None,
+    connections: int,
+    options: CopyOptions | None,
+    progress: ProgressCallback | None,
+) -> CopyResult:
+    """Open the source connections, copy into `targets`, close them."""
     dirty = dirty_bitmap_context(dirty_bitmap) if dirty_bitmap else None
     contexts = [CONTEXT_BASE_ALLOCATION] + ([dirty] if dirty else [])
     sources = await _open(source, source_export, contexts, connections)
     try:
         return await copy_disk(
-            sources, [target], dirty_context=dirty, options=options, progress=progress
+            sources, targets, dirty_context=dirty, options=options, progress=progress
         )
     finally:
         await asyncio.gather(*(c.close() for c in sources))
