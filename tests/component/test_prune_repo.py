@@ -112,15 +112,50 @@ async def test_chain_limit_is_met_by_merging_not_by_a_new_full(tmp_path: Path) -
 
 
 async def test_a_damaged_layer_is_never_merged(tmp_path: Path) -> None:
-    b = await chain(tmp_path, 3)
-    flip_byte(b.image(b.ids[1], "vdb"), MiB + 100)
+    """A merge re-hashes only the grid cells the merged layers share, and
+    checks first what it reads there: damage in such a cell stops the
+    prune before anything changes, naming the damaged layer."""
+    for damaged_one, where in ((0, 100), (1, MiB + 600 * 1024)):
+        b = await shared_cell_chain(tmp_path / f"case{damaged_one}")
+        flip_byte(b.image(b.ids[damaged_one], "vda"), where)
+        async with Store.open(b.state_db) as store:
+            with pytest.raises(PruneError, match=f"backup {b.ids[damaged_one]} disk vda"):
+                await prune_domain(
+                    store, b.repo.domain_dir(b.uuid), Retention(keep_last=1), None, b.runtime
+                )
+        assert not (b.repo.domain_dir(b.uuid) / PRUNE_JOURNAL).exists()
+        assert sorted(s.manifest.id for s in b.repo.backups(b.uuid)) == b.ids
+
+
+async def test_damage_a_merge_carries_over_stays_detected(tmp_path: Path) -> None:
+    """Damage in a piece the merge does not read (its hash is carried over,
+    not recomputed) is never laundered: verify and restore of the merged
+    backup still name it."""
+    b = await shared_cell_chain(tmp_path)
+    flip_byte(b.image(b.ids[0], "vda"), 2 * MiB + 100)  # a cell only the full holds
     async with Store.open(b.state_db) as store:
-        with pytest.raises(PruneError, match=f"backup {b.ids[1]} disk vdb"):
-            await prune_domain(
-                store, b.repo.domain_dir(b.uuid), Retention(keep_last=1), None, b.runtime
-            )
-    assert not (b.repo.domain_dir(b.uuid) / PRUNE_JOURNAL).exists()
-    assert sorted(s.manifest.id for s in b.repo.backups(b.uuid)) == b.ids
+        await prune_domain(
+            store, b.repo.domain_dir(b.uuid), Retention(keep_last=1), None, b.runtime
+        )
+    kept = b.ids[-1]
+    assert [s.manifest.id for s in b.repo.backups(b.uuid)] == [kept]
+    verdict = await verify_backup(b.folder(kept), b.runtime)
+    assert not verdict.ok
+    assert any("vda" in d.disk and d.problems for d in verdict.disks), verdict
+
+
+async def shared_cell_chain(tmp: Path) -> BuiltDomain:
+    """A full with 3 MiB of data, then incrementals writing inside its
+    first 2 MiB cell (shared: the merge reads it) and elsewhere."""
+    b = BuiltDomain(tmp, {"vda": 16 * MiB})
+    async with Store.open(b.state_db) as store:
+        b.write("vda", 0, 3 * MiB, 0x41)
+        await b.backup(store)
+        b.write("vda", MiB + 512 * 1024, 256 * 1024, 0x42)
+        await b.backup(store)
+        b.write("vda", 8 * MiB, MiB, 0x43)
+        await b.backup(store)
+    return b
 
 
 async def test_a_held_backup_and_its_chain_stay_untouched(tmp_path: Path) -> None:

@@ -152,14 +152,29 @@ def test_pruning_the_full_consolidates_its_child_into_it() -> None:
     ]
 
 
-def test_own_ranges_keep_their_kind_and_absorbed_ones_are_data() -> None:
+def test_ranges_absorbed_from_the_backing_layer_keep_their_kind() -> None:
+    """The backing layer's ranges describe the child's view where the child
+    holds nothing: its zeroes stay zeroes (nothing to read or hash)."""
     layers = [
         Layer("f", None, {"vda": (R(0, 100),)}),
-        Layer("i1", "f", {"vda": (R(0, 10, Kind.ZERO),)}),
+        Layer("i1", "f", {"vda": (R(0, 10, Kind.ZERO), R(10, 12))}),
         Layer("i2", "i1", {"vda": (R(5, 20, Kind.ZERO),)}),
     ]
     ops = plan_merges(layers, {"i1"})
-    assert ops[0] == Rebase("i2", "f", "i1", {"vda": (R(0, 5), R(5, 20, Kind.ZERO))})
+    assert ops[0] == Rebase("i2", "f", "i1", {"vda": (R(0, 20, Kind.ZERO),)})
+
+
+def test_ranges_absorbed_from_a_sibling_become_data() -> None:
+    """A child rebased onto its sibling (the heir of a pruned full) shows
+    the old parent's bytes there, not the sibling's: what it now answers
+    for is hashed from its own view, as DATA."""
+    layers = [
+        Layer("f", None, {"vda": (R(0, 100),)}),
+        Layer("a", "f", {"vda": (R(0, 10, Kind.ZERO),)}),
+        Layer("b", "f", {"vda": (R(50, 60),)}),
+    ]
+    ops = plan_merges(layers, {"f"})
+    assert ops[0] == Rebase("b", "a", "a", {"vda": (R(0, 10), R(50, 60))})
 
 
 def test_a_full_with_two_children_keeps_both_views() -> None:

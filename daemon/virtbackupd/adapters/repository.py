@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from virtbackupd.core import extents
-from virtbackupd.core.extents import Kind, Range
+from virtbackupd.core.extents import Kind, Piece, Range
 from virtbackupd.core.merge_plan import Consolidate, Op, Rebase, Remove
 from virtbackupd.core.policy import Level
 from virtbackupd.core.records import BackupRecord, BackupStatus, DiskRecord, LeftOutDisk
@@ -222,21 +222,6 @@ def _disk(f: _Fields, version: int) -> DiskRecord:
 
 
 # --- piece hashes ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Piece:
-    """One record of a disk's digest: a DATA piece with the XXH3-128 of its
-    bytes, or a ZERO range (its place only)."""
-
-    offset: int
-    length: int
-    kind: Kind
-    content: bytes = b""
-
-    @property
-    def end(self) -> int:
-        return self.offset + self.length
 
 
 _HEAD = struct.Struct(">QQc")

@@ -17,8 +17,10 @@ layer *shows* (its view, with its backing chain) unchanged, byte for byte:
 - ``Remove(id)``: the folder of a layer nothing depends on any more.
 
 A layer that receives bytes from another must answer for them: its
-recorded ranges grow by the other's (see core.extents.widen), and its
-digest is recomputed over them from its (unchanged) view.
+recorded ranges grow by the other's (see core.extents.widen; where the
+other is its own backing layer, the other's kinds hold for its view and are
+kept, so zero stays zero), and its digest is recomputed over them from its
+(unchanged) view, reusing recorded piece hashes (core.piece_merge).
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def plan_merges(
 
     def absorb(child: str, other: str) -> Ranges:
         new = {
-            disk: tuple(widen(own, ranges[other].get(disk, ())))
+            disk: tuple(widen(own, ranges[other].get(disk, ()), keep_kinds=parent[child] == other))
             for disk, own in ranges[child].items()
         }
         ranges[child] = new

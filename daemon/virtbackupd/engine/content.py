@@ -74,6 +74,24 @@ async def digest_view(
     return ViewDigest(hashlib.sha256(blob).hexdigest(), tuple(sorted(not_zero)), blob)
 
 
+async def hashes_at(
+    client: NbdClient, spans: Sequence[tuple[int, int]], in_flight: int = 8
+) -> dict[int, bytes]:
+    """The XXH3-128 of the bytes `client` shows at each (offset, length)
+    of `spans` (each at most one grid cell), keyed by offset."""
+    out: dict[int, bytes] = {}
+    todo = iter(list(spans))
+
+    async def worker() -> None:
+        for off, n in todo:
+            out[off] = extents.content_hash(await client.read(off, n))
+
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(min(in_flight, len(spans))):
+            tg.create_task(worker())
+    return out
+
+
 async def digest_image(
     image: Path, ranges: Sequence[Range], grid: int, runtime_dir: Path
 ) -> ViewDigest:

@@ -10,15 +10,17 @@ kept backup's view unchanged at every instant (see core.merge_plan), so:
 - the next prune (or backup) replays the journal from the start, each
   operation noticing how far it had got, and only then plans anew.
 
-Before the journal is written, every layer that will give or receive bytes
-is verified against its recorded digest: a merge never launders a
-corrupted backup into a fresh digest.
+A merged layer's new digest is planned from the piece hashes already
+recorded, reading back only the grid cells the merged layers share
+(engine.merge_digests); before the journal is written, every recorded
+piece those reads see is checked in its own layer's view: a merge never
+launders a corrupted backup into a fresh digest.
 """
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -32,23 +34,19 @@ from virtbackupd.adapters.repository import (
     Manifest,
     PruneJournal,
     Repository,
-    RepositoryFormatError,
     backing_of,
     fsync_path,
-    next_pieces_name,
     read_manifest,
-    read_pieces,
     write_manifest,
 )
 from virtbackupd.adapters.store import Store
 from virtbackupd.config.daemon import DaemonConfig
-from virtbackupd.core.extents import Range
 from virtbackupd.core.merge_plan import Consolidate, Layer, Op, Rebase, Remove, plan_merges
 from virtbackupd.core.policy import Policy, Retention
-from virtbackupd.core.records import CheckpointStatus, DiskRecord
+from virtbackupd.core.records import CheckpointStatus
 from virtbackupd.core.retention import Point, Verdict, decide
-from virtbackupd.engine.content import digest_image
 from virtbackupd.engine.domain_job import domain_job
+from virtbackupd.engine.merge_digests import check_inputs, merged_disks
 from virtbackupd.errors import PruneError, VirtBackupError
 
 log = structlog.get_logger("virtbackupd.prune")
@@ -120,7 +118,7 @@ async def prune_domain(
     if dry_run or not ops:
         return result
     manifests = {m.id: m for m in found}
-    await _verify_inputs(domain_dir, ops, manifests, runtime_dir)
+    await check_inputs(domain_dir, ops, manifests, runtime_dir)
     checkpoints = {op.id: manifests[op.id].checkpoint for op in ops if isinstance(op, Remove)}
     repo.write_journal(uuid, PruneJournal(tuple(ops), checkpoints))
     hook("journal written")
@@ -187,35 +185,6 @@ def _layer(m: Manifest) -> Layer:
     return Layer(m.id, m.parent, {d.disk: d.ranges for d in m.disks})
 
 
-async def _verify_inputs(
-    domain_dir: Path, ops: Sequence[Op], manifests: Mapping[str, Manifest], runtime_dir: Path
-) -> None:
-    """Every layer a merge reads from or writes into still shows what its
-    digest recorded."""
-    touched: set[str] = set()
-    for op in ops:
-        if isinstance(op, Rebase):
-            touched |= {op.child, op.absorbed}
-        elif isinstance(op, Consolidate):
-            touched |= {op.heir, op.into}
-    for backup_id in sorted(touched):
-        folder = domain_dir / backup_id
-        for d in manifests[backup_id].disks:
-            try:
-                if d.pieces is not None:
-                    read_pieces(folder, d)
-                got = await digest_image(folder / d.path, list(d.ranges), d.grid, runtime_dir)
-                good = got.digest == d.digest and not got.not_zero
-            except RepositoryFormatError:
-                good = False
-            if not good:
-                raise PruneError(
-                    f"backup {backup_id} disk {d.disk} does not match its recorded digest; "
-                    "nothing was pruned (a damaged layer is never merged). Run `virtbackup "
-                    "verify` and keep the damaged chain for inspection"
-                )
-
-
 async def _run_journal(
     store: Store,
     domain_dir: Path,
@@ -252,24 +221,6 @@ async def _run_journal(
 # --- the operations, each idempotent -----------------------------------------------------
 
 
-async def _new_digests(
-    folder: Path,
-    disks: Sequence[DiskRecord],
-    ranges: Mapping[str, Sequence[Range]],
-    runtime_dir: Path,
-) -> tuple[tuple[DiskRecord, ...], dict[str, bytes]]:
-    """The disks' entries with the merged ranges, their digest and piece
-    hashes, read from the layer's view (which no merge step changes)."""
-    out, pieces = [], {}
-    for d in disks:
-        new_ranges = list(ranges.get(d.disk, d.ranges))
-        got = await digest_image(folder / d.path, new_ranges, d.grid, runtime_dir)
-        name = next_pieces_name(d)
-        out.append(replace(d, ranges=tuple(new_ranges), digest=got.digest, pieces=name))
-        pieces[d.disk] = got.pieces
-    return tuple(out), pieces
-
-
 def _done(m: Manifest, parent: str | None, absorbed: str) -> bool:
     return m.parent == parent and absorbed in m.absorbed
 
@@ -279,7 +230,7 @@ async def _rebase(domain_dir: Path, op: Rebase, runtime_dir: Path, hook: StepHoo
     m = read_manifest(folder)
     if _done(m, op.parent, op.absorbed):
         return
-    disks, pieces = await _new_digests(folder, m.disks, op.ranges, runtime_dir)
+    disks, pieces = await merged_disks(domain_dir, folder, m, op.ranges, runtime_dir)
     for d in m.disks:
         image = folder / d.path
         want = backing_of(op.parent, d.disk)
@@ -300,7 +251,7 @@ async def _consolidate(
     m = read_manifest(folder)
     if _done(m, None, op.into):
         return
-    disks, pieces = await _new_digests(folder, m.disks, op.ranges, runtime_dir)
+    disks, pieces = await merged_disks(domain_dir, folder, m, op.ranges, runtime_dir)
     for d in m.disks:
         image, base = folder / d.path, base_folder / d.path
         backing = (await qemu_img.info(image)).backing_filename
