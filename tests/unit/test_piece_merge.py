@@ -5,6 +5,7 @@ against are exactly the ones the view shows there."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -47,7 +48,7 @@ def random_ranges(rng: random.Random, size: int, whole: bool) -> list[Range]:
     """Ranges of random kinds; `whole`: they tile the disk (a full)."""
     cuts = sorted({0, size, *(rng.randrange(1, size) for _ in range(rng.randrange(1, 8)))})
     out = []
-    for lo, hi in zip(cuts, cuts[1:], strict=False):
+    for lo, hi in itertools.pairwise(cuts):
         if whole or rng.random() < 0.5:
             out.append(Range(lo, hi - lo, D if rng.random() < 0.6 else Z))
     return merge(out)
