@@ -13,10 +13,11 @@ the end; cancelling the copy leaves no task behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import mmap
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -25,6 +26,7 @@ from virtbackupd.adapters.nbd.client import Address, NbdClient, connect
 from virtbackupd.adapters.nbd.protocol import (
     CONTEXT_BASE_ALLOCATION,
     BlockSize,
+    Extent,
     dirty_bitmap_context,
 )
 from virtbackupd.core import extents
@@ -61,6 +63,30 @@ class Target(Protocol):
     async def write_zeroes(self, offset: int, length: int, no_hole: bool = False) -> None: ...
 
     async def flush(self) -> None: ...
+
+
+class Source(Protocol):
+    """Where a copy reads from: an NBD connection (adapters.nbd.client), or
+    a qcow2 chain read in our own process (adapters.qcow2_reader)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def max_request(self) -> int: ...
+
+    @property
+    def block_size(self) -> BlockSize: ...
+
+    @property
+    def contexts(self) -> Collection[str]: ...
+
+    async def block_status(self, offset: int, length: int) -> Mapping[str, Sequence[Extent]]: ...
+
+    async def read_into(self, offset: int, buf: memoryview) -> None: ...
 
 
 class CopyWatch(Protocol):
@@ -148,7 +174,7 @@ class RateLimit:
 
 
 async def copy_disk(
-    sources: Sequence[NbdClient],
+    sources: Sequence[Source],
     targets: Sequence[Target],
     *,
     dirty_context: str | None = None,
@@ -178,7 +204,7 @@ async def copy_disk(
 class _Copy:
     def __init__(
         self,
-        sources: Sequence[NbdClient],
+        sources: Sequence[Source],
         targets: Sequence[Target],
         dirty_context: str | None,
         opts: CopyOptions,
@@ -341,6 +367,37 @@ async def copy_export(
         return await _copy_from(
             source, source_export, targets, dirty_bitmap, connections, options, progress
         )
+    finally:
+        await asyncio.gather(*(c.close() for c in targets))
+
+
+@contextlib.asynccontextmanager
+async def nbd_sources(
+    address: Address, export: str, connections: int = 1
+) -> AsyncIterator[list[NbdClient]]:
+    """Connections to a source export with base:allocation (up to
+    `connections` where the server advertises multi-conn), closed after."""
+    sources = await _open(address, export, [CONTEXT_BASE_ALLOCATION], connections)
+    try:
+        yield sources
+    finally:
+        await asyncio.gather(*(c.close() for c in sources))
+
+
+async def copy_to_export(
+    sources: Sequence[Source],
+    target: Address,
+    target_export: str,
+    *,
+    connections: int = 1,
+    options: CopyOptions | None = None,
+    progress: ProgressCallback | None = None,
+) -> CopyResult:
+    """Copy from `sources` into a target export, its connections opened and
+    closed here."""
+    targets = await _open(target, target_export, (), connections)
+    try:
+        return await copy_disk(sources, targets, options=options, progress=progress)
     finally:
         await asyncio.gather(*(c.close() for c in targets))
 

@@ -12,6 +12,7 @@ operator asks for what can be had (`allow_damaged`).
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import structlog
 from virtbackupd.adapters import block_devices, qemu_img, qemu_nbd
 from virtbackupd.adapters.image_files import direct_io
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
-from virtbackupd.adapters.nbd.client import Address
+from virtbackupd.adapters.qcow2_reader import Qcow2Chain, Qcow2UnsupportedError
 from virtbackupd.adapters.qcow2_writer import new_image
 from virtbackupd.adapters.raw_writer import new_raw_image
 from virtbackupd.adapters.repository import (
@@ -51,9 +52,11 @@ from virtbackupd.engine.copy import (
     CopyOptions,
     CopyProgress,
     CopyResult,
+    Source,
     ZeroMode,
-    copy_export,
-    copy_into,
+    copy_disk,
+    copy_to_export,
+    nbd_sources,
 )
 from virtbackupd.errors import RestoreError, UnknownRestorePointError, VirtBackupError
 
@@ -176,10 +179,8 @@ async def restore_image(
         opener = new_image(partial, size) if fmt == "qcow2" else new_raw_image(partial, size)
         async with opener as writer:
 
-            async def copy(address: Address, export: str, options: CopyOptions) -> CopyResult:
-                return await copy_into(
-                    address, export, writer, connections=4, options=options, progress=progress
-                )
+            async def copy(sources: Sequence[Source], options: CopyOptions) -> CopyResult:
+                return await copy_disk(sources, [writer], options=options, progress=progress)
 
             result, damage = await _copy_checked(
                 chain, copy, ZeroMode.SKIP, runtime_dir, allow_damaged
@@ -223,16 +224,10 @@ async def restore_to_device(
         size=size if have > size else None,
     )
 
-    async def copy(address: Address, export: str, options: CopyOptions) -> CopyResult:
+    async def copy(sources: Sequence[Source], options: CopyOptions) -> CopyResult:
         async with dst as d:
-            return await copy_export(
-                address,
-                export,
-                d.address,
-                d.name,
-                connections=4,
-                options=options,
-                progress=progress,
+            return await copy_to_export(
+                sources, d.address, d.name, connections=4, options=options, progress=progress
             )
 
     result, damage = await _copy_checked(
@@ -257,38 +252,59 @@ async def load_chain(folder: Path, disk: str, runtime_dir: Path, allow_damaged: 
 
 async def _copy_checked(
     chain: _Chain,
-    copy: Callable[[Address, str, CopyOptions], Awaitable[CopyResult]],
+    copy: Callable[[Sequence[Source], CopyOptions], Awaitable[CopyResult]],
     zero_mode: ZeroMode,
     runtime_dir: Path,
     allow_damaged: bool,
     outcome: str = NOTHING_RESTORED,
 ) -> tuple[CopyResult, tuple[str, ...]]:
-    """Copy the chain's newest view with `copy` (from a read-only export
-    of it), checking every layer's recorded pieces as they are read
-    (core.chain_check)."""
+    """Copy the chain's newest view with `copy`, checking every layer's
+    recorded pieces as they are read (core.chain_check). The chain is read
+    in our own process (adapters.qcow2_reader); an image using parts of
+    qcow2 that reader does not read goes through a read-only qemu-nbd."""
     seen = classify([layer.pieces for layer in chain.layers])
     check = ChainCheck(seen[Seen.VISIBLE], stop_at_first=not allow_damaged)
+    options = CopyOptions(zero_mode=zero_mode, watch=check)
     source = chain.folder / disk_file(chain.disk)
     try:
-        # Direct I/O where the repository's file system takes it: reading
-        # through the page cache ran at 40 % of it here (docs/performance.md)
-        # and would push the guests' cached data out.
-        direct = direct_io(source)
-        async with qemu_nbd.serve(
-            source,
-            runtime_dir=runtime_dir,
-            readonly=True,
-            cache="none" if direct else None,
-            aio="native" if direct else None,
-        ) as src:
-            result = await copy(
-                src.address, src.name, CopyOptions(zero_mode=zero_mode, watch=check)
-            )
+        try:
+            reader = await asyncio.to_thread(Qcow2Chain.open, source)
+        except Qcow2UnsupportedError as exc:
+            log.info("reading the backup chain through qemu-nbd", reason=str(exc))
+            result = await _copy_through_qemu_nbd(source, copy, options, runtime_dir)
+        else:
+            try:
+                result = await copy([reader], options)
+            finally:
+                reader.close()
         check.finish()
         await _check_partly_hidden(chain, seen[Seen.PARTLY], check, runtime_dir)
     except ChainDamagedError as exc:
         raise RestoreError(_refusal([chain.describe(exc.damage)], outcome)) from None
     return result, (*chain.damage, *(chain.describe(d) for d in check.damage))
+
+
+async def _copy_through_qemu_nbd(
+    source: Path,
+    copy: Callable[[Sequence[Source], CopyOptions], Awaitable[CopyResult]],
+    options: CopyOptions,
+    runtime_dir: Path,
+) -> CopyResult:
+    # Direct I/O where the repository's file system takes it: reading
+    # through the page cache ran at 40 % of it here (docs/performance.md)
+    # and would push the guests' cached data out.
+    direct = direct_io(source)
+    async with (
+        qemu_nbd.serve(
+            source,
+            runtime_dir=runtime_dir,
+            readonly=True,
+            cache="none" if direct else None,
+            aio="native" if direct else None,
+        ) as src,
+        nbd_sources(src.address, src.name, connections=4) as sources,
+    ):
+        return await copy(sources, options)
 
 
 async def _restore_all(
