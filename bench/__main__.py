@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.end_to_end import full_backups_end_to_end
+from bench.first_byte import first_byte_costs
 from bench.guest_latency import guest_write_latency
 from bench.prune_cost import prune_costs
 from bench.recovery import recovery_times
@@ -342,6 +343,9 @@ def main() -> None:
     ap.add_argument("--only-recovery", action="store_true", help="only the recovery times")
     ap.add_argument("--only-prune", action="store_true", help="only the prune costs")
     ap.add_argument(
+        "--only-first-byte", action="store_true", help="only the small backup's start-up cost"
+    )
+    ap.add_argument(
         "--only-end-to-end", action="store_true", help="only the end-to-end full backups"
     )
     # Not /tmp: it may be a small tmpfs, and the images are GiBs.
@@ -360,7 +364,13 @@ def main() -> None:
     ]
     try:
         parts = head
-        only = a.only_latency or a.only_recovery or a.only_end_to_end or a.only_prune
+        only = (
+            a.only_latency
+            or a.only_recovery
+            or a.only_end_to_end
+            or a.only_prune
+            or a.only_first_byte
+        )
         fills = a.fills.split(",")
         if not only or a.only_end_to_end:
             parts.append(
@@ -377,6 +387,8 @@ def main() -> None:
             parts.append(recovery_times(work))
         if not only or a.only_prune:
             parts.append(prune_costs(work, drop_caches))
+        if not only or a.only_first_byte:
+            parts.append(first_byte_costs(work, a.runs))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print("\n".join(parts))

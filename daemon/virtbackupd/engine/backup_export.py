@@ -121,6 +121,7 @@ class OnlineExport:
                 await asyncio.shield(lv.fs_thaw(self.job.ref))
                 clear_freeze(self.job.ctx.config.runtime_dir, self.job.ref.uuid)
         self.job.libvirt_job = True
+        self.job.log.debug("pull job started")  # bench/first_byte.py times libvirt's share
         await self.job.create_targets(plan, await self._sizes(docs.included))
         self.job.enter(JobState.COPYING)
         sources = {
