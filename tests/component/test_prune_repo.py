@@ -8,16 +8,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from testbed.repo_builder import BuiltDomain, MiB
 from testbed.tools import flip_byte, qemu_img_compare
-from virtbackupd.adapters.repository import PRUNE_JOURNAL, Hold, HoldKind
+from virtbackupd.adapters.repository import PRUNE_JOURNAL, Hold, HoldKind, read_pieces
 from virtbackupd.adapters.store import Store
+from virtbackupd.core.extents import Piece
+from virtbackupd.core.merge_plan import Op
 from virtbackupd.core.policy import Retention
-from virtbackupd.core.records import BackupStatus
+from virtbackupd.core.records import BackupStatus, DiskRecord
+from virtbackupd.engine.merge_digests import merge_reads
 from virtbackupd.engine.prune import prune_domain
 from virtbackupd.engine.verify import verify_backup
 from virtbackupd.errors import PruneError
@@ -185,3 +189,42 @@ async def test_a_held_backup_and_its_chain_stay_untouched(tmp_path: Path) -> Non
         result = await prune_domain(store, domain_dir, Retention(keep_last=1), 1, b.runtime)
     assert [s.manifest.id for s in b.repo.backups(b.uuid)] == [b.ids[3]]
     assert_points_restore(b, [b.ids[3]])
+
+
+async def test_a_merge_reads_only_the_cells_both_layers_hold(tmp_path: Path) -> None:
+    """What prune reads back follows what it merges: incrementals of whole
+    grid cells merge into a full without a byte read; an incremental
+    writing inside a cell of the full's data reads that one cell."""
+    whole = BuiltDomain(tmp_path / "whole", {"vda": 64 * MiB})
+    async with Store.open(whole.state_db) as store:
+        whole.write("vda", 0, 24 * MiB, 0x41)  # the full's data: 12 cells
+        await whole.backup(store)
+        for i in range(3):
+            whole.write("vda", 32 * MiB + i * 2 * MiB, 2 * MiB, 0x50 + i)
+            await whole.backup(store)
+    shared = await shared_cell_chain(tmp_path / "shared")
+    for b, want in ((whole, {}), (shared, {(shared.ids[1], "vda"): [(0, 2 * MiB)]})):
+        ops = await plan_only(b, Retention(keep_last=1))
+        manifests = {s.manifest.id: s.manifest for s in b.repo.backups(b.uuid)}
+        domain_dir = b.repo.domain_dir(b.uuid)
+        got = merge_reads(
+            ops, manifests, partial(lambda top, i, d: read_pieces(top / i, d), domain_dir)
+        )
+        assert got == want, ops
+        async with Store.open(b.state_db) as store:
+            await prune_domain(store, domain_dir, Retention(keep_last=1), None, b.runtime)
+        kept = b.ids[-1]
+        qemu_img_compare(b.refs[kept]["vda"], b.image(kept, "vda"), "raw", "qcow2")
+        assert (await verify_backup(b.folder(kept), b.runtime)).ok
+
+
+def pieces_in(domain_dir: Path, backup_id: str, disk: DiskRecord) -> list[Piece]:
+    return read_pieces(domain_dir / backup_id, disk)
+
+
+async def plan_only(b: BuiltDomain, retention: Retention) -> list[Op]:
+    async with Store.open(b.state_db) as store:
+        result = await prune_domain(
+            store, b.repo.domain_dir(b.uuid), retention, None, b.runtime, dry_run=True
+        )
+    return list(result.ops)

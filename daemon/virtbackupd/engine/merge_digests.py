@@ -67,32 +67,7 @@ async def check_inputs(
                 raise damaged(backup_id, disk.disk) from exc
         return recorded[key]
 
-    # Play the plan through on recorded pieces: which cells each merge reads.
-    parent = {i: m.parent for i, m in manifests.items()}
-    ranges = {i: {d.disk: d.ranges for d in m.disks} for i, m in manifests.items()}
-    current: dict[Key, list[Piece]] = {}
-    reads: dict[Key, list[tuple[int, int]]] = defaultdict(list)
-    for op in ops:
-        if not isinstance(op, Rebase | Consolidate):
-            continue
-        subject = op.child if isinstance(op, Rebase) else op.heir
-        below = parent[subject]
-        for d in manifests[subject].disks:
-            own = current.get((subject, d.disk)) or pieces_of(subject, d)
-            pd = manifests[below].disk(d.disk) if below is not None else None
-            par = None
-            if below is not None and pd is not None:
-                par = current.get((below, d.disk)) or pieces_of(below, pd)
-            new = op.ranges.get(d.disk, ranges[subject][d.disk])
-            planned = plan_pieces(own, ranges[subject][d.disk], par, new, d.grid)
-            reads[(subject, d.disk)] += [(p.offset, p.end) for p in planned if p.content is None]
-            # What is read gets a real hash at run time; here only places count.
-            current[(subject, d.disk)] = [
-                Piece(p.offset, p.length, p.kind, p.content or b"") for p in planned
-            ]
-            ranges[subject][d.disk] = tuple(new)
-        parent[subject] = op.parent if isinstance(op, Rebase) else None
-
+    reads = merge_reads(ops, manifests, pieces_of)
     # Check, in its own layer's view, every recorded piece those reads see.
     wanted: dict[Key, dict[int, Piece]] = defaultdict(dict)
     for (subject, disk), spans in reads.items():
@@ -103,6 +78,45 @@ async def check_inputs(
         record = manifests[layer_id].disk(disk)
         assert record is not None
         await _check_pieces(domain_dir / layer_id, record, list(found.values()), runtime_dir)
+
+
+def merge_reads(
+    ops: Sequence[Op],
+    manifests: Mapping[str, Manifest],
+    pieces_of: Callable[[str, DiskRecord], list[Piece]],
+) -> dict[Key, list[tuple[int, int]]]:
+    """What the merges of `ops` will read back, per (layer, disk): the plan
+    played through on recorded pieces alone (no image is read)."""
+    parent = {i: m.parent for i, m in manifests.items()}
+    ranges = {i: {d.disk: d.ranges for d in m.disks} for i, m in manifests.items()}
+    current: dict[Key, list[Piece]] = {}
+    reads: dict[Key, list[tuple[int, int]]] = defaultdict(list)
+    for op in ops:
+        if not isinstance(op, Rebase | Consolidate):
+            continue
+        subject = op.child if isinstance(op, Rebase) else op.heir
+        below = parent[subject]
+        for d in manifests[subject].disks:
+            own = current.get((subject, d.disk))
+            if own is None:
+                own = pieces_of(subject, d)
+            pd = manifests[below].disk(d.disk) if below is not None else None
+            par = None
+            if below is not None and pd is not None:
+                par = current.get((below, d.disk))
+                if par is None:
+                    par = pieces_of(below, pd)
+            new = op.ranges.get(d.disk, ranges[subject][d.disk])
+            planned = plan_pieces(own, ranges[subject][d.disk], par, new, d.grid)
+            reads[(subject, d.disk)] += [(p.offset, p.end) for p in planned if p.content is None]
+            # What is read gets a real hash at run time; here only places count.
+            current[(subject, d.disk)] = [
+                Piece(p.offset, p.length, p.kind, p.content or b"") for p in planned
+            ]
+            ranges[subject][d.disk] = tuple(new)
+        parent[subject] = op.parent if isinstance(op, Rebase) else None
+
+    return {key: spans for key, spans in reads.items() if spans}
 
 
 def _chain(
@@ -236,4 +250,4 @@ def _manifest_or_none(folder: Path) -> Manifest | None:
         return None
 
 
-__all__ = ["check_inputs", "damaged", "merged_disks"]
+__all__ = ["check_inputs", "damaged", "merge_reads", "merged_disks"]
