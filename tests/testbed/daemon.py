@@ -4,6 +4,7 @@ a config file, talking to the real libvirtd."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -89,7 +90,13 @@ class Daemon:
 
     async def start(self, ready: bool = True, env: dict[str, str] | None = None) -> None:
         self._log_file = self.log_path.open("ab")
-        base = {"NOTIFY_SOCKET": str(self.notify_path), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+        base = {
+            "NOTIFY_SOCKET": str(self.notify_path),
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+            # A daemon that hangs can be made to show every thread's stack
+            # (SIGABRT): see stop().
+            "PYTHONFAULTHANDLER": "1",
+        }
         if "PYTHONPATH" in os.environ:  # e.g. to run the tests against another checkout
             base["PYTHONPATH"] = os.environ["PYTHONPATH"]
         self.proc = await asyncio.create_subprocess_exec(
@@ -127,7 +134,17 @@ class Daemon:
     async def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         assert self.proc is not None
         self.proc.send_signal(sig)
-        await asyncio.wait_for(self.proc.wait(), timeout)
+        try:
+            await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            # Hung: every thread's stack into its log (faulthandler), then say it.
+            self.proc.send_signal(signal.SIGABRT)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.proc.wait(), 10)
+            raise AssertionError(
+                f"the daemon did not stop within {timeout} s of signal {sig}; its log, with "
+                f"the stacks of its threads at the end:\n{self.read_log()[-8000:]}"
+            ) from None
         self.seen += notes(self.notify)
         self.log = self.read_log()
         assert self.proc.returncode is not None
