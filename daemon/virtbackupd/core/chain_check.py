@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from virtbackupd.core.extents import Kind, content_hash
+from virtbackupd.core.extents import Kind, content_hash, is_zero
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ class ChainCheck:
             part = data[lo - offset : hi - offset]
             if p.kind is Kind.ZERO:
                 self.checked += hi - lo
-                if part != _zeroes(hi - lo):
+                if not is_zero(part):
                     self._found(Damage(p.layer, lo, hi - lo, "should read as zeroes but does not"))
                 continue
             if lo == p.offset and hi == p.end and i not in self.pending:
@@ -195,10 +195,3 @@ class ChainDamagedError(Exception):
     def __init__(self, damage: Damage) -> None:
         self.damage = damage
         super().__init__(damage.what)
-
-
-_ZERO = bytes(4 * 1024 * 1024)
-
-
-def _zeroes(n: int) -> bytes | memoryview:
-    return memoryview(_ZERO)[:n] if n <= len(_ZERO) else bytes(n)

@@ -211,6 +211,24 @@ class Piece:
         return self.offset + self.length
 
 
+_ZEROS = bytes(4 * 1024 * 1024)
+
+
+def is_zero(data: bytes | memoryview) -> bool:
+    """Whether `data` is all zero bytes. Comparing a memoryview goes byte by
+    byte in Python's C code (240 us for 64 KiB); a copy to bytes and a
+    memcmp take 3 us. Data usually differs from zeroes in its first bytes:
+    look there first."""
+    if bytes(data[:16]) != _ZEROS[: min(16, len(data))]:
+        return False
+    view = memoryview(data)
+    for pos in range(0, len(view), len(_ZEROS)):
+        part = view[pos : pos + len(_ZEROS)]
+        if bytes(part) != _ZEROS[: len(part)]:
+            return False
+    return True
+
+
 def content_hash(data: bytes | memoryview) -> bytes:
     """XXH3-128 of a DATA piece: it detects corrupted bytes at ~25 GB/s,
     where SHA-256 (1.3 GB/s here) took 40 % of the copy's CPU. Backups are
