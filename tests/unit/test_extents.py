@@ -14,6 +14,7 @@ from virtbackupd.core.extents import (
     Range,
     align,
     data_pieces,
+    is_zero,
     merge,
     ranges_from_status,
 )
@@ -114,3 +115,16 @@ def test_frontier_output_does_not_depend_on_windows(seed: int) -> None:
         cuts = sorted(rng.sample(range(4 * K, size, 4 * K), rng.randint(1, 30)))
         assert run(cuts) == reference
     assert reference[1] == disk
+
+
+@pytest.mark.parametrize("length", [0, 1, 15, 16, 64 * K, 4 * K * K, 4 * K * K + 3, 9 * K * K])
+@pytest.mark.parametrize("where", [None, 0, 15, -1])
+def test_is_zero(length: int, where: int | None) -> None:
+    """Zeroes of any length, and one non-zero byte anywhere (first bytes,
+    the end, past the first 4 MiB), as bytes and as memoryviews."""
+    data = bytearray(length)
+    if where is not None and length:
+        data[where % length] = 7
+    want = where is None or not length
+    assert is_zero(bytes(data)) is want
+    assert is_zero(memoryview(data)) is want
