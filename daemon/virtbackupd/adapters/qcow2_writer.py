@@ -48,6 +48,7 @@ class Qcow2Writer:
         backing: str | None = None,
         backing_format: str = "qcow2",
         cached_tables: int = 64,
+        direct: bool = True,
     ) -> None:
         self.path = path
         self.size = size
@@ -62,7 +63,7 @@ class Qcow2Writer:
         self._next = q.CLUSTER  # cluster 0 is the header's
         self._finished = False
         # The header cluster stays zero until the end: no valid image before.
-        self._sink = FileSink(path, q.CLUSTER)
+        self._sink = FileSink(path, q.CLUSTER, direct)
 
     # --- what the copy engine sees --------------------------------------------------
     @property
@@ -208,10 +209,15 @@ class Qcow2Writer:
 
 @asynccontextmanager
 async def new_image(
-    path: Path, size: int, backing: str | None = None, backing_format: str = "qcow2"
+    path: Path,
+    size: int,
+    backing: str | None = None,
+    backing_format: str = "qcow2",
+    direct: bool = True,
 ) -> AsyncIterator[Qcow2Writer]:
-    """A Qcow2Writer for a new image, closed (finished or not) on leaving."""
-    writer = Qcow2Writer(path, size, backing, backing_format)
+    """A Qcow2Writer for a new image, closed (finished or not) on leaving
+    (`direct`: see adapters.image_files.FileSink)."""
+    writer = Qcow2Writer(path, size, backing, backing_format, direct=direct)
     try:
         yield writer
     finally:

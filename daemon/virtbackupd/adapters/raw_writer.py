@@ -28,12 +28,12 @@ _libc = ctypes.CDLL(None, use_errno=True)
 class RawWriter:
     """A new sparse raw image at `path` of `size` bytes."""
 
-    def __init__(self, path: Path, size: int) -> None:
+    def __init__(self, path: Path, size: int, direct: bool = True) -> None:
         self.path = path
         self.size = size
         self.block_size = BlockSize(minimum=4096, preferred=_BLOCK, maximum=64 << 20)
         self.max_request = self.block_size.maximum
-        self._sink = FileSink(path, size)
+        self._sink = FileSink(path, size, direct)
 
     @property
     def name(self) -> str:
@@ -113,9 +113,10 @@ class RawWriter:
 
 
 @asynccontextmanager
-async def new_raw_image(path: Path, size: int) -> AsyncIterator[RawWriter]:
-    """A RawWriter for a new image, closed on leaving."""
-    writer = RawWriter(path, size)
+async def new_raw_image(path: Path, size: int, direct: bool = True) -> AsyncIterator[RawWriter]:
+    """A RawWriter for a new image, closed on leaving (`direct`: see
+    adapters.image_files.FileSink)."""
+    writer = RawWriter(path, size, direct)
     try:
         yield writer
     finally:

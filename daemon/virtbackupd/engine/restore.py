@@ -178,7 +178,13 @@ async def restore_image(
     partial.unlink(missing_ok=True)
     try:
         # Written in our own process, as backups are (docs/data-path.md).
-        opener = new_image(partial, size) if fmt == "qcow2" else new_raw_image(partial, size)
+        # Through the page cache: measured faster for restores than direct
+        # writes (adapters.image_files).
+        opener = (
+            new_image(partial, size, direct=False)
+            if fmt == "qcow2"
+            else new_raw_image(partial, size, direct=False)
+        )
         async with opener as writer:
 
             async def copy(sources: Sequence[Source], options: CopyOptions) -> CopyResult:
