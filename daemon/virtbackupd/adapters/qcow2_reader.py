@@ -237,11 +237,6 @@ class Qcow2Chain:
             )
         await asyncio.to_thread(self._read_into, offset, buf)
 
-    async def read(self, offset: int, length: int) -> bytes:
-        buf = bytearray(length)
-        await self.read_into(offset, memoryview(buf))
-        return bytes(buf)
-
     def _read_into(self, offset: int, buf: memoryview) -> None:
         for run in list(self.runs(offset, len(buf))):
             part = buf[run.offset - offset : run.offset - offset + run.length]

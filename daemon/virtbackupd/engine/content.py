@@ -53,23 +53,17 @@ async def digest_view(
     as the copy built it (see core.extents.digest_of). ZERO ranges only
     contribute their place to the digest, so they are also checked to read
     as zeroes (block status first; only what it does not call zero is read)."""
-    records: list[tuple[int, bytes]] = []
+    pieces = list(extents.view_records(ranges, grid))
+    data = [(off, n) for off, n, kind in pieces if kind is Kind.DATA]
+    hashes = await hashes_at(client, data, in_flight)
     not_zero: list[tuple[int, int]] = []
-    pieces = iter(list(extents.view_records(ranges, grid)))
-
-    async def worker() -> None:
-        for off, n, kind in pieces:
-            if kind is Kind.DATA:
-                data = await client.read(off, n)
-                rec = extents.piece_record(off, n, kind, extents.content_hash(data))
-            else:
-                rec = extents.piece_record(off, n, kind)
-                not_zero.extend(await non_zero(client, off, n))
-            records.append((off, rec))
-
-    async with asyncio.TaskGroup() as tg:
-        for _ in range(in_flight):
-            tg.create_task(worker())
+    records: list[tuple[int, bytes]] = []
+    for off, n, kind in pieces:
+        if kind is Kind.DATA:
+            records.append((off, extents.piece_record(off, n, kind, hashes[off])))
+        else:
+            records.append((off, extents.piece_record(off, n, kind)))
+            not_zero.extend(await non_zero(client, off, n))
     blob = extents.pieces_of(records)
     return ViewDigest(hashlib.sha256(blob).hexdigest(), tuple(sorted(not_zero)), blob)
 

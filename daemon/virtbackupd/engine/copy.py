@@ -42,9 +42,8 @@ class ZeroMode(StrEnum):
     WRITE_ZEROES_NO_HOLE = "write-zeroes-no-hole"  # ... and stay allocated
 
 
-class Target(Protocol):
-    """Where a copy writes: an NBD export (NbdClient) or an image written
-    in our own process (adapters.qcow2_writer)."""
+class _Endpoint(Protocol):
+    """What a copy needs to know of either end."""
 
     @property
     def name(self) -> str: ...
@@ -57,6 +56,11 @@ class Target(Protocol):
 
     @property
     def block_size(self) -> BlockSize: ...
+
+
+class Target(_Endpoint, Protocol):
+    """Where a copy writes: an NBD export (NbdClient) or an image written
+    in our own process (adapters.qcow2_writer)."""
 
     async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None: ...
 
@@ -65,21 +69,9 @@ class Target(Protocol):
     async def flush(self) -> None: ...
 
 
-class Source(Protocol):
+class Source(_Endpoint, Protocol):
     """Where a copy reads from: an NBD connection (adapters.nbd.client), or
     a qcow2 chain read in our own process (adapters.qcow2_reader)."""
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def size(self) -> int: ...
-
-    @property
-    def max_request(self) -> int: ...
-
-    @property
-    def block_size(self) -> BlockSize: ...
 
     @property
     def contexts(self) -> Collection[str]: ...
@@ -349,6 +341,44 @@ async def _open(
     return clients
 
 
+@contextlib.asynccontextmanager
+async def nbd_sources(
+    address: Address, export: str, connections: int = 1, dirty_bitmap: str | None = None
+) -> AsyncIterator[list[NbdClient]]:
+    """Connections to a source export with base:allocation (and the
+    bitmap's context, for an incremental), up to `connections` where the
+    server advertises multi-conn; closed after."""
+    contexts = [CONTEXT_BASE_ALLOCATION]
+    if dirty_bitmap:
+        contexts.append(dirty_bitmap_context(dirty_bitmap))
+    sources = await _open(address, export, contexts, connections)
+    try:
+        yield sources
+    finally:
+        await asyncio.gather(*(c.close() for c in sources))
+
+
+async def copy_to_export(
+    sources: Sequence[Source],
+    target: Address,
+    target_export: str,
+    *,
+    dirty_context: str | None = None,
+    connections: int = 1,
+    options: CopyOptions | None = None,
+    progress: ProgressCallback | None = None,
+) -> CopyResult:
+    """Copy from `sources` into a target export, its connections opened and
+    closed here."""
+    targets = await _open(target, target_export, (), connections)
+    try:
+        return await copy_disk(
+            sources, targets, dirty_context=dirty_context, options=options, progress=progress
+        )
+    finally:
+        await asyncio.gather(*(c.close() for c in targets))
+
+
 async def copy_export(
     source: Address,
     source_export: str,
@@ -362,44 +392,16 @@ async def copy_export(
 ) -> CopyResult:
     """Open the connections (up to `connections` per side where the server
     advertises multi-conn), copy, and close them whatever happens."""
-    targets = await _open(target, target_export, (), connections)
-    try:
-        return await _copy_from(
-            source, source_export, targets, dirty_bitmap, connections, options, progress
+    async with nbd_sources(source, source_export, connections, dirty_bitmap) as sources:
+        return await copy_to_export(
+            sources,
+            target,
+            target_export,
+            dirty_context=dirty_bitmap_context(dirty_bitmap) if dirty_bitmap else None,
+            connections=connections,
+            options=options,
+            progress=progress,
         )
-    finally:
-        await asyncio.gather(*(c.close() for c in targets))
-
-
-@contextlib.asynccontextmanager
-async def nbd_sources(
-    address: Address, export: str, connections: int = 1
-) -> AsyncIterator[list[NbdClient]]:
-    """Connections to a source export with base:allocation (up to
-    `connections` where the server advertises multi-conn), closed after."""
-    sources = await _open(address, export, [CONTEXT_BASE_ALLOCATION], connections)
-    try:
-        yield sources
-    finally:
-        await asyncio.gather(*(c.close() for c in sources))
-
-
-async def copy_to_export(
-    sources: Sequence[Source],
-    target: Address,
-    target_export: str,
-    *,
-    connections: int = 1,
-    options: CopyOptions | None = None,
-    progress: ProgressCallback | None = None,
-) -> CopyResult:
-    """Copy from `sources` into a target export, its connections opened and
-    closed here."""
-    targets = await _open(target, target_export, (), connections)
-    try:
-        return await copy_disk(sources, targets, options=options, progress=progress)
-    finally:
-        await asyncio.gather(*(c.close() for c in targets))
 
 
 async def copy_into(
@@ -413,27 +415,11 @@ async def copy_into(
     progress: ProgressCallback | None = None,
 ) -> CopyResult:
     """Like copy_export, into a target of our own process (it stays open)."""
-    return await _copy_from(
-        source, source_export, [target], dirty_bitmap, connections, options, progress
-    )
-
-
-async def _copy_from(
-    source: Address,
-    source_export: str,
-    targets: Sequence[Target],
-    dirty_bitmap: str | None,
-    connections: int,
-    options: CopyOptions | None,
-    progress: ProgressCallback | None,
-) -> CopyResult:
-    """Open the source connections, copy into `targets`, close them."""
-    dirty = dirty_bitmap_context(dirty_bitmap) if dirty_bitmap else None
-    contexts = [CONTEXT_BASE_ALLOCATION] + ([dirty] if dirty else [])
-    sources = await _open(source, source_export, contexts, connections)
-    try:
+    async with nbd_sources(source, source_export, connections, dirty_bitmap) as sources:
         return await copy_disk(
-            sources, targets, dirty_context=dirty, options=options, progress=progress
+            sources,
+            [target],
+            dirty_context=dirty_bitmap_context(dirty_bitmap) if dirty_bitmap else None,
+            options=options,
+            progress=progress,
         )
-    finally:
-        await asyncio.gather(*(c.close() for c in sources))

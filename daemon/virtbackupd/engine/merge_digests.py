@@ -144,14 +144,11 @@ async def _check_pieces(
     data = [p for p in pieces if p.kind is Kind.DATA]
     async with open_view(folder / disk.path, runtime_dir) as view:
         got = await hashes_at(view, [(p.offset, p.length) for p in data])
-        bad = any(got[p.offset] != p.content for p in data)
+        if any(got[p.offset] != p.content for p in data):
+            raise damaged(folder.name, disk.disk)
         for p in pieces:
-            if bad:
-                break
-            if p.kind is Kind.ZERO:
-                bad = bool(await non_zero(view, p.offset, p.length))
-    if bad:
-        raise damaged(folder.name, disk.disk)
+            if p.kind is Kind.ZERO and await non_zero(view, p.offset, p.length):
+                raise damaged(folder.name, disk.disk)
 
 
 async def _check_whole(
