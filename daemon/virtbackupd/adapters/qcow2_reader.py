@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import os
 import struct
+import threading
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -106,6 +107,7 @@ class Qcow2Chain:
         self.max_request = MAX_REQUEST
         self.block_size = BlockSize(minimum=512, preferred=4096, maximum=MAX_REQUEST)
         self._l2: OrderedDict[tuple[int, int], array] = OrderedDict()  # type: ignore[type-arg]
+        self._l2_lock = threading.Lock()
 
     @property
     def name(self) -> str:
@@ -142,19 +144,22 @@ class Qcow2Chain:
         if not l2_offset:
             return None
         key = (n, index)
-        table = self._l2.get(key)
-        if table is None:
-            cluster = 1 << layer.cluster_bits
-            raw = os.pread(layer.fd, cluster, l2_offset)
-            if len(raw) != cluster:
-                raise Qcow2ReadError(layer.path, f"L2 table at {l2_offset} is cut short")
-            table = _be64(raw)
-            self._l2[key] = table
-            if len(self._l2) > L2_CACHE:
-                self._l2.popitem(last=False)
-        else:
-            self._l2.move_to_end(key)
-        return table
+        # Reads run in several worker threads at once: one of them evicting
+        # a table while another moves it to the end would fail.
+        with self._l2_lock:
+            table = self._l2.get(key)
+            if table is None:
+                cluster = 1 << layer.cluster_bits
+                raw = os.pread(layer.fd, cluster, l2_offset)
+                if len(raw) != cluster:
+                    raise Qcow2ReadError(layer.path, f"L2 table at {l2_offset} is cut short")
+                table = _be64(raw)
+                self._l2[key] = table
+                if len(self._l2) > L2_CACHE:
+                    self._l2.popitem(last=False)
+            else:
+                self._l2.move_to_end(key)
+            return table
 
     def _resolve(self, offset: int) -> tuple[int | None, int, int]:
         """Who shows guest byte `offset`: (layer or None for zeroes, host
