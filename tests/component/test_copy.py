@@ -117,6 +117,18 @@ async def test_digest_does_not_depend_on_how_the_copy_was_cut(tmp_path: Path) ->
     assert len(digests) == 1
 
 
+async def test_a_copy_without_digest_is_identical_and_records_no_pieces(tmp_path: Path) -> None:
+    """Restores copy with digest=False (their watch checks the recorded
+    pieces instead): the bytes are the same, no piece is recorded."""
+    src, dst = tmp_path / "src.qcow2", tmp_path / "dst.qcow2"
+    _fill(src, "fragmented", 8 * MiB)
+    await qemu_img.create(dst, 8 * MiB)
+    result = await _copy(tmp_path, src, dst, options=CopyOptions(digest=False))
+    qemu_img_compare(src, dst)
+    assert result.bytes_read > 0
+    assert (result.digest, result.pieces) == ("", b"")
+
+
 async def test_digest_changes_with_content(tmp_path: Path) -> None:
     src, dst = tmp_path / "src.qcow2", tmp_path / "dst.qcow2"
     _fill(src, "half", 8 * MiB)

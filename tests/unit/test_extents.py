@@ -16,7 +16,9 @@ from virtbackupd.core.extents import (
     data_pieces,
     is_zero,
     merge,
+    ranges_from_json,
     ranges_from_status,
+    ranges_to_json,
 )
 
 D, Z = Kind.DATA, Kind.ZERO
@@ -128,3 +130,45 @@ def test_is_zero(length: int, where: int | None) -> None:
     want = where is None or not length
     assert is_zero(bytes(data)) is want
     assert is_zero(memoryview(data)) is want
+
+
+@pytest.mark.parametrize(
+    ("items", "expected"),
+    [
+        # as a manifest holds them: taken as they are
+        (
+            [[0, 8, "data"], [8, 8, "zero"], [32, 8, "data"]],
+            [Range(0, 8, D), Range(8, 8, Z), Range(32, 8, D)],
+        ),
+        # out of order, or neighbours of one kind apart: merged
+        ([[8, 8, "zero"], [0, 8, "data"]], [Range(0, 8, D), Range(8, 8, Z)]),
+        ([[0, 8, "data"], [8, 8, "data"]], [Range(0, 16, D)]),
+        ([[0, 16, "data"], [8, 16, "data"]], [Range(0, 24, D)]),
+        ([], []),
+    ],
+)
+def test_ranges_from_json(items: list[list[object]], expected: list[Range]) -> None:
+    assert ranges_from_json(items) == expected
+    assert ranges_from_json(ranges_to_json(expected)) == expected
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        [0, 0, "data"],
+        [0, -1, "zero"],
+        ["0", 8, "data"],
+        [0, 8, "hole"],
+        [0, 8, ["data"]],
+        [True, 8, "data"],
+        [0, 8.0, "data"],
+    ],
+)
+def test_ranges_from_json_refuses_bad_items(item: list[object]) -> None:
+    with pytest.raises(ValueError, match="bad range"):
+        ranges_from_json([item])
+
+
+def test_ranges_from_json_refuses_overlapping_zero() -> None:
+    with pytest.raises(ValueError, match="overlaps"):
+        ranges_from_json([[0, 16, "zero"], [8, 16, "data"]])

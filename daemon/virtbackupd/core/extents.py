@@ -262,14 +262,25 @@ def ranges_to_json(ranges: Iterable[Range]) -> list[list[object]]:
     return [[r.offset, r.length, r.kind.value] for r in ranges]
 
 
+_KINDS = {k.value: k for k in Kind}
+
+
 def ranges_from_json(items: Iterable[Sequence[object]]) -> list[Range]:
-    out = []
+    out: list[Range] = []
+    canonical = True  # sorted, apart, neighbours of one kind joined: as written
     for item in items:
-        offset, length, kind = item
-        if not isinstance(offset, int) or not isinstance(length, int) or length <= 0:
+        offset, length, kind_name = item
+        kind = _KINDS.get(kind_name) if isinstance(kind_name, str) else None
+        if type(offset) is not int or type(length) is not int or length <= 0 or kind is None:
             raise ValueError(f"bad range {item!r}")
-        out.append(Range(offset, length, Kind(str(kind))))
-    return merge(out)
+        if out:
+            last = out[-1]
+            if offset < last.end or (offset == last.end and kind is last.kind):
+                canonical = False
+        out.append(Range(offset, length, kind))
+    # A manifest holds merged ranges (ranges_to_json of a merged list): a
+    # fragmented disk's tens of thousands are taken as they are.
+    return out if canonical else merge(out)
 
 
 def subtract(

@@ -272,7 +272,7 @@ async def _copy_checked(
     qcow2 that reader does not read goes through a read-only qemu-nbd."""
     seen = classify([layer.pieces for layer in chain.layers])
     check = ChainCheck(seen[Seen.VISIBLE], stop_at_first=not allow_damaged)
-    options = CopyOptions(zero_mode=zero_mode, watch=check)
+    options = CopyOptions(zero_mode=zero_mode, watch=check, digest=False)
     source = chain.folder / disk_file(chain.disk)
     # Into a fresh image (zeroes skipped), small holes between data are read
     # as data: its writer leaves zero blocks unwritten, and fragmented disks
