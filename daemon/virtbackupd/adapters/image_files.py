@@ -25,6 +25,7 @@ direct, 4.3 s through the cache, at the same CPU time).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import os
@@ -113,6 +114,7 @@ class FileSink:
         self._writing = asyncio.Lock()
         self._window = [0, 0, 0]  # lowest offset, highest end, bytes written
         self._previous = (0, 0)  # the window whose writeback began last
+        self._settling: asyncio.Future[None] | None = None  # that write-back's start
 
     async def put(self, writes: Sequence[tuple[int, memoryview]]) -> None:
         async with self._writing:
@@ -125,7 +127,14 @@ class FileSink:
                 lo, hi, _ = self._window
                 done, self._previous = self._previous, (lo, hi - lo)
                 self._window = [0, 0, 0]
-                await asyncio.to_thread(_write_back, self.fd, (lo, hi - lo), done)
+                # In the background: writes go on meanwhile (a fragmented
+                # raw restore's write-backs took ~1 s in all, each holding
+                # up every write); one at a time.
+                if self._settling is not None:
+                    await self._settling
+                self._settling = asyncio.ensure_future(
+                    asyncio.to_thread(_write_back, self.fd, (lo, hi - lo), done)
+                )
 
     async def _put(self, offset: int, piece: memoryview) -> None:
         # Small writes (fragmented disks) through the page cache: one at a
@@ -163,10 +172,21 @@ class FileSink:
         w[2] += length
 
     def close(self) -> None:
-        for fd in (self.fd, self._direct):
-            if fd >= 0:
-                os.close(fd)
+        """Close the file; if a write-back is still starting in its thread
+        (a copy that failed or was cancelled), when that thread is done."""
+        settling, self._settling = self._settling, None
+        fds = (self.fd, self._direct)
         self.fd = self._direct = -1
+        if settling is not None and not settling.done():
+            settling.add_done_callback(lambda _: _close(fds))
+        else:
+            _close(fds)
+
+
+def _close(fds: Sequence[int]) -> None:
+    for fd in fds:
+        if fd >= 0:
+            os.close(fd)
 
 
 def _write_back(fd: int, window: tuple[int, int], done: tuple[int, int]) -> None:
@@ -179,4 +199,5 @@ def _write_back(fd: int, window: tuple[int, int], done: tuple[int, int]) -> None
         fd, ctypes.c_int64(window[0]), ctypes.c_int64(window[1]), _SYNC_FILE_RANGE_WRITE
     )
     if done[1]:
-        os.posix_fadvise(fd, done[0], done[1], os.POSIX_FADV_DONTNEED)
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, done[0], done[1], os.POSIX_FADV_DONTNEED)

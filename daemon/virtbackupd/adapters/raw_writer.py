@@ -55,11 +55,14 @@ class RawWriter:
                 start, zero = pos, is_zero
             pos += n
         self._gather(offset, view, start, pos, zero, writes, zeroes)
-        for at, length in zeroes:
-            # Zeroes are holes; only where this writer wrote before is
-            # there anything to punch out.
-            if self._has_data(at, length):
-                await self.write_zeroes(at, length)
+        # Zeroes are holes; only where this writer wrote before is there
+        # anything to punch out. A copy writes each range once: one look for
+        # data in the whole range (not one per zero run: on a fragmented
+        # disk's many-extent file each look cost ~15 us).
+        if zeroes and self._has_data(offset, len(view)):
+            for at, length in zeroes:
+                if self._has_data(at, length):
+                    await self.write_zeroes(at, length)
         await self._sink.put(writes)
 
     @staticmethod
