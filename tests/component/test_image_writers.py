@@ -7,6 +7,7 @@ and keep their zeroes as holes."""
 
 from __future__ import annotations
 
+import asyncio
 import mmap
 import os
 import random
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from testbed.tools import run
+from virtbackupd.adapters.image_files import FileSink
 from virtbackupd.adapters.qcow2_writer import Qcow2Writer, new_image
 from virtbackupd.adapters.raw_writer import RawWriter, new_raw_image
 from virtbackupd.core import qcow2_layout as q
@@ -197,3 +199,27 @@ async def test_a_raw_image_reads_back_as_written_and_keeps_zeroes_as_holes(
     zero = bytes(C)
     nonzero = sum(1 for o in range(0, size, C) if data[o : o + C] != zero[: size - o])
     assert image.stat().st_blocks * 512 <= nonzero * C + 16 * 4096
+
+
+async def test_a_file_closed_while_its_write_back_starts_is_closed_after_it(
+    tmp_path: Path,
+) -> None:
+    """Every 64 MiB written through the page cache, a write-back starts in a
+    thread while writes go on; closing the file then (a failed copy) must
+    not pull the descriptor from under that thread."""
+    sink = FileSink(tmp_path / "f", 80 * MiB, direct=False)
+    piece = memoryview(random.Random(3).randbytes(MiB))
+    for i in range(65):
+        await sink.put([(i * MiB, piece)])
+    fd = sink.fd
+    sink.close()
+    for _ in range(500):  # the thread ends; its callback closes the file
+        await asyncio.sleep(0.01)
+        try:
+            os.fstat(fd)
+        except OSError:
+            break
+    else:
+        pytest.fail("the file was never closed")
+    data = (tmp_path / "f").read_bytes()
+    assert data[64 * MiB : 65 * MiB] == piece
