@@ -12,6 +12,8 @@ from virtbackupd.core.extents import (
     Frontier,
     Kind,
     Range,
+    Read,
+    ReadJoiner,
     align,
     data_pieces,
     is_zero,
@@ -172,3 +174,75 @@ def test_ranges_from_json_refuses_bad_items(item: list[object]) -> None:
 def test_ranges_from_json_refuses_overlapping_zero() -> None:
     with pytest.raises(ValueError, match="overlaps"):
         ranges_from_json([[0, 16, "zero"], [8, 16, "data"]])
+
+
+def _joined(ranges: list[Range], grid: int = 8 * K, gap: int = 2 * K) -> list[Read]:
+    """What the copy does with a window's ranges (engine.copy._enqueue)."""
+    joiner, out = ReadJoiner(grid, gap), []
+    for r in ranges:
+        if r.kind is D:
+            for off, n in data_pieces(r, grid):
+                out += joiner.add(off, n)
+        else:
+            out += joiner.after(r)
+    return out + joiner.flush()
+
+
+@pytest.mark.parametrize(
+    ("ranges", "expected"),
+    [
+        # short zero ranges between data: one read
+        (
+            [Range(0, K, D), Range(K, 2 * K, Z), Range(3 * K, K, D)],
+            [Read(0, 4 * K, ((0, K), (3 * K, K)))],
+        ),
+        # a zero range longer than the gap: two reads
+        (
+            [Range(0, K, D), Range(K, 3 * K, Z), Range(4 * K, K, D)],
+            [Read(0, K, ((0, K),)), Read(4 * K, K, ((4 * K, K),))],
+        ),
+        # a part not copied (clean, in an incremental): never joined across
+        (
+            [Range(0, K, D), Range(2 * K, K, D)],
+            [Read(0, K, ((0, K),)), Read(2 * K, K, ((2 * K, K),))],
+        ),
+        # no read beyond the grid (pieces stay cut at its multiples)
+        (
+            [Range(4 * K, 6 * K, D), Range(10 * K, K, Z), Range(11 * K, 2 * K, D)],
+            [
+                Read(4 * K, 6 * K, ((4 * K, 4 * K), (8 * K, 2 * K))),
+                Read(11 * K, 2 * K, ((11 * K, 2 * K),)),
+            ],
+        ),
+        # zero ranges alone: nothing to read
+        ([Range(0, K, Z), Range(K, 8 * K, Z)], []),
+    ],
+)
+def test_reads_join_data_across_short_zero_ranges(
+    ranges: list[Range], expected: list[Read]
+) -> None:
+    assert _joined(ranges) == expected
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_joined_reads_cover_every_data_byte_once_and_stay_in_the_grid(seed: int) -> None:
+    rnd = random.Random(seed)
+    ranges, pos = [], 0
+    for _ in range(60):
+        n = rnd.choice([1, 1, 2, 3, 9]) * K
+        kind = rnd.choice([D, Z])
+        if ranges and ranges[-1].kind is kind and ranges[-1].end == pos:
+            kind = D if kind is Z else Z
+        ranges.append(Range(pos, n, kind))
+        pos += n + rnd.choice([0, 0, 0, K])  # sometimes a part not copied
+    reads = _joined(ranges)
+    pieces = [p for r in reads for p in r.pieces]
+    assert pieces == [p for r in ranges if r.kind is D for p in data_pieces(r, 8 * K)]
+    for r in reads:
+        assert r.length <= 8 * K
+        assert r.offset == r.pieces[0][0] and r.offset + r.length == sum(r.pieces[-1])
+        # between pieces only zero ranges, none longer than the gap
+        for (a, n), (b, _) in zip(r.pieces, r.pieces[1:], strict=False):
+            between = [x for x in ranges if a + n <= x.offset < b]
+            assert sum(x.length for x in between) == b - (a + n)
+            assert all(x.kind is Z and x.length <= 2 * K for x in between)

@@ -95,13 +95,8 @@ class Qcow2Chain:
     """The view of a qcow2 image and its backing files, with the parts of
     an NBD client's interface the copy engine uses (engine.copy.Source)."""
 
-    def __init__(self, layers: list[_Layer], fill_holes: int = 0) -> None:
+    def __init__(self, layers: list[_Layer]) -> None:
         self.layers = layers
-        # Zero runs up to this long between two data runs are answered as
-        # data (reads give zeroes there): one 2 MiB request instead of many
-        # small ones on fragmented disks. Only for a copy into a fresh
-        # image, whose writer leaves zero blocks unwritten anyway.
-        self.fill_holes = fill_holes
         self.size = layers[0].size
         self.contexts = frozenset({CONTEXT_BASE_ALLOCATION})
         self.max_request = MAX_REQUEST
@@ -114,7 +109,7 @@ class Qcow2Chain:
         return str(self.layers[0].path)
 
     @classmethod
-    def open(cls, image: Path, fill_holes: int = 0) -> Qcow2Chain:
+    def open(cls, image: Path) -> Qcow2Chain:
         layers: list[_Layer] = []
         path: Path | None = image
         try:
@@ -126,7 +121,7 @@ class Qcow2Chain:
             for layer in layers:
                 _close(layer)
             raise
-        return cls(layers, fill_holes)
+        return cls(layers)
 
     def close(self) -> None:
         for layer in self.layers:
@@ -220,14 +215,8 @@ class Qcow2Chain:
         length = min(length, self.size - offset, 1 << 30)
         runs = await asyncio.to_thread(list, self.runs(offset, length))
         extents: list[Extent] = []
-        for i, run in enumerate(runs):
-            zero = run.layer is None and not (
-                0 < i < len(runs) - 1
-                and run.length <= self.fill_holes
-                and runs[i - 1].layer is not None
-                and runs[i + 1].layer is not None
-            )
-            flags = STATE_ZERO | STATE_HOLE if zero else 0
+        for run in runs:
+            flags = STATE_ZERO | STATE_HOLE if run.layer is None else 0
             if extents and extents[-1].flags == flags:
                 last = extents.pop()
                 extents.append(Extent(last.offset, last.length + run.length, flags))
@@ -260,8 +249,8 @@ class Qcow2Chain:
 
 
 @contextlib.contextmanager
-def opened(image: Path, fill_holes: int = 0) -> Iterator[Qcow2Chain]:
-    chain = Qcow2Chain.open(image, fill_holes)
+def opened(image: Path) -> Iterator[Qcow2Chain]:
+    chain = Qcow2Chain.open(image)
     try:
         yield chain
     finally:

@@ -158,6 +158,54 @@ def zero_pieces(r: Range, max_length: int) -> Iterator[tuple[int, int]]:
         pos += n
 
 
+@dataclass(frozen=True)
+class Read:
+    """One read request of the copy: the data `pieces` (offset, length),
+    all within [offset, offset + length); what lies between them reads as
+    zeroes and is neither written nor checked as data."""
+
+    offset: int
+    length: int
+    pieces: tuple[tuple[int, int], ...]
+
+
+class ReadJoiner:
+    """Joins data pieces, in offset order, into reads of at most `grid`
+    bytes across zero ranges of at most `gap` bytes; never across a part
+    not copied (in an incremental that is clean data: real reads)."""
+
+    def __init__(self, grid: int, gap: int) -> None:
+        self.grid = grid
+        self.gap = gap
+        self.pieces: list[tuple[int, int]] = []
+        self.end = -1  # where the next piece must start to join the pending ones
+
+    def add(self, offset: int, length: int) -> list[Read]:
+        """A data piece; returns the reads it completes."""
+        out = []
+        if self.pieces and (offset != self.end or offset + length - self.pieces[0][0] > self.grid):
+            out = self.flush()
+        self.pieces.append((offset, length))
+        self.end = offset + length
+        return out
+
+    def after(self, zero: Range) -> list[Read]:
+        """A zero range follows the pieces so far."""
+        if zero.offset == self.end and zero.length <= self.gap:
+            self.end = zero.end
+            return []
+        return self.flush()
+
+    def flush(self) -> list[Read]:
+        if not self.pieces:
+            return []
+        first, (last, n) = self.pieces[0][0], self.pieces[-1]
+        out = [Read(first, last + n - first, tuple(self.pieces))]
+        self.pieces = []
+        self.end = -1
+        return out
+
+
 class Frontier:
     """Turns block-status answers, window by window, into final ranges.
 

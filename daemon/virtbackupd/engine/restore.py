@@ -62,8 +62,6 @@ from virtbackupd.errors import RestoreError, UnknownRestorePointError, VirtBacku
 
 log = structlog.get_logger("virtbackupd.restore")
 
-FILL_HOLES = 256 * 1024
-
 FORMATS = ("qcow2", "raw")
 NOTHING_RESTORED = "nothing was restored"
 
@@ -274,13 +272,9 @@ async def _copy_checked(
     check = ChainCheck(seen[Seen.VISIBLE], stop_at_first=not allow_damaged)
     options = CopyOptions(zero_mode=zero_mode, watch=check, digest=False)
     source = chain.folder / disk_file(chain.disk)
-    # Into a fresh image (zeroes skipped), small holes between data are read
-    # as data: its writer leaves zero blocks unwritten, and fragmented disks
-    # copy in a tenth of the requests. A device gets its zeroes as zeroes.
-    fill_holes = FILL_HOLES if zero_mode is ZeroMode.SKIP else 0
     try:
         try:
-            reader = await asyncio.to_thread(Qcow2Chain.open, source, fill_holes)
+            reader = await asyncio.to_thread(Qcow2Chain.open, source)
         except Qcow2UnsupportedError as exc:
             log.info("reading the backup chain through qemu-nbd", reason=str(exc))
             result = await _copy_through_qemu_nbd(source, copy, options, runtime_dir)
