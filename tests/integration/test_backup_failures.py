@@ -15,6 +15,7 @@ from pathlib import Path
 
 import libvirt
 import pytest
+import structlog.testing
 
 from testbed.daemon import spawn_cli
 from testbed.domains import WORK_ROOT, DomainFactory, GuestDomain, MiB, wait_until
@@ -203,8 +204,12 @@ async def test_quiesce_without_guest_agent(domains: DomainFactory, config: Path)
             assert own_checkpoints(td) == set()
             assert (await store.backups())[-1].status is BackupStatus.FAILED
             relaxed = Policy(Path("t"), domains=(td.name,), quiesce=Quiesce.AUTO)
-            rec = await backup_domain(BackupContext(cfg, store, lv, relaxed), td.name)
+            with structlog.testing.capture_logs() as logs:
+                rec = await backup_domain(BackupContext(cfg, store, lv, relaxed), td.name)
             assert rec.status is BackupStatus.COMPLETE
+            # No agent channel: said once at info level, not warned on every backup.
+            said = [(e["log_level"], e["event"]) for e in logs if "quiesce" in e["event"]]
+            assert said == [("info", "no guest agent channel; backing up without quiesce")]
         finally:
             await lv.close()
 

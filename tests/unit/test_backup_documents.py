@@ -55,6 +55,26 @@ def request(**kw: object) -> BackupRequest:
     return BackupRequest(**base)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("channels", "expected"),
+    [
+        ("", False),
+        (
+            "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>",
+            True,
+        ),
+        (
+            "<channel type='spicevmc'><target type='virtio' name='com.redhat.spice.0'/></channel>",
+            False,
+        ),
+    ],
+)
+def test_a_guest_agent_channel_is_noticed(channels: str, expected: bool) -> None:
+    """Without one, `quiesce: auto` does not ask (nor warn) for a freeze."""
+    xml = DOMAIN_XML.replace("</devices>", channels + "</devices>")
+    assert parse_domain(xml).agent_channel is expected
+
+
 def test_domain_disks_are_read_with_their_properties() -> None:
     info = parse_domain(DOMAIN_XML)
     assert info.name == "web01"

@@ -35,9 +35,15 @@ class DomainInfo:
     uuid: str | None
     disks: tuple[DomainDisk, ...]
     qemu_user: tuple[int, int] | None = None  # uid, gid QEMU runs as (live XML, DAC label)
+    # A virtio channel for the QEMU guest agent: without one there is no
+    # agent to ask for a freeze, and no reason to warn that none answered.
+    agent_channel: bool = False
 
     def disk(self, target: str) -> DomainDisk | None:
         return next((d for d in self.disks if d.target == target), None)
+
+
+GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
 
 
 def parse_domain(data: str | bytes, document: str = "domain XML") -> DomainInfo:
@@ -81,6 +87,9 @@ def parse_domain(data: str | bytes, document: str = "domain XML") -> DomainInfo:
         uuid=xmldoc.text_of(root.find("uuid")),
         disks=tuple(disks),
         qemu_user=_dac_label(root),
+        agent_channel=any(
+            t.get("name") == GUEST_AGENT_CHANNEL for t in root.iterfind("devices/channel/target")
+        ),
     )
 
 

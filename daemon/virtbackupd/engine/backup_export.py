@@ -110,7 +110,7 @@ class OnlineExport:
         self.job.log.debug("scratch space", free=space.free, reserve=space.reserve)
         self.job.note(UndoKind.LIBVIRT_JOB, socket)
         self.job.note(UndoKind.CHECKPOINT, name=self.job.checkpoint)
-        frozen = await self._freeze()
+        frozen = await self._freeze(info)
         try:
             await lv.backup_begin(self.job.ref, docs.backup.to_xml(), docs.checkpoint.to_xml())
         finally:
@@ -154,11 +154,17 @@ class OnlineExport:
         self.job.libvirt_job = False
         return results
 
-    async def _freeze(self) -> bool:
-        """Quiesce per policy: `never` skips; `auto` tries and warns;
+    async def _freeze(self, info: DomainInfo) -> bool:
+        """Quiesce per policy: `never` skips; `auto` tries where the domain
+        has a guest agent channel and warns when its agent does not answer;
         `always` fails the backup when the guest agent cannot freeze."""
         mode = self.job.ctx.policy.quiesce
         if mode is Quiesce.NEVER:
+            return False
+        if mode is Quiesce.AUTO and not info.agent_channel:
+            # Not a problem to warn about on every backup: the domain has no
+            # agent to ask (crash-consistent, as documented for `auto`).
+            self.job.log.info("no guest agent channel; backing up without quiesce")
             return False
         # Recorded before it is made: if this process dies before the thaw,
         # the next backup of the domain thaws the guest (clean_leftovers).
@@ -173,7 +179,7 @@ class OnlineExport:
                     f"freeze its file systems: {exc}"
                 ) from exc
             self.job.log.warning(
-                "no guest agent answered; backing up without quiesce", error=str(exc)
+                "the guest agent did not answer; backing up without quiesce", error=str(exc)
             )
             return False
         self.job.log.info("guest file systems frozen", count=count)
