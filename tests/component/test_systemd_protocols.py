@@ -4,9 +4,11 @@ datagram sockets of the test's own (no systemd needed)."""
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,6 +46,31 @@ def test_sd_notify_messages(dgram: tuple[socket.socket, str]) -> None:
     assert sock.recv(4096) == b"STOPPING=1"
     with pytest.raises(ValueError, match="newline"):
         n.status("two\nlines")
+    n.close()
+
+
+def test_sd_notify_never_waits_for_a_manager_that_does_not_read(
+    dgram: tuple[socket.socket, str],
+) -> None:
+    """Its socket's queue fills (net.unix.max_dgram_qlen, 10 by default):
+    further messages are dropped at once, never waited for (a blocking send
+    stopped the daemon's event loop), and flow again once it reads."""
+    sock, path = dgram
+    n = Notifier(path)
+    started = time.monotonic()
+    sent = [n.status(f"backing up web{i:02}") for i in range(200)]
+    assert time.monotonic() - started < 2
+    assert sent[0] and not all(sent)
+    assert n.dropped == sent.count(False)
+    first = sock.recv(4096)
+    assert first == b"STATUS=backing up web00"
+    sock.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while sock.recv(4096):
+            pass
+    assert n.status("idle")
+    sock.settimeout(5)
+    assert sock.recv(4096) == b"STATUS=idle"
     n.close()
 
 

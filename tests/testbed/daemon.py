@@ -84,12 +84,21 @@ class Daemon:
         self.log_path = tmp / f"daemon-{time.monotonic_ns()}.log"
         self.log = ""
         self._log_file: BinaryIO | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _read_notes(self) -> None:
+        self.seen += notes(self.notify)
 
     def read_log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
     async def start(self, ready: bool = True, env: dict[str, str] | None = None) -> None:
         self._log_file = self.log_path.open("ab")
+        # Read the daemon's notifications as they come, as systemd does: a
+        # queue nobody reads fills after 10 (net.unix.max_dgram_qlen) and
+        # the daemon then drops them.
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self.notify.fileno(), self._read_notes)
         base = {
             "NOTIFY_SOCKET": str(self.notify_path),
             "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
@@ -153,6 +162,8 @@ class Daemon:
     def close(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.kill()
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self.notify.fileno())
         self.notify.close()
         if self._log_file is not None:
             self._log_file.close()

@@ -15,13 +15,20 @@ class Notifier:
     def __init__(self, address: str | None = None) -> None:
         self.address = address if address is not None else os.environ.get("NOTIFY_SOCKET")
         self._sock: socket.socket | None = None
+        self.dropped = 0  # messages the manager's full or missing socket did not take
 
     @property
     def enabled(self) -> bool:
         return bool(self.address)
 
     def notify(self, **fields: str | int) -> bool:
-        """Send one message; False when there is no manager to tell."""
+        """Send one message; False when there is no manager to tell, or when
+        it has not read the messages before (they queue up to
+        net.unix.max_dgram_qlen: 10 where systemd did not raise it) or its
+        socket is gone. Never waits: a blocking send stopped the daemon's
+        event loop (scheduling, signals, everything) until the manager read;
+        a message dropped costs at most a stale STATUS, and a missed
+        WATCHDOG=1 is the manager's to judge."""
         if not self.address:
             return False
         lines = []
@@ -32,8 +39,14 @@ class Notifier:
             lines.append(f"{key}={text}")
         target = "\0" + self.address[1:] if self.address.startswith("@") else self.address
         if self._sock is None:
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self._sock.sendto("\n".join(lines).encode(), target)
+            self._sock = socket.socket(
+                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+            )
+        try:
+            self._sock.sendto("\n".join(lines).encode(), target)
+        except OSError:  # EAGAIN: its queue is full; ENOENT, ECONNREFUSED: it is gone
+            self.dropped += 1
+            return False
         return True
 
     def ready(self, status: str = "") -> bool:

@@ -62,6 +62,7 @@ class Service:
         self.config: DaemonConfig = load_config(config_path)
         self.policies: list[Policy] = []
         self.notifier = Notifier()
+        self.notify_dropped_said = False
         self.pending: dict[str, Level] = {}  # domain uuid -> level asked
         self.queue: asyncio.Queue[str] = asyncio.Queue()
         self.verify_queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
@@ -434,7 +435,14 @@ class Service:
     def _status(self) -> None:
         names = sorted(self.names.get(u, u) for u in self.running)
         text = f"backing up {', '.join(names)}" if names else "idle"
-        self.notifier.status(f"{text}; {len(self.pending)} queued")
+        sent = self.notifier.status(f"{text}; {len(self.pending)} queued")
+        if not sent and self.notifier.enabled and not self.notify_dropped_said:
+            self.notify_dropped_said = True
+            log.warning(
+                "the service manager does not read our notifications ($NOTIFY_SOCKET); "
+                "dropping them rather than waiting",
+                socket=self.notifier.address,
+            )
         self._publish()
 
     def _publish(self) -> None:
