@@ -28,6 +28,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,6 +52,15 @@ def _run(*args: str | Path) -> None:
     proc = subprocess.run([str(a) for a in args], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, args[:3]))}: {proc.stderr.strip()[-2000:]}")
+
+
+def _run_peak(*args: str | Path) -> int:
+    """Run like _run; the process's peak resident memory in bytes, as
+    /usr/bin/time sees it (a child's own ru_maxrss would also count the
+    bench's memory: Linux keeps it across the fork and exec)."""
+    with tempfile.NamedTemporaryFile("r") as out:
+        _run("/usr/bin/time", "-f", "%M", "-o", out.name, *args)
+        return int(out.read().split()[-1]) * 1024  # KiB
 
 
 def _compare(a: Path, b: Path) -> None:
@@ -78,7 +88,7 @@ class Ways:
             f"state_dir: {d}/state\nbackup_root: {d}/backups\nruntime_dir: {d}/run\n"
             f"scratch_dir: {d}/scratch\npolicy_dirs: [{d}/policies]\n"
         )
-        _run(VIRTBACKUP, "-c", cfg, "backup", "--full", self.td.name)
+        self.peaks.append(_run_peak(VIRTBACKUP, "-c", cfg, "backup", "--full", self.td.name))
         _run("sync")
 
         def check() -> None:
@@ -154,15 +164,18 @@ class Ways:
 
     source: Path
     size: int
+    peaks: list[int]  # peak RSS of each `virtbackup backup --full`
 
 
-def restores(work: Path, td: GuestDomain, drop: object) -> dict[str, tuple[float, float]]:
+def restores(
+    work: Path, td: GuestDomain, drop: object, peaks: list[int]
+) -> dict[str, tuple[float, float]]:
     """A chain of three (a full, then two incrementals after 64 MiB of
     guest writes each), restored to a standalone image by `virtbackup
     restore` and by `qemu-img convert` of the chain's top, to qcow2 and to
     raw; (seconds, CPU seconds) of each, `sync` inside. Each pair of
     results is compared with `qemu-img compare`, and the restored qcow2 is
-    checked with `qemu-img check`."""
+    checked with `qemu-img check`. The restores' peak RSS go to `peaks`."""
     from testbed.guest import GuestWriter
 
     d = work / "restore"
@@ -193,7 +206,10 @@ def restores(work: Path, td: GuestDomain, drop: object) -> dict[str, tuple[float
             ):
                 drop()  # type: ignore[operator]
                 cpu0, t0 = _children_cpu(), time.monotonic()
-                _run(*argv)
+                if argv[0] == VIRTBACKUP:
+                    peaks.append(_run_peak(*argv))
+                else:
+                    _run(*argv)
                 _run("sync")
                 out[name] = (time.monotonic() - t0, _children_cpu() - cpu0)
             if fmt == "qcow2":
@@ -228,6 +244,13 @@ def full_backups_end_to_end(
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     restored: dict[str, tuple[int, dict[str, tuple[float, float]]]] = {}
+    memory = [
+        "",
+        "### Peak memory (RSS) of our process, MiB",
+        "",
+        "| fill | `virtbackup backup --full` | `virtbackup restore` |",
+        "| --- | ---: | ---: |",
+    ]
     try:
         for fill in fills:
             td = factory.create(qcow2_sizes=[size], start=False)
@@ -237,7 +260,7 @@ def full_backups_end_to_end(
             image.chmod(0o644)
             td.start()
             ways = Ways(work, td)
-            ways.source, ways.size = image, size
+            ways.source, ways.size, ways.peaks = image, size, []
             times: dict[str, list[float]] = {}
             cpus: dict[str, list[float]] = {}
             for _ in range(runs):
@@ -264,7 +287,12 @@ def full_backups_end_to_end(
                     f"{med['qemu_img_convert'] / med[name]:.2f}x | "
                     f"{med['virtnbdbackup'] / med[name]:.2f}x |"
                 )
-            restored[fill] = (data, restores(work, td, drop))
+            restore_peaks: list[int] = []
+            restored[fill] = (data, restores(work, td, drop, restore_peaks))
+            memory.append(
+                f"| {fill} ({data / MiB:.0f} MiB) | {max(ways.peaks) / MiB:.0f} | "
+                f"{max(restore_peaks) / MiB:.0f} |"
+            )
             factory.cleanup()
     finally:
         factory.cleanup()
@@ -286,4 +314,4 @@ def full_backups_end_to_end(
                 f"| {fill} ({data / MiB:.0f} MiB) | {name} | {secs:.2f} | "
                 f"{cpu / (data / GiB):.2f} | {peer / secs:.2f}x |"
             )
-    return "\n".join(out) + "\n"
+    return "\n".join(out + memory) + "\n"

@@ -24,6 +24,7 @@ for c in "${needed_cmds[@]}"; do
 done
 [ -e /usr/share/libvirt/schemas/domainbackup.rng ] || missing+=(libvirt-schemas)
 pkg-config --exists libvirt 2>/dev/null || missing+=(libvirt-dev)
+[ -x /usr/bin/time ] || missing+=(time)  # the bench's peak memory (not the shell keyword)
 if [ ${#missing[@]} -gt 0 ]; then
     log "installing Debian packages (missing: ${missing[*]})"
     if [ "$(id -u)" != 0 ]; then
@@ -34,7 +35,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         libvirt-daemon-system libvirt-daemon-driver-qemu qemu-system-x86 \
         qemu-utils qemu-system-common libvirt-dev pkg-config gcc libnbd-bin nbdkit systemd \
-        fdisk util-linux e2fsprogs xfsprogs dosfstools lvm2 fusefat mtools >/dev/null
+        fdisk util-linux e2fsprogs xfsprogs dosfstools lvm2 fusefat mtools time >/dev/null
 fi
 fi
 
