@@ -18,6 +18,7 @@ from virtbackupd.core.extents import (
     data_pieces,
     is_zero,
     merge,
+    overlapping,
     ranges_from_json,
     ranges_from_status,
     ranges_to_json,
@@ -246,3 +247,18 @@ def test_joined_reads_cover_every_data_byte_once_and_stay_in_the_grid(seed: int)
             between = [x for x in ranges if a + n <= x.offset < b]
             assert sum(x.length for x in between) == b - (a + n)
             assert all(x.kind is Z and x.length <= 2 * K for x in between)
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi", "expected"),
+    [
+        (0, 1, [0]),
+        (0, 9 * K, [0, 1]),
+        (3 * K, 4 * K, []),
+        (5 * K, 11 * K, [1, 2]),
+        (20 * K, 30 * K, []),
+    ],
+)
+def test_overlapping_finds_the_items_a_span_touches(lo: int, hi: int, expected: list[int]) -> None:
+    items = [Range(0, 3 * K, D), Range(4 * K, 4 * K, Z), Range(10 * K, 2 * K, D)]
+    assert overlapping(items, [r.offset for r in items], lo, hi) == expected

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from virtbackupd.core.extents import Kind, content_hash, is_zero
+from virtbackupd.core.extents import Kind, content_hash, is_zero, overlapping
 
 
 @dataclass(frozen=True)
@@ -116,13 +116,7 @@ class ChainCheck:
         self.finished: set[int] = set()
 
     def _overlapping(self, lo: int, hi: int) -> list[int]:
-        i = max(bisect.bisect_right(self.starts, lo) - 1, 0)
-        out = []
-        while i < len(self.visible) and self.visible[i].offset < hi:
-            if self.visible[i].end > lo:
-                out.append(i)
-            i += 1
-        return out
+        return overlapping(self.visible, self.starts, lo, hi)
 
     def data(self, offset: int, data: memoryview) -> None:
         end = offset + len(data)

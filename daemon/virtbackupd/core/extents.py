@@ -15,11 +15,13 @@ how the server happened to answer block-status requests.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
 
 import xxhash
 
@@ -156,6 +158,27 @@ def zero_pieces(r: Range, max_length: int) -> Iterator[tuple[int, int]]:
         n = min(max_length, r.end - pos)
         yield pos, n
         pos += n
+
+
+class Spanned(Protocol):
+    @property
+    def offset(self) -> int: ...
+
+    @property
+    def end(self) -> int: ...
+
+
+def overlapping(items: Sequence[Spanned], starts: Sequence[int], lo: int, hi: int) -> list[int]:
+    """Indices of the `items` that overlap [lo, hi): items sorted by offset,
+    apart from each other, `starts` their offsets (so only the one item
+    before `lo` can reach into it)."""
+    i = max(bisect.bisect_right(starts, lo) - 1, 0)
+    out = []
+    while i < len(items) and items[i].offset < hi:
+        if items[i].end > lo:
+            out.append(i)
+        i += 1
+    return out
 
 
 @dataclass(frozen=True)

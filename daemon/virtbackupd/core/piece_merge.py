@@ -30,7 +30,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 
-from virtbackupd.core.extents import Kind, Piece, Range, content_hash, subtract, view_records
+from virtbackupd.core.extents import (
+    Kind,
+    Piece,
+    Range,
+    content_hash,
+    overlapping,
+    subtract,
+    view_records,
+)
 
 
 @dataclass(frozen=True)
@@ -62,13 +70,7 @@ class _Index:
         self.exact = {(p.offset, p.length, p.kind): p for p in self.pieces}
 
     def overlapping(self, lo: int, hi: int) -> list[Piece]:
-        i = max(bisect.bisect_right(self.starts, lo) - 1, 0)
-        out = []
-        while i < len(self.pieces) and self.pieces[i].offset < hi:
-            if self.pieces[i].end > lo:
-                out.append(self.pieces[i])
-            i += 1
-        return out
+        return [self.pieces[i] for i in overlapping(self.pieces, self.starts, lo, hi)]
 
     def containing(self, lo: int, hi: int) -> Piece | None:
         i = bisect.bisect_right(self.starts, lo) - 1
