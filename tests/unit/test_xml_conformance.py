@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 
 from virtbackupd.core.backup_xml import Backup, align_disks
-from virtbackupd.core.checkpoint_xml import Checkpoint, CheckpointDisk, CheckpointDiskMode
+from virtbackupd.core.checkpoint_xml import (
+    Checkpoint,
+    CheckpointDisk,
+    CheckpointDiskMode,
+    parent_of,
+)
 from virtbackupd.core.domain_xml import DomainDisk
 from virtbackupd.errors import XMLError
 from xmltools import canonical, corpus, schema_errors
@@ -159,3 +164,11 @@ def test_corpus_output_validates_against_installed_schema(path: Path) -> None:
         assert errors is not None and "server" in errors
     else:
         assert errors is None, errors
+
+
+@pytest.mark.parametrize("path", CP_OUT, ids=_ids(CP_OUT))
+def test_the_parent_is_read_as_the_model_reads_it(path: Path) -> None:
+    """parent_of (what the checkpoint listing uses instead of asking
+    libvirt) agrees with the strict model on libvirt's own documents."""
+    text = path.read_text()
+    assert parent_of(text, str(path)) == Checkpoint.from_xml(text, internal=_internal(path)).parent

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import libvirt
 
+from virtbackupd.core.checkpoint_xml import parent_of
 from virtbackupd.errors import (
     CheckpointInconsistentError,
     DomainNotFoundError,
@@ -177,11 +178,8 @@ class Libvirt:
         def collect() -> list[StoredCheckpoint]:
             out = []
             for cp in dom.listAllCheckpoints(0):
-                try:
-                    parent = cp.getParent().getName()
-                except libvirt.libvirtError:
-                    parent = None
-                out.append(StoredCheckpoint(cp.getName(), parent, cp.getXMLDesc(0)))
+                xml = cp.getXMLDesc(0)
+                out.append(StoredCheckpoint(cp.getName(), parent_of(xml), xml))
             return out
 
         return await self._call(collect)

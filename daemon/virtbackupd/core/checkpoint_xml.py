@@ -22,6 +22,15 @@ ROOT = "domaincheckpoint"
 _NAME_RE = re.compile(r"[a-zA-Z0-9_\-][a-zA-Z0-9_\-.]*")
 
 
+def parent_of(data: str | bytes, document: str = "checkpoint XML") -> str | None:
+    """The parent checkpoint's name in libvirt's XML of a checkpoint (None:
+    a root). Read leniently, for checkpoints other tools made too: asking
+    libvirt (virDomainCheckpointGetParent) makes libvirtd log an error for
+    every root checkpoint, on every listing."""
+    root = xmldoc.parse(data, document, ROOT)
+    return xmldoc.text_of(root.find("parent/name"))
+
+
 def check_checkpoint_name(name: str, document: str, where: str = "checkpoint name") -> str:
     if not _NAME_RE.fullmatch(name):
         raise XMLError(
