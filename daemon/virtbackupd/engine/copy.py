@@ -244,17 +244,21 @@ class _Copy:
         await asyncio.gather(*(t.flush() for t in self.targets))
         self._report(force=True)
         merged = extents.merge(self.ranges)
-        for r in merged if self.opts.digest else ():
-            if r.kind is Kind.ZERO:
-                self.records.append((r.offset, extents.piece_record(r.offset, r.length, r.kind)))
-        pieces = extents.pieces_of(self.records) if self.opts.digest else b""
+        pieces, digest = b"", ""
+        if self.opts.digest:
+            for r in merged:
+                if r.kind is Kind.ZERO:
+                    record = extents.piece_record(r.offset, r.length, r.kind)
+                    self.records.append((r.offset, record))
+            pieces = extents.pieces_of(self.records)
+            digest = hashlib.sha256(pieces).hexdigest()
         return CopyResult(
             size=self.size,
             bytes_read=self.state.bytes_read,
             bytes_written=self.state.bytes_written,
             bytes_zeroed=self.state.bytes_zeroed,
             duration=time.monotonic() - started,
-            digest=hashlib.sha256(pieces).hexdigest() if self.opts.digest else "",
+            digest=digest,
             grid=self.grid,
             ranges=tuple(merged),
             pieces=pieces,
@@ -332,11 +336,14 @@ class _Copy:
     async def _write(self, dst: Target, off: int, piece: memoryview) -> None:
         if self.opts.watch is not None:
             self.opts.watch.data(off, piece)
-        digest = extents.content_hash(piece) if self.opts.digest else b""
+        record = None
+        if self.opts.digest:
+            hashed = extents.content_hash(piece)
+            record = extents.piece_record(off, len(piece), Kind.DATA, hashed)
         await dst.write(off, piece)
         self.state.bytes_written += len(piece)
-        if self.opts.digest:
-            self.records.append((off, extents.piece_record(off, len(piece), Kind.DATA, digest)))
+        if record is not None:  # recorded once written
+            self.records.append((off, record))
 
     def _report(self, force: bool = False) -> None:
         if self.on_progress is None:
