@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from testbed import guest_disks  # noqa: E402
 from testbed.domains import DomainFactory, remove_domain  # noqa: E402
 from testbed.host import connect, ensure_libvirtd  # noqa: E402
+from testbed.tools import qemu_img_info  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -42,18 +43,6 @@ def _vb(config: Path, *args: str) -> dict:  # type: ignore[type-arg]
     if proc.returncode != 0:
         raise RuntimeError(f"virtbackup {' '.join(args)}: {proc.stderr.strip()}")
     return json.loads(proc.stdout) if proc.stdout.strip() else {}
-
-
-def _image_info(image: Path, running: bool) -> dict:  # type: ignore[type-arg]
-    force_share = ["-U"] if running else []  # QEMU holds the image's lock
-    return json.loads(  # type: ignore[no-any-return]
-        subprocess.run(
-            ["qemu-img", "info", *force_share, "--output=json", str(image)],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    )
 
 
 def _config(work: Path, name: str) -> Path:
@@ -98,7 +87,7 @@ def _time_to_running(work: Path, factory: DomainFactory, size: int) -> list[str]
     # run of 2026-12-06) the job was gone with the backing file still
     # there. `status` settles live restores as the daemon does every 5 s:
     # it restarts a pull that stopped and releases the hold when done.
-    while "backing-filename" in _image_info(image, running=True):
+    while "backing-filename" in qemu_img_info(image):
         if dom.blockJobInfo("vda", 0):
             gone_since = None
         elif gone_since is None:
@@ -112,7 +101,7 @@ def _time_to_running(work: Path, factory: DomainFactory, size: int) -> list[str]
     move_s = time.monotonic() - t0
     _vb(cfg, "status")  # releases the hold (the daemon would, every 5 s)
     dom.destroy()
-    assert "backing-filename" not in _image_info(image, running=False)
+    assert "backing-filename" not in qemu_img_info(image)
     subprocess.run(
         ["qemu-img", "compare", str(image), str(plain_dir / "vda.qcow2")],
         check=True,
