@@ -25,7 +25,7 @@ from virtbackupd.adapters.libvirt_conn import Libvirt
 from virtbackupd.adapters.repository import Repository
 from virtbackupd.adapters.store import Store
 from virtbackupd.cli import listing
-from virtbackupd.cli.catalogue import policies, reconcile_catalogue, reindex_command
+from virtbackupd.cli.catalogue import policies, policy_set, reconcile_catalogue, reindex_command
 from virtbackupd.cli.domains import domain_of, libvirt_domains
 from virtbackupd.cli.progress import ProgressLine, progress_text
 from virtbackupd.config.daemon import DaemonConfig, config_path, load_config
@@ -254,7 +254,11 @@ async def _run(args: argparse.Namespace) -> int:
 
 async def _backup(args: argparse.Namespace, config: DaemonConfig, store: Store, lv: Libvirt) -> int:
     ref = await lv.domain(args.domain)
-    policy = policy_for(ref.name, ref.uuid, policies(config)) or Policy(
+    loaded = policy_set(config, quiet=True)
+    refusal = loaded.refusal(ref.name, ref.uuid)
+    if refusal is not None:
+        raise ConfigError(refusal)
+    policy = policy_for(ref.name, ref.uuid, loaded.policies) or Policy(
         source=Path("<command line>"), domains=(ref.name,)
     )
     line = ProgressLine(sys.stderr.isatty() and not args.json)
@@ -453,7 +457,9 @@ async def _prune(args: argparse.Namespace, config: DaemonConfig, store: Store) -
     else:
         seen = {b.domain_uuid for b in await store.backups()}
         domains = [d for u in sorted(seen) if (d := await store.domain(u)) is not None]
-    governing = policies(config)
+    loaded = policy_set(config, quiet=True)
+    governing = loaded.policies
+    refused = False
     results = []
     try:
         lv: Libvirt | None = await Libvirt.open(config.libvirt_uri)
@@ -463,6 +469,11 @@ async def _prune(args: argparse.Namespace, config: DaemonConfig, store: Store) -
     try:
         await recovery.settle_holds(recovery.repositories(config), lv)
         for dom in domains:
+            refusal = loaded.refusal(dom.name, dom.uuid)
+            if refusal is not None:
+                print(f"virtbackup: error: {refusal}; nothing is pruned", file=sys.stderr)
+                refused = True
+                continue
             policy = policy_for(dom.name, dom.uuid, governing)
             if policy is None:
                 print(
@@ -479,7 +490,7 @@ async def _prune(args: argparse.Namespace, config: DaemonConfig, store: Store) -
             await lv.close()
     if args.json:
         print(json.dumps([{"domain": d.name, **r.as_json()} for d, r in results], indent=2))
-        return 0
+        return 2 if refused else 0
     for dom, r in results:
         head = "would" if r.dry_run else "did"
         if r.replayed:
@@ -489,7 +500,7 @@ async def _prune(args: argparse.Namespace, config: DaemonConfig, store: Store) -
             print(f"{dom.name} {v.id}: {'keep' if v.keep else 'prune'} ({why})")
         for op in r.ops:
             print(f"  {head}: {describe(op)}")
-    return 0
+    return 2 if refused else 0
 
 
 async def _verify(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
