@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 from testbed.daemon import Daemon, backups, cli, one_line_error
@@ -66,3 +67,46 @@ async def test_hostile_policy_files_never_stop_the_daemon(
         assert "zero.yaml: a symbolic link to /dev/zero" in log, log[-3000:]
     finally:
         d.close()
+
+
+async def test_bad_targets_are_one_line_never_a_traceback(
+    domains: DomainFactory, config: Path, tmp_path: Path
+) -> None:
+    """`restore --to` an existing file or /proc/x, and a policy target on
+    a read-only file system printed Python tracebacks; `verify --backup
+    ../x` exited 1 where restore and mount give 2 for a backup id that
+    names no backup."""
+    td = await asyncio.to_thread(domains.create, qcow2_sizes=[8 * MiB], start=False)
+    rc, _, err = await cli(config, "backup", td.name)
+    assert rc == 0, err
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me\n")
+    for to, words in ((a_file, "not a folder"), (Path("/proc/x"), "not a folder for images")):
+        rc, _, err = await cli(config, "restore", td.name, "--to", str(to))
+        assert rc == 2, err
+        one_line_error(err)
+        assert str(to) in err and words in err, err
+    assert a_file.read_text() == "keep me\n"
+    for command in ("verify", "restore", "mount"):
+        extra = {"restore": ["--to", str(tmp_path / "r")], "mount": [str(tmp_path / "m")]}
+        rc, _, err = await cli(
+            config, command, td.name, "--backup", "../x", *extra.get(command, [])
+        )
+        assert rc == 2, (command, err)
+        one_line_error(err)
+        assert "../x" in err, err
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    await asyncio.to_thread(
+        subprocess.run, ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], check=True
+    )
+    try:
+        (config.parent / "policies" / "p.yaml").write_text(
+            f"domains: ['{td.name}']\ntarget: {ro}\n"
+        )
+        rc, _, err = await cli(config, "backup", td.name)
+        assert rc == 1, err
+        assert "Traceback" not in err, err
+        assert str(ro) in err.strip().splitlines()[-1] and "Read-only file system" in err, err
+    finally:
+        await asyncio.to_thread(subprocess.run, ["umount", str(ro)], check=True)

@@ -37,6 +37,7 @@ from virtbackupd.errors import (
     ConfigError,
     InputError,
     RestoreError,
+    UnknownRestorePointError,
     VirtBackupError,
 )
 
@@ -195,6 +196,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except VirtBackupError as exc:
         print(f"virtbackup: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        # The host refused a file operation that no check foresaw (a full
+        # or read-only file system, a vanished folder): its words, one line.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"virtbackup: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("virtbackup: interrupted", file=sys.stderr)
@@ -365,6 +372,8 @@ async def _restore(
         return await recovery.live(args, config, store, lv)
     if args.to_device is not None and len(args.disk) != 1:
         raise ConfigError("--to-device writes one disk: give it with --disk TARGET")
+    if args.to is not None:
+        restore.check_target_folder(args.to.absolute())
     chosen = await recovery.chosen_backup(args, config, store)
     dom, record, folder, repo, disks = (
         chosen.dom,
@@ -513,7 +522,10 @@ async def _verify(args: argparse.Namespace, config: DaemonConfig, store: Store) 
         if args.backup is None or b.id == args.backup
     ]
     if args.backup is not None and not backups:
-        raise VirtBackupError(f"no complete backup {args.backup}")
+        # As restore and mount say it: an id that names nothing is input (2).
+        raise UnknownRestorePointError(
+            f"no complete backup {args.backup}; `virtbackup list` shows the ids"
+        )
     failed = False
     out = []
     async for b, v in verify_recorded(config, store, backups):
