@@ -82,6 +82,10 @@ class BackupRecord:
     path: str | None = None  # the backup's folder
     disks: tuple[DiskRecord, ...] = ()
     left_out: tuple[LeftOutDisk, ...] = ()
+    # A stand-in: the catalogue was rebuilt from a folder whose manifest it
+    # could not read (this says why); the fields above are what the folder
+    # alone tells (its id, domain, path), the rest is unknown.
+    unreadable: str | None = None
 
     def as_json(self) -> dict[str, object]:
         """The stable shape of `virtbackup --json list` (documented)."""
