@@ -18,6 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -217,3 +223,78 @@ def test_a_catalogue_kept_and_a_rebuilt_one_pick_alike_and_a_repaired_manifest_c
     assert rc == 0, err
     assert done["backup"] == a.ids[4]
     qemu_img_compare(a.refs[a.ids[4]]["vda"], done["disks"][0]["path"], "raw", "qcow2")
+
+
+def test_reindex_killed_at_random_instants_is_finished_by_the_next_one(
+    damaged: Damaged, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`reindex` SIGKILLed at seeded random instants (half over its whole
+    run, half once its database exists: the part that writes), with
+    state.db lost before each: the next reindex completes, nothing is
+    called damaged, and list and restore read as after an undisturbed one.
+    Replay: VIRTBACKUP_REINDEX_SEED=<seed> (and _ITERATIONS)."""
+    a, b = damaged.a, damaged.b
+    cfg = write_config(tmp_path, damaged.root, a.state_db)
+    blame = damaged.damage()
+    seed = int(os.environ.get("VIRTBACKUP_REINDEX_SEED", random.randrange(2**32)))
+    iterations = int(os.environ.get("VIRTBACKUP_REINDEX_ITERATIONS", "10"))
+    with capsys.disabled():  # the helper below reads (and empties) what is captured
+        print(f"\nreindex kill seed {seed} (VIRTBACKUP_REINDEX_SEED={seed} replays it)")
+    rnd = random.Random(seed)
+    command = [sys.executable, "-m", "virtbackupd.cli.main", "-c", str(cfg), "--json", "reindex"]
+
+    def run_until(db_appears: bool) -> tuple[float, float]:
+        """A whole reindex: seconds to the database's appearance, in all."""
+        t0 = time.monotonic()
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while db_appears and not a.state_db.exists() and proc.poll() is None:
+            time.sleep(0.001)
+        seen = time.monotonic() - t0
+        assert proc.wait(timeout=120) == 0
+        return seen, time.monotonic() - t0
+
+    lose_catalogue(a.state_db)
+    to_db, whole = run_until(db_appears=True)
+    rc, _, err = virtbackup(cfg, capsys, "list", "--all")
+    expected = virtbackup(cfg, capsys, "list", "--all")[1]
+    assert rc == 0, err
+    killed = 0
+    for i in range(iterations):
+        lose_catalogue(a.state_db)
+        after_db = i % 2 == 1
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if after_db:
+            deadline = time.monotonic() + 120
+            while not a.state_db.exists() and proc.poll() is None:
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+            delay = rnd.uniform(0, max(whole - to_db, 0.01))
+        else:
+            delay = rnd.uniform(0, whole)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        rc = proc.wait(timeout=120)
+        killed += rc == -signal.SIGKILL
+        with capsys.disabled():
+            print(f"iteration {i}: {'db seen + ' if after_db else ''}{delay:.3f} s: exit {rc}")
+
+        rc, out, err = virtbackup(cfg, capsys, "reindex")
+        assert rc == 0, (seed, i, err)
+        assert out["moved_aside"] is None, (seed, i, err)  # a kill never damages SQLite
+        # The folders a killed run recorded are not read again: what it
+        # found is in the catalogue, and `list` names it (checked below).
+        rc, listed, err = virtbackup(cfg, capsys, "list", "--all")
+        assert rc == 0, (seed, i, err)
+        assert states(listed) == states(expected), (seed, i)
+        problem = {x["id"]: x["problem"] for x in listed}
+        for backup_id, path in blame.items():
+            assert str(path) in problem[backup_id], (seed, i)
+        dest = tmp_path / f"restored-{i}"
+        rc, done, err = virtbackup(
+            cfg, capsys, "restore", b.name, "--backup", b.ids[2], "--to", str(dest)
+        )
+        assert rc == 0, (seed, i, err)
+        qemu_img_compare(b.refs[b.ids[2]]["vda"], done["disks"][0]["path"], "raw", "qcow2")
+    with capsys.disabled():
+        print(f"{killed} of {iterations} reindex runs killed before they ended (seed {seed})")
+    assert killed >= iterations // 2, f"the kills came too late to test anything (seed {seed})"
