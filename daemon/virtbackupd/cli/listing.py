@@ -10,6 +10,7 @@ kept or rebuilt (the folders are read either way)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -23,6 +24,7 @@ from virtbackupd.errors import VirtBackupError
 class State(StrEnum):
     COMPLETE = "complete"
     RUNNING = "running"
+    INTERRUPTED = "interrupted"  # recorded running, its process died: cancel cleans it up
     FAILED = "failed"
     PRUNING = "pruning"  # an interrupted prune is removing it: no restore point
     DAMAGED = "unreadable"  # its manifest cannot be read, or an image is missing
@@ -61,7 +63,13 @@ class Listed:
         }
 
 
-def listing(backups: list[BackupRecord], show_failed: bool) -> list[Listed]:
+def listing(
+    backups: list[BackupRecord],
+    show_failed: bool,
+    alive: Callable[[str], bool] = lambda _: True,
+) -> list[Listed]:
+    """`alive(domain_uuid)`: whether the process of the domain's running
+    backup still runs (engine.locks.backup_owner_alive)."""
     out = []
     removing: dict[Path, frozenset[str]] = {}
     seen: dict[Path, Standing] = {}
@@ -71,7 +79,8 @@ def listing(backups: list[BackupRecord], show_failed: bool) -> list[Listed]:
                 out.append(Listed(b, State.FAILED))
             continue
         if b.status is BackupStatus.RUNNING or b.path is None:
-            out.append(Listed(b, State.RUNNING))
+            dead = b.status is BackupStatus.RUNNING and not alive(b.domain_uuid)
+            out.append(Listed(b, State.INTERRUPTED if dead else State.RUNNING))
             continue
         folder = Path(b.path)
         domain_dir = folder.parent

@@ -151,6 +151,12 @@ def render(
         if r.retrying:
             lines.append(f"  waiting (busy, retried): {r.retrying}")
     for j in running:
+        if j.interrupted:
+            lines.append(
+                f"interrupted: {j.domain} {j.backup_id} ({j.level.value}): its process died; "
+                f"`virtbackup cancel {j.domain}` cleans it up (so does its next backup)"
+            )
+            continue
         text = progress_text(
             f"running: {j.domain} {j.backup_id} ({j.level.value})",
             j.done,

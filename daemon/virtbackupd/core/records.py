@@ -133,11 +133,12 @@ class RunningJob:
     total: int = 0
     rate: float = 0.0
     updated: datetime | None = None
+    interrupted: bool = False  # recorded running, but its process is gone
 
     @property
     def eta_s(self) -> int | None:
         """Seconds left at the current rate; None while it cannot be told."""
-        if self.total <= 0 or self.rate <= 0 or self.done > self.total:
+        if self.interrupted or self.total <= 0 or self.rate <= 0 or self.done > self.total:
             return None
         return int((self.total - self.done) / self.rate)
 
@@ -153,4 +154,5 @@ class RunningJob:
             "rate": self.rate,
             "eta_s": self.eta_s,
             "updated": self.updated.isoformat() if self.updated else None,
+            "interrupted": self.interrupted,
         }
