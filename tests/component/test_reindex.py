@@ -109,7 +109,14 @@ class Damaged:
         doc = json.loads(unknown.read_text())
         doc["format_version"] = 99
         unknown.write_text(json.dumps(doc))
+        # Restore never reads checkpoint.xml: a torn one costs only the checkpoint.
+        xml = a.folder(a.ids[1]) / "checkpoint.xml"
+        xml.write_bytes(b"<domaincheckpoint><name>virtbackupd-\xff")
         return {a.ids[2]: torn, b.ids[1]: typed, b.ids[3]: missing, b.ids[4]: unknown}
+
+    @property
+    def torn_checkpoint(self) -> Path:
+        return self.a.folder(self.a.ids[1]) / "checkpoint.xml"
 
 
 @pytest.fixture
@@ -137,10 +144,10 @@ def test_reindex_over_a_damaged_repository_names_each_problem_and_blocks_nothing
     assert rc == 0, err
     assert "FOREIGN KEY" not in err and "Traceback" not in err
     problems = [line for line in err.splitlines() if line.startswith("virtbackup:")]
-    for backup_id, path in blame.items():
+    for path in [*blame.values(), damaged.torn_checkpoint]:
         naming = [line for line in problems if str(path) in line]
-        assert len(naming) == 1, (backup_id, path, err)
-    assert len(problems) == len(blame), err  # one line each, nothing else
+        assert len(naming) == 1, (path, err)
+    assert len(problems) == len(blame) + 1, err  # one line each, nothing else
     # Every folder and the attempt are in the catalogue again.
     assert (out["backups"], out["failed_attempts"]) == (7, 1)
     assert sorted(out["unreadable"]) == sorted(blame.keys() - {b.ids[3]})
@@ -298,3 +305,36 @@ def test_reindex_killed_at_random_instants_is_finished_by_the_next_one(
     with capsys.disabled():
         print(f"{killed} of {iterations} reindex runs killed before they ended (seed {seed})")
     assert killed >= iterations // 2, f"the kills came too late to test anything (seed {seed})"
+
+
+def test_reindex_completes_over_manifests_whose_parents_loop(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two manifests naming each other as parent (no crash makes that, a
+    hand edit or a bad copy can): reindex completes, and neither backup is
+    offered as restorable."""
+    d = BuiltDomain(tmp_path / "d", {"vda": 4 * MiB})
+
+    async def build() -> None:
+        async with Store.open(d.state_db) as store:
+            for i in range(2):
+                d.write("vda", i * MiB, MiB, 0x70 + i)
+                await d.backup(store)
+
+    asyncio.run(build())
+    for me, other in ((d.ids[0], d.ids[1]), (d.ids[1], d.ids[0])):
+        path = d.folder(me) / "manifest.json"
+        doc = json.loads(path.read_text())
+        doc["parent"] = other
+        path.write_text(json.dumps(doc))
+    cfg = write_config(tmp_path, d.root, d.state_db)
+    lose_catalogue(d.state_db)
+    rc, out, err = virtbackup(cfg, capsys, "reindex")
+    assert rc == 0, err
+    assert out["backups"] == 2
+    rc, listed, err = virtbackup(cfg, capsys, "list")
+    assert rc == 0, err
+    assert "complete" not in states(listed).values()
+    assert all("loops" in x["problem"] for x in listed), listed
+    rc, _, err = virtbackup(cfg, capsys, "restore", d.name, "--to", str(tmp_path / "x"))
+    assert rc == 1 and "loops" in err, err

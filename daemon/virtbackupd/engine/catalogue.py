@@ -48,7 +48,7 @@ def checkpoint_record(stored: StoredBackup) -> CheckpointRecord | None:
     path = stored.folder / "checkpoint.xml"
     if m.checkpoint is None or not path.is_file():
         return None
-    xml = path.read_text()
+    xml = path.read_text(errors="replace")  # torn bytes: the XML parser names the file
     cp = Checkpoint.from_xml(xml, str(path))
     return CheckpointRecord(
         m.domain_uuid, m.checkpoint, cp.parent, m.started, CheckpointStatus.ACTIVE, xml
@@ -56,16 +56,23 @@ def checkpoint_record(stored: StoredBackup) -> CheckpointRecord | None:
 
 
 async def record_committed(
-    store: Store, repo: Repository, stored: StoredBackup, *, with_checkpoint: bool = True
+    store: Store,
+    repo: Repository,
+    stored: StoredBackup,
+    *,
+    with_checkpoint: bool = True,
+    problems: list[str] | None = None,
+    _below: frozenset[str] = frozenset(),
 ) -> None:
     """Record a committed backup (its parent first, if the catalogue lacks
     it: a row's parent must exist; a parent folder that cannot be read is
     recorded as a stand-in, one that is gone leaves the row without a
     parent). The checkpoint is trusted only where asked (reindex and crash
     recovery ask; whether libvirt still has it is the next backup's plan to
-    check)."""
+    check). Given `problems`, an unreadable checkpoint.xml is said there
+    and the backup recorded without its checkpoint; else it raises."""
     m = stored.manifest
-    if m.parent is not None:
+    if m.parent is not None and m.parent not in _below and m.parent != m.id:
         parent = await store.backup(m.parent)
         if parent is None or parent.status is not BackupStatus.COMPLETE:
             folder = stored.folder.parent / m.parent
@@ -75,8 +82,21 @@ async def record_committed(
                 if folder.is_dir():
                     await record_unreadable(store, folder, str(exc))
             else:
-                await record_committed(store, repo, above)
-    cp = checkpoint_record(stored) if with_checkpoint else None
+                await record_committed(
+                    store, repo, above, problems=problems, _below=_below | {m.id}
+                )
+    cp = None
+    if with_checkpoint:
+        try:
+            cp = checkpoint_record(stored)
+        except (VirtBackupError, OSError) as exc:
+            if problems is None:
+                raise
+            problems.append(
+                f"{exc}; backup {m.id} is recorded without its checkpoint"
+                if isinstance(exc, VirtBackupError)
+                else f"{stored.folder / 'checkpoint.xml'}: cannot read: {exc}"
+            )
     await store.record_backup(m.as_record(stored.folder), cp)
 
 
@@ -192,7 +212,7 @@ async def reconcile(store: Store, repo: Repository, uuid: str | None = None) -> 
                 await record_unreadable(store, folder, str(exc), name)
                 out.unreadable.append(folder.name)
                 continue
-            await record_committed(store, repo, stored)
+            await record_committed(store, repo, stored, problems=out.problems)
             out.problems += [
                 f"{folder / d.path}: missing (the manifest lists it)"
                 for d in stored.manifest.disks
