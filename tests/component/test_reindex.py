@@ -176,6 +176,14 @@ def test_reindex_over_a_damaged_repository_names_each_problem_and_blocks_nothing
     # The same damage reads the same whether the catalogue survived or not.
     assert states(kept_view) == {k: v for k, v in got.items() if v != "failed"}
 
+    # status's last good backup is one that can be restored.
+    rc, status, err = virtbackup(cfg, capsys, "status")
+    assert rc == 0, err
+    rows = {r["domain"]: r for r in status["domains"]}
+    assert (rows[a.name]["last_good"], rows[b.name]["last_good"]) == (a.ids[1], b.ids[2])
+    assert str(blame[a.ids[2]]) in rows[a.name]["newest_unrestorable"]
+    assert rows[b.name]["newest_unrestorable"].startswith(b.ids[4])
+
     rc, verdicts, err = virtbackup(cfg, capsys, "verify", a.name)
     assert rc == 1, err
     bad = {v["backup"] for v in verdicts if not v["ok"]}

@@ -33,6 +33,7 @@ from virtbackupd.config.daemon import DaemonConfig, config_path, load_config
 from virtbackupd.core.policy import Level, Policy, policy_for
 from virtbackupd.core.records import BackupRecord, BackupStatus, DomainRecord
 from virtbackupd.engine.backup import BackupContext, JobProgress, backup_domain
+from virtbackupd.engine.catalogue import Standing, standing
 from virtbackupd.engine.domain_job import domain_job
 from virtbackupd.engine.locks import backup_owner_alive
 from virtbackupd.errors import (
@@ -567,8 +568,14 @@ async def _status(args: argparse.Namespace, config: DaemonConfig, store: Store) 
     daemon = read_status(config.runtime_dir)
     # The daemon's view of libvirt's domains when it runs; else ask libvirt.
     domains = None if daemon is not None else await libvirt_domains(config.libvirt_uri)
+    seen: dict[Path, Standing] = {}
+
+    def unrestorable(b: BackupRecord) -> str | None:
+        s = standing(Path(b.path), seen) if b.path else None
+        return None if s is None or s.restorable else s.why()
+
     rows, unmanaged = status_view.build_rows(
-        datetime.now(UTC), await store.backups(), policies(config), domains, daemon
+        datetime.now(UTC), await store.backups(), policies(config), domains, daemon, unrestorable
     )
     running = [
         replace(j, interrupted=not backup_owner_alive(config.runtime_dir, j.domain_uuid))
