@@ -47,7 +47,7 @@ async def cancel(args: argparse.Namespace, config: DaemonConfig, store: Store) -
         while not dead:
             left = [b for b in await store.backups(dom.uuid) if b.id in ids]
             if all(b.status is not BackupStatus.RUNNING for b in left):
-                return _said(args, dom, left, "cancelled")
+                return _said(args, dom, left, "cancelled backup")
             if time.monotonic() > deadline:
                 print(
                     f"virtbackup: the backup of {dom.name} has not ended {CANCEL_WAIT_S} s "
@@ -68,7 +68,7 @@ async def cancel(args: argparse.Namespace, config: DaemonConfig, store: Store) -
             file=sys.stderr,
         )
         return 1
-    return _said(args, dom, left, "interrupted (its process died); cleaned up")
+    return _said(args, dom, left, "cleaned up backup", " (its process had died)")
 
 
 async def _clean_after_dead_owner(
@@ -103,10 +103,12 @@ async def _clean_after_dead_owner(
             await lv.close()
 
 
-def _said(args: argparse.Namespace, dom: DomainRecord, left: list[BackupRecord], how: str) -> int:
+def _said(
+    args: argparse.Namespace, dom: DomainRecord, left: list[BackupRecord], what: str, why: str = ""
+) -> int:
     for b in left:
         if args.json:
             print(json.dumps(b.as_json(), indent=2))
         else:
-            print(f"{how}: backup {b.id} of {dom.name}: {b.status.value} ({b.error})")
+            print(f"{what} {b.id} of {dom.name}{why}: {b.status.value} ({b.error})")
     return 0
