@@ -15,7 +15,7 @@ import contextlib
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -44,7 +44,7 @@ from virtbackupd.core.records import (
 )
 from virtbackupd.engine import own_checkpoints, scratch, vm_starts
 from virtbackupd.engine.backup_export import Export, OfflineExport, OnlineExport
-from virtbackupd.engine.catalogue import commit_backup
+from virtbackupd.engine.catalogue import commit_backup, standing
 from virtbackupd.engine.copy import (
     CopyOptions,
     CopyProgress,
@@ -352,11 +352,12 @@ class Job:
                     sizes[d.target] = await lv.disk_capacity(self.ref, d.target)
                 except LibvirtError as exc:  # the copy will still check the size it reads
                     self.log.warning("cannot read the disk's size", disk=d.target, error=str(exc))
+        history = await store.backups(self.ref.uuid)
         plan = plan_backup(
             checkpoint=self.checkpoint,
             disks=info.disks,
             policy=self.ctx.policy,
-            history=await store.backups(self.ref.uuid),
+            history=history,
             stored_checkpoints=[cp for cp in stored if cp.status is CheckpointStatus.ACTIVE],
             view=CheckpointView(
                 known=frozenset(cp.name for cp in libvirt_cps),
@@ -366,6 +367,7 @@ class Job:
             want=want or self.want,
             sizes=sizes,
             repository=str(self.repo.root),
+            last_unrestorable=_unrestorable(history),
         )
         known = {cp.name for cp in libvirt_cps}
         for name in plan.delete_checkpoints:
@@ -609,3 +611,12 @@ def disk_records(results: dict[str, CopyResult]) -> tuple[DiskRecord, ...]:
 
 def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _unrestorable(history: Sequence[BackupRecord]) -> str | None:
+    """Why the newest complete backup's folders cannot be restored, if so."""
+    complete = [b for b in history if b.status is BackupStatus.COMPLETE and b.path]
+    if not complete:
+        return None
+    s = standing(Path(complete[-1].path or ""))
+    return None if s.restorable else s.why()
