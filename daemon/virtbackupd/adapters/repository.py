@@ -508,6 +508,9 @@ class Hold:
     devices: tuple[str, ...] = ()  # mount: the read-only loop devices
     rate: int = 0  # live restore: the move's bandwidth limit, bytes/s (0: none)
     opened: tuple[str, ...] = ()  # live restore: folders opened for QEMU's user (o+x)
+    checkpoint: str | None = None  # live restore: the checkpoint recording the guest's writes
+    verified: tuple[str, ...] = ()  # live restore: disks moved and checked against the backup
+    trouble: str | None = None  # live restore: a crash or a failed check, for the operator
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -527,6 +530,9 @@ class Hold:
             "devices": list(self.devices),
             "rate": self.rate,
             "opened": list(self.opened),
+            "checkpoint": self.checkpoint,
+            "verified": list(self.verified),
+            "trouble": self.trouble,
         }
 
     @classmethod
@@ -549,6 +555,9 @@ class Hold:
             devices=tuple(f.texts("devices")),
             rate=f.integer("rate", 0),
             opened=tuple(f.texts("opened")),
+            checkpoint=f.opt_text("checkpoint"),
+            verified=tuple(f.texts("verified")),
+            trouble=f.opt_text("trouble"),
         )
 
 
