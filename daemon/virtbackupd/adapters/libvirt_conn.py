@@ -179,6 +179,18 @@ class Libvirt:
         reach the file."""
         return backed_targets(await self.xml(ref))
 
+    async def flush_by_pause(self, ref: DomainRef) -> None:
+        """Make QEMU write everything it holds for the domain's images to
+        the files: pausing a domain flushes every image (QEMU's vm_stop), a
+        block job's end does not. Paused for milliseconds; a paused domain
+        was flushed when it paused and is left as it is."""
+        dom = await self._lookup(ref)
+        state, _ = await self._call(dom.state)
+        if state != libvirt.VIR_DOMAIN_RUNNING:
+            return
+        await self._call(dom.suspend)
+        await asyncio.shield(self._call(dom.resume))
+
     async def qemu_ended(self, ref: DomainRef) -> str | None:
         """Why a shut-off domain's QEMU ended, when not by a shutdown or
         destroy: "crashed" (QEMU died: a segfault, a kill) or "failed" (it

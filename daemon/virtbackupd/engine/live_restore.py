@@ -274,6 +274,12 @@ async def _settle_one(
         if hold.trouble is not None and set(nxt.disks) - set(hold.verified):
             state = "damaged"
     if act and set(hold.disks) <= set(hold.verified):
+        # QEMU rewrote each image's header when its pull ended, but keeps
+        # the new data's qcow2 metadata in memory until a flush: a kill
+        # then loses it all (measured: a SIGKILL a second after a finished
+        # pull left the image reading as zeroes). Only a flushed disk
+        # stands alone; then the backup may go.
+        await lv.flush_by_pause(ref)
         await _forget_guest_writes(lv, ref, hold)
         log.info(
             "live restore finished: every disk moved and checked against the backup",
