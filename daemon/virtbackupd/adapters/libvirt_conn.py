@@ -179,6 +179,11 @@ class Libvirt:
         reach the file."""
         return backed_targets(await self.xml(ref))
 
+    async def run_id(self, ref: DomainRef) -> int:
+        """libvirt's id of the domain's running QEMU: a new one at each start."""
+        dom = await self._lookup(ref)
+        return int(await self._call(dom.ID))
+
     async def flush_by_pause(self, ref: DomainRef) -> None:
         """Make QEMU write everything it holds for the domain's images to
         the files: pausing a domain flushes every image (QEMU's vm_stop), a

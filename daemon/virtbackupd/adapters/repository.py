@@ -511,6 +511,7 @@ class Hold:
     checkpoint: str | None = None  # live restore: the checkpoint recording the guest's writes
     verified: tuple[str, ...] = ()  # live restore: disks moved and checked against the backup
     trouble: str | None = None  # live restore: a crash or a failed check, for the operator
+    failed_run: int | None = None  # live restore: libvirt's id of the QEMU a check failed in
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -533,6 +534,7 @@ class Hold:
             "checkpoint": self.checkpoint,
             "verified": list(self.verified),
             "trouble": self.trouble,
+            "failed_run": self.failed_run,
         }
 
     @classmethod
@@ -558,6 +560,7 @@ class Hold:
             checkpoint=f.opt_text("checkpoint"),
             verified=tuple(f.texts("verified")),
             trouble=f.opt_text("trouble"),
+            failed_run=f.opt_integer("failed_run"),
         )
 
 

@@ -263,16 +263,14 @@ async def _settle_one(
     jobs = {d: await lv.block_job(ref, d) for d in hold.disks}
     facts = [DiskFacts(d, d in hold.verified, d in backed, jobs[d] is not None) for d in hold.disks]
     nxt = next_step(facts)
+    run = await lv.run_id(ref)
     state = "moving"
     if act and nxt.step is Step.PULL:
         log.info("live restore: pull started", domain=ref.name, disk=nxt.disks[0])
         await lv.block_pull(ref, nxt.disks[0], hold.rate)
         jobs[nxt.disks[0]] = await lv.block_job(ref, nxt.disks[0])
-    elif act and nxt.step is Step.CHECK:
-        state = "checking"
-        hold = await _check(lv, repo, hold, ref, nxt.disks, config)
-        if hold.trouble is not None and set(nxt.disks) - set(hold.verified):
-            state = "damaged"
+    elif act and nxt.step is Step.CHECK and hold.failed_run != run:
+        hold = await _check(lv, repo, hold, ref, nxt.disks, config, run)
     if act and set(hold.disks) <= set(hold.verified):
         # QEMU rewrote each image's header when its pull ended, but keeps
         # the new data's qcow2 metadata in memory until a flush: a kill
@@ -289,8 +287,8 @@ async def _settle_one(
         )
         release(repo, hold)
         state = "finished"
-    elif hold.trouble is not None and state == "moving" and nxt.step is Step.CHECK:
-        state = "damaged"
+    elif nxt.step is Step.CHECK:
+        state = "damaged" if hold.failed_run == run else "checking"
     moves = tuple(
         DiskMove(
             d,
@@ -342,8 +340,10 @@ async def _check(
     ref: DomainRef,
     disks: Sequence[str],
     config: DaemonConfig,
+    run: int,
 ) -> Hold:
-    """Check `disks` (every pull ended) and record the outcome in the hold."""
+    """Check `disks` (every pull ended) and record the outcome in the hold
+    (`run`: the id of the QEMU checked)."""
     folder = repo.final_dir(hold.domain_uuid, hold.backup_id)
     work = config.scratch_dir / f"live-{hold.id}"
     results = await live_check.check_moved(
@@ -359,12 +359,15 @@ async def _check(
             disk=r.disk,
             result=live_check.describe(r),
         )
-    trouble = hold.trouble
+    trouble, failed_run = hold.trouble, None
     if bad:
         trouble = "; ".join(live_check.describe(r) for r in bad) + (
             "; the backup stays held (restore again, or undefine the domain to release it)"
         )
-    hold = replace(hold, verified=(*hold.verified, *good), trouble=trouble)
+        # What was lost stays lost while this QEMU runs: checked again
+        # after the next start only, not every few seconds.
+        failed_run = run
+    hold = replace(hold, verified=(*hold.verified, *good), trouble=trouble, failed_run=failed_run)
     repo.add_hold(hold)
     return hold
 
