@@ -347,6 +347,26 @@ async def test_a_killed_new_domain_is_reported_and_its_backup_stays_held_until_c
     td, _repo, _full, refs = await _restore_live_of(domains, config, [64 * MiB] * 3)
     targets = sorted(refs)
     outcomes = []
+    daemon = Daemon(config, tmp_path)  # the journal's side: it notices the crash too
+    await daemon.start()
+    try:
+        await _kill_during_moves(td, config, libvirt_conn, rnd, targets, refs, daemon, outcomes)
+    finally:
+        await daemon.stop()
+        daemon.close()
+    print("; ".join(outcomes))
+
+
+async def _kill_during_moves(
+    td: GuestDomain,
+    config: Path,
+    libvirt_conn: libvirt.virConnect,
+    rnd: random.Random,
+    targets: list[str],
+    refs: dict[str, Path],
+    daemon: Daemon,
+    outcomes: list[str],
+) -> None:
     for it in range(3):
         name = f"{PREFIX}{os.getpid()}-kill{it}"
         new_dir = td.workdir / f"live{it}"
@@ -366,11 +386,22 @@ async def test_a_killed_new_domain_is_reported_and_its_backup_stays_held_until_c
         try:
             delay = rnd.uniform(0, 12)  # the three pulls take about 18 s at 1 MiB/s
             await asyncio.sleep(delay)
+            mark = len(daemon.read_log())
             os.kill(_qemu_pid(name), signal.SIGKILL)
             deadline = time.monotonic() + 60
             while dom.isActive():
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.2)
+            while not (
+                crashed := [
+                    x
+                    for x in daemon.read_log()[mark:].splitlines()
+                    if "live restore: the new domain crashed" in x
+                ]
+            ):
+                assert time.monotonic() < deadline, "no crash in the daemon's log"
+                await asyncio.sleep(0.5)
+            assert name in crashed[0], crashed
             holds = [h for h in await live_holds(config) if h.get("domain") == name]
             assert [h["state"] for h in holds] == ["crashed"], holds
             assert "crashed during the move" in holds[0]["trouble"], holds
@@ -401,4 +432,3 @@ async def test_a_killed_new_domain_is_reported_and_its_backup_stays_held_until_c
             outcomes.append(f"kill at {delay:.1f} s: moved and checked after the restart")
         finally:
             remove_domain(libvirt_conn, name)
-    print("; ".join(outcomes))

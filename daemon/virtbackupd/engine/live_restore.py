@@ -59,7 +59,12 @@ from virtbackupd.core.live_move import GUEST_WRITES_CHECKPOINT, DiskFacts, Step,
 from virtbackupd.core.restored_domain import RestoredImage
 from virtbackupd.engine import live_check
 from virtbackupd.engine.restore import define_on_images, running_user
-from virtbackupd.errors import DomainNotFoundError, RestoreError, VirtBackupError
+from virtbackupd.errors import (
+    DomainNotFoundError,
+    LibvirtError,
+    RestoreError,
+    VirtBackupError,
+)
 
 log = structlog.get_logger("virtbackupd.live_restore")
 
@@ -165,7 +170,7 @@ async def start_live_restore(
         try:
             await lv.start(ref)
             # The first pull only: the others follow one at a time (settle).
-            await lv.block_pull(ref, disks[0], rate)
+            await _first_pull(lv, ref, disks[0], rate)
         except BaseException:
             repo.drop_hold(hold)
             raise
@@ -182,6 +187,16 @@ async def start_live_restore(
         "live restore started", domain=name, uuid=ref.uuid, backup=backup_id, disks=list(disks)
     )
     return ref, hold, dropped
+
+
+async def _first_pull(lv: Libvirt, ref: DomainRef, disk: str, rate: int) -> None:
+    """The hold exists before the domain starts: a daemon's round may see
+    it running and start this very pull first (seen under load)."""
+    try:
+        await lv.block_pull(ref, disk, rate)
+    except LibvirtError:
+        if await lv.block_job(ref, disk) is None:
+            raise
 
 
 async def _redefine_guest_writes(lv: Libvirt, ref: DomainRef, disks: Sequence[str]) -> None:
