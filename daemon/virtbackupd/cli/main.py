@@ -478,7 +478,7 @@ async def _prune(args: argparse.Namespace, config: DaemonConfig, store: Store) -
         print(f"virtbackup: warning: {exc}; checkpoints of pruned backups stay", file=sys.stderr)
         lv = None
     try:
-        await recovery.settle_holds(recovery.repositories(config), lv)
+        await recovery.settle_holds(recovery.repositories(config), lv, config)
         for dom in domains:
             refusal = loaded.refusal(dom.name, dom.uuid)
             if refusal is not None:

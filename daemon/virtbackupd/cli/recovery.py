@@ -201,7 +201,7 @@ async def umount(args: argparse.Namespace, config: DaemonConfig) -> int:
 
 
 async def settle_holds(
-    repos: list[Repository], lv: Libvirt | None
+    repos: list[Repository], lv: Libvirt | None, config: DaemonConfig
 ) -> dict[str, live_restore.MoveState]:
     """Release finished moves and vanished mounts, restart stopped moves
     (what the daemon does when it runs); the moves' states by hold id."""
@@ -210,7 +210,7 @@ async def settle_holds(
     if lv is not None:
         for repo in repos:
             with contextlib.suppress(VirtBackupError):
-                for m in await live_restore.settle(lv, repo):
+                for m in await live_restore.settle(lv, repo, config):
                     moves[m.hold.id] = m
     return moves
 
@@ -218,7 +218,7 @@ async def settle_holds(
 async def hold_lines(config: DaemonConfig, lv: Libvirt | None) -> list[dict[str, object]]:
     """Every hold, settled first, as status rows."""
     repos = repositories(config)
-    moves = await settle_holds(repos, lv)
+    moves = await settle_holds(repos, lv, config)
     rows: list[dict[str, object]] = []
     for repo in repos:
         for h in repo.holds():
@@ -250,10 +250,14 @@ def render_holds(rows: list[dict[str, object]]) -> list[str]:
             for d in r.get("disks", []):  # type: ignore[attr-defined]
                 if d["moved"]:
                     parts.append(f"{d['disk']} moved")
+                elif d.get("pulled"):
+                    parts.append(f"{d['disk']} pulled, not yet checked")
                 elif d["total"]:
                     parts.append(f"{d['disk']} {100 * d['done'] // d['total']}%")
                 else:
                     parts.append(f"{d['disk']} waiting")
             head += f" ({r['state']}: {', '.join(parts)})"
+            if r.get("trouble"):
+                head += f"\n  {r['trouble']}"
         lines.append(head)
     return lines

@@ -365,7 +365,7 @@ class Service:
                 if any(h.kind is HoldKind.LIVE_RESTORE for r in repos for h in r.holds()):
                     async with await Libvirt.open(self.config.libvirt_uri) as lv:
                         for repo in repos:
-                            await live_restore.settle(lv, repo)
+                            await live_restore.settle(lv, repo, self.config)
             except VirtBackupError as exc:
                 log.warning("settling live restores and mounts failed", error=str(exc))
             except Exception as exc:  # a bug: logged, tried again next round

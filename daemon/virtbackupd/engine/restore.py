@@ -58,7 +58,13 @@ from virtbackupd.engine.copy import (
     copy_to_export,
     nbd_sources,
 )
-from virtbackupd.errors import InputError, RestoreError, UnknownRestorePointError, VirtBackupError
+from virtbackupd.errors import (
+    DomainNotFoundError,
+    InputError,
+    RestoreError,
+    UnknownRestorePointError,
+    VirtBackupError,
+)
 
 log = structlog.get_logger("virtbackupd.restore")
 
@@ -437,9 +443,13 @@ async def running_user(lv: Libvirt, paths: Set[Path]) -> tuple[str, Path] | None
     and which path: nothing a domain runs on may be written over."""
     wanted = {p.resolve(): p for p in paths}
     for ref in await lv.domains():
-        if not await lv.is_running(ref):
-            continue
-        info = parse_domain(await lv.xml(ref), f"domain XML of {ref.name}")
+        try:
+            if not await lv.is_running(ref):
+                continue
+            xml = await lv.xml(ref)
+        except DomainNotFoundError:
+            continue  # undefined since the listing: it runs on nothing
+        info = parse_domain(xml, f"domain XML of {ref.name}")
         for d in info.disks:
             if d.source and (hit := wanted.get(Path(d.source).resolve())) is not None:
                 return ref.name, hit
