@@ -11,9 +11,13 @@ layer *shows* (its view, with its backing chain) unchanged, byte for byte:
   a parent, and to shorten a chain that outgrew the policy's limit (the
   child skips a layer that stays, as a side branch).
 - ``Consolidate(heir, into)``: a pruned standalone layer with a child:
-  the child is committed into it (`qemu-img commit`), and the result takes
-  the child's place (rename), so the child becomes standalone. Other
-  children of the pruned layer are first rebased onto the heir.
+  the child becomes standalone, its image replaced by one of its whole
+  view (it takes over the pruned layer's bytes). Other children of the
+  pruned layer are first rebased onto the heir.
+
+The engine carries out both on a new image beside the old one and
+switches them by a rename (engine.prune), so the bound on the space they
+need (:func:`space_needed`) counts each merged image twice.
 - ``Remove(id)``: the folder of a layer nothing depends on any more.
 
 A layer that receives bytes from another must answer for them: its

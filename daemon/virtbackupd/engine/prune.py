@@ -6,15 +6,20 @@ anything changes, and removed only when everything, the state store
 included, agrees with it. Every operation is idempotent and leaves each
 kept backup's view unchanged at every instant (see core.merge_plan), so:
 
-- a prune interrupted anywhere loses nothing that is kept;
+- a prune interrupted anywhere loses nothing that is kept: a merge
+  writes a new image under a hidden name and renames it into place once
+  whole (`_stage`), never into an image a kept view reads;
 - the next prune (or backup) replays the journal from the start, each
   operation noticing how far it had got, and only then plans anew.
 
 A merged layer's new digest is planned from the piece hashes already
 recorded, reading back only the grid cells the merged layers share
 (engine.merge_digests); before the journal is written, every recorded
-piece those reads see is checked in its own layer's view: a merge never
-launders a corrupted backup into a fresh digest.
+piece those reads see, and every piece of a pruned layer whose bytes move
+into a kept one, is checked in its own layer's view: a merge never
+launders a corrupted backup into a fresh digest or a kept backup's name.
+The space the merges need is bounded first, and a plan that may not fit
+is refused with the numbers.
 """
 
 from __future__ import annotations
