@@ -55,7 +55,7 @@ class Rebase:
 @dataclass(frozen=True)
 class Consolidate:
     heir: str
-    into: str  # the pruned standalone layer the heir is committed into
+    into: str  # the pruned standalone layer whose bytes the heir takes over
     ranges: Ranges
 
 

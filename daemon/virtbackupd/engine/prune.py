@@ -101,7 +101,10 @@ def describe(op: Op) -> str:
     if isinstance(op, Rebase):
         return f"rebase {op.child} onto {op.parent} (taking over {op.absorbed}'s bytes)"
     if isinstance(op, Consolidate):
-        return f"make {op.heir} standalone (a new image of its view), taking over {op.into}'s bytes"
+        return (
+            f"consolidate {op.heir} (standalone: a new image of its view, "
+            f"taking over {op.into}'s bytes)"
+        )
     return f"remove {op.id}"
 
 
