@@ -363,9 +363,16 @@ async def _repair_leaks(domain_dir: Path, hook: StepHook) -> None:
             continue
         for d in stored.manifest.disks:
             image = stored.folder / d.path
-            found = await qemu_img.check(image)
+            try:
+                found = await qemu_img.check(image)
+                if found.leaks:
+                    await qemu_img.while_locked(partial(_repair, image))
+            except VirtBackupError as exc:
+                # Damage is verify's and restore's to report; it must not
+                # keep this journal (and so every later prune) from finishing.
+                log.warning("leaked clusters not freed", image=str(image), error=str(exc))
+                continue
             if found.leaks:
-                await qemu_img.while_locked(partial(_repair, image))
                 log.info("freed leaked clusters", image=str(image), clusters=found.leaks)
                 hook(f"repaired {stored.manifest.id}/{d.disk}")
 
