@@ -106,13 +106,26 @@ class OnlineExport:
                 raw=self.job.ctx.policy.raw,
             ),
         )
-        space = scratch.check_before(self.job.ctx.config.scratch_dir, self.job.ref.name)
-        self.job.log.debug("scratch space", free=space.free, reserve=space.reserve)
+        # Before anything touches the guest: every scratch image with all the
+        # space it can need (engine/scratch.py), or a refusal with the numbers.
+        sizes = await self._sizes(docs.included)
+        files = {
+            c.target: scratch.ScratchFile(
+                c.target, Path(docs.scratch_path(c.target)), sizes[c.target]
+            )
+            for c in docs.included
+        }
+        reserved = await scratch.reserve(
+            files, self.job.scratch_dir, self.job.ref.name, info.qemu_user
+        )
+        self.job.log.debug("scratch space reserved", bytes=reserved)
         self.job.note(UndoKind.LIBVIRT_JOB, socket)
         self.job.note(UndoKind.CHECKPOINT, name=self.job.checkpoint)
         frozen = await self._freeze(info)
         try:
-            await lv.backup_begin(self.job.ref, docs.backup.to_xml(), docs.checkpoint.to_xml())
+            await lv.backup_begin(
+                self.job.ref, docs.backup.to_xml(), docs.checkpoint.to_xml(), reuse_scratch=True
+            )
         finally:
             if frozen:
                 # The point in time is taken when the job starts: thaw at once.
@@ -122,7 +135,16 @@ class OnlineExport:
                 clear_freeze(self.job.ctx.config.runtime_dir, self.job.ref.uuid)
         self.job.libvirt_job = True
         self.job.log.debug("pull job started")  # bench/first_byte.py times libvirt's share
-        await self.job.create_targets(plan, await self._sizes(docs.included))
+        # A disk resized between the reservation and the job's start would
+        # outgrow its scratch image: not a backup to go on with.
+        now = await self._sizes(docs.included)
+        if now != sizes:
+            raise BackupFailedError(
+                f"a disk of {self.job.ref.name} changed size as the backup began "
+                f"({sizes} bytes, then {now}); nothing of this backup is kept, the next one "
+                "reserves for the new size"
+            )
+        await self.job.create_targets(plan, sizes)
         self.job.enter(JobState.COPYING)
         sources = {
             c.target: (
