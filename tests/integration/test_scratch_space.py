@@ -151,6 +151,10 @@ async def test_guest_writes_during_a_backup_never_fail_and_the_backup_is_its_sta
         assert scratch.measure(small_scratch).free < 10 * MiB
         await _storm(guest, 8 * MiB, 40 * MiB, 0x0D)
         assert not task.done(), "the copy must still be behind the guest's writes"
+        # The reservation is the disk's size for the job's whole life: QEMU
+        # refuses to grow a disk while its backup job runs.
+        with pytest.raises(libvirt.libvirtError, match="in use"):
+            td.dom.blockResize("vda", 48 * MiB, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
         rec = await task
     assert rec.status is BackupStatus.COMPLETE
     assert_guest_unharmed(td)
@@ -197,3 +201,39 @@ async def test_a_scratch_space_too_small_for_the_disk_is_refused_up_front(
     async with engine(scratch_config, td.name) as ctx:
         recs = await ctx.store.backups(td.dom.UUIDString())
     assert [r.status for r in recs] == [BackupStatus.FAILED]
+
+
+async def test_a_disk_resized_before_the_job_starts_fails_the_backup_cleanly(
+    domains: DomainFactory,
+    scratch_config: Path,
+    small_scratch: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A disk grown between the reservation and backupBegin would outgrow
+    its scratch image: QEMU refuses to start the job (the backup's target
+    must be the disk's size), the backup fails before copying and leaves
+    no checkpoint, bitmap or scratch file."""
+    td = domains.create(qcow2_sizes=[16 * MiB])
+    guest = GuestWriter(td)
+    guest.write("vda", 0, 8 * MiB, 0x0E)
+    real = scratch.reserve
+
+    async def reserve_then_resize(*args: object, **kwargs: object) -> int:
+        reserved = await real(*args, **kwargs)  # type: ignore[arg-type]
+        await asyncio.to_thread(
+            td.dom.blockResize, "vda", 24 * MiB, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES
+        )
+        return reserved
+
+    monkeypatch.setattr(scratch, "reserve", reserve_then_resize)
+    async with engine(scratch_config, td.name) as ctx:
+        with pytest.raises(
+            BackupFailedError,
+            match="Source and target image have different sizes",
+        ):
+            await backup_domain(ctx, td.name)
+    assert_guest_unharmed(td)
+    assert [c.getName() for c in td.dom.listAllCheckpoints()] == []
+    assert live_bitmaps(td) == set()
+    assert list(small_scratch.iterdir()) == []
+    guest.write("vda", 8 * MiB, 4 * MiB, 0x0F)

@@ -135,15 +135,6 @@ class OnlineExport:
                 clear_freeze(self.job.ctx.config.runtime_dir, self.job.ref.uuid)
         self.job.libvirt_job = True
         self.job.log.debug("pull job started")  # bench/first_byte.py times libvirt's share
-        # A disk resized between the reservation and the job's start would
-        # outgrow its scratch image: not a backup to go on with.
-        now = await self._sizes(docs.included)
-        if now != sizes:
-            raise BackupFailedError(
-                f"a disk of {self.job.ref.name} changed size as the backup began "
-                f"({sizes} bytes, then {now}); nothing of this backup is kept, the next one "
-                "reserves for the new size"
-            )
         await self.job.create_targets(plan, sizes)
         self.job.enter(JobState.COPYING)
         sources = {
