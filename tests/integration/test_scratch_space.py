@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -122,6 +123,18 @@ async def _copying_or_done(ctx: BackupContext, task: asyncio.Task[BackupRecord])
     raise AssertionError("the backup neither began copying nor ended")
 
 
+def _fill(path: Path) -> None:
+    """Take every byte left on the file system."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\xff" * (64 * 1024))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 async def _storm(guest: GuestWriter, start: int, end: int, pattern: int) -> None:
     """8 MiB guest writes back to back over blocks the copy has not reached
     (it moves at 1 MiB/s): each makes copy-before-write copy 8 MiB of old data."""
@@ -146,10 +159,13 @@ async def test_guest_writes_during_a_backup_never_fail_and_the_backup_is_its_sta
         task = asyncio.create_task(backup_domain(ctx, td.name, want=Level.FULL))
         await _copying_or_done(ctx, task)
         assert not task.done()
-        # The reservation took the file system: what the old guard (a third
-        # of it kept free) would have called running out.
+        # The reservation took most of the file system (the old guard kept a
+        # third free); another tenant takes the rest: not one byte is left.
         assert scratch.measure(small_scratch).free < 10 * MiB
+        _fill(small_scratch / "filler")
+        assert scratch.measure(small_scratch).free == 0
         await _storm(guest, 8 * MiB, 40 * MiB, 0x0D)
+        await _storm(guest, 8 * MiB, 24 * MiB, 0x0E)  # blocks already copied once
         assert not task.done(), "the copy must still be behind the guest's writes"
         # The reservation is the disk's size for the job's whole life: QEMU
         # refuses to grow a disk while its backup job runs.
@@ -158,6 +174,7 @@ async def test_guest_writes_during_a_backup_never_fail_and_the_backup_is_its_sta
         rec = await task
     assert rec.status is BackupStatus.COMPLETE
     assert_guest_unharmed(td)
+    (small_scratch / "filler").unlink()
     # The backup is the disk as it was when the backup began.
     restores_as(Path(rec.path or "") / rec.disks[0].path, at_start, tmp_path)
     assert list(small_scratch.iterdir()) == []
