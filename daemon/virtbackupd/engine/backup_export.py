@@ -200,7 +200,9 @@ class OnlineExport:
 
     async def _sizes(self, choices: Sequence[DiskChoice]) -> dict[str, int]:
         """Virtual size of each exported disk: what QEMU shows the guest
-        (libvirt's block info), the size of the node the export serves. No
+        (libvirt's block info). Read before the job begins, for the scratch
+        reservation; QEMU starts the job only if each disk still has its
+        scratch image's size, so it is also the size the export serves. No
         NBD connection of its own: the copy connects anyway, and refuses a
         target whose size differs from the export's."""
         lv = self.job.ctx.libvirt
