@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import shutil
+import signal
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -24,6 +26,7 @@ import libvirt
 import libvirt_qemu
 import pytest
 
+from testbed.daemon import spawn_cli
 from testbed.domains import WORK_ROOT, DomainFactory, GuestDomain, MiB
 from testbed.guest import GuestWriter
 from testbed.tools import assert_restores, qemu_img_compare
@@ -72,9 +75,10 @@ def scratch_config(tmp_path: Path, small_scratch: Path) -> Iterator[Path]:
     run = WORK_ROOT / f"run-{tmp_path.name}"
     run.mkdir(parents=True, exist_ok=True)
     cfg = tmp_path / "vb.yaml"
+    (tmp_path / "policies").mkdir()
     cfg.write_text(
         f"state_dir: state\nbackup_root: backups\nruntime_dir: {run}\n"
-        f"scratch_dir: {small_scratch}\n"
+        f"scratch_dir: {small_scratch}\npolicy_dirs: [policies]\n"
     )
     yield cfg
     shutil.rmtree(run, ignore_errors=True)
@@ -254,3 +258,51 @@ async def test_a_disk_resized_before_the_job_starts_fails_the_backup_cleanly(
     assert live_bitmaps(td) == set()
     assert list(small_scratch.iterdir()) == []
     guest.write("vda", 8 * MiB, 4 * MiB, 0x0F)
+
+
+KILLS = int(os.environ.get("VBTEST_SCRATCH_KILLS", "3"))
+
+
+async def test_a_backup_killed_at_a_random_instant_leaves_no_reservation_behind(
+    domains: DomainFactory, scratch_config: Path, small_scratch: Path, tmp_path: Path
+) -> None:
+    """`virtbackup backup` SIGKILLed at a random instant (before, during or
+    after the reservation, during the copy): guest writes keep succeeding
+    (an orphaned job keeps its reserved scratch), and the next backup
+    removes the dead one's reservation before making its own: with two
+    32 MiB reservations not fitting in 48 MiB, a leak would refuse it.
+    Seeded: VBTEST_SCRATCH_SEED replays, VBTEST_SCRATCH_KILLS sets the count."""
+    seed = int(os.environ.get("VBTEST_SCRATCH_SEED", random.randrange(1 << 32)))
+    print(f"VBTEST_SCRATCH_SEED={seed}")
+    rng = random.Random(seed)
+    td = domains.create(qcow2_sizes=[32 * MiB])
+    guest = GuestWriter(td)
+    guest.write("vda", 0, 32 * MiB, 0x21)
+    policy = scratch_config.parent / "policies" / "slow.yaml"
+    for i in range(KILLS):
+        # Something to copy for the incrementals too: 16 s at 1 MiB/s.
+        guest.write("vda", 16 * MiB, 16 * MiB, 0x40 + i)
+        policy.write_text(f"domains: [{td.name}]\nbandwidth: 1MiB\n")
+        proc = await spawn_cli(
+            scratch_config,
+            "backup",
+            td.name,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        delay = rng.uniform(0.0, 4.0)
+        print(f"kill {i}: after {delay:.2f} s")
+        await asyncio.sleep(delay)
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGKILL)
+        _, err = await proc.communicate()
+        assert proc.returncode == -signal.SIGKILL, err.decode()
+        await _storm(guest, 8 * MiB, 24 * MiB, 0x30 + i)
+        assert_guest_unharmed(td)
+        policy.unlink()
+        async with engine(scratch_config, td.name) as ctx:
+            rec = await backup_domain(ctx, td.name)
+        assert rec.status is BackupStatus.COMPLETE
+        assert_restores(Path(rec.path or ""), [(d.disk, d.path) for d in rec.disks], td, tmp_path)
+        assert list(small_scratch.iterdir()) == []
+        assert_guest_unharmed(td)
