@@ -210,7 +210,7 @@ async def test_a_scratch_space_too_small_for_the_disk_is_refused_up_front(
             await task
     text = str(err.value)
     assert "reserves 1025 MiB before it begins (vda 1025 MiB" in text, text
-    assert f"MiB free of 48 MiB in {small_scratch}" in text, text
+    assert f"MiB free of 48 MiB in {small_scratch}; set scratch_dir" in text, text
     assert "set scratch_dir to a file system with that much room" in text, text
     assert "\n" not in text
     assert_guest_unharmed(td)

@@ -116,7 +116,7 @@ class OnlineExport:
             for c in docs.included
         }
         reserved = await scratch.reserve(
-            files, self.job.scratch_dir, self.job.ref.name, info.qemu_user
+            files, self.job.ctx.config.scratch_dir, self.job.ref.name, info.qemu_user
         )
         self.job.log.debug("scratch space reserved", bytes=reserved)
         self.job.note(UndoKind.LIBVIRT_JOB, socket)

@@ -86,7 +86,8 @@ async def reserve(
     """Create every scratch image with its space reserved; returns the bytes
     reserved. The check first gives the numbers; the creation itself is the
     guarantee (another writer may take the room in between: then the
-    reservation fails here, before the backup begins, never later)."""
+    reservation fails here, before the backup begins, never later).
+    `folder`: scratch_dir, named in the messages."""
     for f in files.values():  # an earlier attempt's (a full after a refused incremental)
         f.path.unlink(missing_ok=True)
     needs = {
@@ -102,7 +103,7 @@ async def reserve(
             f.path.unlink(missing_ok=True)
             raise ScratchSpaceError(
                 f"scratch space: cannot reserve {_mib(needs[d])} MiB for disk {d} of {domain} "
-                f"in {f.path.parent} ({measure(folder).describe()}): {exc.message}; scratch_dir "
+                f"({measure(folder).describe()}): {exc.message}; scratch_dir "
                 "must be a file system with room for the disks and fallocate (ext4, xfs, tmpfs)"
             ) from exc
         if qemu_user is not None:
