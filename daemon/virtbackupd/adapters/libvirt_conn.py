@@ -272,10 +272,18 @@ class Libvirt:
         return bool(info[0] != libvirt.VIR_DOMAIN_JOB_NONE)
 
     async def backup_begin(
-        self, ref: DomainRef, backup_xml: str, checkpoint_xml: str | None
+        self,
+        ref: DomainRef,
+        backup_xml: str,
+        checkpoint_xml: str | None,
+        reuse_scratch: bool = False,
     ) -> None:
+        """Start a backup job. `reuse_scratch`: the scratch files named in
+        the XML exist and libvirt must use them as they are (it neither
+        creates nor deletes them)."""
         dom = await self._lookup(ref)
-        await self._call(dom.backupBegin, backup_xml, checkpoint_xml, 0)
+        flags = libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL if reuse_scratch else 0
+        await self._call(dom.backupBegin, backup_xml, checkpoint_xml, flags)
 
     async def backup_xml(self, ref: DomainRef) -> str:
         dom = await self._lookup(ref)

@@ -170,6 +170,20 @@ async def bitmap_flags(path: Path) -> dict[str, frozenset[str]]:
     return dict((await info(path)).bitmaps)
 
 
+async def measure_preallocated(size: int, options: Sequence[str]) -> int:
+    """Bytes a qcow2 image of virtual size `size`, created with `options`
+    (a preallocation among them), takes on its file system: qemu-img's own
+    figure, metadata included."""
+    argv = [QEMU_IMG, "measure", "--output=json", "-O", "qcow2", "--size", str(size)]
+    for opt in options:
+        argv += ["-o", opt]
+    out = await run_tool(argv, "qemu-img measure")
+    try:
+        return int(json.loads(out)["fully-allocated"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProcessError("qemu-img measure", f"unexpected output: {exc!r}") from exc
+
+
 @dataclass(frozen=True)
 class CheckResult:
     """What `qemu-img check` found in an image that is not corrupt."""

@@ -77,7 +77,6 @@ class _Cancel(StrEnum):
 
     OPERATOR = "cancelled by the operator"
     DOMAIN_STARTED = "cancelled: the domain was started (a VM start wins over an offline backup)"
-    SCRATCH = "scratch space ran low"  # the message with the numbers is kept beside
 
 
 @dataclass
@@ -186,7 +185,6 @@ class Job:
         self.repo = Repository(ctx.policy.target or ctx.config.backup_root)
         self.job_dir = ctx.config.runtime_dir / "jobs" / self.id
         self.scratch_dir = ctx.config.scratch_dir / self.id
-        self.cancel_detail = ""
         self.machine = JobMachine()
         self.log = log.bind(domain=ref.name, backup_id=self.id, checkpoint=self.checkpoint)
         self.libvirt_job = False
@@ -223,8 +221,7 @@ class Job:
                         "nothing of it is kept, and it is taken again once the domain runs"
                     ) from None
                 raise BackupFailedError(
-                    f"backup {self.id} of {self.ref.name} failed: "
-                    f"{self.cancel_detail or self.cancelled.value}"
+                    f"backup {self.id} of {self.ref.name} failed: {self.cancelled.value}"
                 ) from None
             raise
         finally:
@@ -247,15 +244,6 @@ class Job:
                     self.log.warning("the domain is being started: the offline backup gives way")
                     self.cancelled = _Cancel.DOMAIN_STARTED
                     body.cancel()
-                elif self.libvirt_job and self.state in (JobState.EXPORTING, JobState.COPYING):
-                    space = scratch.measure(self.ctx.config.scratch_dir)
-                    if space.running_out:
-                        self.cancel_detail = scratch.stopped_reason(
-                            space, scratch.used_by(self.scratch_dir)
-                        )
-                        self.log.error("stopping the backup", reason=self.cancel_detail)
-                        self.cancelled = _Cancel.SCRATCH
-                        body.cancel()
             now = time.monotonic()
             p = self.progress
             if p is not None and self.record is not None and now - published >= 1.0:
@@ -555,11 +543,7 @@ class Job:
         earlier one fails."""
         reason = str(exc) or type(exc).__name__
         if isinstance(exc, asyncio.CancelledError):
-            reason = (
-                (self.cancel_detail or self.cancelled.value)
-                if self.cancelled is not None
-                else "cancelled"
-            )
+            reason = self.cancelled.value if self.cancelled is not None else "cancelled"
         if isinstance(exc, Exception) and not isinstance(exc, VirtBackupError):
             reason = f"internal error: {type(exc).__name__}: {exc}"
             self.log.error("backup failed", state=self.state.value, error=reason, exc_info=exc)
