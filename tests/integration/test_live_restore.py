@@ -64,7 +64,7 @@ async def test_live_restore_runs_at_once_and_moves_while_the_guest_writes(
     size = 3 * GiB
     td = domains.create(qcow2_sizes=[size])
     # QEMU (libvirt-qemu) must reach the repository: not below pytest's 0700 temp dirs.
-    repo = td.workdir / "repo"
+    repo = td.root_folder("repo")
     config.write_text(config.read_text().replace("backup_root: backups", f"backup_root: {repo}"))
     (config.parent / "policies" / "p.yaml").write_text(
         f"domains: [{td.name}]\nretention: {{keep_last: 1}}\n"
@@ -254,7 +254,7 @@ async def _restore_live_of(
     over the disk), backed up full: the domain, the repository, the
     backup, and each disk's reference copy of the backup's content."""
     td = domains.create(qcow2_sizes=sizes)
-    repo = td.workdir / "repo"  # QEMU (libvirt-qemu) must reach it
+    repo = td.root_folder("repo")  # QEMU (libvirt-qemu) must reach it
     config.write_text(config.read_text().replace("backup_root: backups", f"backup_root: {repo}"))
     (config.parent / "policies" / "p.yaml").write_text(f"domains: [{td.name}]\n")
     guest = GuestWriter(td)
