@@ -14,6 +14,13 @@ Each disk image of a backup is checked for:
 
 So a flipped byte in any data cluster of any image is found, and named by
 backup and disk (and offset, where the check can tell).
+
+While an interrupted prune is pending (the domain's prune journal exists),
+the files are between two of the prune's consistent states: only what a
+restore reads is promised. Each backup is then checked as a restore reads
+it (engine.restore.damage_as_restored: the chain's recorded piece hashes
+against the view, no image written), and its verdict says the prune is
+pending and what finishes it.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from pathlib import Path
 
 from virtbackupd.adapters import qemu_img
 from virtbackupd.adapters.repository import (
+    PRUNE_JOURNAL,
     Repository,
     RepositoryFormatError,
     backing_of,
@@ -37,7 +45,10 @@ from virtbackupd.core.records import BackupRecord, DiskRecord
 from virtbackupd.engine.content import allocated_here, differing, digest_view, open_view
 from virtbackupd.engine.domain_job import domain_job
 from virtbackupd.engine.guest_view import FsVerdict, check_filesystems
+from virtbackupd.engine.restore import damage_as_restored
 from virtbackupd.errors import VirtBackupError
+
+PRUNE_PENDING = "an interrupted prune is pending"
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,7 @@ class BackupVerdict:
     # with each: a backup is only as good as its chain.
     damaged_ancestors: tuple[str, ...] = ()
     ancestor_problems: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()  # what the operator should know, not damage
 
     @property
     def ok(self) -> bool:
@@ -77,6 +89,7 @@ class BackupVerdict:
             "ok": self.ok,
             "problems": [*self.problems, *self.ancestor_problems],
             "damaged_ancestors": list(self.damaged_ancestors),
+            "notes": list(self.notes),
             "disks": [
                 {"disk": d.disk, "ok": d.ok, "problems": list(d.problems)} for d in self.disks
             ],
@@ -93,9 +106,17 @@ class Verifier:
     async def backup(self, folder: Path, disks: Sequence[str] | None = None) -> BackupVerdict:
         """Check one backup folder and every backup it restores through;
         never raises for what it finds wrong."""
+        repo = Repository.of_backup(folder)
+        try:
+            journal = repo.journal(folder.parent.name)
+        except VirtBackupError as exc:
+            unreadable = f"prune journal unreadable: {exc}"
+            return BackupVerdict(folder.name, folder, problems=(unreadable,))
+        if journal is not None:
+            return await self.as_restored(folder, disks)
         own = await self.layer(folder, disks)
         try:
-            chain = Repository.of_backup(folder).chain(folder)
+            chain = repo.chain(folder)
         except VirtBackupError as exc:
             return BackupVerdict(
                 own.backup_id, folder, own.disks, (*own.problems, f"chain unreadable: {exc}")
@@ -115,6 +136,28 @@ class Verifier:
         return BackupVerdict(
             own.backup_id, folder, own.disks, own.problems, tuple(damaged), tuple(lines)
         )
+
+    async def as_restored(self, folder: Path, disks: Sequence[str] | None) -> BackupVerdict:
+        """A backup of a domain whose prune was interrupted: checked as a
+        restore reads it."""
+        try:
+            manifest = read_manifest(folder)
+        except VirtBackupError as exc:
+            return BackupVerdict(folder.name, folder, problems=(f"manifest unreadable: {exc}",))
+        verdicts = []
+        for d in manifest.disks:
+            if disks is not None and d.disk not in disks:
+                continue
+            try:
+                found = await damage_as_restored(folder, d.disk, self.runtime_dir)
+            except VirtBackupError as exc:
+                found = (str(exc),)
+            verdicts.append(DiskVerdict(d.disk, found))
+        note = (
+            f"{PRUNE_PENDING} ({folder.parent / PRUNE_JOURNAL}): checked as a restore reads "
+            f"it; the next `virtbackup prune` or backup of {manifest.domain_name} finishes it"
+        )
+        return BackupVerdict(manifest.id, folder, tuple(verdicts), notes=(note,))
 
     async def layer(self, folder: Path, disks: Sequence[str] | None = None) -> BackupVerdict:
         key = (folder.resolve(), tuple(disks) if disks is not None else None)

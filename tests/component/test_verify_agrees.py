@@ -1,0 +1,175 @@
+"""`verify` reads a chain as `restore` does, whatever state a prune left it
+in (testbed.repo_builder, no libvirt): while an interrupted prune is
+pending, every backup `list` offers verifies, says the prune is pending
+and what finishes it, and restores byte-identical; a format-1 chain a
+prune merged into (a format-2 layer under format-1 overlays) restores and
+verifies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from testbed.cli import run_cli
+from testbed.daemon import QUICK_SCHEDULE
+from testbed.repo_builder import BuiltDomain, MiB
+from testbed.tools import qemu_img_compare
+from virtbackupd.adapters.repository import MANIFEST, PRUNE_JOURNAL, read_manifest
+from virtbackupd.adapters.store import Store
+from virtbackupd.core.policy import Retention
+from virtbackupd.engine.prune import prune_domain
+from virtbackupd.engine.restore import restore_to_dir
+from virtbackupd.engine.verify import verify_backup
+from virtbackupd.errors import RestoreError
+
+PENDING = "an interrupted prune is pending"
+
+
+class Interrupted(BaseException):
+    """Stands for the process dying right after a step."""
+
+
+async def overlapping_chain(tmp: Path, n: int) -> BuiltDomain:
+    """A full and n-1 incrementals, each rewriting part of what the one
+    before wrote (so newer layers hide older pieces, whole or in part)."""
+    b = BuiltDomain(tmp, {"vda": 16 * MiB, "vdb": 8 * MiB})
+    async with Store.open(b.state_db) as store:
+        for i in range(n):
+            b.write("vda", i * MiB + 512 * 1024, 3 * MiB, 0x40 + i)
+            if i % 2:
+                b.zero("vda", i * MiB, 256 * 1024)
+            b.write("vdb", (i % 3) * MiB, 1536 * 1024, 0x70 + i)
+            await b.backup(store)
+    return b
+
+
+def as_format_1(b: BuiltDomain) -> None:
+    """Rewrite every manifest as format 1 wrote it (no piece files)."""
+    for backup_id in b.ids:
+        path = b.folder(backup_id) / MANIFEST
+        data = json.loads(path.read_text())
+        data["format"] = "virtbackupd-backup/1"
+        del data["format_version"]
+        for d in data["disks"]:
+            (b.folder(backup_id) / d.pop("pieces")).unlink()
+        path.write_text(json.dumps(data))
+
+
+async def assert_restores_and_verifies(
+    b: BuiltDomain, ids: list[str], out: Path, pending: bool = False
+) -> list[str]:
+    """Each backup restores byte-identical and verifies ok, or (returned)
+    restore refuses it and verify agrees."""
+    refused = []
+    for backup_id in ids:
+        target = out / backup_id
+        verdict = await verify_backup(b.folder(backup_id), b.runtime)
+        assert any(PENDING in n for n in verdict.notes) is pending, verdict.notes
+        try:
+            await restore_to_dir(b.folder(backup_id), ["vda", "vdb"], target, "raw", b.runtime)
+        except RestoreError:
+            assert not verdict.ok, verdict.as_json()
+            refused.append(backup_id)
+            continue
+        for disk in ("vda", "vdb"):
+            qemu_img_compare(b.refs[backup_id][disk], target / f"{disk}.raw", "raw", "raw")
+        assert verdict.ok, verdict.as_json()
+    return refused
+
+
+async def test_a_pruned_format_1_chain_restores_and_verifies(tmp_path: Path) -> None:
+    """The prune consolidates the format-1 full into its child, which it
+    rewrites in format 2; the format-1 overlays above it restore (their
+    data hides the format-2 layer's recorded pieces) and verify."""
+    b = await overlapping_chain(tmp_path, 4)
+    as_format_1(b)
+    async with Store.open(b.state_db) as store:
+        domain_dir = b.repo.domain_dir(b.uuid)
+        await prune_domain(store, domain_dir, Retention(keep_last=3), None, b.runtime)
+    kept = b.ids[1:]
+    assert [read_manifest(b.folder(i)).version for i in kept] == [2, 1, 1]
+    assert not await assert_restores_and_verifies(b, kept, tmp_path / "out")
+
+
+async def test_verify_while_an_interrupted_prune_is_pending(tmp_path: Path) -> None:
+    """Interrupted after each of its steps in turn (merges, renames, the
+    store), the prune leaves every backup not being removed verifying ok
+    with a note, and restoring byte-identical; once finished, no note.
+    Inside a merge (after `qemu-img commit` into the pruned base, or
+    `qemu-img rebase` of an image whose manifest still names the old
+    parent) restore still refuses the chain (issue 22 item 9, another
+    change): there verify agrees with it."""
+    b = await overlapping_chain(tmp_path, 5)
+    domain_dir = b.repo.domain_dir(b.uuid)
+    crashed: list[str] = []
+    refusals: dict[str, list[str]] = {}
+
+    def hook(label: str) -> None:
+        if label not in crashed:
+            crashed.append(label)
+            raise Interrupted(label)
+
+    for n in range(100):
+        try:
+            async with Store.open(b.state_db) as store:
+                await prune_domain(
+                    store, domain_dir, Retention(keep_last=3), 1, b.runtime, step=hook
+                )
+        except Interrupted:
+            pending = (domain_dir / PRUNE_JOURNAL).exists()
+            assert pending or crashed[-1] == "journal dropped"
+            gone = b.repo.being_removed(b.uuid)
+            shown = [i for i in b.ids if i not in gone and (b.folder(i) / MANIFEST).exists()]
+            assert set(b.ids[2:]) <= set(shown)
+            out = tmp_path / f"out-{n}"
+            if refused := await assert_restores_and_verifies(b, shown, out, pending):
+                refusals[crashed[-1]] = refused
+            continue
+        break
+    assert len(crashed) >= 10, crashed
+    assert all(label.split()[0] in ("committed", "rebased") for label in refusals), refusals
+    assert not await assert_restores_and_verifies(b, b.ids[2:], tmp_path / "out-done")
+
+
+def test_cli_verify_says_the_prune_is_pending_and_what_finishes_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Exit 0: the backups are whole; each says the prune is pending. The
+    prune stopped once the full's merge with its child took the child's
+    place (a standalone image) and before the child's manifest says so
+    (verify said "backing file is None, the manifest's parent needs ...")."""
+    b = asyncio.run(overlapping_chain(tmp_path, 3))
+
+    def stop_at(label: str) -> None:
+        if label.startswith("moved"):
+            raise Interrupted(label)
+
+    async def prune() -> None:
+        async with Store.open(b.state_db) as store:
+            await prune_domain(
+                store, b.repo.domain_dir(b.uuid), Retention(keep_last=2), None, b.runtime,
+                step=stop_at,
+            )  # fmt: skip
+
+    with pytest.raises(Interrupted):
+        asyncio.run(prune())
+    config = tmp_path / "virtbackupd.yaml"
+    (tmp_path / "policies").mkdir()
+    config.write_text(
+        f"state_dir: state\nbackup_root: repo\nruntime_dir: {b.runtime}\n"
+        f"scratch_dir: {tmp_path / 'scratch'}\npolicy_dirs: [policies]\n{QUICK_SCHEDULE}"
+    )
+    rows = run_cli(config, capsys, "verify")
+    assert [r["backup"] for r in rows] == b.ids[1:]  # the full is being removed
+    for r in rows:
+        assert r["ok"], r
+        assert any(PENDING in n and "virtbackup prune" in n for n in r["notes"]), r
+    capsys.readouterr()
+    from virtbackupd.cli.main import main as cli
+
+    assert cli(["-c", str(config), "verify"]) == 0
+    out = capsys.readouterr().out
+    assert PENDING in out and "FAILED" not in out, out
