@@ -140,7 +140,7 @@ class BuiltDomain:
             parent_checkpoint=parent_cp,
             started=started,
             finished=datetime.now(UTC),
-            disks=disk_records(results),
+            disks=disk_records(results, standalone=set(self.disks) if parent is None else set()),
         )
         # The reference first: a crash test kills the process inside the commit.
         self.refs[backup_id] = {}

@@ -34,6 +34,7 @@ from virtbackupd.adapters.repository import (
     Manifest,
     PruneJournal,
     Repository,
+    allowed_backings,
     backing_of,
     fsync_path,
     read_manifest,
@@ -231,14 +232,21 @@ async def _rebase(domain_dir: Path, op: Rebase, runtime_dir: Path, hook: StepHoo
     if _done(m, op.parent, op.absorbed):
         return
     disks, pieces = await merged_disks(domain_dir, folder, m, op.ranges, runtime_dir)
+    standalone = set()
     for d in m.disks:
         image = folder / d.path
         want = backing_of(op.parent, d.disk)
-        if (await qemu_img.info(image)).backing_filename != want:
+        backing = (await qemu_img.info(image)).backing_filename
+        if backing is None and None in allowed_backings(m, d):
+            # Stored standalone (a disk copied whole): it reads no parent,
+            # and stays so (a rebase never passes through "no backing file").
+            standalone.add(d.disk)
+        elif backing != want:
             # Safe mode: the view stays the same. A replay may meet the
             # dead prune's helpers still holding the image for a moment.
             await qemu_img.while_locked(partial(qemu_img.rebase, image, want))
             hook(f"rebased {op.child}/{d.disk}")
+    disks = tuple(replace(d, standalone=d.disk in standalone) for d in disks)
     new = replace(m, parent=op.parent, disks=disks, absorbed=(*m.absorbed, op.absorbed))
     write_manifest(folder, new, pieces)
     hook(f"manifest {op.child}")
@@ -269,6 +277,7 @@ async def _consolidate(
                 f"{image}: backing file {backing!r} is not {op.into}'s image, or that image is "
                 "gone; the prune journal cannot be finished (see docs/restore.md)"
             )
+    disks = tuple(replace(d, standalone=True) for d in disks)
     new = replace(m, parent=None, disks=disks, absorbed=(*m.absorbed, op.into))
     write_manifest(folder, new, pieces)
     hook(f"manifest {op.heir}")

@@ -32,9 +32,10 @@ from pathlib import Path
 from virtbackupd.adapters import qemu_img
 from virtbackupd.adapters.repository import (
     PRUNE_JOURNAL,
+    Manifest,
     Repository,
     RepositoryFormatError,
-    backing_of,
+    allowed_backings,
     read_manifest,
     read_pieces,
 )
@@ -122,14 +123,18 @@ class Verifier:
                 own.backup_id, folder, own.disks, (*own.problems, f"chain unreadable: {exc}")
             )
         damaged, lines = [], []
+        # The disks read through the next older layer: a disk stored
+        # standalone in a newer layer reads nothing older.
+        through = _read_through(chain[0].manifest, set(disks) if disks is not None else None)
         for ancestor in chain[1:]:
             verdict = await self.layer(ancestor.folder, disks)
-            if not verdict.layer_ok:
+            first = [
+                *verdict.problems,
+                *(f"{d.disk}: {p}" for d in verdict.disks if d.disk in through for p in d.problems),
+            ]
+            through = _read_through(ancestor.manifest, through)
+            if first:
                 damaged.append(ancestor.manifest.id)
-                first = [
-                    *verdict.problems,
-                    *(f"{d.disk}: {p}" for d in verdict.disks for p in d.problems),
-                ]
                 lines.append(
                     f"restores through backup {ancestor.manifest.id}, which is damaged ({first[0]})"
                 )
@@ -220,12 +225,12 @@ async def verify_layer(
     for d in manifest.disks:
         if disks is not None and d.disk not in disks:
             continue
-        verdicts.append(await _verify_disk(folder, manifest.parent, d, runtime_dir))
+        verdicts.append(await _verify_disk(folder, manifest, d, runtime_dir))
     return BackupVerdict(manifest.id, folder, tuple(verdicts))
 
 
 async def _verify_disk(
-    folder: Path, parent: str | None, d: DiskRecord, runtime_dir: Path
+    folder: Path, manifest: Manifest, d: DiskRecord, runtime_dir: Path
 ) -> DiskVerdict:
     name = d.disk
     image = folder / d.path
@@ -247,10 +252,10 @@ async def _verify_disk(
         return DiskVerdict(name, (*problems, f"qemu-img info: {exc}"))
     if info.virtual_size != d.virtual_size:
         problems.append(f"virtual size is {info.virtual_size}, the manifest says {d.virtual_size}")
-    expected = backing_of(parent, name) if parent else None
+    allowed = allowed_backings(manifest, d)
     backing = info.backing_filename
-    if backing != expected:
-        problems.append(f"backing file is {backing!r}, the manifest's parent needs {expected!r}")
+    if backing not in allowed:
+        problems.append(f"backing file is {backing!r}, the manifest needs {_either(allowed)}")
         return DiskVerdict(name, tuple(problems))
     parent_image = (folder / backing).resolve() if backing else None
     if parent_image is not None and not parent_image.is_file():
@@ -261,6 +266,23 @@ async def _verify_disk(
     except VirtBackupError as exc:
         problems.append(f"cannot read the image: {exc}")
     return DiskVerdict(name, tuple(problems))
+
+
+def _read_through(manifest: Manifest, disks: set[str] | None) -> set[str]:
+    """Those of `disks` (None: all) whose image in this backup may be an
+    overlay on its parent's."""
+    return {
+        d.disk
+        for d in manifest.disks
+        if (disks is None or d.disk in disks) and allowed_backings(manifest, d) != (None,)
+    }
+
+
+def _either(allowed: Sequence[str | None]) -> str:
+    words = [
+        "none (a standalone image)" if a is None else f"{a!r} (the parent's image)" for a in allowed
+    ]
+    return " or ".join(words)
 
 
 async def _verify_content(
