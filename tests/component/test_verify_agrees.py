@@ -8,7 +8,14 @@ verifies."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +33,7 @@ from virtbackupd.engine.verify import verify_backup
 from virtbackupd.errors import RestoreError
 
 PENDING = "an interrupted prune is pending"
+SEED_VAR = "VBTEST_PRUNE_KILL_SEED"  # replays test_verify_agrees_with_restore_after_random_kills
 
 
 class Interrupted(BaseException):
@@ -173,3 +181,61 @@ def test_cli_verify_says_the_prune_is_pending_and_what_finishes_it(
     assert cli(["-c", str(config), "verify"]) == 0
     out = capsys.readouterr().out
     assert PENDING in out and "FAILED" not in out, out
+
+
+def write_config(tmp: Path, b: BuiltDomain, policy: str = "") -> Path:
+    config = tmp / "virtbackupd.yaml"
+    (tmp / "policies").mkdir(exist_ok=True)
+    (tmp / "policies" / "p.yaml").write_text(f"domains: [{b.name}]\n{policy}")
+    config.write_text(
+        f"state_dir: state\nbackup_root: repo\nruntime_dir: {b.runtime}\n"
+        f"scratch_dir: {tmp / 'scratch'}\npolicy_dirs: [policies]\n"
+        f"libvirt_uri: 'test:///default'\n{QUICK_SCHEDULE}"
+    )
+    return config
+
+
+def test_verify_agrees_with_restore_after_random_kills(tmp_path: Path) -> None:
+    """`virtbackup prune` (with its qemu-img helpers: the whole process
+    group, as a power cut or systemd's kill would) SIGKILLed at a random
+    instant after its journal is on disk: every backup not being removed
+    verifies as it restores (byte-identical where it restores), and says
+    the prune is pending while it is. Seeded; the seed is printed and
+    replayed through $VBTEST_PRUNE_KILL_SEED."""
+    seed = int(os.environ.get(SEED_VAR) or random.randrange(1 << 32))
+    print(f"seed {seed} (replay: {SEED_VAR}={seed})")
+    rng = random.Random(seed)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    outcomes: list[tuple[float, bool, list[str]]] = []
+    for it in range(5):
+        tmp = tmp_path / f"it{it}"
+        tmp.mkdir()
+        b = asyncio.run(overlapping_chain(tmp, 4))
+        # Keep two: the full is consolidated into its child, the middle
+        # one removed after the newest is rebased past it (chain limit).
+        config = write_config(tmp, b, "retention: {keep_last: 2}\nchain: {max_incrementals: 1}\n")
+        domain_dir = b.repo.domain_dir(b.uuid)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "virtbackupd.cli.main", "-c", str(config), "prune"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 120
+        while not (domain_dir / PRUNE_JOURNAL).exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, "the prune never wrote its journal"
+            time.sleep(0.002)
+        delay = rng.uniform(0, 2.5)  # a prune of this chain takes about 1.5-3 s here
+        time.sleep(delay)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        pending = (domain_dir / PRUNE_JOURNAL).exists()
+        gone = b.repo.being_removed(b.uuid)
+        shown = [i for i in b.ids if i not in gone and (b.folder(i) / MANIFEST).exists()]
+        assert set(b.ids[2:]) <= set(shown)
+        refused = asyncio.run(assert_restores_and_verifies(b, shown, tmp / "out", pending))
+        outcomes.append((round(delay, 3), pending, refused))
+    print(f"kills (delay after the journal, still pending, restores refused): {outcomes}")
+    assert any(pending for _, pending, _ in outcomes), outcomes
