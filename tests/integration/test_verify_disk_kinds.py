@@ -1,6 +1,6 @@
 """The on-disk format, the backup job and `verify` agree for every disk
-kind, on a real libvirtd and QEMU, through the CLI: a raw disk under
-`raw: full` is copied whole into every incremental as a standalone image
+kind, on a real libvirtd and QEMU, through the CLI: a raw file and a raw
+block device under `raw: full` are copied whole into every incremental as a standalone image
 (the manifest says so per disk), and every point of a running and of a
 shut-off domain restores byte-identical and verifies; manifests written
 before the per-disk field still verify; a prune keeps such an image
@@ -12,14 +12,16 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from testbed.cli import run_cli
-from testbed.domains import DomainFactory, GuestDomain, MiB
+from testbed.domains import Disk, DomainFactory, GuestDomain, MiB
 from testbed.guest import GuestWriter
-from testbed.tools import qemu_img_compare, qemu_img_info
+from testbed.tools import qemu_img_compare, qemu_img_info, run
 from virtbackupd.adapters.repository import MANIFEST, PRUNE_JOURNAL
 from virtbackupd.adapters.store import Store
 from virtbackupd.core.extents import covers, ranges_from_json
@@ -38,6 +40,35 @@ def snapshot(td: GuestDomain, backup_id: str, tmp: Path, refs: Refs) -> None:
         refs[backup_id][d.target] = copy
 
 
+@pytest.fixture
+def loops() -> Iterator[list[str]]:
+    made: list[str] = []
+    yield made
+    for dev in made:
+        subprocess.run(["losetup", "-d", dev], capture_output=True)
+
+
+def with_block_disk(td: GuestDomain, loops: list[str], size: int) -> None:
+    """Give the (shut-off) domain a raw block-device disk vdc: a loop
+    device over a zeroed file, with its reference image."""
+    backing = td.workdir / "vdc.loop"
+    with backing.open("wb") as f:
+        f.truncate(size)
+    dev = run("losetup", "--find", "--show", backing).strip()
+    loops.append(dev)
+    xml = td.dom.XMLDesc(0).replace(
+        "</devices>",
+        "<disk type='block' device='disk'><driver name='qemu' type='raw' discard='unmap'/>"
+        f"<source dev='{dev}'/><target dev='vdc' bus='virtio'/></disk></devices>",
+    )
+    td.dom = td.conn.defineXML(xml)
+    disk = Disk("vdc", Path(dev), "raw", size, reference=td.workdir / "vdc.reference.raw")
+    assert disk.reference is not None
+    with disk.reference.open("wb") as f:
+        f.truncate(size)
+    td.disks.append(disk)
+
+
 def write_point(td: GuestDomain, i: int, running: bool) -> None:
     """Guest writes (through QEMU: a shut-off domain is started for them
     and shut off again, so the backup is an offline one)."""
@@ -46,8 +77,10 @@ def write_point(td: GuestDomain, i: int, running: bool) -> None:
     guest = GuestWriter(td)
     guest.write("vda", i * 2 * MiB, MiB + i * 64 * 1024, 0x31 + i)
     guest.write("vdb", i * MiB + 4096, 256 * 1024, 0x51 + i)
+    guest.write("vdc", (3 - i) * MiB, 128 * 1024, 0x71 + i)
     if i:
         guest.zero("vdb", 4096, 64 * 1024)
+        guest.zero("vdc", 3 * MiB, 64 * 1024)
     if not running:
         td.shutdown_hard()
 
@@ -75,8 +108,13 @@ def test_raw_disk_copied_whole_into_incrementals_restores_and_verifies(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     running: bool,
+    loops: list[str],
 ) -> None:
-    td = domains.create(qcow2_sizes=[16 * MiB], raw_size=8 * MiB, start=running)
+    """vda: qcow2; vdb: a raw file; vdc: a raw block device."""
+    td = domains.create(qcow2_sizes=[16 * MiB], raw_size=8 * MiB, start=False)
+    with_block_disk(td, loops, 4 * MiB)
+    if running:
+        td.start()
     (config.parent / "policies" / "p.yaml").write_text(
         f"domains: [{td.name}]\ndisks: {{raw: full}}\n"
     )
@@ -95,17 +133,18 @@ def test_raw_disk_copied_whole_into_incrementals_restores_and_verifies(
         folder = Path(rec["path"])
         manifest = json.loads((folder / MANIFEST).read_text())
         by_disk = {d["name"]: d for d in manifest["disks"]}
-        # vda is an overlay on its parent's image in an incremental; vdb
-        # (raw) is copied whole every time: a standalone image, said so.
+        # vda is an overlay on its parent's image in an incremental; the
+        # raw disks are copied whole every time: standalone images, said so.
         assert by_disk["vda"]["standalone"] is (n == 0)
-        assert by_disk["vdb"]["standalone"] is True
-        vda, vdb = (qemu_img_info(folder / f"{d}.qcow2") for d in ("vda", "vdb"))
+        vda = qemu_img_info(folder / "vda.qcow2")
         assert vda.get("backing-filename") == (f"../{ids[n - 1]}/vda.qcow2" if n else None)
-        assert "backing-filename" not in vdb
-        # A whole copy answers for every byte: what lets a reader accept a
-        # standalone image in a manifest written before the field existed.
-        vdb_ranges = ranges_from_json(by_disk["vdb"]["ranges"])
-        assert covers(vdb_ranges, by_disk["vdb"]["virtual_size"])
+        for raw in ("vdb", "vdc"):
+            assert by_disk[raw]["standalone"] is True
+            assert "backing-filename" not in qemu_img_info(folder / f"{raw}.qcow2")
+            # A whole copy answers for every byte: what lets a reader accept
+            # a standalone image in a manifest written before the field.
+            ranges = ranges_from_json(by_disk[raw]["ranges"])
+            assert covers(ranges, by_disk[raw]["virtual_size"])
 
     # Manifests written before the per-disk field (older virtbackupd wrote
     # the same images): still verify.
@@ -120,11 +159,11 @@ def test_raw_disk_copied_whole_into_incrementals_restores_and_verifies(
         path = Path(rec["path"]) / MANIFEST
         data = json.loads(path.read_text())
         for d in data["disks"]:
-            d["standalone"] = d["name"] == "vdb" or rec is records[0]
+            d["standalone"] = d["name"] != "vda" or rec is records[0]
         path.write_text(json.dumps(data))
 
     # The chain limit makes the newest skip the middle backup: its vda is
-    # rebased onto the full's, its vdb stays standalone.
+    # rebased onto the full's, its raw disks' images stay standalone.
     (config.parent / "policies" / "p.yaml").write_text(
         f"domains: [{td.name}]\ndisks: {{raw: full}}\nchain: {{max_incrementals: 1}}\n"
     )
@@ -133,8 +172,13 @@ def test_raw_disk_copied_whole_into_incrementals_restores_and_verifies(
     newest = Path(records[2]["path"])
     assert qemu_img_info(newest / "vda.qcow2")["backing-filename"] == f"../{ids[0]}/vda.qcow2"
     assert "backing-filename" not in qemu_img_info(newest / "vdb.qcow2")
+    assert "backing-filename" not in qemu_img_info(newest / "vdc.qcow2")
     m = json.loads((newest / MANIFEST).read_text())
-    assert {d["name"]: d["standalone"] for d in m["disks"]} == {"vda": False, "vdb": True}
+    assert {d["name"]: d["standalone"] for d in m["disks"]} == {
+        "vda": False,
+        "vdb": True,
+        "vdc": True,
+    }
     assert_every_point(config, capsys, td, refs, tmp_path / "after-prune")
 
 
