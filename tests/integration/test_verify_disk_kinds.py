@@ -239,3 +239,52 @@ def test_the_next_cli_backup_finishes_an_interrupted_prune(
     assert records[0]["checkpoint"] not in {c.getName() for c in td.dom.listAllCheckpoints(0)}
     del refs[ids[0]]
     assert_every_point(config, capsys, td, refs, tmp_path / "restored")
+
+
+def test_a_backup_whose_prune_replay_fails_goes_on_and_says_so(
+    domains: DomainFactory, config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The replay fails (the pruned full's image is away); the backup is
+    taken all the same and the error logged; once the image is back, the
+    next backup finishes the prune and every point restores and verifies."""
+    td = domains.create(qcow2_sizes=[16 * MiB])
+    (config.parent / "policies" / "p.yaml").write_text(f"domains: [{td.name}]\n")
+    refs: Refs = {}
+    records = []
+    for i in range(2):
+        GuestWriter(td).write("vda", i * MiB, MiB, 0x21 + i)
+        records.append(run_cli(config, capsys, "backup", td.name))
+        snapshot(td, records[-1]["id"], tmp_path, refs)
+    domain_dir = Path(records[0]["path"]).parent
+
+    def stop(label: str) -> None:
+        if label == "journal written":
+            raise Interrupted(label)
+
+    async def prune() -> None:
+        async with Store.open(config.parent / "state" / "state.db") as store:
+            await prune_domain(store, domain_dir, Retention(keep_last=1), None, tmp_path, step=stop)
+
+    with pytest.raises(Interrupted):
+        asyncio.run(prune())
+    image = Path(records[0]["path"]) / "vda.qcow2"
+    image.rename(tmp_path / "away.qcow2")
+    GuestWriter(td).write("vda", 5 * MiB, MiB, 0x31)
+    capsys.readouterr()
+    from virtbackupd.cli.main import main as cli
+
+    assert cli(["-c", str(config), "--json", "backup", td.name]) == 0
+    out, err = capsys.readouterr()
+    taken = json.loads(out)
+    snapshot(td, taken["id"], tmp_path, refs)
+    assert "could not finish the interrupted prune; backing up anyway" in err, err
+    assert f"{records[0]['id']}/vda.qcow2': No such file" in err, err
+    assert (domain_dir / PRUNE_JOURNAL).exists()
+
+    (tmp_path / "away.qcow2").rename(image)
+    GuestWriter(td).write("vda", 6 * MiB, MiB, 0x41)
+    last = run_cli(config, capsys, "backup", td.name)
+    snapshot(td, last["id"], tmp_path, refs)
+    assert not (domain_dir / PRUNE_JOURNAL).exists()
+    del refs[records[0]["id"]]
+    assert_every_point(config, capsys, td, refs, tmp_path / "restored")
