@@ -3,8 +3,10 @@
 Each disk image of a backup is checked for:
 
 1. qcow2 consistency (`qemu-img check`);
-2. its place in the chain: the backing file is the one the manifest's
-   parent names, it exists, and the virtual size is the recorded one;
+2. its place in the chain: the backing file is the one the manifest says
+   (the parent's image, or none where the disk is stored standalone:
+   adapters.repository.allowed_backings), it exists, and the virtual size
+   is the recorded one;
 3. the content digest recorded at backup time, recomputed over the
    recorded ranges of the image's view (the image with its backing chain);
    the ZERO ranges must still read as zeroes;
