@@ -77,10 +77,13 @@ def write_point(td: GuestDomain, i: int, running: bool) -> None:
     guest = GuestWriter(td)
     guest.write("vda", i * 2 * MiB, MiB + i * 64 * 1024, 0x31 + i)
     guest.write("vdb", i * MiB + 4096, 256 * 1024, 0x51 + i)
-    guest.write("vdc", (3 - i) * MiB, 128 * 1024, 0x71 + i)
+    block = any(d.target == "vdc" for d in td.disks)
+    if block:
+        guest.write("vdc", (3 - i) * MiB, 128 * 1024, 0x71 + i)
     if i:
         guest.zero("vdb", 4096, 64 * 1024)
-        guest.zero("vdc", 3 * MiB, 64 * 1024)
+        if block:
+            guest.zero("vdc", 3 * MiB, 64 * 1024)
     if not running:
         td.shutdown_hard()
 
