@@ -156,7 +156,10 @@ def test_a_repository_reads_as_documented(built: BuiltDomain, tmp_path: Path) ->
             image = folder / d["file"]
             info = qemu_img_info(image)
             assert info["format"] == "qcow2" and info["virtual-size"] == d["virtual_size"]
-            if m["parent"] is None:
+            # Every disk says how its image is stored (what merged into a
+            # backup included).
+            assert d["standalone"] is (m["parent"] is None), (backup_id, d)
+            if d["standalone"]:
                 assert "backing-filename" not in info
             else:
                 assert info["backing-filename"] == f"../{m['parent']}/{d['file']}"

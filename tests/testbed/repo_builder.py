@@ -86,9 +86,12 @@ class BuiltDomain:
         level: Level | None = None,
         step: Callable[[str], None] | None = None,
         grid: int | None = None,
+        whole: frozenset[str] = frozenset(),
     ) -> Manifest:
         """One backup of every disk: incremental on the last one's
-        checkpoint unless `level` is FULL or there is none."""
+        checkpoint unless `level` is FULL or there is none. `whole`: disks
+        copied whole into an incremental as standalone images (what the
+        job does with a raw disk under `raw: full`)."""
         started = datetime.now(UTC)
         backup_id = new_backup_id(started)
         cp = checkpoint_name(backup_id)
@@ -110,10 +113,12 @@ class BuiltDomain:
             src = self.source(disk)
             await qemu_img.bitmap(src, cp, add=True)
             target = partial / disk_file(disk)
-            backing = backing_of(parent, disk) if parent else None
+            overlay = parent is not None and disk not in whole
+            backing = backing_of(parent, disk) if parent and overlay else None
+            since = parent_cp if overlay else None
             async with (
                 qemu_nbd.serve(
-                    src, runtime_dir=self.runtime, bitmaps=[parent_cp] if parent_cp else []
+                    src, runtime_dir=self.runtime, bitmaps=[since] if since else []
                 ) as s,
                 new_image(target, size, backing) as t,
             ):
@@ -121,9 +126,9 @@ class BuiltDomain:
                     s.address,
                     s.name,
                     t,
-                    dirty_bitmap=parent_cp,
+                    dirty_bitmap=since,
                     options=CopyOptions(
-                        zero_mode=ZeroMode.WRITE_ZEROES if parent else ZeroMode.SKIP,
+                        zero_mode=ZeroMode.WRITE_ZEROES if overlay else ZeroMode.SKIP,
                         request_size=grid or CopyOptions().request_size,
                     ),
                 )
@@ -140,7 +145,9 @@ class BuiltDomain:
             parent_checkpoint=parent_cp,
             started=started,
             finished=datetime.now(UTC),
-            disks=disk_records(results),
+            disks=disk_records(
+                results, standalone=set(self.disks) if parent is None else set(whole)
+            ),
         )
         # The reference first: a crash test kills the process inside the commit.
         self.refs[backup_id] = {}

@@ -160,6 +160,8 @@ class Manifest:
                     "digest": d.digest,
                     "grid": d.grid,
                     "ranges": extents.ranges_to_json(d.ranges),
+                    # Absent only where the manifest was read without it.
+                    **({} if d.standalone is None else {"standalone": d.standalone}),
                 }
                 for d in self.disks
             ],
@@ -237,7 +239,24 @@ def _disk(f: _Fields, version: int) -> DiskRecord:
         grid=f.grid("grid"),
         ranges=f.ranges("ranges"),
         pieces=f.plain_name("pieces") if version >= 2 else None,
+        standalone=f.opt_bool("standalone"),
     )
+
+
+def allowed_backings(manifest: Manifest, disk: DiskRecord) -> tuple[str | None, ...]:
+    """The backing files the format allows the image of `disk` (None:
+    standalone). A manifest says so per disk (`standalone`); one written
+    before that field existed allows a standalone image inside an
+    incremental where the disk was copied whole (older virtbackupd wrote a
+    raw or block-device disk's full copy, and a disk new since the parent,
+    that way): its ranges cover the disk, so its view is the same on any
+    backing file."""
+    if manifest.parent is None or disk.standalone:
+        return (None,)
+    overlay = backing_of(manifest.parent, disk.disk)
+    if disk.standalone is None and extents.covers(disk.ranges, disk.virtual_size):
+        return (overlay, None)
+    return (overlay,)
 
 
 # --- piece hashes ------------------------------------------------------------------------
@@ -1007,6 +1026,11 @@ class _Fields:
         if value < 4096 or value & (value - 1):
             raise self.error(key, f"{value} is not a power of two of at least 4096")
         return value
+
+    def opt_bool(self, key: str) -> bool | None:
+        if self.data.get(key) is None:
+            return None
+        return self._get(key, bool)
 
     def opt_integer(self, key: str) -> int | None:
         if self.data.get(key) is None:

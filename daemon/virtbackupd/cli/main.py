@@ -552,7 +552,7 @@ async def _verify(args: argparse.Namespace, config: DaemonConfig, store: Store) 
             continue
         state = "ok" if v.ok and fs_ok else "FAILED"
         print(f"{b.domain_name} {b.id}: {state}")
-        for p in (*v.problems, *v.ancestor_problems):
+        for p in (*v.problems, *v.ancestor_problems, *v.notes):
             print(f"  {p}")
         for d in v.disks:
             print(f"  {d.disk}: {'ok' if d.ok else 'FAILED'}")

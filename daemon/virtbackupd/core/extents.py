@@ -375,6 +375,11 @@ def subtract(
     return out
 
 
+def covers(ranges: Sequence[Range], size: int) -> bool:
+    """Whether `ranges` answer for every byte of [0, size)."""
+    return not subtract([(0, size)], ranges)
+
+
 def widen(own: Sequence[Range], added: Iterable[Range], keep_kinds: bool = False) -> list[Range]:
     """A layer's ranges after a merge gave it more to answer for: its own
     ranges keep their kind; the added parts it does not cover keep theirs

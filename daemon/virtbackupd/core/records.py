@@ -54,6 +54,10 @@ class DiskRecord:
     # The piece-hash file beside the image (format 2; None for backups
     # written in format 1): checked piece by piece as restores read.
     pieces: str | None = None
+    # The image stands alone (True) or is an overlay on the parent's image
+    # of this disk (False), as the manifest says; None: a manifest written
+    # before the field existed (see adapters.repository.allowed_backings).
+    standalone: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import contextlib
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Set
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -59,6 +59,7 @@ from virtbackupd.engine.locks import (
     cancel_requested,
     clear_cancel,
 )
+from virtbackupd.engine.prune import finish_interrupted
 from virtbackupd.engine.undo import Images, Undo, replay
 from virtbackupd.errors import (
     BackupBusyError,
@@ -150,6 +151,7 @@ async def backup_domain(
                 f"{ref.name} has a libvirt job running that virtbackupd did not start "
                 "(another backup tool?); not disturbing it"
             )
+        await _finish_interrupted_prune(ctx, repo, ref)
         slots = ctx.config.max_concurrent_backups
         # Shut off: refused while libvirt starts the domain; from here on a
         # start waits in the hook until this job let go of the images.
@@ -162,6 +164,30 @@ async def backup_domain(
             vm_starts.running_or_held(ctx.libvirt, ref) as running,
         ):
             return await Job(ctx, ref, want, progress, running).run()
+
+
+async def _finish_interrupted_prune(ctx: BackupContext, repo: Repository, ref: DomainRef) -> None:
+    """The domain's next backup finishes an interrupted prune, as
+    docs/repository-format.md promises (the CLI's as the daemon's), before
+    it plans: the chain it builds on is then what the manifests say. A
+    replay that fails is logged and the backup goes on: an interrupted
+    prune never touches the newest backup's view, which the backup builds
+    on, and the next prune tries again."""
+    try:
+        removed = await finish_interrupted(
+            ctx.store, repo.domain_dir(ref.uuid), ctx.config.runtime_dir, ctx.libvirt
+        )
+    except (VirtBackupError, OSError) as exc:
+        log.error(
+            "could not finish the interrupted prune; backing up anyway",
+            domain=ref.name,
+            error=str(exc),
+        )
+        return
+    if removed is not None:
+        log.info(
+            "finished an interrupted prune", domain=ref.name, removed_checkpoints=list(removed)
+        )
 
 
 class Job:
@@ -490,7 +516,8 @@ class Job:
         assert self.record is not None
         cp_xml = await lv.checkpoint_xml(self.ref, self.checkpoint)
         finished = self.ctx.now()
-        disks = disk_records(results)
+        standalone = {t for t, (_, _, backing) in self.targets.items() if backing is None}
+        disks = disk_records(results, standalone=standalone)
         manifest = Manifest(
             id=self.id,
             domain_name=self.ref.name,
@@ -574,8 +601,11 @@ class Job:
         )
 
 
-def disk_records(results: dict[str, CopyResult]) -> tuple[DiskRecord, ...]:
-    """What the manifest and the catalogue keep of each disk's copy."""
+def disk_records(results: dict[str, CopyResult], *, standalone: Set[str]) -> tuple[DiskRecord, ...]:
+    """What the manifest and the catalogue keep of each disk's copy;
+    `standalone`: the disks whose image has no backing file (every disk of
+    a full backup; in an incremental, a disk copied whole: a raw or
+    block-device disk, or one new since the parent)."""
     return tuple(
         DiskRecord(
             disk=name,
@@ -588,6 +618,7 @@ def disk_records(results: dict[str, CopyResult]) -> tuple[DiskRecord, ...]:
             grid=r.grid,
             ranges=r.ranges,
             pieces=repository.pieces_file(name),
+            standalone=name in standalone,
         )
         for name, r in sorted(results.items())
     )

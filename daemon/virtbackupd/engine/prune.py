@@ -41,6 +41,7 @@ from virtbackupd.adapters.repository import (
     Manifest,
     PruneJournal,
     Repository,
+    allowed_backings,
     backing_of,
     fsync_path,
     read_manifest,
@@ -294,10 +295,16 @@ async def _rebase(domain_dir: Path, op: Rebase, runtime_dir: Path, hook: StepHoo
         return
     disks, pieces = await merged_disks(domain_dir, folder, m, op.ranges, runtime_dir)
     jobs: list[tuple[Path, Maker, str]] = []
+    standalone = set()
     for d in m.disks:
         image = folder / d.path
         want = backing_of(op.parent, d.disk)
-        if (await qemu_img.info(image)).backing_filename != want:
+        backing = (await qemu_img.info(image)).backing_filename
+        if backing is None and None in allowed_backings(m, d):
+            # Stored standalone (a disk copied whole): it reads no parent,
+            # and stays so (a rebase never passes through "no backing file").
+            standalone.add(d.disk)
+        elif backing != want:
             # Safe mode (the copy receives every byte where the old and new
             # backing chains differ) on a copy, never in place: qemu-img
             # rebase killed in place can leave the new backing file
@@ -311,6 +318,7 @@ async def _rebase(domain_dir: Path, op: Rebase, runtime_dir: Path, hook: StepHoo
     if jobs:
         await _replace(jobs)
         hook(f"rebased {op.child}")
+    disks = tuple(replace(d, standalone=d.disk in standalone) for d in disks)
     new = replace(m, parent=op.parent, disks=disks, absorbed=(*m.absorbed, op.absorbed))
     write_manifest(folder, new, pieces)
     hook(f"manifest {op.child}")
@@ -343,6 +351,7 @@ async def _consolidate(
     if jobs:
         await _replace(jobs)
         hook(f"moved {op.heir}")
+    disks = tuple(replace(d, standalone=True) for d in disks)
     new = replace(m, parent=None, disks=disks, absorbed=(*m.absorbed, op.into))
     write_manifest(folder, new, pieces)
     hook(f"manifest {op.heir}")

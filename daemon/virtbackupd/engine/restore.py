@@ -23,6 +23,7 @@ import structlog
 from virtbackupd.adapters import block_devices, qemu_img, qemu_nbd
 from virtbackupd.adapters.image_files import direct_io
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
+from virtbackupd.adapters.nbd.protocol import BlockSize
 from virtbackupd.adapters.qcow2_reader import Qcow2Chain, Qcow2UnsupportedError
 from virtbackupd.adapters.qcow2_writer import new_image
 from virtbackupd.adapters.raw_writer import new_raw_image
@@ -99,7 +100,12 @@ def disks_of(manifest: Manifest, wanted: Sequence[str]) -> list[str]:
 class _Layer:
     backup_id: str
     image: Path
+    # A format-1 layer has no piece hashes: a pass over its view checked it
+    # before the copy, and its recorded ranges stand in as pieces without
+    # hashes, so that they hide the older layers' pieces the view does not
+    # show (a prune may have put a format-2 layer under it).
     pieces: list[LayerPiece]
+    checked_before: bool = False
 
 
 class _Chain:
@@ -140,6 +146,8 @@ class _Chain:
             if record is None:
                 break  # the disk is new above here: its image stands alone
             await self._add(stored, record, runtime_dir)
+            if record.standalone:
+                break  # copied whole: it reads no older layer
 
     async def _add(self, stored: StoredBackup, record: DiskRecord, runtime_dir: Path) -> None:
         n = len(self.layers)
@@ -150,7 +158,6 @@ class _Chain:
             raise RestoreError(
                 f"backup {stored.manifest.id} disk {self.disk} is damaged: {exc}"
             ) from exc
-        pieces: list[LayerPiece] = []
         if record.pieces is None:  # format 1: a pass over this layer first
             got = await digest_image(image, list(record.ranges), record.grid, runtime_dir)
             if got.digest != record.digest or got.not_zero:
@@ -158,14 +165,19 @@ class _Chain:
                     f"backup {stored.manifest.id} disk {self.disk}: its content does not "
                     "match its recorded digest"
                 )
-        else:
-            try:
-                pieces = [
-                    LayerPiece(n, p.offset, p.length, p.kind, p.content)
-                    for p in read_pieces(stored.folder, record)
-                ]
-            except RepositoryFormatError as exc:
-                self.damage.append(f"backup {stored.manifest.id} disk {self.disk}: {exc}")
+            # Its ranges, checked by that pass, hide the older layers'
+            # pieces where it wrote (a format-2 layer a prune put under it).
+            pieces = [LayerPiece(n, r.offset, r.length, r.kind) for r in record.ranges]
+            self.layers.append(_Layer(stored.manifest.id, image, pieces, checked_before=True))
+            return
+        pieces = []
+        try:
+            pieces = [
+                LayerPiece(n, p.offset, p.length, p.kind, p.content)
+                for p in read_pieces(stored.folder, record)
+            ]
+        except RepositoryFormatError as exc:
+            self.damage.append(f"backup {stored.manifest.id} disk {self.disk}: {exc}")
         self.layers.append(_Layer(stored.manifest.id, image, pieces))
 
     def describe(self, d: Damage) -> str:
@@ -278,6 +290,42 @@ async def load_chain(folder: Path, disk: str, runtime_dir: Path, allow_damaged: 
     return chain
 
 
+async def damage_as_restored(folder: Path, disk: str, runtime_dir: Path) -> tuple[str, ...]:
+    """What a restore of `disk` of the backup in `folder` would find wrong,
+    read exactly as the restore reads it but written nowhere: `verify`
+    checks this way while an interrupted prune is pending, when the
+    chain's files are between two consistent states and only the views a
+    restore reads are promised."""
+    chain = await load_chain(folder, disk, runtime_dir, allow_damaged=True)
+    nowhere = _Nowhere(chain.size)
+
+    async def copy(sources: Sequence[Source], options: CopyOptions) -> CopyResult:
+        return await copy_disk(sources, [nowhere], options=options)
+
+    _, damage = await _copy_checked(chain, copy, ZeroMode.SKIP, runtime_dir, allow_damaged=True)
+    return damage
+
+
+class _Nowhere:
+    """A copy target that keeps nothing (the copy's watcher checks it all)."""
+
+    name = "nowhere"
+    block_size = BlockSize(minimum=512, preferred=4096, maximum=64 << 20)
+    max_request = 64 << 20
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+        pass
+
+    async def write_zeroes(self, offset: int, length: int, no_hole: bool = False) -> None:
+        pass
+
+    async def flush(self) -> None:
+        pass
+
+
 async def _copy_checked(
     chain: _Chain,
     copy: Callable[[Sequence[Source], CopyOptions], Awaitable[CopyResult]],
@@ -291,6 +339,8 @@ async def _copy_checked(
     in our own process (adapters.qcow2_reader); an image using parts of
     qcow2 that reader does not read goes through a read-only qemu-nbd."""
     seen = classify([layer.pieces for layer in chain.layers])
+    for kind in (Seen.VISIBLE, Seen.PARTLY):
+        seen[kind] = [p for p in seen[kind] if not chain.layers[p.layer].checked_before]
     check = ChainCheck(seen[Seen.VISIBLE], stop_at_first=not allow_damaged)
     options = CopyOptions(zero_mode=zero_mode, watch=check, digest=False)
     source = chain.folder / disk_file(chain.disk)

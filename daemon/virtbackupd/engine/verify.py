@@ -3,8 +3,10 @@
 Each disk image of a backup is checked for:
 
 1. qcow2 consistency (`qemu-img check`);
-2. its place in the chain: the backing file is the one the manifest's
-   parent names, it exists, and the virtual size is the recorded one;
+2. its place in the chain: the backing file is the one the manifest says
+   (the parent's image, or none where the disk is stored standalone:
+   adapters.repository.allowed_backings), it exists, and the virtual size
+   is the recorded one;
 3. the content digest recorded at backup time, recomputed over the
    recorded ranges of the image's view (the image with its backing chain);
    the ZERO ranges must still read as zeroes;
@@ -14,6 +16,13 @@ Each disk image of a backup is checked for:
 
 So a flipped byte in any data cluster of any image is found, and named by
 backup and disk (and offset, where the check can tell).
+
+While an interrupted prune is pending (the domain's prune journal exists),
+the files are between two of the prune's consistent states: only what a
+restore reads is promised. Each backup is then checked as a restore reads
+it (engine.restore.damage_as_restored: the chain's recorded piece hashes
+against the view, no image written), and its verdict says the prune is
+pending and what finishes it.
 """
 
 from __future__ import annotations
@@ -24,9 +33,11 @@ from pathlib import Path
 
 from virtbackupd.adapters import qemu_img
 from virtbackupd.adapters.repository import (
+    PRUNE_JOURNAL,
+    Manifest,
     Repository,
     RepositoryFormatError,
-    backing_of,
+    allowed_backings,
     read_manifest,
     read_pieces,
 )
@@ -37,7 +48,10 @@ from virtbackupd.core.records import BackupRecord, DiskRecord
 from virtbackupd.engine.content import allocated_here, differing, digest_view, open_view
 from virtbackupd.engine.domain_job import domain_job
 from virtbackupd.engine.guest_view import FsVerdict, check_filesystems
+from virtbackupd.engine.restore import damage_as_restored
 from virtbackupd.errors import VirtBackupError
+
+PRUNE_PENDING = "an interrupted prune is pending"
 
 
 @dataclass(frozen=True)
@@ -60,6 +74,7 @@ class BackupVerdict:
     # with each: a backup is only as good as its chain.
     damaged_ancestors: tuple[str, ...] = ()
     ancestor_problems: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()  # what the operator should know, not damage
 
     @property
     def ok(self) -> bool:
@@ -77,6 +92,7 @@ class BackupVerdict:
             "ok": self.ok,
             "problems": [*self.problems, *self.ancestor_problems],
             "damaged_ancestors": list(self.damaged_ancestors),
+            "notes": list(self.notes),
             "disks": [
                 {"disk": d.disk, "ok": d.ok, "problems": list(d.problems)} for d in self.disks
             ],
@@ -93,28 +109,62 @@ class Verifier:
     async def backup(self, folder: Path, disks: Sequence[str] | None = None) -> BackupVerdict:
         """Check one backup folder and every backup it restores through;
         never raises for what it finds wrong."""
+        repo = Repository.of_backup(folder)
+        try:
+            journal = repo.journal(folder.parent.name)
+        except VirtBackupError as exc:
+            unreadable = f"prune journal unreadable: {exc}"
+            return BackupVerdict(folder.name, folder, problems=(unreadable,))
+        if journal is not None:
+            return await self.as_restored(folder, disks)
         own = await self.layer(folder, disks)
         try:
-            chain = Repository.of_backup(folder).chain(folder)
+            chain = repo.chain(folder)
         except VirtBackupError as exc:
             return BackupVerdict(
                 own.backup_id, folder, own.disks, (*own.problems, f"chain unreadable: {exc}")
             )
         damaged, lines = [], []
+        # The disks read through the next older layer: a disk stored
+        # standalone in a newer layer reads nothing older.
+        through = _read_through(chain[0].manifest, set(disks) if disks is not None else None)
         for ancestor in chain[1:]:
             verdict = await self.layer(ancestor.folder, disks)
-            if not verdict.layer_ok:
+            first = [
+                *verdict.problems,
+                *(f"{d.disk}: {p}" for d in verdict.disks if d.disk in through for p in d.problems),
+            ]
+            through = _read_through(ancestor.manifest, through)
+            if first:
                 damaged.append(ancestor.manifest.id)
-                first = [
-                    *verdict.problems,
-                    *(f"{d.disk}: {p}" for d in verdict.disks for p in d.problems),
-                ]
                 lines.append(
                     f"restores through backup {ancestor.manifest.id}, which is damaged ({first[0]})"
                 )
         return BackupVerdict(
             own.backup_id, folder, own.disks, own.problems, tuple(damaged), tuple(lines)
         )
+
+    async def as_restored(self, folder: Path, disks: Sequence[str] | None) -> BackupVerdict:
+        """A backup of a domain whose prune was interrupted: checked as a
+        restore reads it."""
+        try:
+            manifest = read_manifest(folder)
+        except VirtBackupError as exc:
+            return BackupVerdict(folder.name, folder, problems=(f"manifest unreadable: {exc}",))
+        verdicts = []
+        for d in manifest.disks:
+            if disks is not None and d.disk not in disks:
+                continue
+            try:
+                found = await damage_as_restored(folder, d.disk, self.runtime_dir)
+            except VirtBackupError as exc:
+                found = (str(exc),)
+            verdicts.append(DiskVerdict(d.disk, found))
+        note = (
+            f"{PRUNE_PENDING} ({folder.parent / PRUNE_JOURNAL}): checked as a restore reads "
+            f"it; the next `virtbackup prune` or backup of {manifest.domain_name} finishes it"
+        )
+        return BackupVerdict(manifest.id, folder, tuple(verdicts), notes=(note,))
 
     async def layer(self, folder: Path, disks: Sequence[str] | None = None) -> BackupVerdict:
         key = (folder.resolve(), tuple(disks) if disks is not None else None)
@@ -177,12 +227,12 @@ async def verify_layer(
     for d in manifest.disks:
         if disks is not None and d.disk not in disks:
             continue
-        verdicts.append(await _verify_disk(folder, manifest.parent, d, runtime_dir))
+        verdicts.append(await _verify_disk(folder, manifest, d, runtime_dir))
     return BackupVerdict(manifest.id, folder, tuple(verdicts))
 
 
 async def _verify_disk(
-    folder: Path, parent: str | None, d: DiskRecord, runtime_dir: Path
+    folder: Path, manifest: Manifest, d: DiskRecord, runtime_dir: Path
 ) -> DiskVerdict:
     name = d.disk
     image = folder / d.path
@@ -204,10 +254,10 @@ async def _verify_disk(
         return DiskVerdict(name, (*problems, f"qemu-img info: {exc}"))
     if info.virtual_size != d.virtual_size:
         problems.append(f"virtual size is {info.virtual_size}, the manifest says {d.virtual_size}")
-    expected = backing_of(parent, name) if parent else None
+    allowed = allowed_backings(manifest, d)
     backing = info.backing_filename
-    if backing != expected:
-        problems.append(f"backing file is {backing!r}, the manifest's parent needs {expected!r}")
+    if backing not in allowed:
+        problems.append(f"backing file is {backing!r}, the manifest needs {_either(allowed)}")
         return DiskVerdict(name, tuple(problems))
     parent_image = (folder / backing).resolve() if backing else None
     if parent_image is not None and not parent_image.is_file():
@@ -218,6 +268,23 @@ async def _verify_disk(
     except VirtBackupError as exc:
         problems.append(f"cannot read the image: {exc}")
     return DiskVerdict(name, tuple(problems))
+
+
+def _read_through(manifest: Manifest, disks: set[str] | None) -> set[str]:
+    """Those of `disks` (None: all) whose image in this backup may be an
+    overlay on its parent's."""
+    return {
+        d.disk
+        for d in manifest.disks
+        if (disks is None or d.disk in disks) and allowed_backings(manifest, d) != (None,)
+    }
+
+
+def _either(allowed: Sequence[str | None]) -> str:
+    words = [
+        "none (a standalone image)" if a is None else f"{a!r} (the parent's image)" for a in allowed
+    ]
+    return " or ".join(words)
 
 
 async def _verify_content(
