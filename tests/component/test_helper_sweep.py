@@ -77,6 +77,10 @@ async def test_an_orphaned_qemu_nbd_is_named_in_the_lock_error_and_swept(
     assert 'Failed to get "write" lock' in err.value.message
     assert f"held by process {helper} (qemu-nbd -t -r -k {folder}/nbd.sock" in err.value.message
     assert len(str(err.value).splitlines()) <= 2
+    with pytest.raises(ProcessError) as err:
+        async with qemu_nbd.serve(image, runtime_dir=tmp_path / "other", readonly=False):
+            pass
+    assert f"held by process {helper} (qemu-nbd -t -r -k {folder}/nbd.sock" in err.value.message
 
     swept = await nbd_folders.sweep(runtime)
     assert [(s.folder, [h.pid for h in s.stopped], s.removed) for s in swept] == [
