@@ -105,26 +105,31 @@ async def test_the_folders_of_live_processes_are_left_alone(tmp_path: Path, imag
     assert not list(runtime.glob("nbd-*"))  # removed on exit
 
 
-async def test_a_recycled_pid_is_not_taken_for_the_owner(tmp_path: Path) -> None:
+async def test_a_recycled_pid_is_not_taken_for_the_owner(tmp_path: Path, image: Path) -> None:
     """The owner's pid runs again (here: ours) but with another start time:
-    the owner is dead, its folder goes; a process that does not name the
-    folder's socket is never touched."""
+    the owner is dead, its folder goes. Only a qemu-nbd naming the folder's
+    own socket is stopped: not a bystander naming the folder, not a live
+    export whose socket the record names instead."""
     runtime = tmp_path / "run"
-    folder = nbd_folders.new_folder(runtime)
-    record = nbd_folders.read_record(folder)
-    assert record is not None
-    stale = procfs.ProcessId(os.getpid(), record.owner.start + 1, record.owner.boot)
-    (folder / nbd_folders.OWNER_FILE).write_text(
-        json.dumps(nbd_folders.FolderRecord(stale, None, record.socket).as_json())
-    )
-    bystander = await asyncio.create_subprocess_exec("sleep", "60", str(folder))
-    try:
-        swept = await nbd_folders.sweep(runtime)
-        assert [(s.folder, s.stopped, s.removed) for s in swept] == [(folder, (), True)]
-        assert bystander.returncode is None
-    finally:
-        bystander.kill()
-        await bystander.wait()
+    async with qemu_nbd.serve(image, runtime_dir=runtime) as live:
+        folder = nbd_folders.new_folder(runtime)
+        record = nbd_folders.read_record(folder)
+        assert record is not None
+        stale = procfs.ProcessId(os.getpid(), record.owner.start + 1, record.owner.boot)
+        forged = nbd_folders.FolderRecord(stale, None, str(live.socket))
+        (folder / nbd_folders.OWNER_FILE).write_text(json.dumps(forged.as_json()))
+        bystander = await asyncio.create_subprocess_exec("sleep", "60", str(folder / "nbd.sock"))
+        try:
+            swept = await nbd_folders.sweep(runtime)
+            assert [(s.folder, s.stopped, s.removed) for s in swept] == [(folder, (), True)]
+            assert bystander.returncode is None
+            assert live.socket.exists()
+            live_record = nbd_folders.read_record(live.socket.parent)
+            assert live_record is not None and live_record.helper is not None
+            assert procfs.running(live_record.helper)
+        finally:
+            bystander.kill()
+            await bystander.wait()
 
 
 @pytest.mark.parametrize("content", [None, "", "{not json", '{"owner": 5, "socket": "x"}'])

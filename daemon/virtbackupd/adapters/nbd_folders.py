@@ -34,6 +34,7 @@ from typing import Any
 from virtbackupd.adapters import procfs
 from virtbackupd.adapters.procfs import Holder, ProcessId
 
+QEMU_NBD = "qemu-nbd"
 PREFIX = "nbd-"
 OWNER_FILE = "owner.json"
 SOCKET = "nbd.sock"
@@ -132,7 +133,9 @@ class _Seen:
 
 
 def _helpers_naming(socket: str, table: list[_Seen]) -> list[_Seen]:
-    return [s for s in table if socket in s.holder.argv]
+    """The qemu-nbd processes serving `socket` (an operator's client of
+    it, say nbdinfo, is not ours to stop)."""
+    return [s for s in table if socket in s.holder.argv and Path(s.holder.argv[0]).name == QEMU_NBD]
 
 
 def _table(runtime_dir: Path) -> list[_Seen]:
@@ -191,7 +194,9 @@ async def sweep(runtime_dir: Path, now: Callable[[], float] = time.time) -> list
             continue
         if table is None:
             table = _table(runtime_dir)
-        socket = record.socket if record is not None else str(folder / SOCKET)
+        # The folder's own socket, never a path read from the record: a
+        # record names nothing outside its folder.
+        socket = str(folder / SOCKET)
         found = _helpers_naming(socket, table)
         gone = [await _stop(s, socket) for s in found]
         if all(gone):
