@@ -63,7 +63,7 @@ class Cli:
         )  # fmt: skip
         assert proc.returncode == expect, (
             f"virtbackup {' '.join(args)} exited {proc.returncode} (expected {expect}):\n"
-            f"{proc.stderr[-3000:]}"
+            f"{proc.stderr[-3000:]}\n{proc.stdout[-3000:]}"
         )
         return proc
 

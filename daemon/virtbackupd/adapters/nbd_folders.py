@@ -107,6 +107,18 @@ def new_folder(runtime_dir: Path) -> Path:
     return folder
 
 
+def claim(folder: Path) -> None:
+    """Record this process as the owner of `folder` (another kind of
+    private folder: engine.guest_view's checks)."""
+    _write(folder, FolderRecord(procfs.me(), None, ""))
+
+
+def owner_gone(folder: Path, now: float) -> bool:
+    """Is the process that claimed `folder` gone (for a folder without a
+    record: is it older than the grace)?"""
+    return _owner_dead(folder, read_record(folder), now)
+
+
 def record_helper(folder: Path, pid: int) -> None:
     """Note the qemu-nbd serving from `folder` (just started by us)."""
     record = read_record(folder)

@@ -49,7 +49,13 @@ INTERRUPTED = "interrupted: the backup process died"
 
 async def sweep_runtime(runtime_dir: Path) -> None:
     """Stop the qemu-nbd helpers dead processes left and remove their
-    export folders (adapters.nbd_folders); each is logged."""
+    export folders (adapters.nbd_folders), and release what their
+    filesystem checks left (engine.guest_view); each is logged."""
+    from virtbackupd.engine import guest_view  # its adapters load only when it is needed
+
+    if (runtime_dir / guest_view.FSCHECK).is_dir():
+        for folder in await guest_view.sweep_checks(runtime_dir):
+            log.warning("released the filesystem check of a dead process", folder=str(folder))
     for swept in await nbd_folders.sweep(runtime_dir):
         stopped = [str(h) for h in swept.stopped]
         if swept.removed:
