@@ -41,6 +41,21 @@ async def attach(file: Path, offset: int, size: int) -> str:
     return out.strip()
 
 
+def loops_backed_under(top: Path) -> list[str]:
+    """The loop devices whose backing file is below `top` (what a killed
+    check left attached to its exports)."""
+    root = str(top.resolve())
+    found = []
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            path = backing.read_text().strip().removesuffix(" (deleted)")
+        except OSError:
+            continue
+        if path == root or path.startswith(root + "/"):
+            found.append(f"/dev/{backing.parent.parent.name}")
+    return sorted(found)
+
+
 async def detach(device: str) -> None:
     try:
         await run_tool(["losetup", "--detach", device], f"losetup --detach {device}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from virtbackupd.adapters import procfs
 from virtbackupd.errors import ProcessError
 
 QEMU_IMG = "qemu-img"
@@ -23,31 +25,47 @@ QEMU_IMG = "qemu-img"
 PR_SET_PDEATHSIG = 1
 
 
+@functools.cache
+def _prctl() -> Callable[..., int]:
+    # Looked up in the parent: dlopen in a child forked from a threaded
+    # process can deadlock on a loader lock another thread held at the fork.
+    prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
+    return prctl
+
+
 def die_with_parent() -> Callable[[], None]:
-    """A preexec_fn for helper processes: the kernel sends SIGTERM when we
-    die, so that no qemu-nbd outlives a killed virtbackupd holding an image
-    lock (under systemd the control group does this too; from the CLI
-    nothing else would). The signal follows the *thread* that forked, so
-    spawn from the event loop's thread, which lives as long as we do."""
+    """A preexec_fn for helper processes: the kernel SIGKILLs the helper
+    when we die, so that no qemu-nbd or qemu-img outlives a killed
+    virtbackupd holding an image lock (under systemd the control group
+    does this too; from the CLI nothing else would).
+
+    SIGKILL, not SIGTERM: qemu-nbd installs its SIGTERM handler early but
+    only starts looking at what it set once it serves, so a SIGTERM in
+    its first milliseconds is lost and it serves for ever (seen in about
+    one start in six when the signal came 2-12 ms after the exec). A
+    helper whose owner died has nothing left to do that matters: what it
+    read or wrote is abandoned with its owner's job.
+
+    The signal follows the *thread* that forked, so spawn from the event
+    loop's thread, which lives as long as we do."""
+    prctl = _prctl()
     spawner = os.getpid()
 
     def in_the_child() -> None:  # pragma: no cover - runs in the child
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         # A parent killed between fork and the prctl never sends the
-        # signal: the child was already reparented. Then go now, as the
-        # signal would have made it (a helper left running would hold its
-        # image's lock).
+        # signal: the child was already reparented. Then go now.
         if os.getppid() != spawner:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     return in_the_child
 
 
 async def while_locked(action: Callable[[], Awaitable[None]], wait: float = 15.0) -> None:
     """Run `action`, again while an image it needs is locked by another
-    process: a helper of a process that just died (it got SIGTERM with
-    PR_SET_PDEATHSIG) may hold the lock for a moment."""
+    process (a reader such as a restore of another domain's backup that
+    shares a layer, or a helper being swept); the last error names the
+    holders."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     while True:
@@ -78,7 +96,7 @@ async def run_tool(argv: Sequence[str], what: str | None = None) -> str:
         raise
     if proc.returncode != 0:
         message = err.decode(errors="replace").strip() or f"exit status {proc.returncode}"
-        raise ProcessError(what or " ".join(argv[:2]), message)
+        raise ProcessError(what or " ".join(argv[:2]), procfs.name_lock_holders(message))
     return out.decode(errors="replace")
 
 
@@ -207,7 +225,7 @@ async def check(path: Path, fmt: str = "qcow2", *, repair_leaks: bool = False) -
         *argv,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        preexec_fn=die_with_parent(),
+        preexec_fn=die_with_parent(),  # forked from the loop thread, see die_with_parent
     )
     out, err = await proc.communicate()
     # Exit 0: clean; 2: corruptions; 3: leaks only; JSON on stdout for all three.
@@ -226,7 +244,7 @@ async def check(path: Path, fmt: str = "qcow2", *, repair_leaks: bool = False) -
             what, f"{corrupt} corrupted cluster(s) (and {leaks} leaked): the image is damaged"
         )
     lines = err.decode(errors="replace").strip().splitlines()
-    first = lines[0] if lines else f"exit status {proc.returncode}"
+    first = procfs.name_lock_holders(lines[0]) if lines else f"exit status {proc.returncode}"
     more = f" (and {len(lines) - 1} more lines)" if len(lines) > 1 else ""
     raise ProcessError(what, first + more)
 
@@ -325,11 +343,15 @@ async def compare(
         argv += ["-F", fmt_b]
     argv += [str(a), str(b)]
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        preexec_fn=die_with_parent(),  # forked from the loop thread, see die_with_parent
     )
     _, err = await proc.communicate()
     if proc.returncode == 0:
         return True
     if proc.returncode == 1:
         return False
-    raise ProcessError(f"qemu-img compare {a} {b}", err.decode(errors="replace").strip())
+    message = procfs.name_lock_holders(err.decode(errors="replace").strip())
+    raise ProcessError(f"qemu-img compare {a} {b}", message)

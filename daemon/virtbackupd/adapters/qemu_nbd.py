@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import tempfile
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from virtbackupd.adapters import nbd_folders, procfs
 from virtbackupd.adapters.nbd.client import UnixAddress, connect
 from virtbackupd.adapters.qemu_img import die_with_parent
 from virtbackupd.errors import NbdError, ProcessError
@@ -83,42 +83,50 @@ async def serve(
 ) -> AsyncIterator[Export]:
     """Export `image` with qemu-nbd on a socket in a private directory under
     `runtime_dir`: a read-only source (with `bitmaps` as
-    qemu:dirty-bitmap:NAME contexts) or a writable target."""
-    runtime_dir.mkdir(parents=True, exist_ok=True)
-    private = Path(tempfile.mkdtemp(prefix="nbd-", dir=runtime_dir))
-    socket = private / "nbd.sock"
+    qemu:dirty-bitmap:NAME contexts) or a writable target. The folder
+    records us and the qemu-nbd (adapters.nbd_folders), so that if we are
+    killed the next command removes both."""
+    private = nbd_folders.new_folder(runtime_dir)
+    socket = private / nbd_folders.SOCKET
     stderr_path = private / "stderr"
     argv = _argv(image, socket, name, fmt, readonly, bitmaps, connections, cache, aio, extra, size)
-    with stderr_path.open("wb") as stderr:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=stderr,
-            preexec_fn=die_with_parent(),  # forked from the loop thread, see die_with_parent
-        )
+    try:
+        with stderr_path.open("wb") as stderr:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=stderr,
+                preexec_fn=die_with_parent(),  # forked from the loop thread, see die_with_parent
+            )
+    except BaseException:
+        nbd_folders.remove_folder(private)
+        raise
+    nbd_folders.record_helper(private, proc.pid)
     export = Export(socket, name)
+    ready = False
     try:
         await _wait_ready(proc, export, ready_timeout, stderr_path)
+        ready = True
         yield export
     finally:
-        await _stop(proc)
-        with contextlib.suppress(OSError):
-            socket.unlink(missing_ok=True)
-            stderr_path.unlink(missing_ok=True)
-            private.rmdir()
+        await _stop(proc, ready)
+        message = _tail(stderr_path)
+        nbd_folders.remove_folder(private)
     if proc.returncode not in (0, -15):
         raise ProcessError(
             f"qemu-nbd {image}",
-            f"exited with {proc.returncode}: {_tail(stderr_path)}",
+            f"exited with {proc.returncode}: {message}",
         )
 
 
 def _tail(path: Path) -> str:
+    """qemu-nbd's last words, with whoever holds an image it could not lock."""
     try:
-        return path.read_text(errors="replace").strip()[-2000:] or "(no message)"
+        text = path.read_text(errors="replace").strip()[-2000:]
     except OSError:
-        return "(no message)"
+        text = ""
+    return procfs.name_lock_holders(text) if text else "(no message)"
 
 
 async def _wait_ready(
@@ -145,8 +153,14 @@ async def _wait_ready(
     )
 
 
-async def _stop(proc: asyncio.subprocess.Process) -> None:
+async def _stop(proc: asyncio.subprocess.Process, ready: bool) -> None:
     if proc.returncode is not None:
+        return
+    if not ready:
+        # Still starting: qemu-nbd would lose a SIGTERM (see die_with_parent),
+        # and it has served nothing that needs a clean close.
+        proc.kill()
+        await asyncio.shield(proc.wait())
         return
     proc.terminate()
     try:

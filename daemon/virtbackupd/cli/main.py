@@ -35,6 +35,7 @@ from virtbackupd.core.records import BackupRecord, BackupStatus, DomainRecord
 from virtbackupd.engine.backup import BackupContext, JobProgress, backup_domain
 from virtbackupd.engine.catalogue import Standing, standing
 from virtbackupd.engine.domain_job import domain_job
+from virtbackupd.engine.leftovers import sweep_runtime
 from virtbackupd.engine.locks import backup_owner_alive
 from virtbackupd.errors import (
     ConfigError,
@@ -222,6 +223,7 @@ async def _run(args: argparse.Namespace) -> int:
     config = load_config(config_path(args.config))
     priority.apply(config.priority)
     logs.configure(config.log_level, "json" if args.json else "console")
+    await sweep_runtime(config.runtime_dir)  # what killed commands left
     if args.command == "reindex":
         return await reindex_command(args, config)
     async with Store.open(config.state_db) as store:

@@ -43,6 +43,7 @@ from virtbackupd.daemon.status_file import DaemonStatus, DomainState, remove_sta
 from virtbackupd.engine import catalogue, guest_view, live_restore, own_checkpoints, vm_starts
 from virtbackupd.engine.backup import BackupContext, backup_domain
 from virtbackupd.engine.domain_job import domain_job
+from virtbackupd.engine.leftovers import sweep_runtime
 from virtbackupd.engine.locks import domain_lock
 from virtbackupd.engine.prune import describe, prune_under_policy
 from virtbackupd.engine.verify import verify_filesystems, verify_recorded
@@ -517,6 +518,7 @@ class Service:
             EventSource(self.config.libvirt_uri) as source,
         ):
             await self._reconcile_catalogue(store)
+            await sweep_runtime(self.config.runtime_dir)
             # The hook acts only where this folder exists (tmpfiles makes it
             # at boot; an install without tmpfiles gets it here).
             vm_starts.HOOK_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -6,6 +6,8 @@ finishes what dead processes left behind before the job sees anything:
 - with libvirt (a backup, the daemon): everything engine.leftovers does
   (a frozen guest thawed, an orphaned pull job aborted, undo logs
   replayed or their committed backups catalogued, stale records failed);
+- always: the helpers dead processes left and their export folders
+  (engine.leftovers.sweep_runtime);
 - without libvirt (restore to a folder, verify, prune from the CLI): the
   undo logs of backups that committed are catalogued, and those that need
   nothing of libvirt replayed; one naming a libvirt job or checkpoint is
@@ -23,7 +25,7 @@ from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
 from virtbackupd.adapters.repository import Repository
 from virtbackupd.adapters.store import Store
 from virtbackupd.config.daemon import DaemonConfig
-from virtbackupd.engine.leftovers import clean_leftovers, settle
+from virtbackupd.engine.leftovers import clean_leftovers, settle, sweep_runtime
 from virtbackupd.engine.locks import domain_lock
 
 
@@ -51,6 +53,7 @@ async def domain_job(
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> AsyncIterator[DomainJob]:
     with domain_lock(config.runtime_dir, uuid, name, what):
+        await sweep_runtime(config.runtime_dir)
         if libvirt is not None:
             ref = await libvirt.domain(uuid)
             cleaned = await clean_leftovers(libvirt, store, ref, config, repo, now())

@@ -20,19 +20,22 @@ from __future__ import annotations
 import contextlib
 import secrets
 import shutil
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
 
-from virtbackupd.adapters import disk_probes, fuse_export, kernel_mounts
+from virtbackupd.adapters import disk_probes, fuse_export, kernel_mounts, nbd_folders, procfs
 from virtbackupd.adapters.repository import Hold, HoldKind, Repository, disk_file
 from virtbackupd.core.volumes import Region, VolumeReadError, logical_volumes, partitions
 from virtbackupd.errors import InputError, ProcessError, VirtBackupError
 
 log = structlog.get_logger("virtbackupd.guest_view")
+
+FSCHECK = "fscheck"  # below the runtime dir: one folder per running check
 
 
 @dataclass(frozen=True)
@@ -52,14 +55,24 @@ class GuestView:
 
 
 async def open_view(
-    folder: Path, disks: Sequence[str], state_dir: Path, fs_only: set[str]
+    folder: Path,
+    disks: Sequence[str],
+    state_dir: Path,
+    fs_only: set[str],
+    *,
+    detached: bool = True,
 ) -> GuestView:
     """Export `disks` of the backup in `folder` and attach a read-only loop
-    device to every volume whose type is in `fs_only`."""
+    device to every volume whose type is in `fs_only`. Not `detached`: the
+    exports die with us, and `state_dir` records us as its owner so that
+    the next command cleans up after us (:func:`sweep_checks`)."""
     state_dir.mkdir(parents=True, mode=0o700)
+    if not detached:
+        nbd_folders.claim(state_dir)
     view = GuestView(state_dir)
     try:
-        view.pid = await fuse_export.start({d: folder / disk_file(d) for d in disks}, state_dir)
+        images = {d: folder / disk_file(d) for d in disks}
+        view.pid = await fuse_export.start(images, state_dir, detached=detached)
         for disk in disks:
             await _find_volumes(view, disk)
         for n, v in enumerate(view.volumes):
@@ -292,9 +305,9 @@ async def check_filesystems(
 ) -> tuple[list[FsVerdict], list[str]]:
     """Run each found filesystem's read-only check; the verdicts and what
     could not be looked at."""
-    state_dir = runtime_dir / "fscheck" / secrets.token_hex(6)
-    (runtime_dir / "fscheck").mkdir(parents=True, exist_ok=True, mode=0o700)
-    view = await open_view(folder, disks, state_dir, set(disk_probes.FSCK))
+    state_dir = runtime_dir / FSCHECK / secrets.token_hex(6)
+    (runtime_dir / FSCHECK).mkdir(parents=True, exist_ok=True, mode=0o700)
+    view = await open_view(folder, disks, state_dir, set(disk_probes.FSCK), detached=False)
     out = []
     try:
         for v in view.volumes:
@@ -310,6 +323,29 @@ async def check_filesystems(
     finally:
         await close_view(view.pid, view.devices, state_dir)
     return out, view.notes
+
+
+async def sweep_checks(runtime_dir: Path, now: Callable[[], float] = time.time) -> list[Path]:
+    """Release what filesystem checks of dead processes left (their
+    exports' dead FUSE mounts, loop devices, folders); the folders
+    released."""
+    released = []
+    for state_dir in sorted((runtime_dir / FSCHECK).glob("*")):
+        if not state_dir.is_dir() or not nbd_folders.owner_gone(state_dir, now()):
+            continue
+        pid: int | None = None
+        with contextlib.suppress(OSError, ValueError):
+            pid = int((state_dir / "qsd.pid").read_text().strip())
+        if pid is not None and str(state_dir) not in " ".join(procfs.cmdline(pid)):
+            pid = None  # not our daemon (a recycled pid): leave it alone
+        try:
+            await close_view(pid, kernel_mounts.loops_backed_under(state_dir), state_dir)
+        except VirtBackupError as exc:
+            log.warning("releasing a dead check's exports failed", folder=str(state_dir),
+                        error=str(exc))  # fmt: skip
+            continue
+        released.append(state_dir)
+    return released
 
 
 def _gist(output: str, lines: int = 3) -> str:

@@ -17,15 +17,22 @@ A record still "running" without an undo log died before writing one:
 nothing of it exists but the record, which is marked failed. A guest it
 froze and did not thaw (a freeze record in the runtime dir) is thawed
 first.
+
+Whatever the dead process was (a backup, restore, prune, verify,
+reindex), :func:`sweep_runtime` stops the helpers it left and removes
+their folders in the runtime dir; every command and every job runs it
+first.
 """
 
 from __future__ import annotations
 
 import shutil
 from datetime import datetime
+from pathlib import Path
 
 import structlog
 
+from virtbackupd.adapters import nbd_folders
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
 from virtbackupd.adapters.repository import Repository
 from virtbackupd.adapters.store import Store
@@ -38,6 +45,31 @@ from virtbackupd.errors import VirtBackupError
 log = structlog.get_logger("virtbackupd.leftovers")
 
 INTERRUPTED = "interrupted: the backup process died"
+
+
+async def sweep_runtime(runtime_dir: Path) -> None:
+    """Stop the qemu-nbd helpers dead processes left and remove their
+    export folders (adapters.nbd_folders), and release what their
+    filesystem checks left (engine.guest_view); each is logged."""
+    from virtbackupd.engine import guest_view  # its adapters load only when it is needed
+
+    if (runtime_dir / guest_view.FSCHECK).is_dir():
+        for folder in await guest_view.sweep_checks(runtime_dir):
+            log.warning("released the filesystem check of a dead process", folder=str(folder))
+    for swept in await nbd_folders.sweep(runtime_dir):
+        stopped = [str(h) for h in swept.stopped]
+        if swept.removed:
+            log.warning(
+                "removed the export folder of a dead process",
+                folder=str(swept.folder),
+                stopped_helpers=stopped,
+            )
+        else:
+            log.warning(
+                "a helper of a dead process would not stop; its folder stays",
+                folder=str(swept.folder),
+                helpers=stopped,
+            )
 
 
 async def clean_leftovers(
