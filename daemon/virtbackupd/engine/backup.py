@@ -26,7 +26,16 @@ import structlog
 from virtbackupd.adapters import qcow2_writer, repository
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
 from virtbackupd.adapters.nbd.client import UnixAddress
-from virtbackupd.adapters.repository import Manifest, Repository, StepHook, UndoKind, UndoLog
+from virtbackupd.adapters.repository import (
+    CHECKPOINT_XML,
+    DOMAIN_XML,
+    Manifest,
+    Repository,
+    StepHook,
+    UndoKind,
+    UndoLog,
+    document_digests,
+)
 from virtbackupd.adapters.store import Store
 from virtbackupd.config.daemon import DaemonConfig
 from virtbackupd.core.backup_documents import (
@@ -499,6 +508,8 @@ class Job:
         lv, store = self.ctx.libvirt, self.ctx.store
         assert self.record is not None
         cp_xml = await lv.checkpoint_xml(self.ref, self.checkpoint)
+        domain_xml = await lv.xml(self.ref, inactive=True)
+        texts = {DOMAIN_XML: domain_xml, CHECKPOINT_XML: cp_xml}
         finished = self.ctx.now()
         disks = disk_records(results)
         manifest = Manifest(
@@ -514,8 +525,8 @@ class Job:
             finished=finished,
             disks=disks,
             left_out=plan.left_out,
+            documents=document_digests(texts),
         )
-        domain_xml = await lv.xml(self.ref, inactive=True)
         assert self.undo is not None
 
         def step(label: str) -> None:
@@ -528,7 +539,7 @@ class Job:
             store,
             self.repo,
             manifest,
-            {"domain.xml": domain_xml, "checkpoint.xml": cp_xml},
+            texts,
             {name: r.pieces for name, r in results.items()},
             self.undo,
             step,

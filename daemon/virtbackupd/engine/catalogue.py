@@ -18,10 +18,13 @@ from pathlib import Path
 import structlog
 
 from virtbackupd.adapters.repository import (
+    CHECKPOINT_XML,
+    DocumentDigestError,
     Manifest,
     Repository,
     StepHook,
     StoredBackup,
+    read_document,
     read_manifest,
 )
 from virtbackupd.adapters.store import Store
@@ -36,10 +39,17 @@ log = structlog.get_logger("virtbackupd.catalogue")
 def checkpoint_record(stored: StoredBackup) -> CheckpointRecord | None:
     """The checkpoint a committed backup vouches for (its checkpoint.xml)."""
     m = stored.manifest
-    path = stored.folder / "checkpoint.xml"
+    path = stored.folder / CHECKPOINT_XML
     if m.checkpoint is None or not path.is_file():
         return None
-    xml = path.read_text()
+    # Its XML is what a later backup hands libvirt to redefine the
+    # checkpoint: one edited since the backup is not trusted (the backup
+    # still counts; the next one of the domain is full).
+    try:
+        xml = read_document(stored.folder, m, CHECKPOINT_XML).text
+    except DocumentDigestError as exc:
+        log.warning("checkpoint not trusted", backup=m.id, problem=str(exc))
+        return None
     cp = Checkpoint.from_xml(xml, str(path))
     return CheckpointRecord(
         m.domain_uuid, m.checkpoint, cp.parent, m.started, CheckpointStatus.ACTIVE, xml

@@ -47,7 +47,8 @@ from virtbackupd.adapters.repository import (
     disk_file,
 )
 from virtbackupd.core.restored_domain import RestoredImage
-from virtbackupd.engine.restore import define_on_images, running_user
+from virtbackupd.engine.define import Defined, SavedDefinition, define_on_images
+from virtbackupd.engine.restore import running_user
 from virtbackupd.errors import DomainNotFoundError, RestoreError, VirtBackupError
 
 log = structlog.get_logger("virtbackupd.live_restore")
@@ -96,10 +97,11 @@ async def start_live_restore(
     disks: Sequence[str],
     to: Path,
     name: str,
+    saved: SavedDefinition,
     *,
     rate: int = 0,
     force: bool = False,
-) -> tuple[DomainRef, Hold, tuple[str, ...]]:
+) -> tuple[Defined, Hold]:
     """Create the overlays in `to`, define `name` on them, start it and the
     move. The caller holds the domain's lock and has checked the chain.
     On failure everything made here is taken back."""
@@ -122,9 +124,10 @@ async def start_live_restore(
             partial.rename(image)
             made[-1] = image
         opened = _open_for_qemu(repo, folder)
-        ref, dropped = await define_on_images(
-            lv, folder, name, {d: RestoredImage(p, "qcow2") for d, p in images.items()}, force
+        defined = await define_on_images(
+            lv, saved, name, {d: RestoredImage(p, "qcow2") for d, p in images.items()}, force
         )
+        ref = defined.ref
         hold = Hold(
             id=f"live-{secrets.token_hex(6)}",
             kind=HoldKind.LIVE_RESTORE,
@@ -158,7 +161,7 @@ async def start_live_restore(
     log.info(
         "live restore started", domain=name, uuid=ref.uuid, backup=backup_id, disks=list(disks)
     )
-    return ref, hold, dropped
+    return defined, hold
 
 
 async def _refuse_running_users(lv: Libvirt, name: str, images: set[Path]) -> None:
