@@ -12,6 +12,7 @@ a cdrom of /etc/shadow, a share of the host's / and a qemu:commandline.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import shutil
@@ -171,3 +172,45 @@ def test_an_edited_domain_xml_is_refused_then_defined_without_anything_that_reac
         if old.startswith(PREFIX):
             remove_domain(libvirt_conn, old)
         shutil.rmtree(images, ignore_errors=True)
+
+
+def test_a_checkpoint_redefined_from_the_repository_never_runs_its_stored_emulator(
+    domains: DomainFactory,
+    config: Path,
+    capsys: pytest.CaptureFixture[str],
+    evil_dir: Path,
+) -> None:
+    """checkpoint.xml embeds a whole <domain>, and libvirt runs its
+    <emulator> when the checkpoint is redefined. An attacker who rewrites
+    checkpoint.xml *and* its digest in the manifest gets it into the
+    catalogue (reindex); when libvirt has lost the checkpoint, the next
+    backup redefines it: with the domain's own current definition embedded,
+    not the stored one."""
+    td = domains.create(qcow2_sizes=[16 * MiB])
+    first = run_cli(config, capsys, "backup", td.name)
+    folder = Path(first["path"])
+    cp_file = folder / "checkpoint.xml"
+    cp = etree.fromstring(cp_file.read_bytes())
+    emulator = cp.find("domain/devices/emulator")
+    assert emulator is not None
+    emulator.text = str(evil_dir / "evil.sh")
+    cp_file.write_bytes(etree.tostring(cp))
+    manifest = folder / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["documents"]["checkpoint.xml"] = hashlib.sha256(cp_file.read_bytes()).hexdigest()
+    manifest.write_text(json.dumps(data))
+    # A lost catalogue, rebuilt from the (edited) repository.
+    for part in (config.parent / "state").glob("state.db*"):
+        part.unlink()
+    run_cli(config, capsys, "reindex")
+    # libvirt lost the checkpoint (its bitmap stays in the image).
+    name = first["checkpoint"]
+    td.dom.checkpointLookupByName(name).delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+
+    second = run_cli(config, capsys, "backup", td.name)
+    assert second["level"] == "incremental"  # the lineage was redefined and used
+    assert not (evil_dir / "marker").exists(), "the stored emulator was run"
+    # Before: libvirt held the stored <domain>, evil emulator and all (and
+    # runs such an emulator when the domain is shut off).
+    redefined = td.dom.checkpointLookupByName(name).getXMLDesc(0)
+    assert str(evil_dir) not in redefined

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
+from virtbackupd.core.checkpoint_xml import Checkpoint, for_redefinition
 from virtbackupd.core.restored_domain import RestoredImage, restored_domain_xml
 from virtbackupd.core.untrusted_domain import HostOffer, guest_target, host_offer
 from virtbackupd.errors import XMLError
@@ -523,3 +524,22 @@ def test_the_hosts_emulator_and_firmware_come_from_its_domain_capabilities() -> 
     }
     with pytest.raises(XMLError, match="no emulator <path>"):
         host_offer("<domainCapabilities><arch>x86_64</arch></domainCapabilities>", "caps")
+
+
+def test_a_checkpoint_is_redefined_around_the_domains_current_definition() -> None:
+    stored = (
+        "<domaincheckpoint><name>cp1</name><parent><name>cp0</name></parent>"
+        "<creationTime>17</creationTime><disks><disk name='vda' checkpoint='bitmap' "
+        "bitmap='cp1'/></disks>" + domain() + "</domaincheckpoint>"
+    )
+    current = "<domain type='qemu'><name>web01</name></domain>"
+    out = Checkpoint.from_xml(for_redefinition(stored, current, "stored"))
+    before = Checkpoint.from_xml(stored)
+    assert (out.name, out.parent, out.creation_time, out.disks) == (
+        before.name,
+        before.parent,
+        before.creation_time,
+        before.disks,
+    )
+    assert out.domain_xml is not None and "evil.sh" not in out.domain_xml
+    assert "<name>web01</name>" in out.domain_xml

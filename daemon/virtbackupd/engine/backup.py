@@ -41,6 +41,7 @@ from virtbackupd.config.daemon import DaemonConfig
 from virtbackupd.core.backup_documents import (
     checkpoint_name,
 )
+from virtbackupd.core.checkpoint_xml import for_redefinition
 from virtbackupd.core.domain_xml import DomainInfo, parse_domain
 from virtbackupd.core.job_state import Cleanup, JobMachine, JobState
 from virtbackupd.core.plan import CheckpointView, Plan, plan_backup
@@ -381,9 +382,11 @@ class Job:
             if name in known:
                 self.log.warning("deleting a checkpoint of ours that is not trusted", stale=name)
                 await own_checkpoints.delete_checkpoint(lv, self.ref, name)
+        current = await lv.xml(self.ref, inactive=True) if plan.redefine else ""
         for cp in plan.redefine:
             self.log.warning("redefining checkpoint libvirt lost", lost=cp.name)
-            await lv.redefine_checkpoint(self.ref, cp.xml)
+            xml = for_redefinition(cp.xml, current, f"stored XML of checkpoint {cp.name}")
+            await lv.redefine_checkpoint(self.ref, xml)
         return plan
 
     def note(self, kind: UndoKind, path: Path | str | None = None, name: str | None = None) -> None:
