@@ -164,7 +164,8 @@ def test_overlapping_policies(tmp_path: Path) -> None:
     a = write(tmp_path, "d/a.yaml", "domains: ['web*']\n")
     b = write(tmp_path, "d/b.yaml", "domains: ['web01', 'web*']\n")
     c = write(tmp_path, "d/c.yaml", "domains: [db]\nschedule: {full: nonsense}\n")
-    policies, errors = load_policies(policy_files([tmp_path / "d"]))
+    loaded = load_policies(policy_files([tmp_path / "d"]))
+    policies, errors = loaded.policies, loaded.errors
     assert [p.source for p in policies] == [a, b]
     messages = [str(e) for e in errors]
     assert any(str(c) in m and "schedule.full" in m for m in messages)
@@ -223,7 +224,8 @@ def test_every_problem_of_a_file_is_reported_in_line_order(tmp_path: Path) -> No
         "quiesce: sometimes\n"
         "retention: {keep_last: -1, keep_dayly: 2}\n",
     )
-    policies, errors = load_policies([path])
+    loaded = load_policies([path])
+    policies, errors = loaded.policies, loaded.errors
     assert policies == []
     lines = [str(e) for e in errors]
     assert len(lines) == 6, lines

@@ -24,10 +24,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import stat
 import struct
+import uuid as uuidlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -67,6 +69,23 @@ class RepositoryFormatError(VirtBackupError):
 
 
 # --- names -------------------------------------------------------------------------------
+
+
+# What new_backup_id makes (and, without the milliseconds, what early
+# versions made): a name that can never climb out of a folder.
+BACKUP_ID = re.compile(r"[0-9]{8}T[0-9]{6}(\.[0-9]{3})?Z-[0-9a-f]{4}")
+
+
+def is_backup_id(text: str) -> bool:
+    return BACKUP_ID.fullmatch(text) is not None
+
+
+def is_plain_name(text: str) -> bool:
+    """A file name inside its own folder: no separator, not hidden (our
+    own bookkeeping starts with a dot), not empty."""
+    return (
+        0 < len(text) <= 255 and "/" not in text and "\x00" not in text and not text.startswith(".")
+    )
 
 
 def new_backup_id(now: datetime) -> str:
@@ -173,13 +192,13 @@ class Manifest:
             raise RepositoryFormatError(path, f"unknown repository format {version}")
         domain = f.sub("domain")
         return cls(
-            id=f.text("id"),
+            id=f.backup_id("id"),
             domain_name=domain.text("name"),
-            domain_uuid=domain.text("uuid"),
+            domain_uuid=domain.uuid("uuid"),
             level=f.enum("level", Level),
             reason=f.text("reason", default=""),
             checkpoint=f.opt_text("checkpoint"),
-            parent=f.opt_text("parent"),
+            parent=f.opt_backup_id("parent"),
             parent_checkpoint=f.opt_text("parent_checkpoint"),
             started=f.time("started"),
             finished=f.time("finished"),
@@ -187,7 +206,7 @@ class Manifest:
             left_out=tuple(
                 LeftOutDisk(x.text("name"), x.text("reason")) for x in f.items("left_out", [])
             ),
-            absorbed=tuple(f.texts("absorbed")),
+            absorbed=tuple(f.backup_ids("absorbed")),
             version=version,
             documents=_documents(f),
         )
@@ -227,16 +246,16 @@ def _documents(f: _Fields) -> dict[str, str]:
 
 def _disk(f: _Fields, version: int) -> DiskRecord:
     return DiskRecord(
-        disk=f.text("name"),
-        path=f.text("file"),
-        virtual_size=f.integer("virtual_size"),
-        bytes_read=f.integer("bytes_read"),
-        bytes_written=f.integer("bytes_written"),
-        bytes_zeroed=f.integer("bytes_zeroed"),
+        disk=f.plain_name("name"),
+        path=f.plain_name("file"),
+        virtual_size=f.integer("virtual_size", minimum=1),
+        bytes_read=f.integer("bytes_read", minimum=0),
+        bytes_written=f.integer("bytes_written", minimum=0),
+        bytes_zeroed=f.integer("bytes_zeroed", minimum=0),
         digest=f.text("digest"),
-        grid=f.integer("grid"),
+        grid=f.grid("grid"),
         ranges=f.ranges("ranges"),
-        pieces=f.text("pieces") if version >= 2 else None,
+        pieces=f.plain_name("pieces") if version >= 2 else None,
     )
 
 
@@ -903,7 +922,15 @@ def _is_backup_folder(folder: Path) -> bool:
 def read_manifest(folder: Path) -> Manifest:
     path = folder / MANIFEST
     data = _read_json(path)
-    return Manifest.from_json(data, path)
+    manifest = Manifest.from_json(data, path)
+    # A manifest copied into another backup's folder would make that
+    # backup another; its id must name the folder it is in.
+    names = (manifest.id, f"{manifest.id}.partial", f".{manifest.id}.removing")
+    if folder.name not in names:
+        raise RepositoryFormatError(
+            path, f"field id: {manifest.id!r} is not the name of its folder {folder.name!r}"
+        )
+    return manifest
 
 
 def write_manifest(folder: Path, manifest: Manifest, pieces: Mapping[str, bytes]) -> None:
@@ -1025,8 +1052,50 @@ class _Fields:
             return None
         return self.text(key)
 
-    def integer(self, key: str, default: int | None = None) -> int:
-        return self._get(key, int, default)
+    def integer(self, key: str, default: int | None = None, minimum: int | None = None) -> int:
+        value = self._get(key, int, default)
+        if minimum is not None and value < minimum:
+            raise self.error(key, f"{value} is below {minimum}")
+        return value
+
+    def backup_id(self, key: str) -> str:
+        value = self.text(key)
+        if not is_backup_id(value):
+            raise self.error(
+                key, f"{value[:40]!r} is not a backup id (such as 20261123T201500.123Z-3f2a)"
+            )
+        return value
+
+    def opt_backup_id(self, key: str) -> str | None:
+        return None if self.data.get(key) is None else self.backup_id(key)
+
+    def backup_ids(self, key: str) -> list[str]:
+        values = self.texts(key)
+        for v in values:
+            if not is_backup_id(v):
+                raise self.error(key, f"{v[:40]!r} is not a backup id")
+        return values
+
+    def plain_name(self, key: str) -> str:
+        value = self.text(key)
+        if not is_plain_name(value):
+            raise self.error(
+                key, f"{value[:60]!r} is not a plain file name inside the backup's folder"
+            )
+        return value
+
+    def uuid(self, key: str) -> str:
+        value = self.text(key)
+        try:
+            return str(uuidlib.UUID(value))
+        except ValueError:
+            raise self.error(key, f"{value[:40]!r} is not a UUID") from None
+
+    def grid(self, key: str) -> int:
+        value = self.integer(key)
+        if value < 4096 or value & (value - 1):
+            raise self.error(key, f"{value} is not a power of two of at least 4096")
+        return value
 
     def opt_integer(self, key: str) -> int | None:
         if self.data.get(key) is None:

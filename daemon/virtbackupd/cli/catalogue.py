@@ -13,7 +13,7 @@ from pathlib import Path
 from virtbackupd.adapters.repository import Repository
 from virtbackupd.adapters.store import Store, StoreDamagedError
 from virtbackupd.config.daemon import DaemonConfig
-from virtbackupd.config.policy import load_policies, policy_files
+from virtbackupd.config.policy import LoadedPolicies, load_policies, policy_files
 from virtbackupd.core.policy import Policy
 from virtbackupd.engine.catalogue import reconcile
 from virtbackupd.errors import VirtBackupError
@@ -21,10 +21,17 @@ from virtbackupd.errors import VirtBackupError
 
 def policies(config: DaemonConfig, quiet: bool = False) -> list[Policy]:
     """The policies that load; the others are warned about on stderr."""
-    found, errors = load_policies(policy_files(config.policy_dirs))
-    for e in [] if quiet else errors:
+    return policy_set(config, quiet).policies
+
+
+def policy_set(config: DaemonConfig, quiet: bool = False) -> LoadedPolicies:
+    """The policy folders as read now; every problem is warned about on
+    stderr (a command acting on one domain refuses it when a file that
+    does not load may govern it: LoadedPolicies.refusal)."""
+    loaded = load_policies(policy_files(config.policy_dirs))
+    for e in [] if quiet else loaded.errors:
         print(f"virtbackup: warning: {e}", file=sys.stderr)
-    return found
+    return loaded
 
 
 def roots(config: DaemonConfig, policies: Sequence[Policy]) -> set[Path]:

@@ -25,7 +25,7 @@ from virtbackupd.adapters.libvirt_conn import Libvirt
 from virtbackupd.adapters.repository import Repository
 from virtbackupd.adapters.store import Store
 from virtbackupd.cli import listing
-from virtbackupd.cli.catalogue import policies, reconcile_catalogue, reindex_command
+from virtbackupd.cli.catalogue import policies, policy_set, reconcile_catalogue, reindex_command
 from virtbackupd.cli.domains import domain_of, libvirt_domains
 from virtbackupd.cli.progress import ProgressLine, progress_text
 from virtbackupd.config.daemon import DaemonConfig, config_path, load_config
@@ -37,6 +37,7 @@ from virtbackupd.errors import (
     ConfigError,
     InputError,
     RestoreError,
+    UnknownRestorePointError,
     VirtBackupError,
 )
 
@@ -202,6 +203,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VirtBackupError as exc:
         print(f"virtbackup: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        # The host refused a file operation that no check foresaw (a full
+        # or read-only file system, a vanished folder): its words, one line.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"virtbackup: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("virtbackup: interrupted", file=sys.stderr)
         return 130
@@ -260,7 +267,11 @@ async def _run(args: argparse.Namespace) -> int:
 
 async def _backup(args: argparse.Namespace, config: DaemonConfig, store: Store, lv: Libvirt) -> int:
     ref = await lv.domain(args.domain)
-    policy = policy_for(ref.name, ref.uuid, policies(config)) or Policy(
+    loaded = policy_set(config, quiet=True)
+    refusal = loaded.refusal(ref.name, ref.uuid)
+    if refusal is not None:
+        raise ConfigError(refusal)
+    policy = policy_for(ref.name, ref.uuid, loaded.policies) or Policy(
         source=Path("<command line>"), domains=(ref.name,)
     )
     line = ProgressLine(sys.stderr.isatty() and not args.json)
@@ -369,6 +380,8 @@ async def _restore(
         return await recovery.live(args, config, store, lv)
     if args.to_device is not None and len(args.disk) != 1:
         raise ConfigError("--to-device writes one disk: give it with --disk TARGET")
+    if args.to is not None:
+        restore.check_target_folder(args.to.absolute())
     chosen = await recovery.chosen_backup(args, config, store)
     # An edited domain.xml is refused before anything is restored.
     saved = (
@@ -469,7 +482,9 @@ async def _prune(args: argparse.Namespace, config: DaemonConfig, store: Store) -
     else:
         seen = {b.domain_uuid for b in await store.backups()}
         domains = [d for u in sorted(seen) if (d := await store.domain(u)) is not None]
-    governing = policies(config)
+    loaded = policy_set(config, quiet=True)
+    governing = loaded.policies
+    refused = False
     results = []
     try:
         lv: Libvirt | None = await Libvirt.open(config.libvirt_uri)
@@ -479,6 +494,11 @@ async def _prune(args: argparse.Namespace, config: DaemonConfig, store: Store) -
     try:
         await recovery.settle_holds(recovery.repositories(config), lv)
         for dom in domains:
+            refusal = loaded.refusal(dom.name, dom.uuid)
+            if refusal is not None:
+                print(f"virtbackup: error: {refusal}; nothing is pruned", file=sys.stderr)
+                refused = True
+                continue
             policy = policy_for(dom.name, dom.uuid, governing)
             if policy is None:
                 print(
@@ -495,7 +515,7 @@ async def _prune(args: argparse.Namespace, config: DaemonConfig, store: Store) -
             await lv.close()
     if args.json:
         print(json.dumps([{"domain": d.name, **r.as_json()} for d, r in results], indent=2))
-        return 0
+        return 2 if refused else 0
     for dom, r in results:
         head = "would" if r.dry_run else "did"
         if r.replayed:
@@ -505,7 +525,7 @@ async def _prune(args: argparse.Namespace, config: DaemonConfig, store: Store) -
             print(f"{dom.name} {v.id}: {'keep' if v.keep else 'prune'} ({why})")
         for op in r.ops:
             print(f"  {head}: {describe(op)}")
-    return 0
+    return 2 if refused else 0
 
 
 async def _verify(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
@@ -518,7 +538,10 @@ async def _verify(args: argparse.Namespace, config: DaemonConfig, store: Store) 
         if args.backup is None or b.id == args.backup
     ]
     if args.backup is not None and not backups:
-        raise VirtBackupError(f"no complete backup {args.backup}")
+        # As restore and mount say it: an id that names nothing is input (2).
+        raise UnknownRestorePointError(
+            f"no complete backup {args.backup}; `virtbackup list` shows the ids"
+        )
     failed = False
     out = []
     async for b, v in verify_recorded(config, store, backups):

@@ -36,8 +36,9 @@ async def policy_check(args: argparse.Namespace) -> int:
         if not files:
             dirs = ", ".join(str(d) for d in config.policy_dirs)
             warnings.append(f"no policy files (*.yaml) in {dirs}: no domain would be backed up")
-    policies, load_errors = load_policies(files)
-    errors = [str(e) for e in load_errors]
+    loaded = load_policies(files)
+    policies = loaded.policies
+    errors = [str(e) for e in loaded.errors]
     uri = config.libvirt_uri if config is not None else "qemu:///system"
     domains = await libvirt_domains(uri)
     if domains is None:

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from virtbackupd.adapters.host_folders import check_trusted
 from virtbackupd.adapters.priority import Priority
 from virtbackupd.config.yamlnodes import Source
 from virtbackupd.errors import ConfigError
@@ -120,4 +121,14 @@ def load_config(path: Path) -> DaemonConfig:
     if "level" in log:
         cfg["log_level"] = src.choice(log["level"], "log.level", LOG_LEVELS)
     src.raise_errors()
-    return DaemonConfig(**cfg)  # type: ignore[arg-type]
+    config = DaemonConfig(**cfg)  # type: ignore[arg-type]
+    folders = {
+        "state_dir": config.state_dir,
+        "backup_root": config.backup_root,
+        "runtime_dir": config.runtime_dir,
+        "scratch_dir": config.scratch_dir,
+    }
+    problems = check_trusted(folders, path)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return config

@@ -5,12 +5,13 @@ from __future__ import annotations
 import re
 import uuid as uuidlib
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from virtbackupd.config.yamlnodes import FileProblemsError, Source
 from virtbackupd.core.backup_documents import RawDisks
 from virtbackupd.core.cron import parse_cron
-from virtbackupd.core.policy import EventAction, Policy, Quiesce, Retention
+from virtbackupd.core.policy import EventAction, Policy, Quiesce, Rejected, Retention
 from virtbackupd.errors import ConfigError
 
 TOP_KEYS = [
@@ -44,7 +45,10 @@ def parse_rate(text: str) -> int:
     if not m:
         raise ValueError("a size such as 200MiB or 1GiB")
     unit = (m.group(2) or "").lower()[:1]
-    value = int(float(m.group(1)) * _UNITS[unit])
+    amount = float(m.group(1)) * _UNITS[unit]
+    if not amount < 1 << 60:  # also inf, from hundreds of digits
+        raise ValueError("at most 1 EiB per second")
+    value = int(amount)
     if value <= 0:
         raise ValueError("more than zero")
     return value
@@ -169,18 +173,39 @@ def missing_dirs(dirs: Iterable[Path]) -> list[Path]:
     return [d for d in dirs if not d.is_dir()]
 
 
-def load_policies(files: Sequence[Path]) -> tuple[list[Policy], list[ConfigError]]:
+@dataclass(frozen=True)
+class LoadedPolicies:
+    """What a policy folder holds: the policies that load, an error for
+    each problem, and each file that does not load (Rejected)."""
+
+    policies: list[Policy]
+    errors: list[ConfigError]
+    rejected: list[Rejected]
+
+    def refusal(self, name: str, uuid: str) -> str | None:
+        """Why a domain must not be backed up or pruned now: a file that
+        does not load may govern it (None: nothing stands in the way)."""
+        governed = any(p.matches(name, uuid) for p in self.policies)
+        for r in self.rejected:
+            if r.may_govern(name, uuid, governed):
+                return r.refusal(name)
+        return None
+
+
+def load_policies(files: Sequence[Path]) -> LoadedPolicies:
     """Every policy that loads, and an error for every one that does not;
     the same domain pattern or UUID in two files is an error too."""
     policies: list[Policy] = []
     errors: list[ConfigError] = []
+    rejected: list[Rejected] = []
     for f in files:
         try:
             policies.append(load_policy(f))
-        except FileProblemsError as exc:
-            errors += exc.errors
         except ConfigError as exc:
-            errors.append(exc)
+            found = exc.errors if isinstance(exc, FileProblemsError) else [exc]
+            errors += found
+            domains, uuids = _names_of(f)
+            rejected.append(Rejected(f, str(found[0]), domains, uuids))
     seen: dict[str, Path] = {}
     for p in policies:
         for key in (*p.domains, *p.uuids):
@@ -192,4 +217,17 @@ def load_policies(files: Sequence[Path]) -> tuple[list[Policy], list[ConfigError
                     )
                 )
             seen.setdefault(key, p.source)
-    return policies, errors
+    return LoadedPolicies(policies, errors, rejected)
+
+
+def _names_of(path: Path) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
+    """The domains and UUIDs a broken policy file names, if those parts
+    read well (None where they do not)."""
+    try:
+        src = Source.read(path)
+        keys = src.mapping(src.root, "", TOP_KEYS)
+        domains = src.string_list(keys["domains"], "domains") if "domains" in keys else ()
+        uuids = src.string_list(keys["uuids"], "uuids") if "uuids" in keys else ()
+        return domains, tuple(_uuid(u).lower() for u in uuids)
+    except (ConfigError, ValueError):
+        return None, None

@@ -84,6 +84,39 @@ class Policy:
         )
 
 
+@dataclass(frozen=True)
+class Rejected:
+    """A policy file that does not load, with what of it could still be
+    read: the domain patterns and UUIDs it names, or None when even those
+    cannot be read (then it may govern any domain)."""
+
+    source: Path
+    problem: str  # its first error, as the operator sees it (file:line: ...)
+    domains: tuple[str, ...] | None
+    uuids: tuple[str, ...] | None
+
+    def may_govern(self, name: str, uuid: str, governed: bool) -> bool:
+        """Whether this file may be the one meant for the domain. When its
+        names cannot be read, it may be meant for any domain that no
+        loaded policy governs; a domain a loaded policy governs keeps it
+        (were the file fixed, it would either leave the domain to that
+        policy or clash with it, never govern it alone).
+        exclude_domains is not trusted from a broken file: it could be
+        the broken part, and wrongly excluding is the silent failure."""
+        if self.domains is None or self.uuids is None:
+            return not governed
+        return uuid.lower() in self.uuids or any(
+            fnmatch.fnmatchcase(name, pat) for pat in self.domains
+        )
+
+    def refusal(self, name: str) -> str:
+        return (
+            f"{self.problem} -- this policy file may govern domain '{name}' and does not load; "
+            "fix it (virtbackup policy check) or move it out of the policy folder: "
+            "nothing runs under a policy that may not be the one meant"
+        )
+
+
 def policy_for(name: str, uuid: str, policies: Sequence[Policy]) -> Policy | None:
     """The one policy governing a domain, None if none does; two is an error
     (the operator must say which one wins)."""

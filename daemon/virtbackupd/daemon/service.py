@@ -33,7 +33,7 @@ from virtbackupd.adapters.scheduler import Schedules
 from virtbackupd.adapters.sd_notify import Notifier, watchdog_interval
 from virtbackupd.adapters.store import Store
 from virtbackupd.config.daemon import DaemonConfig, load_config
-from virtbackupd.config.policy import load_policies, missing_dirs, policy_files
+from virtbackupd.config.policy import LoadedPolicies, load_policies, missing_dirs, policy_files
 from virtbackupd.core.domain_xml import parse_domain
 from virtbackupd.core.policy import Level, Policy, policy_for
 from virtbackupd.core.records import BackupRecord, BackupStatus
@@ -61,6 +61,7 @@ class Service:
         self.config_path = config_path
         self.config: DaemonConfig = load_config(config_path)
         self.policies: list[Policy] = []
+        self.rejected: LoadedPolicies | None = None  # the files that did not load, when adopted
         self.notifier = Notifier()
         self.notify_dropped_said = False
         self.pending: dict[str, Level] = {}  # domain uuid -> level asked
@@ -98,12 +99,14 @@ class Service:
         for d in missing:
             log.error("policy folder missing", folder=str(d))
         files = policy_files(self.config.policy_dirs)
-        policies, errors = load_policies(files)
+        loaded = load_policies(files)
+        policies, errors = loaded.policies, loaded.errors
         for e in errors:
             log.error("policy file rejected", error=str(e))
         if (errors or missing) and self.policies:
             log.warning("keeping the previous policies until the files are fixed")
             return
+        self.rejected = loaded
         if not files:
             log.warning(
                 "no policy files: no domain is backed up",
@@ -112,6 +115,14 @@ class Service:
         self.policies = policies
 
     def _policy(self, name: str, uuid: str) -> Policy | None:
+        refusal = self.rejected.refusal(name, uuid) if self.rejected is not None else None
+        if refusal is not None:
+            # A domain no loaded policy governs is not backed up anyway:
+            # the "policy file rejected" line said why; one governed by a
+            # loaded policy and named by a broken file is skipped, loudly.
+            if any(p.matches(name, uuid) for p in self.policies):
+                log.error("domain skipped", domain=name, error=refusal)
+            return None
         try:
             return policy_for(name, uuid, self.policies)
         except ConfigError as exc:

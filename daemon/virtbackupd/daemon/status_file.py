@@ -81,7 +81,12 @@ def write_status(runtime_dir: Path, status: DaemonStatus) -> None:
     path = runtime_dir / STATUS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(status.as_json(), indent=2))
+    # 0600: it names every domain, policy and failure reason.
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(status.as_json(), indent=2))
     tmp.replace(path)
 
 

@@ -57,7 +57,7 @@ from virtbackupd.engine.copy import (
     copy_to_export,
     nbd_sources,
 )
-from virtbackupd.errors import RestoreError, UnknownRestorePointError, VirtBackupError
+from virtbackupd.errors import InputError, RestoreError, UnknownRestorePointError, VirtBackupError
 
 log = structlog.get_logger("virtbackupd.restore")
 
@@ -384,6 +384,23 @@ async def _check_partly_hidden(
                         raise ChainDamagedError(check.damage[-1])
 
 
+# Pseudo file systems: no image belongs there, and writing one could do
+# harm (/proc/sys, /sys/... are the kernel's switches).
+PSEUDO = (Path("/proc"), Path("/sys"), Path("/dev"))
+
+
+def check_target_folder(to: Path) -> None:
+    """Refuse, before anything is read or written, a --to that cannot hold
+    the restored images: a file, or a place under /proc, /sys or /dev."""
+    real = to.resolve()
+    if any(real == p or real.is_relative_to(p) for p in PSEUDO):
+        raise InputError(f"--to {to}: not a folder for images (a kernel pseudo file system)")
+    if real.exists() and not real.is_dir():
+        raise InputError(
+            f"--to {to}: not a folder (restore writes one image per disk into a folder)"
+        )
+
+
 async def restore_to_dir(
     folder: Path,
     disks: Sequence[str],
@@ -395,13 +412,17 @@ async def restore_to_dir(
     allow_damaged: bool = False,
 ) -> list[RestoredDisk]:
     """``<to>/<disk>.<fmt>`` for each disk of the backup in `folder`."""
+    check_target_folder(to)
     targets = {d: to / f"{d}.{fmt}" for d in disks}
     existing = [str(p) for p in targets.values() if p.exists()]
     if existing and not force:
         raise RestoreError(f"{', '.join(existing)} exists; give --force to replace it")
     # 0711: QEMU (another user) must reach the images of a --define'd
     # domain; the images themselves are 0600 until libvirt labels them.
-    to.mkdir(parents=True, exist_ok=True, mode=0o711)
+    try:
+        to.mkdir(parents=True, exist_ok=True, mode=0o711)
+    except OSError as exc:
+        raise RestoreError(f"--to {to}: cannot create the folder: {exc.strerror}") from exc
     jobs = [(disk, target, fmt) for disk, target in targets.items()]
     out = await _restore_all(folder, jobs, runtime_dir, progress, allow_damaged)
     for r in out:

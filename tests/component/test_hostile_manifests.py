@@ -1,0 +1,148 @@
+"""A manifest is untrusted input (issue 23, item 5): every field is
+checked where it is read, and every command refuses a manifest that fails
+in one line naming the file and the field. Prune crashed with tracebacks
+on an `id` that is not its folder, an absolute `file` outside the
+repository (which it then exported), a `parent` path and a negative size.
+Real repositories (testbed.repo_builder), the real CLI as a process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from testbed.repo_builder import BuiltDomain, MiB
+from virtbackupd.adapters.repository import MANIFEST, RepositoryFormatError, read_manifest
+from virtbackupd.adapters.store import Store
+from virtbackupd.cli.main import main
+
+Edit = Callable[[dict[str, Any]], None]
+
+
+def _disk(key: str, value: object) -> Edit:
+    def edit(m: dict[str, Any]) -> None:
+        m["disks"][0][key] = value
+
+    return edit
+
+
+def _top(key: str, value: object) -> Edit:
+    def edit(m: dict[str, Any]) -> None:
+        m[key] = value
+
+    return edit
+
+
+def _uuid(m: dict[str, Any]) -> None:
+    m["domain"]["uuid"] = "../../etc"
+
+
+HOSTILE: list[tuple[str, Edit, str]] = [
+    ("id is not its folder", _top("id", "20200101T000000.000Z-beef"), "field id:"),
+    ("id is a path", _top("id", "../x"), "field id:"),
+    ("parent is a path", _top("parent", "../../etc"), "field parent:"),
+    ("file is absolute", _disk("file", "/etc/passwd"), "field disks[0].file:"),
+    ("file climbs out", _disk("file", "../other/vda.qcow2"), "field disks[0].file:"),
+    ("file is hidden", _disk("file", ".vda.qcow2"), "field disks[0].file:"),
+    ("pieces is absolute", _disk("pieces", "/etc/shadow"), "field disks[0].pieces:"),
+    ("disk name is a path", _disk("name", "../vda"), "field disks[0].name:"),
+    ("negative size", _disk("virtual_size", -1), "field disks[0].virtual_size:"),
+    ("zero size", _disk("virtual_size", 0), "field disks[0].virtual_size:"),
+    ("negative bytes", _disk("bytes_written", -5), "field disks[0].bytes_written:"),
+    ("grid not a power of two", _disk("grid", 3 * MiB), "field disks[0].grid:"),
+    ("absorbed is a path", _top("absorbed", ["../x"]), "field absorbed:"),
+    ("domain uuid is a path", _uuid, "field domain.uuid:"),
+]
+
+
+async def _built(tmp: Path) -> BuiltDomain:
+    b = BuiltDomain(tmp, {"vda": 8 * MiB})
+    async with Store.open(b.state_db) as store:
+        b.write("vda", 0, MiB, 0x11)
+        await b.backup(store)
+        b.write("vda", MiB, MiB, 0x22)
+        await b.backup(store)
+        b.write("vda", 2 * MiB, MiB, 0x33)
+        await b.backup(store)
+    return b
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, BuiltDomain]:
+    """One repository for all cases (each works on its own copy)."""
+    tmp = tmp_path_factory.mktemp("template")
+    return tmp, asyncio.run(_built(tmp))
+
+
+class Ran:
+    def __init__(self, rc: int, out: str, err: str) -> None:
+        self.returncode, self.stdout, self.stderr = rc, out, err
+
+
+def _cli(capsys: pytest.CaptureFixture[str], config: Path, *args: str) -> Ran:
+    """The CLI in this process (an exception other than the CLI's own
+    would fail the test here, as a traceback would show to an operator)."""
+    capsys.readouterr()
+    rc = main(["-c", str(config), *args])
+    out, err = capsys.readouterr()
+    return Ran(rc, out, err)
+
+
+@pytest.mark.parametrize(("edit", "field"), [c[1:] for c in HOSTILE], ids=[c[0] for c in HOSTILE])
+def test_a_hostile_manifest_field_is_refused_where_it_is_read(
+    template: tuple[Path, BuiltDomain],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    edit: Edit,
+    field: str,
+) -> None:
+    origin, built = template
+    shutil.copytree(origin, tmp_path / "t", symlinks=True)
+    b = BuiltDomain.__new__(BuiltDomain)
+    b.__dict__.update(built.__dict__)
+    b.tmp = tmp_path / "t"
+    b.__post_init__()
+    # The copied catalogue names the template's folders: point it at the copy.
+    with contextlib.closing(sqlite3.connect(b.state_db)) as db, db:
+        db.execute("UPDATE backups SET path = replace(path, ?, ?)", (str(origin), str(b.tmp)))
+    folder = b.folder(b.ids[1])
+    path = folder / MANIFEST
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(RepositoryFormatError) as exc:
+        read_manifest(folder)
+    assert str(exc.value).startswith(f"{path}: {field}"), exc.value
+
+    # Every command: no traceback, nothing outside the repository touched.
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "p.yaml").write_text(f"domains: [{b.name}]\nretention: {{keep_last: 1}}\n")
+    config = tmp_path / "vb.yaml"
+    config.write_text(
+        f"state_dir: {b.state_db.parent}\nbackup_root: {b.root}\nruntime_dir: {b.runtime}\n"
+        f"policy_dirs: [{policies}]\npriority: normal\n"
+    )
+    passwd = Path("/etc/passwd").read_bytes()
+    to = str(tmp_path / "r")
+    runs = {
+        "list": _cli(capsys, config, "list", b.name),
+        "verify": _cli(capsys, config, "verify", b.name, "--backup", b.ids[1]),
+        "restore": _cli(capsys, config, "restore", b.name, "--backup", b.ids[1], "--to", to),
+        "prune": _cli(capsys, config, "prune", b.name),
+        "reindex": _cli(capsys, config, "reindex"),
+    }  # fmt: skip
+    for name, run in runs.items():
+        assert "Traceback" not in run.stderr, (name, run.stderr)
+    for name in ("verify", "restore"):
+        assert runs[name].returncode in (1, 2), (name, runs[name])
+        assert str(path) in runs[name].stderr or str(path) in runs[name].stdout, (name, runs[name])
+    assert Path("/etc/passwd").read_bytes() == passwd
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
