@@ -214,3 +214,41 @@ def test_a_checkpoint_redefined_from_the_repository_never_runs_its_stored_emulat
     # runs such an emulator when the domain is shut off).
     redefined = td.dom.checkpointLookupByName(name).getXMLDesc(0)
     assert str(evil_dir) not in redefined
+
+
+def test_a_live_restore_of_an_edited_domain_xml_is_refused_then_runs_sanitised(
+    domains: DomainFactory,
+    config: Path,
+    capsys: pytest.CaptureFixture[str],
+    libvirt_conn: libvirt.virConnect,
+    evil_dir: Path,
+) -> None:
+    """`--live` defines its domain through the same check and sanitiser."""
+    td = domains.create(qcow2_sizes=[16 * MiB])
+    # QEMU (libvirt-qemu) must reach the repository: not below pytest's 0700
+    # temp dirs, nor in the domain's 0777 folder (root's folders only).
+    repo = WORK_ROOT / f"{td.name}-repo"
+    repo.mkdir(mode=0o711)
+    repo.chmod(0o711)
+    config.write_text(config.read_text().replace("backup_root: backups", f"backup_root: {repo}"))
+    backup = run_cli(config, capsys, "backup", td.name)
+    make_hostile(Path(backup["path"]) / "domain.xml", evil_dir)
+    name = f"{td.name}-live"
+    images = WORK_ROOT / f"{td.name}-live-images"
+    args = ["restore", td.name, "--to", str(images), "--define", name, "--live"]
+    try:
+        rc, _, err = run_text(config, capsys, *args)
+        assert rc == 2 and "domain.xml: does not match the SHA-256" in err, err
+        assert not images.exists() or not any(images.iterdir())
+        rc, out, err = run_text(config, capsys, *args, "--accept-edited-definition")
+        assert rc == 0, err
+        assert libvirt_conn.lookupByName(name).isActive()
+        assert not (evil_dir / "marker").exists(), "the stored emulator was run"
+        assert_clean(libvirt_conn, name, evil_dir)
+        assert "left out (could reach the host): <qemu:commandline>" in out, out
+        assert "/ hostroot" in out and "hdd /etc/shadow" in out
+    finally:
+        if name.startswith(PREFIX):
+            remove_domain(libvirt_conn, name)
+        shutil.rmtree(images, ignore_errors=True)
+        shutil.rmtree(repo, ignore_errors=True)
