@@ -37,15 +37,18 @@ CHECKPOINT = (
 )
 
 
+UUID = "4dea22b3-1d52-d8f3-2516-782e98ab3fa0"
+
+
 def backup_folder(tmp: Path, *, digests: bool = True) -> Path:
-    folder = tmp / "uuid" / "20261207T120000.000Z-abcd"
+    folder = tmp / UUID / "20261207T120000.000Z-abcd"
     folder.mkdir(parents=True)
     texts = {DOMAIN_XML: DOMAIN, CHECKPOINT_XML: CHECKPOINT}
     now = datetime(2026, 12, 7, 12, tzinfo=UTC)
     m = Manifest(
         id=folder.name,
         domain_name="vm",
-        domain_uuid="uuid",
+        domain_uuid=UUID,
         level=Level.FULL,
         reason="",
         checkpoint="cp1",
