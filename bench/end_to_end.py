@@ -77,7 +77,9 @@ class Ways:
         self.n += 1
         d = self.work / f"e2e-{self.n}"
         d.mkdir()
-        d.chmod(0o777)  # QEMU (libvirt-qemu) makes the export's socket and scratch file here
+        d.chmod(
+            0o711
+        )  # QEMU (libvirt-qemu) passes through to its job folders (root's folders only)
         return d
 
     def virtbackup(self) -> None:
@@ -180,7 +182,7 @@ def restores(
 
     d = work / "restore"
     d.mkdir()
-    d.chmod(0o777)
+    d.chmod(0o711)  # root's folders only: virtbackupd refuses a world-writable one
     (d / "policies").mkdir()
     cfg = d / "vb.yaml"
     cfg.write_text(

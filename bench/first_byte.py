@@ -53,7 +53,7 @@ def _stamps(stderr: str) -> dict[str, float]:
 def _one(work: Path, domain: str, n: int) -> dict[str, float]:
     d = work / f"fb-{n}"
     (d / "policies").mkdir(parents=True)
-    d.chmod(0o777)  # QEMU (libvirt-qemu) makes the export's socket and scratch file here
+    d.chmod(0o711)  # QEMU (libvirt-qemu) passes through to its job folders (root's folders only)
     cfg = d / "vb.yaml"
     cfg.write_text(
         f"state_dir: {d}/state\nbackup_root: {d}/backups\nruntime_dir: {d}/run\n"

@@ -111,9 +111,9 @@ class DomainStartingError(BackupBusyError):
 
 
 class ScratchSpaceError(VirtBackupError):
-    """The scratch file system of an online backup is (nearly) full or out
-    of QEMU's reach: the backup is refused or stopped, never the guest's
-    writes."""
+    """The scratch file system of an online backup cannot hold the disks'
+    reservation, or is out of QEMU's reach: the backup is refused before it
+    begins, never the guest's writes."""
 
 
 class BackupFailedError(VirtBackupError):

@@ -99,6 +99,10 @@ async def built(tmp_path: Path) -> BuiltDomain:
             directory="/d",
             rate=1 << 20,
             opened=("/r",),
+            checkpoint="live-restore-guest-writes",
+            verified=("vda",),
+            trouble="the new domain x crashed during the move",
+            failed_run=7,
         )
     )
     b.repo.add_hold(
@@ -143,6 +147,8 @@ def test_a_repository_reads_as_documented(built: BuiltDomain, tmp_path: Path) ->
     for path in holds:
         schema("hold").validate(json.loads(path.read_text()))
     assert {h.id: h for h in built.repo.holds(built.uuid)}["mount-1"].helper_pid == 1234
+    live = {h.id: h for h in built.repo.holds(built.uuid)}["live-1"]
+    assert (live.verified, live.failed_run) == (("vda",), 7)  # read back as written
 
     for backup_id, m in manifests.items():
         folder = domain_dir / backup_id

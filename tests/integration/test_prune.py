@@ -79,7 +79,7 @@ def test_keep_last_two_merges_and_a_killed_prune_is_finished(
     policy(config, td, "keep_last: 2")
     dry = run_cli(config, capsys, "prune", td.name, "--dry-run")[0]
     assert [b["id"] for b in dry["backups"] if b["keep"]] == ids[4:]
-    assert sum(op.startswith("commit") for op in dry["operations"]) == 4
+    assert sum(op.startswith("consolidate") for op in dry["operations"]) == 4
     assert sorted(p.name for p in domain_dir.iterdir() if p.name[0] != ".") == ids  # dry run
 
     # Killed (SIGKILL) as soon as its journal is on disk, then run again.

@@ -53,6 +53,16 @@ class GuestDomain:
     dom: libvirt.virDomain
     conn: libvirt.virConnect = field(repr=False)
 
+    def root_folder(self, suffix: str) -> Path:
+        """A folder of root's that QEMU (libvirt-qemu) can pass through
+        (0711), beside the domain's own: for a repository a live restore
+        runs from. Not inside the domain's 0777 folder: virtbackupd uses
+        only folders no other user can write above. Removed with the domain."""
+        folder = WORK_ROOT / f"{self.name}-{suffix}"
+        folder.mkdir(mode=0o711)
+        folder.chmod(0o711)
+        return folder
+
     def disk(self, target: str) -> Disk:
         for d in self.disks:
             if d.target == target:
@@ -184,6 +194,8 @@ class DomainFactory:
         for td in self.created:
             remove_domain(self.conn, td.name)
             shutil.rmtree(td.workdir, ignore_errors=True)
+            for extra in WORK_ROOT.glob(f"{td.name}-*"):  # root_folder()s
+                shutil.rmtree(extra, ignore_errors=True)
         self.created.clear()
 
 

@@ -227,3 +227,21 @@ def test_disks_left_out_are_named_with_their_reason_removable_media_are_not() ->
         ("vdc", "excluded by policy"),
         ("vdd", "read-only disk"),
     ]
+
+
+def test_a_last_backup_that_cannot_be_restored_starts_a_new_chain() -> None:
+    """An incremental on a backup whose manifest (or one below it) is
+    unreadable could not be restored either: the next backup is full."""
+    history = [rec(1, None), rec(2, 1)]
+    assert plan(history, view(1, 2)).level is Level.INCREMENTAL
+    p = plan_backup(
+        checkpoint="virtbackupd-new",
+        disks=DISKS,
+        policy=POLICY,
+        history=history,
+        stored_checkpoints=[],
+        view=view(1, 2),
+        last_unrestorable="on an unreadable chain: backup b1: …/manifest.json: not valid JSON",
+    )
+    assert p.level is Level.FULL
+    assert p.reason.startswith("the last backup b2 cannot be restored (on an unreadable chain")

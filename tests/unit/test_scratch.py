@@ -1,4 +1,4 @@
-"""Scratch space arithmetic: when a running backup must stop."""
+"""Scratch space arithmetic: whether an online backup may begin."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from virtbackupd.config.daemon import load_config
-from virtbackupd.engine import scratch
-from virtbackupd.engine.scratch import RESERVE_MAX, Space, check_before
+from virtbackupd.engine.scratch import Space, check_room
 from virtbackupd.errors import ScratchSpaceError
 
 MiB = 1 << 20
@@ -16,41 +15,38 @@ GiB = 1 << 30
 
 
 @pytest.mark.parametrize(
-    ("free", "size", "reserve", "running_out"),
+    ("needs", "free", "fits"),
     [
-        (100 * GiB, 500 * GiB, RESERVE_MAX, False),  # a large disk: 256 MiB kept free
-        (RESERVE_MAX, 500 * GiB, RESERVE_MAX, True),
-        (RESERVE_MAX + 1, 500 * GiB, RESERVE_MAX, False),
-        (9 * MiB, 24 * MiB, 8 * MiB, False),  # a small file system: a third of it
-        (8 * MiB, 24 * MiB, 8 * MiB, True),
-        (0, 24 * MiB, 8 * MiB, True),
+        ({"vda": 1 * GiB}, 1 * GiB, True),  # exactly the room: fallocate takes it all
+        ({"vda": 1 * GiB}, 1 * GiB - 1, False),
+        ({"vda": 40 * MiB, "vdb": 8 * MiB}, 48 * MiB, True),  # the sum of all disks counts
+        ({"vda": 40 * MiB, "vdb": 8 * MiB}, 48 * MiB - 1, False),
+        ({"vda": (1 * GiB) + (1 << 20)}, 48 * MiB, False),  # issue 22: 1 GiB disk, 48 MiB fs
+        ({}, 0, True),
     ],
 )
-def test_when_the_scratch_file_system_runs_out(
-    free: int, size: int, reserve: int, running_out: bool
+def test_a_backup_begins_only_when_every_reservation_fits(
+    needs: dict[str, int], free: int, fits: bool
 ) -> None:
-    space = Space(Path("/s"), free, size)
-    assert space.reserve == reserve
-    assert space.running_out is running_out
+    space = Space(Path("/s"), free, 2 * GiB)
+    if fits:
+        check_room(needs, space, "web01")
+    else:
+        with pytest.raises(ScratchSpaceError):
+            check_room(needs, space, "web01")
 
 
-def test_the_message_has_the_numbers() -> None:
-    text = Space(Path("/var/lib/virtbackupd/scratch"), 3 * MiB, 24 * MiB).describe(20 * MiB)
-    assert text == (
-        "3 MiB free of 24 MiB in /var/lib/virtbackupd/scratch (this backup's scratch files: 20 MiB)"
+def test_the_refusal_names_the_numbers_and_what_to_do() -> None:
+    space = Space(Path("/var/lib/virtbackupd/scratch"), 47 * MiB, 48 * MiB)
+    with pytest.raises(ScratchSpaceError) as err:
+        check_room({"vda": 1024 * MiB + 1, "vdb": 64 * MiB}, space, "web01")
+    assert str(err.value) == (
+        "scratch space: an online backup of web01 reserves 1089 MiB before it begins "
+        "(vda 1025 MiB, vdb 64 MiB: the size of each disk, what the guest could overwrite "
+        "during the backup), but there are 47 MiB free of 48 MiB in "
+        "/var/lib/virtbackupd/scratch; set scratch_dir to a file system with that much room, "
+        "or back the domain up while it is shut off (needs no scratch space)"
     )
-
-
-def test_a_backup_is_refused_when_there_is_no_room_to_begin(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    assert check_before(tmp_path, "web01").folder == tmp_path  # the test's disk has room
-    monkeypatch.setattr(scratch, "measure", lambda folder: Space(folder, 7 * MiB, 24 * MiB))
-    with pytest.raises(
-        ScratchSpaceError,
-        match=r"scratch space: 7 MiB free of 24 MiB in /s; an online backup of web01 needs room",
-    ):
-        scratch.check_before(Path("/s"), "web01")
 
 
 def test_scratch_dir_defaults_to_the_state_dir_on_disk(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import libvirt
 
 from virtbackupd.core.checkpoint_xml import parent_of
+from virtbackupd.core.live_move import backed_targets
 from virtbackupd.errors import (
     CheckpointInconsistentError,
     DomainNotFoundError,
@@ -181,6 +182,43 @@ class Libvirt:
             return None
         return int(info.get("cur", 0)), int(info.get("end", 0))
 
+    async def disks_with_backing(self, ref: DomainRef) -> set[str]:
+        """The disks for which the running QEMU still reads a backing file
+        (libvirt's live XML, which it updates when a pull ends). The image
+        file's header says less: QEMU rewrites it before its cached data
+        reach the file."""
+        return backed_targets(await self.xml(ref))
+
+    async def run_id(self, ref: DomainRef) -> int:
+        """libvirt's id of the domain's running QEMU: a new one at each start."""
+        dom = await self._lookup(ref)
+        return int(await self._call(dom.ID))
+
+    async def flush_by_pause(self, ref: DomainRef) -> None:
+        """Make QEMU write everything it holds for the domain's images to
+        the files: pausing a domain flushes every image (QEMU's vm_stop), a
+        block job's end does not. Paused for milliseconds; a paused domain
+        was flushed when it paused and is left as it is."""
+        dom = await self._lookup(ref)
+        state, _ = await self._call(dom.state)
+        if state != libvirt.VIR_DOMAIN_RUNNING:
+            return
+        await self._call(dom.suspend)
+        await asyncio.shield(self._call(dom.resume))
+
+    async def qemu_ended(self, ref: DomainRef) -> str | None:
+        """Why a shut-off domain's QEMU ended, when not by a shutdown or
+        destroy: "crashed" (QEMU died: a segfault, a kill) or "failed" (it
+        did not start); None otherwise or while it runs."""
+        dom = await self._lookup(ref)
+        state, reason = await self._call(dom.state)
+        if state != libvirt.VIR_DOMAIN_SHUTOFF:
+            return None
+        return {
+            libvirt.VIR_DOMAIN_SHUTOFF_CRASHED: "crashed",
+            libvirt.VIR_DOMAIN_SHUTOFF_FAILED: "failed",
+        }.get(reason)
+
     # --- checkpoints -------------------------------------------------------------------
     async def checkpoints(self, ref: DomainRef) -> list[StoredCheckpoint]:
         dom = await self._lookup(ref)
@@ -243,9 +281,19 @@ class Libvirt:
             raise
         return bool(info[0] != libvirt.VIR_DOMAIN_JOB_NONE)
 
-    async def backup_begin(self, ref: DomainRef, backup_xml: str, checkpoint_xml: str) -> None:
+    async def backup_begin(
+        self,
+        ref: DomainRef,
+        backup_xml: str,
+        checkpoint_xml: str | None,
+        reuse_scratch: bool = False,
+    ) -> None:
+        """Start a backup job. `reuse_scratch`: the scratch files named in
+        the XML exist and libvirt must use them as they are (it neither
+        creates nor deletes them)."""
         dom = await self._lookup(ref)
-        await self._call(dom.backupBegin, backup_xml, checkpoint_xml, 0)
+        flags = libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL if reuse_scratch else 0
+        await self._call(dom.backupBegin, backup_xml, checkpoint_xml, flags)
 
     async def backup_xml(self, ref: DomainRef) -> str:
         dom = await self._lookup(ref)

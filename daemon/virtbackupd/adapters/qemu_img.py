@@ -170,22 +170,65 @@ async def bitmap_flags(path: Path) -> dict[str, frozenset[str]]:
     return dict((await info(path)).bitmaps)
 
 
-async def check(path: Path, fmt: str = "qcow2") -> Any:
-    """`qemu-img check`; raises when the image has errors or leaks."""
-    argv = [QEMU_IMG, "check", "-f", fmt, "--output=json", str(path)]
+async def measure_preallocated(size: int, options: Sequence[str]) -> int:
+    """Bytes a qcow2 image of virtual size `size`, created with `options`
+    (a preallocation among them), takes on its file system: qemu-img's own
+    figure, metadata included."""
+    argv = [QEMU_IMG, "measure", "--output=json", "-O", "qcow2", "--size", str(size)]
+    for opt in options:
+        argv += ["-o", opt]
+    out = await run_tool(argv, "qemu-img measure")
+    try:
+        return int(json.loads(out)["fully-allocated"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProcessError("qemu-img measure", f"unexpected output: {exc!r}") from exc
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """What `qemu-img check` found in an image that is not corrupt."""
+
+    leaks: int  # clusters allocated but used by nothing: space lost, no data at risk
+
+
+async def check(path: Path, fmt: str = "qcow2", *, repair_leaks: bool = False) -> CheckResult:
+    """`qemu-img check`. Leaked clusters (exit 3) are not damage: a writer
+    killed between allocating a cluster and using it leaves them, and every
+    byte still reads as before; they are returned, not raised. Corruption
+    (exit 2) and a check that cannot run raise :class:`ProcessError` with a
+    one-line summary (qemu-img prints a line per cluster). `repair_leaks`:
+    free them (`-r leaks`, needs the write lock)."""
+    argv = [QEMU_IMG, "check", "-f", fmt, "--output=json"]
+    if repair_leaks:
+        argv += ["-r", "leaks"]
+    argv.append(str(path))
+    what = f"qemu-img check {path}"
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        preexec_fn=die_with_parent(),
     )
     out, err = await proc.communicate()
-    # Exit 0: clean; 2: corruptions; 3: leaks only. Either way JSON on stdout.
+    # Exit 0: clean; 2: corruptions; 3: leaks only; JSON on stdout for all three.
     try:
         result = json.loads(out) if out else {}
     except json.JSONDecodeError:
         result = {}
-    if proc.returncode != 0:
-        detail = err.decode(errors="replace").strip() or json.dumps(result)
-        raise ProcessError(f"qemu-img check {path}", detail)
-    return result
+    if not isinstance(result, dict):
+        result = {}
+    leaks = int(result.get("leaks", 0) or 0)
+    if proc.returncode in (0, 3):
+        return CheckResult(leaks if proc.returncode == 3 else 0)
+    corrupt = int(result.get("corruptions", 0) or 0)
+    if proc.returncode == 2 and corrupt:
+        raise ProcessError(
+            what, f"{corrupt} corrupted cluster(s) (and {leaks} leaked): the image is damaged"
+        )
+    lines = err.decode(errors="replace").strip().splitlines()
+    first = lines[0] if lines else f"exit status {proc.returncode}"
+    more = f" (and {len(lines) - 1} more lines)" if len(lines) > 1 else ""
+    raise ProcessError(what, first + more)
 
 
 async def bitmap(
@@ -246,6 +289,18 @@ async def commit(overlay: Path, base: Path | None = None, keep_overlay: bool = F
         argv += ["-b", str(base)]
     argv.append(str(overlay))
     await run_tool(argv, f"qemu-img commit {overlay}")
+
+
+async def measure(path: Path) -> int:
+    """Bytes a standalone qcow2 copy of `path`'s view (its backing chain
+    included) needs, metadata included (`qemu-img measure`)."""
+    argv = [QEMU_IMG, "measure", "-U", "-O", "qcow2", "--output=json", str(path)]
+    what = f"qemu-img measure {path}"
+    try:
+        data = json.loads(await run_tool(argv, what))
+        return int(data["required"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ProcessError(what, f"unexpected output: {exc!r}") from exc
 
 
 async def rebase(

@@ -628,6 +628,10 @@ class Hold:
     devices: tuple[str, ...] = ()  # mount: the read-only loop devices
     rate: int = 0  # live restore: the move's bandwidth limit, bytes/s (0: none)
     opened: tuple[str, ...] = ()  # live restore: folders opened for QEMU's user (o+x)
+    checkpoint: str | None = None  # live restore: the checkpoint recording the guest's writes
+    verified: tuple[str, ...] = ()  # live restore: disks moved and checked against the backup
+    trouble: str | None = None  # live restore: a crash or a failed check, for the operator
+    failed_run: int | None = None  # live restore: libvirt's id of the QEMU a check failed in
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -647,6 +651,10 @@ class Hold:
             "devices": list(self.devices),
             "rate": self.rate,
             "opened": list(self.opened),
+            "checkpoint": self.checkpoint,
+            "verified": list(self.verified),
+            "trouble": self.trouble,
+            "failed_run": self.failed_run,
         }
 
     @classmethod
@@ -669,6 +677,10 @@ class Hold:
             devices=tuple(f.texts("devices")),
             rate=f.integer("rate", 0),
             opened=tuple(f.texts("opened")),
+            checkpoint=f.opt_text("checkpoint"),
+            verified=tuple(f.texts("verified")),
+            trouble=f.opt_text("trouble"),
+            failed_run=f.opt_integer("failed_run"),
         )
 
 

@@ -110,6 +110,11 @@ MIGRATIONS: Sequence[str] = (
         PRIMARY KEY (backup_id, disk)
     );
     """,
+    # 3: stand-ins for backup folders whose manifest a rebuild could not read
+    # (listed `unreadable`, never dropped: their children's rows point at them)
+    """
+    ALTER TABLE backups ADD COLUMN unreadable TEXT;
+    """,
 )
 
 
@@ -433,14 +438,22 @@ class Store:
             ("DELETE FROM left_out_disks WHERE backup_id = ?", (b.id,)),
             ("DELETE FROM progress WHERE backup_id = ?", (b.id,)),
             (
+                # A parent the catalogue lacks is recorded as none: a failed
+                # attempt's planned parent may have been pruned since, and a
+                # rebuilt catalogue must take every folder the repository
+                # holds (whose manifest still names its parent) rather than
+                # refuse with "FOREIGN KEY constraint failed".
                 """INSERT INTO backups(id, domain_uuid, domain_name, level, status, checkpoint,
-                       parent_id, started, finished, error, bytes_read, bytes_written, path)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                       parent_id, started, finished, error, bytes_read, bytes_written, path,
+                       unreadable)
+                   VALUES (?, ?, ?, ?, ?, ?, (SELECT id FROM backups WHERE id = ?),
+                       ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT(id) DO UPDATE SET level = excluded.level,
                        status = excluded.status, checkpoint = excluded.checkpoint,
                        parent_id = excluded.parent_id, finished = excluded.finished,
                        error = excluded.error, bytes_read = excluded.bytes_read,
-                       bytes_written = excluded.bytes_written, path = excluded.path""",
+                       bytes_written = excluded.bytes_written, path = excluded.path,
+                       unreadable = excluded.unreadable""",
                 (
                     b.id,
                     b.domain_uuid,
@@ -455,6 +468,7 @@ class Store:
                     b.bytes_read,
                     b.bytes_written,
                     b.path,
+                    b.unreadable,
                 ),
             ),
         ]
@@ -621,6 +635,7 @@ class Store:
                         for d in disks
                     ),
                     left_out=tuple(LeftOutDisk(x["disk"], x["reason"]) for x in left_out),
+                    unreadable=r["unreadable"],
                 )
             )
         return out

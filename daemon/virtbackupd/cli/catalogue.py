@@ -56,23 +56,37 @@ async def reindex_command(args: argparse.Namespace, config: DaemonConfig) -> int
     except VirtBackupError:
         pass  # no database yet: reindex creates it
     backups = attempts = 0
+    unreadable: list[str] = []
+    problems: list[str] = []
     async with Store.open(config.state_db) as store:
         for root in sorted(roots(config, policies(config))):
             found = await reconcile(store, Repository(root))
             backups += len(found.recorded)
             attempts += len(found.attempts)
-            for line in found.problems:
-                print(f"virtbackup: warning: {line}", file=sys.stderr)
+            unreadable += found.unreadable
+            problems += found.problems
+    for line in problems:  # one line each, naming the file
+        print(f"virtbackup: warning: {line}", file=sys.stderr)
     if args.json:
         out = {
-            "added": backups + attempts,
+            "added": backups + len(unreadable) + attempts,
             "backups": backups,
+            "unreadable": unreadable,
             "failed_attempts": attempts,
+            "problems": problems,
             "moved_aside": str(moved) if moved else None,
         }
         print(json.dumps(out))
     else:
-        print(f"{backups} backup(s) and {attempts} failed attempt(s) recorded")
+        print(
+            f"{backups} backup(s) and {attempts} failed attempt(s) recorded"
+            + (
+                f"; {len(unreadable)} unreadable backup(s) recorded as such "
+                "(`virtbackup list` shows them and the backups built on them)"
+                if unreadable
+                else ""
+            )
+        )
     return 0
 
 

@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +33,9 @@ from virtbackupd.config.daemon import DaemonConfig, config_path, load_config
 from virtbackupd.core.policy import Level, Policy, policy_for
 from virtbackupd.core.records import BackupRecord, BackupStatus, DomainRecord
 from virtbackupd.engine.backup import BackupContext, JobProgress, backup_domain
+from virtbackupd.engine.catalogue import Standing, standing
 from virtbackupd.engine.domain_job import domain_job
+from virtbackupd.engine.locks import backup_owner_alive
 from virtbackupd.errors import (
     ConfigError,
     InputError,
@@ -44,9 +47,6 @@ from virtbackupd.errors import (
 if TYPE_CHECKING:  # the commands' own modules load when they run (a quick start)
     from virtbackupd.engine import restore
     from virtbackupd.engine.copy import CopyProgress
-
-#: How long `cancel` waits for the job to finish its clean-up.
-CANCEL_WAIT_S = 120
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,7 +248,9 @@ async def _run(args: argparse.Namespace) -> int:
         if args.command == "prune":
             return await _prune(args, config, store)
         if args.command == "cancel":
-            return await _cancel(args, config, store)
+            from virtbackupd.cli.cancel import cancel
+
+            return await cancel(args, config, store)
         if args.command == "restore" and args.to is not None and not args.define:
             return await _restore(args, config, store, None)
         async with await Libvirt.open(config.libvirt_uri) as lv:
@@ -492,7 +494,7 @@ async def _prune(args: argparse.Namespace, config: DaemonConfig, store: Store) -
         print(f"virtbackup: warning: {exc}; checkpoints of pruned backups stay", file=sys.stderr)
         lv = None
     try:
-        await recovery.settle_holds(recovery.repositories(config), lv)
+        await recovery.settle_holds(recovery.repositories(config), lv, config)
         for dom in domains:
             refusal = loaded.refusal(dom.name, dom.uuid)
             if refusal is not None:
@@ -584,7 +586,11 @@ async def _verify(args: argparse.Namespace, config: DaemonConfig, store: Store) 
 
 async def _list(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
     uuid = (await domain_of(store, config, args.domain)).uuid if args.domain else None
-    found = listing.listing(await store.backups(uuid), show_failed=args.all)
+    found = listing.listing(
+        await store.backups(uuid),
+        show_failed=args.all,
+        alive=lambda u: backup_owner_alive(config.runtime_dir, u),
+    )
     if args.json:
         print(json.dumps([x.as_json() for x in found], indent=2))
     else:
@@ -601,10 +607,19 @@ async def _status(args: argparse.Namespace, config: DaemonConfig, store: Store) 
     daemon = read_status(config.runtime_dir)
     # The daemon's view of libvirt's domains when it runs; else ask libvirt.
     domains = None if daemon is not None else await libvirt_domains(config.libvirt_uri)
+    seen: dict[Path, Standing] = {}
+
+    def unrestorable(b: BackupRecord) -> str | None:
+        s = standing(Path(b.path), seen) if b.path else None
+        return None if s is None or s.restorable else s.why()
+
     rows, unmanaged = status_view.build_rows(
-        datetime.now(UTC), await store.backups(), policies(config), domains, daemon
+        datetime.now(UTC), await store.backups(), policies(config), domains, daemon, unrestorable
     )
-    running = await store.running_progress()
+    running = [
+        replace(j, interrupted=not backup_owner_alive(config.runtime_dir, j.domain_uuid))
+        for j in await store.running_progress()
+    ]
     try:
         lv: Libvirt | None = await Libvirt.open(config.libvirt_uri)
     except VirtBackupError:
@@ -621,39 +636,6 @@ async def _status(args: argparse.Namespace, config: DaemonConfig, store: Store) 
         print(json.dumps(data, indent=2))
     else:
         print("\n".join([text, *recovery.render_holds(holds)]))
-    return 0
-
-
-async def _cancel(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
-    """Ask the process running the domain's backup (daemon or CLI) to
-    cancel it, and wait until its clean-up has recorded it failed."""
-    from virtbackupd.engine.locks import request_cancel
-
-    dom = await domain_of(store, config, args.domain)
-    running = [j for j in await store.running_progress() if j.domain_uuid == dom.uuid]
-    if not running:
-        print(f"virtbackup: no backup of {dom.name} is running", file=sys.stderr)
-        return 1
-    request_cancel(config.runtime_dir, dom.uuid)
-    deadline = time.monotonic() + CANCEL_WAIT_S
-    ids = {j.backup_id for j in running}
-    while True:
-        left = [b for b in await store.backups(dom.uuid) if b.id in ids]
-        if all(b.status is not BackupStatus.RUNNING for b in left):
-            break
-        if time.monotonic() > deadline:
-            print(
-                f"virtbackup: the backup of {dom.name} has not ended {CANCEL_WAIT_S} s after "
-                "the cancel request; `virtbackup status` shows it",
-                file=sys.stderr,
-            )
-            return 1
-        await asyncio.sleep(0.3)
-    for b in left:
-        if args.json:
-            print(json.dumps(b.as_json(), indent=2))
-        else:
-            print(f"cancelled backup {b.id} of {dom.name}: {b.status.value} ({b.error})")
     return 0
 
 

@@ -19,8 +19,9 @@ from virtbackupd.cli.catalogue import policies, roots
 from virtbackupd.cli.domains import domain_of
 from virtbackupd.config.daemon import DaemonConfig
 from virtbackupd.core.points import parse_time, pick_backup
-from virtbackupd.core.records import BackupRecord, DomainRecord
+from virtbackupd.core.records import BackupRecord, BackupStatus, DomainRecord
 from virtbackupd.engine import define, guest_view, live_restore, restore
+from virtbackupd.engine.catalogue import Standing, standing
 from virtbackupd.engine.domain_job import domain_job
 from virtbackupd.errors import ConfigError, RestoreError, VirtBackupError
 
@@ -38,7 +39,10 @@ async def chosen_backup(args: argparse.Namespace, config: DaemonConfig, store: S
     """The backup and disks `DOMAIN [--backup ID | --at TIME] [--disk T]` name."""
     dom = await domain_of(store, config, args.domain)
     at = parse_time(args.at) if args.at else None
-    record = pick_backup(await store.backups(dom.uuid), args.backup, at)
+    backups = await store.backups(dom.uuid)
+    record = pick_backup(backups, args.backup, at)
+    if args.backup is None:
+        _restorable_or_refuse(record, backups)
     if record.path is None:
         raise RestoreError(f"backup {record.id} has no folder recorded")
     folder = Path(record.path)
@@ -50,6 +54,46 @@ async def chosen_backup(args: argparse.Namespace, config: DaemonConfig, store: S
         )
     manifest = repo.backup(folder.parent.name, record.id).manifest
     return Chosen(dom, record, folder, repo, restore.disks_of(manifest, args.disk))
+
+
+def _restorable_or_refuse(record: BackupRecord, backups: list[BackupRecord]) -> None:
+    """Without --backup, the newest backup (at --at) is restored only if
+    its folders can be: otherwise refuse, naming why and the newest one
+    that can, rather than quietly restore older data than the operator
+    asked for (docs/restore.md)."""
+    if record.path is None:
+        return
+    seen: dict[Path, Standing] = {}
+    picked = standing(Path(record.path), seen)
+    if picked.restorable:
+        return
+    older = [
+        b
+        for b in backups
+        if b.status is BackupStatus.COMPLETE and b.path and b.started <= record.started
+    ]
+    instead = next(
+        (
+            b
+            for b in reversed(older)
+            if b.id != record.id and standing(Path(b.path or ""), seen).restorable
+        ),
+        None,
+    )
+    if picked.problem is not None:
+        head = f"the newest backup {record.id} is unreadable ({picked.problem})"
+    else:
+        head = (
+            f"the newest backup {record.id} is on an unreadable chain "
+            f"(backup {picked.through}: {picked.through_problem})"
+        )
+    if instead is None:
+        raise RestoreError(f"{head}; no older backup of this domain is restorable either")
+    raise RestoreError(
+        f"{head}; nothing was restored. The newest restorable one is {instead.id} "
+        f"(started {instead.started.isoformat(timespec='seconds')}): "
+        f"`--backup {instead.id}` restores it"
+    )
 
 
 def repositories(config: DaemonConfig) -> list[Repository]:
@@ -163,7 +207,7 @@ async def umount(args: argparse.Namespace, config: DaemonConfig) -> int:
 
 
 async def settle_holds(
-    repos: list[Repository], lv: Libvirt | None
+    repos: list[Repository], lv: Libvirt | None, config: DaemonConfig
 ) -> dict[str, live_restore.MoveState]:
     """Release finished moves and vanished mounts, restart stopped moves
     (what the daemon does when it runs); the moves' states by hold id."""
@@ -172,7 +216,7 @@ async def settle_holds(
     if lv is not None:
         for repo in repos:
             with contextlib.suppress(VirtBackupError):
-                for m in await live_restore.settle(lv, repo):
+                for m in await live_restore.settle(lv, repo, config):
                     moves[m.hold.id] = m
     return moves
 
@@ -180,7 +224,7 @@ async def settle_holds(
 async def hold_lines(config: DaemonConfig, lv: Libvirt | None) -> list[dict[str, object]]:
     """Every hold, settled first, as status rows."""
     repos = repositories(config)
-    moves = await settle_holds(repos, lv)
+    moves = await settle_holds(repos, lv, config)
     rows: list[dict[str, object]] = []
     for repo in repos:
         for h in repo.holds():
@@ -212,10 +256,14 @@ def render_holds(rows: list[dict[str, object]]) -> list[str]:
             for d in r.get("disks", []):  # type: ignore[attr-defined]
                 if d["moved"]:
                     parts.append(f"{d['disk']} moved")
+                elif d.get("pulled"):
+                    parts.append(f"{d['disk']} pulled, not yet checked")
                 elif d["total"]:
                     parts.append(f"{d['disk']} {100 * d['done'] // d['total']}%")
                 else:
                     parts.append(f"{d['disk']} waiting")
             head += f" ({r['state']}: {', '.join(parts)})"
+            if r.get("trouble"):
+                head += f"\n  {r['trouble']}"
         lines.append(head)
     return lines

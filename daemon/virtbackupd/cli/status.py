@@ -5,7 +5,7 @@ not yet), unmanaged domains, and every running job with its progress
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -27,6 +27,8 @@ class DomainRow:
     last_good_age_s: int | None = None
     chain_length: int = 0
     last_failure: dict[str, str] | None = None  # {"at", "reason", "backup_id"?}
+    # The newest complete backup, when its folders cannot be restored: "ID: why".
+    newest_unrestorable: str | None = None
     next_runs: dict[str, str] = field(default_factory=dict)
     queued: str | None = None
     retrying: str | None = None
@@ -48,9 +50,13 @@ def build_rows(
     policies: Sequence[Policy],
     libvirt_domains: Sequence[tuple[str, str]] | None,
     daemon: DaemonStatus | None,
+    unrestorable: Callable[[BackupRecord], str | None] = lambda _: None,
 ) -> tuple[list[DomainRow], list[str]]:
     """Rows for governed domains and domains with backups; and the names
-    of unmanaged domains. Pure: every input is passed in."""
+    of unmanaged domains. Pure: every input is passed in (`unrestorable`:
+    why a complete backup's folders cannot be restored, or None; asked of
+    the newest backups only, until one can). The last good backup is the
+    newest that can be restored."""
     known: dict[str, str] = {}  # uuid -> name, defined now
     if daemon is not None:
         known.update({u: d.name for u, d in daemon.domains.items()})
@@ -73,6 +79,10 @@ def build_rows(
             continue
         row = DomainRow(name, uuid, str(policy.source) if policy else None, uuid in known)
         good = [b for b in history if b.status is BackupStatus.COMPLETE]
+        if good and (why := unrestorable(good[-1])) is not None:
+            row.newest_unrestorable = f"{good[-1].id}: {why}"
+        while good and unrestorable(good[-1]) is not None:
+            good.pop()
         if good:
             last = good[-1]
             row.last_good = last.id
@@ -141,6 +151,8 @@ def render(
             )
         else:
             lines.append("  last good: never backed up")
+        if r.newest_unrestorable is not None:
+            lines.append(f"  newest backup not restorable: {r.newest_unrestorable}")
         if r.last_failure is not None:
             lines.append(f"  last failure: {r.last_failure['at']}: {r.last_failure['reason']}")
         if r.next_runs:
@@ -151,6 +163,12 @@ def render(
         if r.retrying:
             lines.append(f"  waiting (busy, retried): {r.retrying}")
     for j in running:
+        if j.interrupted:
+            lines.append(
+                f"interrupted: {j.domain} {j.backup_id} ({j.level.value}): its process died; "
+                f"`virtbackup cancel {j.domain}` cleans it up (so does its next backup)"
+            )
+            continue
         text = progress_text(
             f"running: {j.domain} {j.backup_id} ({j.level.value})",
             j.done,

@@ -84,6 +84,13 @@ class BackupDocuments:
     def included(self) -> tuple[DiskChoice, ...]:
         return tuple(c for c in self.choices if c.included)
 
+    def scratch_path(self, target: str) -> str:
+        """The scratch file the backup XML names for an included disk."""
+        for d in self.backup.disks:
+            if d.name == target and d.store is not None:
+                return d.store.path
+        raise KeyError(target)
+
 
 def _ineligible(disk: DomainDisk) -> str | None:
     """Why a disk cannot take part in any backup, or None."""

@@ -11,9 +11,13 @@ layer *shows* (its view, with its backing chain) unchanged, byte for byte:
   a parent, and to shorten a chain that outgrew the policy's limit (the
   child skips a layer that stays, as a side branch).
 - ``Consolidate(heir, into)``: a pruned standalone layer with a child:
-  the child is committed into it (`qemu-img commit`), and the result takes
-  the child's place (rename), so the child becomes standalone. Other
-  children of the pruned layer are first rebased onto the heir.
+  the child becomes standalone, its image replaced by one of its whole
+  view (it takes over the pruned layer's bytes). Other children of the
+  pruned layer are first rebased onto the heir.
+
+The engine carries out both on a new image beside the old one and
+switches them by a rename (engine.prune), so the bound on the space they
+need (:func:`space_needed`) counts each merged image twice.
 - ``Remove(id)``: the folder of a layer nothing depends on any more.
 
 A layer that receives bytes from another must answer for them: its
@@ -51,7 +55,7 @@ class Rebase:
 @dataclass(frozen=True)
 class Consolidate:
     heir: str
-    into: str  # the pruned standalone layer the heir is committed into
+    into: str  # the pruned standalone layer whose bytes the heir takes over
     ranges: Ranges
 
 
@@ -121,6 +125,40 @@ def plan_merges(
                 break
             rebase(chain[2], chain[0], chain[1])
     return ops
+
+
+def space_needed(
+    ops: Sequence[Op], usage: Mapping[str, int], whole: Mapping[str, int]
+) -> tuple[int, Op | None]:
+    """The most the backup file system must hold beyond what it holds now
+    while `ops` run in order, and the operation at which that peak falls.
+    `usage`: each layer's bytes on disk now; `whole`: for each heir of a
+    Consolidate, the size of a standalone copy of its view.
+
+    Every merge writes a new image beside the one it replaces (the engine
+    switches them by a rename): a Rebase copies the child and adds at most
+    what the absorbed layer holds (safe mode copies only where the chains
+    differ), then frees the old child; a Consolidate writes the heir's
+    whole view, then frees the overlay; a Remove frees its layer. Bounds,
+    never estimates: a prune let through never runs short (other writers
+    aside); one refused might have fitted."""
+    size = dict(usage)
+    used = peak = 0
+    at: Op | None = None
+    for op in ops:
+        if isinstance(op, Rebase):
+            grown = size.get(op.child, 0) + size.get(op.absorbed, 0)
+            writes, frees, subject = grown, size.get(op.child, 0), op.child
+        elif isinstance(op, Consolidate):
+            grown = whole.get(op.heir, 0)
+            writes, frees, subject = grown, size.get(op.heir, 0), op.heir
+        else:
+            writes, frees, subject, grown = 0, size.get(op.id, 0), op.id, 0
+        if used + writes > peak:
+            peak, at = used + writes, op
+        used += writes - frees
+        size[subject] = grown
+    return peak, at
 
 
 def _chain(leaf: str, parent: Mapping[str, str | None]) -> list[str]:

@@ -63,10 +63,14 @@ def plan_backup(
     want: Level | None = None,
     sizes: Mapping[str, int] | None = None,
     repository: str | None = None,
+    last_unrestorable: str | None = None,
 ) -> Plan:
     """Decide the backup. `history` is this domain's backups, oldest first;
     `sizes` the virtual size of each disk now; `repository` the folder the
-    policy's backups go to (a parent elsewhere cannot be a backing file)."""
+    policy's backups go to (a parent elsewhere cannot be a backing file);
+    `last_unrestorable` why the last complete backup's folders cannot be
+    restored (its manifest, or one below it, unreadable): an incremental
+    on it could not be restored either."""
     broken_own = tuple(sorted(n for n in view.broken if is_own_checkpoint(n)))
     complete = [b for b in history if b.status is BackupStatus.COMPLETE]
     last = complete[-1] if complete else None
@@ -82,6 +86,8 @@ def plan_backup(
         return full("no earlier complete backup")
     if last.checkpoint is None:
         return full(f"backup {last.id} left no checkpoint")
+    if last_unrestorable is not None:
+        return full(f"the last backup {last.id} cannot be restored ({last_unrestorable})")
     parent = last.checkpoint
     if repository is not None and last.path and not _inside(last.path, repository):
         return full(

@@ -82,6 +82,10 @@ class BackupRecord:
     path: str | None = None  # the backup's folder
     disks: tuple[DiskRecord, ...] = ()
     left_out: tuple[LeftOutDisk, ...] = ()
+    # A stand-in: the catalogue was rebuilt from a folder whose manifest it
+    # could not read (this says why); the fields above are what the folder
+    # alone tells (its id, domain, path), the rest is unknown.
+    unreadable: str | None = None
 
     def as_json(self) -> dict[str, object]:
         """The stable shape of `virtbackup --json list` (documented)."""
@@ -129,11 +133,12 @@ class RunningJob:
     total: int = 0
     rate: float = 0.0
     updated: datetime | None = None
+    interrupted: bool = False  # recorded running, but its process is gone
 
     @property
     def eta_s(self) -> int | None:
         """Seconds left at the current rate; None while it cannot be told."""
-        if self.total <= 0 or self.rate <= 0 or self.done > self.total:
+        if self.interrupted or self.total <= 0 or self.rate <= 0 or self.done > self.total:
             return None
         return int((self.total - self.done) / self.rate)
 
@@ -149,4 +154,5 @@ class RunningJob:
             "rate": self.rate,
             "eta_s": self.eta_s,
             "updated": self.updated.isoformat() if self.updated else None,
+            "interrupted": self.interrupted,
         }

@@ -365,7 +365,7 @@ class Service:
                 if any(h.kind is HoldKind.LIVE_RESTORE for r in repos for h in r.holds()):
                     async with await Libvirt.open(self.config.libvirt_uri) as lv:
                         for repo in repos:
-                            await live_restore.settle(lv, repo)
+                            await live_restore.settle(lv, repo, self.config)
             except VirtBackupError as exc:
                 log.warning("settling live restores and mounts failed", error=str(exc))
             except Exception as exc:  # a bug: logged, tried again next round
@@ -379,9 +379,13 @@ class Service:
             except VirtBackupError as exc:
                 # libvirtd went away while we asked it something: the
                 # reconnect's CONNECTED event resynchronises.
-                log.warning("handling a libvirt event failed", event=ev.kind.value, error=str(exc))
+                log.warning(
+                    "handling a libvirt event failed", libvirt_event=ev.kind.value, error=str(exc)
+                )
             except Exception as exc:  # a bug: logged, events keep flowing
-                log.error("handling a libvirt event crashed", event=ev.kind.value, exc_info=exc)
+                log.error(
+                    "handling a libvirt event crashed", libvirt_event=ev.kind.value, exc_info=exc
+                )
 
     async def _on_event(self, store: Store, ev: DomainEvent) -> None:
         if ev.kind is EventKind.CONNECTED:

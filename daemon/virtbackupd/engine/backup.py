@@ -15,7 +15,7 @@ import contextlib
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -54,7 +54,7 @@ from virtbackupd.core.records import (
 )
 from virtbackupd.engine import own_checkpoints, scratch, vm_starts
 from virtbackupd.engine.backup_export import Export, OfflineExport, OnlineExport
-from virtbackupd.engine.catalogue import commit_backup
+from virtbackupd.engine.catalogue import commit_backup, standing
 from virtbackupd.engine.copy import (
     CopyOptions,
     CopyProgress,
@@ -87,7 +87,6 @@ class _Cancel(StrEnum):
 
     OPERATOR = "cancelled by the operator"
     DOMAIN_STARTED = "cancelled: the domain was started (a VM start wins over an offline backup)"
-    SCRATCH = "scratch space ran low"  # the message with the numbers is kept beside
 
 
 @dataclass
@@ -196,7 +195,6 @@ class Job:
         self.repo = Repository(ctx.policy.target or ctx.config.backup_root)
         self.job_dir = ctx.config.runtime_dir / "jobs" / self.id
         self.scratch_dir = ctx.config.scratch_dir / self.id
-        self.cancel_detail = ""
         self.machine = JobMachine()
         self.log = log.bind(domain=ref.name, backup_id=self.id, checkpoint=self.checkpoint)
         self.libvirt_job = False
@@ -233,8 +231,7 @@ class Job:
                         "nothing of it is kept, and it is taken again once the domain runs"
                     ) from None
                 raise BackupFailedError(
-                    f"backup {self.id} of {self.ref.name} failed: "
-                    f"{self.cancel_detail or self.cancelled.value}"
+                    f"backup {self.id} of {self.ref.name} failed: {self.cancelled.value}"
                 ) from None
             raise
         finally:
@@ -257,15 +254,6 @@ class Job:
                     self.log.warning("the domain is being started: the offline backup gives way")
                     self.cancelled = _Cancel.DOMAIN_STARTED
                     body.cancel()
-                elif self.libvirt_job and self.state in (JobState.EXPORTING, JobState.COPYING):
-                    space = scratch.measure(self.ctx.config.scratch_dir)
-                    if space.running_out:
-                        self.cancel_detail = scratch.stopped_reason(
-                            space, scratch.used_by(self.scratch_dir)
-                        )
-                        self.log.error("stopping the backup", reason=self.cancel_detail)
-                        self.cancelled = _Cancel.SCRATCH
-                        body.cancel()
             now = time.monotonic()
             p = self.progress
             if p is not None and self.record is not None and now - published >= 1.0:
@@ -362,11 +350,12 @@ class Job:
                     sizes[d.target] = await lv.disk_capacity(self.ref, d.target)
                 except LibvirtError as exc:  # the copy will still check the size it reads
                     self.log.warning("cannot read the disk's size", disk=d.target, error=str(exc))
+        history = await store.backups(self.ref.uuid)
         plan = plan_backup(
             checkpoint=self.checkpoint,
             disks=info.disks,
             policy=self.ctx.policy,
-            history=await store.backups(self.ref.uuid),
+            history=history,
             stored_checkpoints=[cp for cp in stored if cp.status is CheckpointStatus.ACTIVE],
             view=CheckpointView(
                 known=frozenset(cp.name for cp in libvirt_cps),
@@ -376,6 +365,7 @@ class Job:
             want=want or self.want,
             sizes=sizes,
             repository=str(self.repo.root),
+            last_unrestorable=_unrestorable(history),
         )
         known = {cp.name for cp in libvirt_cps}
         for name in plan.delete_checkpoints:
@@ -567,11 +557,7 @@ class Job:
         earlier one fails."""
         reason = str(exc) or type(exc).__name__
         if isinstance(exc, asyncio.CancelledError):
-            reason = (
-                (self.cancel_detail or self.cancelled.value)
-                if self.cancelled is not None
-                else "cancelled"
-            )
+            reason = self.cancelled.value if self.cancelled is not None else "cancelled"
         if isinstance(exc, Exception) and not isinstance(exc, VirtBackupError):
             reason = f"internal error: {type(exc).__name__}: {exc}"
             self.log.error("backup failed", state=self.state.value, error=reason, exc_info=exc)
@@ -623,3 +609,12 @@ def disk_records(results: dict[str, CopyResult]) -> tuple[DiskRecord, ...]:
 
 def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _unrestorable(history: Sequence[BackupRecord]) -> str | None:
+    """Why the newest complete backup's folders cannot be restored, if so."""
+    complete = [b for b in history if b.status is BackupStatus.COMPLETE and b.path]
+    if not complete:
+        return None
+    s = standing(Path(complete[-1].path or ""))
+    return None if s.restorable else s.why()

@@ -106,13 +106,26 @@ class OnlineExport:
                 raw=self.job.ctx.policy.raw,
             ),
         )
-        space = scratch.check_before(self.job.ctx.config.scratch_dir, self.job.ref.name)
-        self.job.log.debug("scratch space", free=space.free, reserve=space.reserve)
+        # Before anything touches the guest: every scratch image with all the
+        # space it can need (engine/scratch.py), or a refusal with the numbers.
+        sizes = await self._sizes(docs.included)
+        files = {
+            c.target: scratch.ScratchFile(
+                c.target, Path(docs.scratch_path(c.target)), sizes[c.target]
+            )
+            for c in docs.included
+        }
+        reserved = await scratch.reserve(
+            files, self.job.ctx.config.scratch_dir, self.job.ref.name, info.qemu_user
+        )
+        self.job.log.debug("scratch space reserved", bytes=reserved)
         self.job.note(UndoKind.LIBVIRT_JOB, socket)
         self.job.note(UndoKind.CHECKPOINT, name=self.job.checkpoint)
         frozen = await self._freeze(info)
         try:
-            await lv.backup_begin(self.job.ref, docs.backup.to_xml(), docs.checkpoint.to_xml())
+            await lv.backup_begin(
+                self.job.ref, docs.backup.to_xml(), docs.checkpoint.to_xml(), reuse_scratch=True
+            )
         finally:
             if frozen:
                 # The point in time is taken when the job starts: thaw at once.
@@ -122,7 +135,7 @@ class OnlineExport:
                 clear_freeze(self.job.ctx.config.runtime_dir, self.job.ref.uuid)
         self.job.libvirt_job = True
         self.job.log.debug("pull job started")  # bench/first_byte.py times libvirt's share
-        await self.job.create_targets(plan, await self._sizes(docs.included))
+        await self.job.create_targets(plan, sizes)
         self.job.enter(JobState.COPYING)
         sources = {
             c.target: (
@@ -187,7 +200,9 @@ class OnlineExport:
 
     async def _sizes(self, choices: Sequence[DiskChoice]) -> dict[str, int]:
         """Virtual size of each exported disk: what QEMU shows the guest
-        (libvirt's block info), the size of the node the export serves. No
+        (libvirt's block info). Read before the job begins, for the scratch
+        reservation; QEMU starts the job only if each disk still has its
+        scratch image's size, so it is also the size the export serves. No
         NBD connection of its own: the copy connects anyway, and refuses a
         target whose size differs from the export's."""
         lv = self.job.ctx.libvirt

@@ -12,14 +12,16 @@ and this module makes the catalogue say what they say.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
 
 from virtbackupd.adapters.repository import (
     CHECKPOINT_XML,
-    DocumentDigestError,
+    MANIFEST,
     Manifest,
     Repository,
     StepHook,
@@ -29,7 +31,13 @@ from virtbackupd.adapters.repository import (
 )
 from virtbackupd.adapters.store import Store
 from virtbackupd.core.checkpoint_xml import Checkpoint
-from virtbackupd.core.records import BackupStatus, CheckpointRecord, CheckpointStatus
+from virtbackupd.core.policy import Level
+from virtbackupd.core.records import (
+    BackupRecord,
+    BackupStatus,
+    CheckpointRecord,
+    CheckpointStatus,
+)
 from virtbackupd.engine.undo import Undo
 from virtbackupd.errors import VirtBackupError
 
@@ -43,13 +51,10 @@ def checkpoint_record(stored: StoredBackup) -> CheckpointRecord | None:
     if m.checkpoint is None or not path.is_file():
         return None
     # Its XML is what a later backup hands libvirt to redefine the
-    # checkpoint: one edited since the backup is not trusted (the backup
-    # still counts; the next one of the domain is full).
-    try:
-        xml = read_document(stored.folder, m, CHECKPOINT_XML).text
-    except DocumentDigestError as exc:
-        log.warning("checkpoint not trusted", backup=m.id, problem=str(exc))
-        return None
+    # checkpoint: one edited since the backup (DocumentDigestError) or torn
+    # is not trusted; reindex and crash recovery record the backup without
+    # it (record_committed), so the domain's next backup is full.
+    xml = read_document(stored.folder, m, CHECKPOINT_XML).text
     cp = Checkpoint.from_xml(xml, str(path))
     return CheckpointRecord(
         m.domain_uuid, m.checkpoint, cp.parent, m.started, CheckpointStatus.ACTIVE, xml
@@ -57,19 +62,91 @@ def checkpoint_record(stored: StoredBackup) -> CheckpointRecord | None:
 
 
 async def record_committed(
-    store: Store, repo: Repository, stored: StoredBackup, *, with_checkpoint: bool = True
+    store: Store,
+    repo: Repository,
+    stored: StoredBackup,
+    *,
+    with_checkpoint: bool = True,
+    problems: list[str] | None = None,
+    _below: frozenset[str] = frozenset(),
 ) -> None:
     """Record a committed backup (its parent first, if the catalogue lacks
-    it: a row's parent must exist). The checkpoint is trusted only where
-    asked (reindex and crash recovery ask; whether libvirt still has it is
-    the next backup's plan to check)."""
+    it: a row's parent must exist; a parent folder that cannot be read is
+    recorded as a stand-in, one that is gone leaves the row without a
+    parent). The checkpoint is trusted only where asked (reindex and crash
+    recovery ask; whether libvirt still has it is the next backup's plan to
+    check). Given `problems`, an unreadable checkpoint.xml is said there
+    and the backup recorded without its checkpoint; else it raises."""
     m = stored.manifest
-    if m.parent is not None:
+    if m.parent is not None and m.parent not in _below and m.parent != m.id:
         parent = await store.backup(m.parent)
         if parent is None or parent.status is not BackupStatus.COMPLETE:
-            await record_committed(store, repo, repo.backup(m.domain_uuid, m.parent))
-    cp = checkpoint_record(stored) if with_checkpoint else None
+            folder = stored.folder.parent / m.parent
+            try:
+                above = repo.backup(m.domain_uuid, m.parent)
+            except VirtBackupError as exc:
+                if folder.is_dir():
+                    await record_unreadable(store, folder, str(exc))
+            else:
+                await record_committed(
+                    store, repo, above, problems=problems, _below=_below | {m.id}
+                )
+    cp = None
+    if with_checkpoint:
+        try:
+            cp = checkpoint_record(stored)
+        except (VirtBackupError, OSError) as exc:
+            if problems is None:
+                raise
+            problems.append(
+                f"{exc}; backup {m.id} is recorded without its checkpoint"
+                if isinstance(exc, VirtBackupError)
+                else f"{stored.folder / 'checkpoint.xml'}: cannot read: {exc}"
+            )
     await store.record_backup(m.as_record(stored.folder), cp)
+
+
+async def record_unreadable(
+    store: Store, folder: Path, problem: str, domain_name: str | None = None
+) -> None:
+    """A stand-in row for a committed folder whose manifest cannot be read:
+    listed `unreadable` (verify then names the file), and the backups built
+    on it keep their rows instead of vanishing from the catalogue."""
+    uuid = folder.parent.name
+    if domain_name is None:
+        known = await store.domain(uuid)
+        domain_name = known.name if known is not None else _name_in(folder.parent) or uuid
+    await store.record_backup(
+        BackupRecord(
+            id=folder.name,
+            domain_uuid=uuid,
+            domain_name=domain_name,
+            level=Level.FULL,  # unknown; `unreadable` says the row is a stand-in
+            status=BackupStatus.COMPLETE,  # the folder's rename was its commit
+            checkpoint=None,  # vouches for no checkpoint: the next backup is full
+            parent=None,
+            started=_started_of(folder),
+            path=str(folder),
+            unreadable=problem,
+        )
+    )
+
+
+def _started_of(folder: Path) -> datetime:
+    """When a backup began, from its id (ids sort as backups were taken);
+    the folder's time for a name that is no id."""
+    try:
+        return datetime.strptime(folder.name.split("Z-")[0], "%Y%m%dT%H%M%S.%f").replace(tzinfo=UTC)
+    except ValueError:
+        return datetime.fromtimestamp(folder.stat().st_mtime, UTC)
+
+
+def _name_in(domain_dir: Path) -> str | None:
+    """The domain's name as any readable manifest of it says."""
+    for folder in _backup_folders(domain_dir):
+        with contextlib.suppress(VirtBackupError):
+            return read_manifest(folder).domain_name
+    return None
 
 
 async def commit_backup(
@@ -96,34 +173,57 @@ class Reconciled:
     recorded: list[str] = field(default_factory=list)  # committed, now catalogued
     attempts: list[str] = field(default_factory=list)  # failed attempts added
     vanished: list[str] = field(default_factory=list)  # catalogued, folder gone
-    problems: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)  # recorded as stand-ins
+    problems: list[str] = field(default_factory=list)  # one line each, naming the file
 
 
 async def reconcile(store: Store, repo: Repository, uuid: str | None = None) -> Reconciled:
     """Make the catalogue agree with the repository (one domain, or all).
     A backup whose undo log is still there belongs to a running (or dead)
-    job and is left to it (engine.leftovers)."""
+    job and is left to it (engine.leftovers). Whatever the repository's
+    state, this completes: a folder it cannot read is recorded as a
+    stand-in and named in `problems`, never left out."""
     out = Reconciled()
     dirs = [repo.domain_dir(uuid)] if uuid else repo.domain_dirs()
     catalogued = {b.id: b for b in await store.backups()}
     for domain_dir in dirs:
         duuid = domain_dir.name
-        busy = {u.backup_id for u in repo.undo_logs(duuid)}
-        removing = repo.being_removed(duuid)
+        try:
+            busy = {u.backup_id for u in repo.undo_logs(duuid)}
+        except VirtBackupError as exc:
+            out.problems.append(str(exc))
+            busy = set()
+        try:
+            removing = repo.being_removed(duuid)
+        except VirtBackupError as exc:
+            out.problems.append(str(exc))
+            removing = frozenset()
         on_disk: set[str] = set()
+        name: str | None = None
         for folder in _backup_folders(domain_dir):
             on_disk.add(folder.name)
             have = catalogued.get(folder.name)
             if folder.name in busy or folder.name in removing:
                 continue
-            if have is not None and have.status is BackupStatus.COMPLETE:
+            if have is not None and have.status is BackupStatus.COMPLETE and not have.unreadable:
                 continue
             try:
                 stored = StoredBackup(folder, read_manifest(folder))
-                await record_committed(store, repo, stored)
             except VirtBackupError as exc:
+                if have is not None and have.unreadable == str(exc):
+                    continue  # a stand-in already, for this same reason: said before
                 out.problems.append(str(exc))
+                if name is None:
+                    name = _name_in(domain_dir)
+                await record_unreadable(store, folder, str(exc), name)
+                out.unreadable.append(folder.name)
                 continue
+            await record_committed(store, repo, stored, problems=out.problems)
+            out.problems += [
+                f"{folder / d.path}: missing (the manifest lists it)"
+                for d in stored.manifest.disks
+                if not (folder / d.path).is_file()
+            ]
             out.recorded.append(folder.name)
         for attempt in repo.attempts(duuid, out.problems):
             if attempt.backup_id not in catalogued and attempt.backup_id not in on_disk:
@@ -143,6 +243,58 @@ async def reconcile(store: Store, repo: Repository, uuid: str | None = None) -> 
         if ids:
             log.warning(f"catalogue {what} what the repository says", backups=ids)
     return out
+
+
+# --- whether a backup can be restored, as its folders say ---------------------------------
+
+
+@dataclass(frozen=True)
+class Standing:
+    """What a backup's folders say of it, before any image is read: its
+    own problem (manifest unreadable, an image missing), or the first
+    unreadable backup its chain goes through."""
+
+    manifest: Manifest | None
+    problem: str | None = None
+    through: str | None = None  # id of the unreadable backup below it
+    through_problem: str | None = None
+
+    @property
+    def restorable(self) -> bool:
+        return self.problem is None and self.through is None
+
+    def why(self) -> str:
+        if self.problem is not None:
+            return self.problem
+        return f"on an unreadable chain: backup {self.through}: {self.through_problem}"
+
+
+def standing(folder: Path, seen: dict[Path, Standing] | None = None) -> Standing:
+    """The :class:`Standing` of the backup in `folder` (`seen` caches the
+    answers for a listing: each manifest is read once)."""
+    seen = {} if seen is None else seen
+    if folder in seen:
+        return seen[folder]
+    # Marked first: a chain that loops back here finds this answer.
+    seen[folder] = Standing(None, f"{folder / MANIFEST}: the chain loops through it")
+    try:
+        m = read_manifest(folder)
+    except VirtBackupError as exc:
+        seen[folder] = Standing(None, str(exc))
+        return seen[folder]
+    missing = [d.path for d in m.disks if not (folder / d.path).is_file()]
+    if missing:
+        found = Standing(m, f"{folder / missing[0]}: missing (the manifest lists it)")
+    elif m.parent is None:
+        found = Standing(m)
+    else:
+        below = standing(folder.parent / m.parent, seen)
+        if below.problem is not None:
+            found = Standing(m, None, m.parent, below.problem)
+        else:
+            found = Standing(m, None, below.through, below.through_problem)
+    seen[folder] = found
+    return found
 
 
 def _backup_folders(domain_dir: Path) -> list[Path]:

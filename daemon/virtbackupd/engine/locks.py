@@ -33,10 +33,53 @@ def domain_lock(runtime_dir: Path, uuid: str, name: str, what: str = "backup") -
                 f"another {activity} of {name} is running (process {pid}; lock {path})"
             ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {what}\n".encode(), 0)
+        me = os.getpid()
+        os.pwrite(fd, f"{me} {what} {_start_time(me) or '-'}\n".encode(), 0)
         yield
     finally:
         os.close(fd)
+
+
+def backup_owner_alive(runtime_dir: Path, uuid: str) -> bool:
+    """Whether the process of a backup of the domain recorded as running
+    may still be alive: the domain's lock names it (a backup holds the lock
+    from before its record is written until after it is ended) and that
+    process still runs. A lock file naming another activity means a later
+    job took the lock, so the backup's process is gone; a pid that runs
+    again with another start time is another process (pid reuse). The
+    file is read, never locked: taking the lock, even for an instant,
+    could make a backup starting at that instant fail as busy."""
+    path = runtime_dir / "locks" / f"{uuid}.lock"
+    try:
+        held = path.read_text(errors="replace").split()
+    except FileNotFoundError:
+        return False  # no job of this domain has run since the host started
+    except OSError:
+        return True  # cannot tell: never call a live backup dead
+    if not held:
+        return True  # a process has just taken the lock and is writing its name
+    if len(held) > 1 and held[1] != "backup":
+        return False
+    try:
+        pid = int(held[0])
+    except ValueError:
+        return True
+    now = _start_time(pid)
+    if now is None:
+        return False  # no such process
+    return len(held) < 3 or held[2] == "-" or held[2] == now
+
+
+def _start_time(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot: field 22 of
+    /proc/PID/stat, counted after the parenthesised command name, which
+    may hold spaces); None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()
+    return fields[19] if len(fields) > 19 else None
 
 
 @contextlib.asynccontextmanager

@@ -8,8 +8,10 @@ layers share are read back from the view. Before a prune's journal is
 written, :func:`check_inputs` plays the whole plan through on the
 recorded pieces alone, and checks every recorded piece whose bytes those
 reads will see, each in its own layer's view: a merge never turns damaged
-bytes into a fresh hash. Pieces whose hashes are carried over are not
-read, and keep detecting damage in verify and restore.
+bytes into a fresh hash. It also checks every piece of each pruned layer
+whose bytes move into a kept one: their hashes are carried over, and damage
+in them, found only after the merge, would be blamed on the kept backup
+while the damaged original is gone.
 
 Backups of repository format 1 (no piece files) are read whole, as before.
 """
@@ -31,7 +33,7 @@ from virtbackupd.adapters.repository import (
 )
 from virtbackupd.core import extents
 from virtbackupd.core.extents import Kind, Piece, Range
-from virtbackupd.core.merge_plan import Consolidate, Op, Rebase
+from virtbackupd.core.merge_plan import Consolidate, Op, Rebase, Remove
 from virtbackupd.core.piece_merge import ChainLayer, plan_pieces, sources
 from virtbackupd.core.records import DiskRecord
 from virtbackupd.engine.content import digest_image, hashes_at, non_zero, open_view
@@ -74,6 +76,22 @@ async def check_inputs(
         if spans:
             for layer_id, p in sources(_chain(subject, disk, manifests, pieces_of), spans):
                 wanted[(layer_id, disk)][p.offset] = p
+    # A pruned layer's bytes move into a kept one (safe rebase, or the heir's
+    # standalone copy) under hashes carried over, not read: check all of
+    # its pieces now, in its own view, or damage in it would be blamed on
+    # the kept backup once it is gone.
+    removed = {op.id for op in ops if isinstance(op, Remove)}
+    for op in ops:
+        if isinstance(op, Rebase):
+            absorbed = op.absorbed
+        elif isinstance(op, Consolidate):
+            absorbed = op.into
+        else:
+            continue
+        if absorbed in removed:
+            for d in manifests[absorbed].disks:
+                for p in pieces_of(absorbed, d):
+                    wanted[(absorbed, d.disk)][p.offset] = p
     for (layer_id, disk), found in sorted(wanted.items()):
         record = manifests[layer_id].disk(disk)
         assert record is not None

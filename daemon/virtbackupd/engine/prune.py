@@ -6,21 +6,28 @@ anything changes, and removed only when everything, the state store
 included, agrees with it. Every operation is idempotent and leaves each
 kept backup's view unchanged at every instant (see core.merge_plan), so:
 
-- a prune interrupted anywhere loses nothing that is kept;
+- a prune interrupted anywhere loses nothing that is kept: a merge
+  writes a new image under a hidden name and renames it into place once
+  whole (`_stage`), never into an image a kept view reads;
 - the next prune (or backup) replays the journal from the start, each
   operation noticing how far it had got, and only then plans anew.
 
 A merged layer's new digest is planned from the piece hashes already
 recorded, reading back only the grid cells the merged layers share
 (engine.merge_digests); before the journal is written, every recorded
-piece those reads see is checked in its own layer's view: a merge never
-launders a corrupted backup into a fresh digest.
+piece those reads see, and every piece of a pruned layer whose bytes move
+into a kept one, is checked in its own layer's view: a merge never
+launders a corrupted backup into a fresh digest or a kept backup's name.
+The space the merges need is bounded first, and a plan that may not fit
+is refused with the numbers.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -41,7 +48,15 @@ from virtbackupd.adapters.repository import (
 )
 from virtbackupd.adapters.store import Store
 from virtbackupd.config.daemon import DaemonConfig
-from virtbackupd.core.merge_plan import Consolidate, Layer, Op, Rebase, Remove, plan_merges
+from virtbackupd.core.merge_plan import (
+    Consolidate,
+    Layer,
+    Op,
+    Rebase,
+    Remove,
+    plan_merges,
+    space_needed,
+)
 from virtbackupd.core.policy import Policy, Retention
 from virtbackupd.core.records import CheckpointStatus
 from virtbackupd.core.retention import Point, Verdict, decide
@@ -52,6 +67,12 @@ from virtbackupd.errors import PruneError, VirtBackupError
 log = structlog.get_logger("virtbackupd.prune")
 
 StepHook = Callable[[str], None]  # called after every durable step (tests interrupt here)
+
+Maker = Callable[[Path], Awaitable[None]]  # writes a merged image at the path given
+
+# Beyond the merges' images: manifests, piece files, the journal, and
+# qcow2 metadata a bound on data alone does not count.
+MERGE_RESERVE = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -80,7 +101,10 @@ def describe(op: Op) -> str:
     if isinstance(op, Rebase):
         return f"rebase {op.child} onto {op.parent} (taking over {op.absorbed}'s bytes)"
     if isinstance(op, Consolidate):
-        return f"commit {op.heir} into {op.into}, which becomes {op.heir} (standalone)"
+        return (
+            f"consolidate {op.heir} (standalone: a new image of its view, "
+            f"taking over {op.into}'s bytes)"
+        )
     return f"remove {op.id}"
 
 
@@ -119,6 +143,7 @@ async def prune_domain(
         return result
     manifests = {m.id: m for m in found}
     await check_inputs(domain_dir, ops, manifests, runtime_dir)
+    await _check_space(domain_dir, ops, manifests)
     checkpoints = {op.id: manifests[op.id].checkpoint for op in ops if isinstance(op, Remove)}
     repo.write_journal(uuid, PruneJournal(tuple(ops), checkpoints))
     hook("journal written")
@@ -181,6 +206,42 @@ async def finish_interrupted(
 # --- planning inputs ---------------------------------------------------------------------
 
 
+async def _check_space(domain_dir: Path, ops: Sequence[Op], manifests: dict[str, Manifest]) -> None:
+    """Refuse, before anything changes, a plan whose merges could fill the
+    backup file system (core.merge_plan.space_needed)."""
+    usage = {i: _usage(domain_dir / i) for i in manifests}
+    whole: dict[str, int] = {}
+    for op in ops:
+        if isinstance(op, Consolidate):
+            into = manifests[op.into]
+            whole[op.heir] = sum(
+                [
+                    await qemu_img.measure(domain_dir / op.heir / d.path)
+                    for d in manifests[op.heir].disks
+                    if into.disk(d.disk) is not None
+                ]
+            )
+    peak, at = space_needed(ops, usage, whole)
+    st = os.statvfs(domain_dir)
+    free = st.f_bavail * st.f_frsize
+    if peak and peak + MERGE_RESERVE > free:
+        raise PruneError(
+            f"not enough space in {domain_dir} to prune: the merges need up to "
+            f"{_mib(peak + MERGE_RESERVE)} free (at: {describe(at) if at else '?'}), "
+            f"{_mib(free)} are free; nothing was changed. Free space there and prune again"
+        )
+
+
+def _usage(folder: Path) -> int:
+    """Bytes the files of a backup folder take on disk (sparse images count
+    what they hold, not their size)."""
+    return sum(p.stat().st_blocks * 512 for p in folder.rglob("*") if p.is_file())
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1024 * 1024):.1f} MiB"
+
+
 def _layer(m: Manifest) -> Layer:
     return Layer(m.id, m.parent, {d.disk: d.ranges for d in m.disks})
 
@@ -208,6 +269,7 @@ async def _run_journal(
             await _rebase(domain_dir, op, runtime_dir, hook)
         else:
             await _consolidate(domain_dir, op, runtime_dir, hook)
+    await _repair_leaks(domain_dir, hook)
     await _sync_store(store, domain_dir, ops)
     hook("store updated")
     removed = await _drop_checkpoints(
@@ -231,14 +293,24 @@ async def _rebase(domain_dir: Path, op: Rebase, runtime_dir: Path, hook: StepHoo
     if _done(m, op.parent, op.absorbed):
         return
     disks, pieces = await merged_disks(domain_dir, folder, m, op.ranges, runtime_dir)
+    jobs: list[tuple[Path, Maker, str]] = []
     for d in m.disks:
         image = folder / d.path
         want = backing_of(op.parent, d.disk)
         if (await qemu_img.info(image)).backing_filename != want:
-            # Safe mode: the view stays the same. A replay may meet the
-            # dead prune's helpers still holding the image for a moment.
-            await qemu_img.while_locked(partial(qemu_img.rebase, image, want))
-            hook(f"rebased {op.child}/{d.disk}")
+            # Safe mode (the copy receives every byte where the old and new
+            # backing chains differ) on a copy, never in place: qemu-img
+            # rebase killed in place can leave the new backing file
+            # recorded while the bytes it wrote are not (its metadata cache
+            # was never written), and the view changed.
+            async def rebased(whole: Path, image: Path = image, want: str = want) -> None:
+                await asyncio.to_thread(shutil.copyfile, image, whole)
+                await qemu_img.rebase(whole, want)
+
+            jobs.append((image, rebased, f"{op.child} disk {d.disk}"))
+    if jobs:
+        await _replace(jobs)
+        hook(f"rebased {op.child}")
     new = replace(m, parent=op.parent, disks=disks, absorbed=(*m.absorbed, op.absorbed))
     write_manifest(folder, new, pieces)
     hook(f"manifest {op.child}")
@@ -252,26 +324,103 @@ async def _consolidate(
     if _done(m, None, op.into):
         return
     disks, pieces = await merged_disks(domain_dir, folder, m, op.ranges, runtime_dir)
+    jobs: list[tuple[Path, Maker, str]] = []
     for d in m.disks:
         image, base = folder / d.path, base_folder / d.path
         backing = (await qemu_img.info(image)).backing_filename
         if backing == backing_of(op.into, d.disk) and base.is_file():
-            # The heir's view is unchanged while its bytes go down into the
-            # base (they shadow it); the base's own point is being pruned.
-            await qemu_img.while_locked(partial(qemu_img.commit, image, keep_overlay=True))
-            hook(f"committed {op.heir}/{d.disk}")
-            base.chmod(0o600)
-            base.replace(image)  # atomically: the standalone image takes the overlay's place
-            fsync_path(folder)
-            hook(f"moved {op.into}/{d.disk}")
+            # The heir's view, written whole into a new standalone image;
+            # `into`'s image is only read.
+            async def converted(whole: Path, image: Path = image) -> None:
+                await qemu_img.convert(image, whole, src_fmt="qcow2")
+
+            jobs.append((image, converted, f"{op.heir} disk {d.disk}"))
         elif backing is not None:
             raise PruneError(
                 f"{image}: backing file {backing!r} is not {op.into}'s image, or that image is "
                 "gone; the prune journal cannot be finished (see docs/restore.md)"
             )
+    if jobs:
+        await _replace(jobs)
+        hook(f"moved {op.heir}")
     new = replace(m, parent=None, disks=disks, absorbed=(*m.absorbed, op.into))
     write_manifest(folder, new, pieces)
     hook(f"manifest {op.heir}")
+
+
+async def _repair_leaks(domain_dir: Path, hook: StepHook) -> None:
+    """A merge killed inside qemu-img (SIGKILL, power cut) can leave
+    clusters allocated and used by nothing in an image it wrote: no data
+    is at risk (restore and verify accept them), but the space is lost
+    until `qemu-img check -r leaks` frees it. Done for every backup of the
+    domain (a check reads only metadata) once the journal's operations are
+    all carried out, a replay included; held backups are in use and left
+    alone."""
+    repo = Repository.of_domain(domain_dir)
+    held = repo.held(domain_dir.name)
+    for stored in repo.backups(domain_dir.name, problems=[]):  # unreadable ones: verify's
+        if stored.manifest.id in held:
+            continue
+        for d in stored.manifest.disks:
+            image = stored.folder / d.path
+            try:
+                found = await qemu_img.check(image)
+                if found.leaks:
+                    await qemu_img.while_locked(partial(_repair, image))
+            except VirtBackupError as exc:
+                # Damage is verify's and restore's to report; it must not
+                # keep this journal (and so every later prune) from finishing.
+                log.warning("leaked clusters not freed", image=str(image), error=str(exc))
+                continue
+            if found.leaks:
+                log.info("freed leaked clusters", image=str(image), clusters=found.leaks)
+                hook(f"repaired {stored.manifest.id}/{d.disk}")
+
+
+async def _repair(image: Path) -> None:
+    await qemu_img.check(image, repair_leaks=True)
+
+
+async def _stage(image: Path, make: Maker, what: str) -> Path:
+    """A new image to replace `image`, written by `make` beside it, showing
+    the same view. It has a hidden name no backing chain refers to, so no
+    backup's view reads it until :func:`_replace` renames it over `image`
+    (atomic) once complete and synced: a merge killed or out of space at
+    any byte leaves every view as it was, and the replay starts again."""
+    whole = image.with_name(f".{image.name}.whole")
+    whole.unlink(missing_ok=True)  # a dead prune's
+    try:
+        # A replay may meet the dead prune's helpers still holding a file
+        # for a moment.
+        await qemu_img.while_locked(partial(make, whole))
+        whole.chmod(0o600)
+        fsync_path(whole)
+    except (VirtBackupError, OSError) as exc:
+        whole.unlink(missing_ok=True)  # nothing half-written stays
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise PruneError(
+            f"{what}: could not write its merged image ({reason}); every backup is as it "
+            "was, the next prune finishes this one"
+        ) from exc
+    return whole
+
+
+async def _replace(jobs: Sequence[tuple[Path, Maker, str]]) -> None:
+    """Stage a new image for every (image, maker, what), then put them all
+    in place at once, so that the images and the manifest written next
+    disagree for as short a time as can be."""
+    staged: dict[Path, Path] = {}
+    try:
+        for image, make, what in jobs:
+            staged[image] = await _stage(image, make, what)
+    except BaseException:
+        for whole in staged.values():
+            whole.unlink(missing_ok=True)
+        raise
+    for image, whole in staged.items():
+        whole.replace(image)
+    for folder in {image.parent for image in staged}:
+        fsync_path(folder)
 
 
 def _remove(domain_dir: Path, backup_id: str, hook: StepHook) -> None:

@@ -30,6 +30,7 @@ from virtbackupd.adapters.repository import (
     Manifest,
     Repository,
     RepositoryFormatError,
+    StoredBackup,
     disk_file,
     fsync_path,
     read_pieces,
@@ -45,7 +46,7 @@ from virtbackupd.core.chain_check import (
 )
 from virtbackupd.core.domain_xml import DomainDisk, parse_domain
 from virtbackupd.core.extents import Kind, content_hash
-from virtbackupd.core.records import CheckpointStatus
+from virtbackupd.core.records import CheckpointStatus, DiskRecord
 from virtbackupd.engine.content import chunks, digest_image, non_zero, open_view
 from virtbackupd.engine.copy import (
     CopyOptions,
@@ -57,7 +58,13 @@ from virtbackupd.engine.copy import (
     copy_to_export,
     nbd_sources,
 )
-from virtbackupd.errors import InputError, RestoreError, UnknownRestorePointError, VirtBackupError
+from virtbackupd.errors import (
+    DomainNotFoundError,
+    InputError,
+    RestoreError,
+    UnknownRestorePointError,
+    VirtBackupError,
+)
 
 log = structlog.get_logger("virtbackupd.restore")
 
@@ -121,29 +128,44 @@ class _Chain:
                 raise RestoreError(
                     f"{image} (layer {n} of disk {self.disk}) belongs to no backup of this chain"
                 )
+        # The recorded pieces are taken in the manifests' order, each layer's
+        # from its own image. They agree with the images' chain except while
+        # a prune is pending: a merged image in place, its manifest not yet
+        # written, skips a layer the manifest still names. That layer's
+        # bytes now live in the newer image, and its pieces still describe
+        # the view: checked all the same (engine.prune keeps every view).
+        for stored in chain:
+            record = stored.manifest.disk(self.disk)
+            if record is None:
+                break  # the disk is new above here: its image stands alone
+            await self._add(stored, record, runtime_dir)
+
+    async def _add(self, stored: StoredBackup, record: DiskRecord, runtime_dir: Path) -> None:
+        n = len(self.layers)
+        image = stored.folder / record.path
+        try:
+            await qemu_img.check(image)
+        except VirtBackupError as exc:
+            raise RestoreError(
+                f"backup {stored.manifest.id} disk {self.disk} is damaged: {exc}"
+            ) from exc
+        pieces: list[LayerPiece] = []
+        if record.pieces is None:  # format 1: a pass over this layer first
+            got = await digest_image(image, list(record.ranges), record.grid, runtime_dir)
+            if got.digest != record.digest or got.not_zero:
+                self.damage.append(
+                    f"backup {stored.manifest.id} disk {self.disk}: its content does not "
+                    "match its recorded digest"
+                )
+        else:
             try:
-                await qemu_img.check(image)
-            except VirtBackupError as exc:
-                raise RestoreError(
-                    f"backup {stored.manifest.id} disk {self.disk} is damaged: {exc}"
-                ) from exc
-            pieces: list[LayerPiece] = []
-            if record.pieces is None:  # format 1: a pass over this layer first
-                got = await digest_image(image, list(record.ranges), record.grid, runtime_dir)
-                if got.digest != record.digest or got.not_zero:
-                    self.damage.append(
-                        f"backup {stored.manifest.id} disk {self.disk}: its content does not "
-                        "match its recorded digest"
-                    )
-            else:
-                try:
-                    pieces = [
-                        LayerPiece(n, p.offset, p.length, p.kind, p.content)
-                        for p in read_pieces(stored.folder, record)
-                    ]
-                except RepositoryFormatError as exc:
-                    self.damage.append(f"backup {stored.manifest.id} disk {self.disk}: {exc}")
-            self.layers.append(_Layer(stored.manifest.id, image, pieces))
+                pieces = [
+                    LayerPiece(n, p.offset, p.length, p.kind, p.content)
+                    for p in read_pieces(stored.folder, record)
+                ]
+            except RepositoryFormatError as exc:
+                self.damage.append(f"backup {stored.manifest.id} disk {self.disk}: {exc}")
+        self.layers.append(_Layer(stored.manifest.id, image, pieces))
 
     def describe(self, d: Damage) -> str:
         layer = self.layers[d.layer]
@@ -436,9 +458,13 @@ async def running_user(lv: Libvirt, paths: Set[Path]) -> tuple[str, Path] | None
     and which path: nothing a domain runs on may be written over."""
     wanted = {p.resolve(): p for p in paths}
     for ref in await lv.domains():
-        if not await lv.is_running(ref):
-            continue
-        info = parse_domain(await lv.xml(ref), f"domain XML of {ref.name}")
+        try:
+            if not await lv.is_running(ref):
+                continue
+            xml = await lv.xml(ref)
+        except DomainNotFoundError:
+            continue  # undefined since the listing: it runs on nothing
+        info = parse_domain(xml, f"domain XML of {ref.name}")
         for d in info.disks:
             if d.source and (hit := wanted.get(Path(d.source).resolve())) is not None:
                 return ref.name, hit

@@ -2,24 +2,35 @@
 keeps the old contents of blocks the guest overwrites during a backup.
 
 QEMU 7.2 fails the *guest's* write (ENOSPC) when the scratch file cannot
-grow, so the job must stop before that: it checks the free space before it
-begins and watches it while it runs (docs/operations.md, "What virtbackupd
-does to your VMs"). Aborting the libvirt job ends copy-before-write at once.
+grow, and libvirt 9.0 offers no way to make it break the backup instead
+(QEMU's `on-cbw-error` is not set or settable through libvirt). So no
+scratch file may ever need to grow: before the backup begins, each disk's
+scratch image is created by us with all of its space reserved on the file
+system (a qcow2 with `preallocation=falloc`, as large as the disk), and
+libvirt is told to use it as it is (REUSE_EXTERNAL). Whatever the guest
+writes, copy-before-write only fills space that is already the file's. When
+the file system cannot hold the reservation, the backup is refused before
+anything is done to the guest (docs/operations.md, "What virtbackupd does
+to your VMs").
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from virtbackupd.errors import ScratchSpaceError
+from virtbackupd.adapters import qemu_img
+from virtbackupd.errors import ProcessError, ScratchSpaceError
 
 MiB = 1 << 20
-# Stop while this much is still free: what the guest may write between two
-# looks (0.2 s) plus the abort, at a few hundred MB/s. On a small file
-# system, a third of it.
-RESERVE_MAX = 256 * MiB
+
+# Extended L2 entries let a preallocated cluster stay *unallocated* per
+# subcluster: reads of blocks the guest has not overwritten fall through to
+# the disk (libvirt gives the scratch node the disk as its backing). Without
+# them a preallocated cluster reads as zeroes and the export would be wrong.
+SCRATCH_OPTIONS = ("preallocation=falloc", "extended_l2=on")
 
 
 @dataclass(frozen=True)
@@ -28,19 +39,22 @@ class Space:
     free: int
     size: int
 
-    @property
-    def reserve(self) -> int:
-        return min(RESERVE_MAX, self.size // 3)
+    def describe(self) -> str:
+        return f"{_mib(self.free)} MiB free of {_mib(self.size)} MiB in {self.folder}"
 
-    @property
-    def running_out(self) -> bool:
-        return self.free <= self.reserve
 
-    def describe(self, used: int | None = None) -> str:
-        text = f"{self.free // MiB} MiB free of {self.size // MiB} MiB in {self.folder}"
-        if used is not None:
-            text += f" (this backup's scratch files: {used // MiB} MiB)"
-        return text
+@dataclass(frozen=True)
+class ScratchFile:
+    """One disk's scratch image: where, and how large the disk is."""
+
+    disk: str
+    path: Path
+    disk_size: int  # the disk's virtual size: what copy-before-write may copy at most
+
+
+def _mib(n: int) -> str:
+    """Whole MiB, rounded up (a need shown as 0 MiB would read as none)."""
+    return str(-(-n // MiB))
 
 
 def measure(folder: Path) -> Space:
@@ -48,35 +62,55 @@ def measure(folder: Path) -> Space:
     return Space(folder, st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize)
 
 
-def used_by(folder: Path) -> int:
-    """Bytes the files in `folder` take on disk (scratch files are sparse)."""
-    total = 0
-    for entry in os.scandir(folder):
-        if entry.is_file(follow_symlinks=False):
-            total += entry.stat(follow_symlinks=False).st_blocks * 512
-    return total
-
-
-def check_before(folder: Path, domain: str) -> Space:
-    """Refuse to begin when the scratch file system is already at its
-    reserve (the backup would be stopped at once)."""
-    space = measure(folder)
-    if space.running_out:
-        raise ScratchSpaceError(
-            f"scratch space: {space.describe()}; an online backup of {domain} needs room "
-            f"for the old contents of blocks the guest overwrites during it (more than "
-            f"{space.reserve // MiB} MiB free); free some, or set scratch_dir to a larger "
-            "file system"
-        )
-    return space
-
-
-def stopped_reason(space: Space, used: int) -> str:
-    return (
-        f"scratch space ran low: {space.describe(used)}; the backup was stopped before "
-        "the guest's writes could fail. The next backup is unaffected; give scratch_dir "
-        "more room if it recurs"
+def check_room(needs: Mapping[str, int], space: Space, domain: str) -> None:
+    """Refuse when the scratch file system cannot hold every disk's
+    reservation (`needs`: disk -> bytes its scratch image takes)."""
+    total = sum(needs.values())
+    if total <= space.free:
+        return
+    each = ", ".join(f"{d} {_mib(n)} MiB" for d, n in needs.items())
+    raise ScratchSpaceError(
+        f"scratch space: an online backup of {domain} reserves {_mib(total)} MiB before it "
+        f"begins ({each}: the size of each disk, what the guest could overwrite during the "
+        f"backup), but there are {space.describe()}; set scratch_dir to a file system with "
+        "that much room, or back the domain up while it is shut off (needs no scratch space)"
     )
+
+
+async def reserve(
+    files: Mapping[str, ScratchFile],
+    folder: Path,
+    domain: str,
+    qemu_user: tuple[int, int] | None,
+) -> int:
+    """Create every scratch image with its space reserved; returns the bytes
+    reserved. The check first gives the numbers; the creation itself is the
+    guarantee (another writer may take the room in between: then the
+    reservation fails here, before the backup begins, never later).
+    `folder`: scratch_dir, named in the messages."""
+    for f in files.values():  # an earlier attempt's (a full after a refused incremental)
+        f.path.unlink(missing_ok=True)
+    needs = {
+        d: await qemu_img.measure_preallocated(f.disk_size, SCRATCH_OPTIONS)
+        for d, f in files.items()
+    }
+    space = measure(folder)
+    check_room(needs, space, domain)
+    for d, f in files.items():
+        try:
+            await qemu_img.create(f.path, f.disk_size, options=SCRATCH_OPTIONS)
+        except ProcessError as exc:
+            f.path.unlink(missing_ok=True)
+            raise ScratchSpaceError(
+                f"scratch space: cannot reserve {_mib(needs[d])} MiB for disk {d} of {domain} "
+                f"({measure(folder).describe()}): {exc.message}; scratch_dir "
+                "must be a file system with room for the disks and fallocate (ext4, xfs, tmpfs)"
+            ) from exc
+        if qemu_user is not None:
+            # libvirt relabels it too; ours so that QEMU may write it even
+            # where libvirt's dynamic_ownership is off.
+            os.chown(f.path, *qemu_user)
+    return sum(needs.values())
 
 
 def prepare(folder: Path, qemu_user: tuple[int, int] | None) -> None:

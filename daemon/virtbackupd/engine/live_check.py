@@ -1,0 +1,254 @@
+"""Checking a live restore's moved disks against the backup, while the new
+domain runs on them.
+
+The image is open read-write by the domain's QEMU, and what is on the file
+is not what the guest sees: QEMU's qcow2 cache may hold metadata not yet
+written (after the QEMU 7.2 crash of issue 22 the files had dropped their
+backing file while the data the stream copied was never written: they
+read as zeroes). Reading the file beside QEMU (`qemu-img`/`qemu-nbd -U`)
+would check a torn state, and would pass a disk whose data exist only in
+a cache that a crash then loses. So the disks are read through QEMU itself:
+a libvirt pull-mode backup job exports each disk over NBD as QEMU shows
+it, frozen at the job's start (copy-before-write to a scratch file keeps
+that point in time while the guest writes on). The job is incremental from
+the checkpoint made before the domain first started, so the export also
+carries the dirty bitmap of every guest write since: those parts are the
+guest's and are not compared (core.live_move).
+
+Every other piece the backup's newest view shows is compared with its
+recorded XXH3-128 (DATA) or must read as zeroes (ZERO), as a restore checks
+them (core.chain_check): a piece newer layers hide in part is checked in
+its own layer's view (the backup is whole there), and the live disk must
+equal the backup's newest view over it. A disk passes when nothing differs.
+
+When QEMU ended without closing the images (a crash, a kill), its bitmap
+is marked inconsistent and libvirt refuses the incremental job: the guest's
+writes are then unknown, every piece is compared, and a difference cannot
+be told from lost data; the disk stays unverified and the backup held.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
+from virtbackupd.adapters.nbd.client import NbdClient, UnixAddress, connect
+from virtbackupd.adapters.nbd.protocol import (
+    CONTEXT_BASE_ALLOCATION,
+    STATE_DIRTY,
+    dirty_bitmap_context,
+)
+from virtbackupd.core.backup_xml import (
+    Backup,
+    BackupDisk,
+    BackupMode,
+    Server,
+    Store,
+    StoreType,
+    Transport,
+)
+from virtbackupd.core.chain_check import LayerPiece, Seen, classify
+from virtbackupd.core.domain_xml import parse_domain
+from virtbackupd.core.extents import Kind, content_hash
+from virtbackupd.core.live_move import checkable, merge_spans, subtract_spans
+from virtbackupd.engine.content import chunks, non_zero, open_view
+from virtbackupd.engine.restore import load_chain
+from virtbackupd.errors import CheckpointInconsistentError
+
+log = structlog.get_logger("virtbackupd.live_restore")
+
+STATUS_STEP = 1024 * 1024 * 1024  # block status asked per request
+SHOWN = 3  # differences named in a message
+
+
+@dataclass(frozen=True)
+class DiskCheck:
+    disk: str
+    checked: int  # bytes compared
+    guest_bytes: int  # bytes left out: the guest wrote there
+    writes_known: bool  # False: the record of guest writes was lost (QEMU crashed)
+    differences: tuple[str, ...]  # "bytes A-B read differently than recorded"
+
+    @property
+    def ok(self) -> bool:
+        return not self.differences
+
+
+async def check_moved(
+    lv: Libvirt,
+    ref: DomainRef,
+    folder: Path,
+    disks: Sequence[str],
+    checkpoint: str | None,
+    work: Path,
+    runtime_dir: Path,
+) -> list[DiskCheck]:
+    """Check `disks` of the running domain `ref` against backup `folder`
+    through a pull-mode export (see the module's docstring). `work`: a
+    folder for the export's socket and scratch files (QEMU's user must
+    reach it). Raises VirtBackupError when the export cannot be made (the
+    caller tries again later)."""
+    async with _export(lv, ref, disks, checkpoint, work) as (address, known):
+        out = []
+        for disk in disks:
+            out.append(await _check_disk(address, folder, disk, known, runtime_dir))
+        return out
+
+
+@contextlib.asynccontextmanager
+async def _export(
+    lv: Libvirt, ref: DomainRef, disks: Sequence[str], checkpoint: str | None, work: Path
+) -> AsyncIterator[tuple[UnixAddress, bool]]:
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, mode=0o700)
+    info = parse_domain(await lv.xml(ref), f"domain XML of {ref.name}")
+    if info.qemu_user is not None:  # QEMU creates the socket and scratch files here
+        os.chown(work, *info.qemu_user)
+    socket = work / "nbd.sock"
+
+    def document(incremental: str | None) -> str:
+        return Backup(
+            mode=BackupMode.PULL,
+            incremental=incremental,
+            server=Server(transport=Transport.UNIX, socket=str(socket)),
+            disks=tuple(
+                BackupDisk(
+                    d,
+                    backup=True,
+                    type=StoreType.FILE,
+                    store=Store(path=str(work / f"{d}.scratch")),
+                )
+                for d in disks
+            ),
+        ).to_xml()
+
+    known = checkpoint is not None
+    try:
+        try:
+            await lv.backup_begin(ref, document(checkpoint), None)
+        except CheckpointInconsistentError:
+            log.warning(
+                "live restore: the record of the guest's writes was lost (its QEMU ended "
+                "without closing the images: a crash or a kill); every piece is compared",
+                domain=ref.name,
+            )
+            known = False
+            await lv.backup_begin(ref, document(None), None)
+        try:
+            yield UnixAddress(str(socket)), known
+        finally:
+            await lv.abort_job(ref)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+async def _written(client: NbdClient, context: str) -> list[tuple[int, int]]:
+    """The guest's writes since the checkpoint: the export's dirty extents."""
+    spans: list[tuple[int, int]] = []
+    pos = 0
+    while pos < client.size:
+        found = (await client.block_status(pos, min(STATUS_STEP, client.size - pos)))[context]
+        if not found:
+            break
+        spans += [(e.offset, e.end) for e in found if e.flags & STATE_DIRTY]
+        pos = max(pos + 1, found[-1].end)
+    return merge_spans(spans)
+
+
+async def _check_disk(
+    address: UnixAddress, folder: Path, disk: str, known: bool, runtime_dir: Path
+) -> DiskCheck:
+    chain = await load_chain(folder, disk, runtime_dir, allow_damaged=False)
+    seen = classify([layer.pieces for layer in chain.layers])
+    context = dirty_bitmap_context(f"backup-{disk}")
+    contexts = [CONTEXT_BASE_ALLOCATION, context] if known else [CONTEXT_BASE_ALLOCATION]
+    found: list[str] = []
+    checked = 0
+    live = await connect(address, disk, meta_contexts=contexts)
+    try:
+        written = await _written(live, context) if known else []
+        todo = checkable(seen[Seen.VISIBLE], written)
+        for p in todo.whole:
+            checked += p.length
+            what = await _differs(live, p, written)
+            if what:
+                found.append(f"bytes {p.offset}-{p.end} {what}")
+        partly = checkable(seen[Seen.PARTLY], written)
+        if partly.whole:
+            layers = [(layer.image, layer.backup_id) for layer in chain.layers]
+            checked += await _check_partly(live, layers, partly.whole, written, runtime_dir, found)
+    finally:
+        await live.close()
+    guest = todo.guest_bytes + partly.guest_bytes
+    return DiskCheck(disk, checked, guest, known, tuple(found))
+
+
+async def _differs(
+    live: NbdClient, p: LayerPiece, written: Sequence[tuple[int, int]]
+) -> str | None:
+    if p.kind is Kind.ZERO:
+        bad = subtract_spans(await non_zero(live, p.offset, p.length), written)
+        return "should read as zeroes but do not" if bad else None
+    data = b"".join([await live.read(o, n) for o, n in chunks(p.offset, p.end)])
+    return "read differently than the backup recorded" if content_hash(data) != p.content else None
+
+
+async def _check_partly(
+    live: NbdClient,
+    layers: Sequence[tuple[Path, str]],
+    pieces: Sequence[LayerPiece],
+    written: Sequence[tuple[int, int]],
+    runtime_dir: Path,
+    found: list[str],
+) -> int:
+    """Pieces newer layers hide in part: each checked in its own layer's
+    view (the backup is whole there), and the live disk compared with the
+    backup's newest view over it (outside the guest's writes)."""
+    checked = 0
+    async with open_view(layers[0][0], runtime_dir) as view:
+        for p in pieces:
+            checked += p.length
+            for lo, hi in subtract_spans([(p.offset, p.end)], written):
+                for o, n in chunks(lo, hi):
+                    if await live.read(o, n) != await view.read(o, n):
+                        found.append(f"bytes {o}-{o + n} read differently than the backup")
+                        break
+    by_layer: dict[int, list[LayerPiece]] = {}
+    for p in pieces:
+        by_layer.setdefault(p.layer, []).append(p)
+    for n, todo in sorted(by_layer.items()):
+        async with open_view(layers[n][0], runtime_dir) as own:
+            for p in todo:
+                if p.kind is Kind.ZERO:
+                    bad = bool(await non_zero(own, p.offset, p.length))
+                else:
+                    data = b"".join([await own.read(o, k) for o, k in chunks(p.offset, p.end)])
+                    bad = content_hash(data) != p.content
+                if bad:
+                    found.append(
+                        f"bytes {p.offset}-{p.end} of backup {layers[n][1]} read "
+                        "differently than recorded (the backup itself is damaged)"
+                    )
+    return checked
+
+
+def describe(c: DiskCheck) -> str:
+    """One line for the journal and `status`."""
+    if c.ok:
+        guest = f", {c.guest_bytes} bytes the guest wrote left out" if c.guest_bytes else ""
+        return f"{c.disk}: {c.checked} bytes equal the backup{guest}"
+    more = f" (and {len(c.differences) - SHOWN} more)" if len(c.differences) > SHOWN else ""
+    why = (
+        ""
+        if c.writes_known
+        else "; its QEMU crashed, so the guest's writes are unknown and cannot be told apart "
+        "from lost data"
+    )
+    return f"{c.disk}: {'; '.join(c.differences[:SHOWN])}{more}{why}"
