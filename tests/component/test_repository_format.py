@@ -152,6 +152,10 @@ def test_a_repository_reads_as_documented(built: BuiltDomain, tmp_path: Path) ->
 
     for backup_id, m in manifests.items():
         folder = domain_dir / backup_id
+        # Each text document is the one its manifest's digest names.
+        assert m["documents"], "the test bed's backups record their documents' digests"
+        for name, digest in m["documents"].items():
+            assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest
         for d in m["disks"]:
             image = folder / d["file"]
             info = qemu_img_info(image)

@@ -23,12 +23,14 @@ from testbed.tools import qemu_io, run
 from virtbackupd.adapters import qemu_img, qemu_nbd
 from virtbackupd.adapters.qcow2_writer import new_image
 from virtbackupd.adapters.repository import (
+    DOMAIN_XML,
     Manifest,
     Repository,
     UndoKind,
     UndoLog,
     backing_of,
     disk_file,
+    document_digests,
     new_backup_id,
 )
 from virtbackupd.adapters.store import Store
@@ -134,6 +136,7 @@ class BuiltDomain:
                 )
             # The image writer's work, checked every time: no error, no leak.
             run("qemu-img", "check", "-q", target)
+        texts = {DOMAIN_XML: f"<domain><name>{self.name}</name></domain>\n"}
         manifest = Manifest(
             id=backup_id,
             domain_name=self.name,
@@ -148,6 +151,7 @@ class BuiltDomain:
             disks=disk_records(
                 results, standalone=set(self.disks) if parent is None else set(whole)
             ),
+            documents=document_digests(texts),
         )
         # The reference first: a crash test kills the process inside the commit.
         self.refs[backup_id] = {}
@@ -159,7 +163,7 @@ class BuiltDomain:
             store,
             self.repo,
             manifest,
-            {"domain.xml": f"<domain><name>{self.name}</name></domain>\n"},
+            texts,
             {name: r.pieces for name, r in results.items()},
             undo,
             step,

@@ -130,6 +130,16 @@ class Libvirt:
             return False
         return True
 
+    async def domain_capabilities(
+        self, virt_type: str | None, arch: str | None, machine: str | None
+    ) -> str:
+        """virConnectGetDomainCapabilities: the host's emulator (never a
+        stored definition's) and firmware for a guest of this kind; None
+        asks for the host's default."""
+        return str(
+            await self._call(self._conn.getDomainCapabilities, None, arch, machine, virt_type, 0)
+        )
+
     async def define(self, xml: str) -> DomainRef:
         dom = await self._call(self._conn.defineXML, xml)
         return DomainRef(dom.name(), dom.UUIDString())

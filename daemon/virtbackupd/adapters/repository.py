@@ -27,6 +27,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import struct
 import uuid as uuidlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -41,7 +42,7 @@ from virtbackupd.core.extents import Kind, Piece, Range
 from virtbackupd.core.merge_plan import Consolidate, Op, Rebase, Remove
 from virtbackupd.core.policy import Level
 from virtbackupd.core.records import BackupRecord, BackupStatus, DiskRecord, LeftOutDisk
-from virtbackupd.errors import VirtBackupError
+from virtbackupd.errors import InputError, VirtBackupError
 
 MANIFEST = "manifest.json"
 PRUNE_JOURNAL = ".prune-journal.json"
@@ -127,6 +128,9 @@ class Manifest:
     left_out: tuple[LeftOutDisk, ...] = ()
     absorbed: tuple[str, ...] = ()  # backups merged into this one by prunes
     version: int = FORMAT_VERSION
+    # SHA-256 of the folder's text documents (domain.xml, checkpoint.xml),
+    # checked before they are used; empty in manifests written before it.
+    documents: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def standalone(self) -> bool:
@@ -167,6 +171,7 @@ class Manifest:
             ],
             "left_out": [{"name": d.disk, "reason": d.reason} for d in self.left_out],
             "absorbed": list(self.absorbed),
+            "documents": dict(self.documents),
         }
 
     @classmethod
@@ -205,6 +210,7 @@ class Manifest:
             ),
             absorbed=tuple(f.backup_ids("absorbed")),
             version=version,
+            documents=_documents(f),
         )
 
     def as_record(self, folder: Path) -> BackupRecord:
@@ -225,6 +231,19 @@ class Manifest:
             disks=self.disks,
             left_out=self.left_out,
         )
+
+
+def _documents(f: _Fields) -> dict[str, str]:
+    docs = f.sub("documents", default={})
+    out = {}
+    for name in docs.names():
+        if name not in DOCUMENTS:
+            raise docs.error(name, f"not one of {', '.join(DOCUMENTS)}")
+        digest = docs.text(name)
+        if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+            raise docs.error(name, f"{digest[:80]!r} is not a SHA-256 in hex")
+        out[name] = digest
+    return out
 
 
 def _disk(f: _Fields, version: int) -> DiskRecord:
@@ -257,6 +276,88 @@ def allowed_backings(manifest: Manifest, disk: DiskRecord) -> tuple[str | None, 
     if disk.standalone is None and extents.covers(disk.ranges, disk.virtual_size):
         return (overlay, None)
     return (overlay,)
+
+
+# --- the folder's text documents --------------------------------------------------------
+
+DOMAIN_XML = "domain.xml"
+CHECKPOINT_XML = "checkpoint.xml"
+DOCUMENTS = (DOMAIN_XML, CHECKPOINT_XML)
+
+
+class DocumentDigestError(RepositoryFormatError, InputError):
+    """A backup's domain.xml or checkpoint.xml is not what was written at
+    backup time: it was edited (or damaged) since."""
+
+
+def document_digests(texts: Mapping[str, str]) -> dict[str, str]:
+    """The manifest's ``documents``: SHA-256 of each text file as written."""
+    return {name: hashlib.sha256(text.encode()).hexdigest() for name, text in texts.items()}
+
+
+class Trust(StrEnum):
+    VERIFIED = "verified"  # matches the digest in its manifest
+    UNRECORDED = "unrecorded"  # the manifest predates digests: nothing to check
+    EDITED = "edited"  # does not match; read only because the caller accepts that
+
+
+@dataclass(frozen=True)
+class Document:
+    """A text file of a backup folder, read for use."""
+
+    path: Path
+    text: str
+    trust: Trust
+
+
+def read_document(
+    folder: Path, manifest: Manifest, name: str, *, accept_edited: bool = False
+) -> Document:
+    """`name` (domain.xml or checkpoint.xml) of the backup in `folder`,
+    checked against the manifest's digest: one that does not match raises
+    DocumentDigestError unless `accept_edited`."""
+    path = folder / name
+    data = _read_bounded(path, MAX_DOCUMENT_BYTES)
+    digest = manifest.documents.get(name)
+    if digest is None:
+        trust = Trust.UNRECORDED
+    elif hashlib.sha256(data).hexdigest() == digest:
+        trust = Trust.VERIFIED
+    elif accept_edited:
+        trust = Trust.EDITED
+    else:
+        raise DocumentDigestError(
+            path,
+            f"does not match the SHA-256 recorded for it in {MANIFEST} "
+            "(edited or damaged since the backup)",
+        )
+    return Document(path, _decode(path, data), trust)
+
+
+#: A domain or checkpoint XML of a few hundred devices is a few hundred KiB.
+MAX_DOCUMENT_BYTES = 8 * 1024 * 1024
+
+
+def _read_bounded(path: Path, limit: int) -> bytes:
+    """A regular file of at most `limit` bytes, not through a symlink."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise RepositoryFormatError(path, f"cannot read: {exc.strerror or exc}") from exc
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RepositoryFormatError(path, "is not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise RepositoryFormatError(path, f"is larger than {limit} bytes")
+    return data
+
+
+def _decode(path: Path, data: bytes) -> str:
+    try:
+        return data.decode()
+    except UnicodeDecodeError as exc:
+        raise RepositoryFormatError(path, f"is not UTF-8 (byte {exc.start})") from exc
 
 
 # --- piece hashes ------------------------------------------------------------------------

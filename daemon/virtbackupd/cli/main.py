@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--format", choices=["qcow2", "raw"], default="qcow2", help="default qcow2")
     rs.add_argument("--define", metavar="NAME", help="define a new domain NAME on the images")
     rs.add_argument(
+        "--accept-edited-definition",
+        action="store_true",
+        help="with --define: use the backup's domain.xml even though it no longer matches "
+        "the digest its manifest recorded (what could reach the host is still left out)",
+    )
+    rs.add_argument(
         "--live",
         action="store_true",
         help="with --to and --define: start NAME at once, running from the backup, and move "
@@ -363,10 +369,12 @@ async def _restore(
     args: argparse.Namespace, config: DaemonConfig, store: Store, lv: Libvirt | None
 ) -> int:
     from virtbackupd.cli import recovery
-    from virtbackupd.engine import restore
+    from virtbackupd.engine import define, restore
 
     if args.define and not args.to:
         raise ConfigError("--define needs --to DIR (a new domain gets new images)")
+    if args.accept_edited_definition and not args.define:
+        raise ConfigError("--accept-edited-definition goes with --define NAME")
     if args.move_rate and not args.live:
         raise ConfigError("--move-rate limits a --live restore's move; give --live too")
     if args.live:
@@ -379,6 +387,12 @@ async def _restore(
     if args.to is not None:
         restore.check_target_folder(args.to.absolute())
     chosen = await recovery.chosen_backup(args, config, store)
+    # An edited domain.xml is refused before anything is restored.
+    saved = (
+        define.saved_definition(chosen.folder, args.accept_edited_definition)
+        if args.define
+        else None
+    )
     dom, record, folder, repo, disks = (
         chosen.dom,
         chosen.record,
@@ -439,10 +453,13 @@ async def _restore(
         ],
         "in_place": bool(args.in_place),
     }
-    if args.define:
+    defined = None
+    if saved is not None:
         assert lv is not None
-        ref, dropped = await restore.define_restored(lv, folder, args.define, done, args.force)
-        out["defined"] = {"name": ref.name, "uuid": ref.uuid, "dropped_disks": list(dropped)}
+        defined = await define.define_restored(lv, saved, args.define, done, args.force)
+        out["defined"] = defined.as_json()
+        for warning in defined.warnings:
+            print(f"virtbackup: warning: {warning}", file=sys.stderr)
     for r in done:
         for line_ in r.damage:
             print(f"virtbackup: warning: written despite damage: {line_}", file=sys.stderr)
@@ -453,11 +470,10 @@ async def _restore(
         print(f"restored {r.disk} of backup {record.id} -> {r.path} ({r.fmt})")
     if args.in_place:
         print(f"checkpoints of {dom.name} removed: its next backup is full")
-    if "defined" in out:
-        d = out["defined"]
-        print(f"defined domain {d['name']} ({d['uuid']})")
-        if d["dropped_disks"]:
-            print(f"  not restored, left out of it: {', '.join(d['dropped_disks'])}")
+    if defined is not None:
+        print(f"defined domain {defined.ref.name} ({defined.ref.uuid})")
+        for line_ in defined.report():
+            print(line_)
     return 0
 
 

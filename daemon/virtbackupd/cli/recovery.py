@@ -20,7 +20,7 @@ from virtbackupd.cli.domains import domain_of
 from virtbackupd.config.daemon import DaemonConfig
 from virtbackupd.core.points import parse_time, pick_backup
 from virtbackupd.core.records import BackupRecord, BackupStatus, DomainRecord
-from virtbackupd.engine import guest_view, live_restore, restore
+from virtbackupd.engine import define, guest_view, live_restore, restore
 from virtbackupd.engine.catalogue import Standing, standing
 from virtbackupd.engine.domain_job import domain_job
 from virtbackupd.errors import ConfigError, RestoreError, VirtBackupError
@@ -110,26 +110,32 @@ async def live(args: argparse.Namespace, config: DaemonConfig, store: Store, lv:
             "restore without --live, or convert the moved images with qemu-img later"
         )
     c = await chosen_backup(args, config, store)
+    # Refused before anything is made when it was edited since the backup.
+    saved = define.saved_definition(c.folder, args.accept_edited_definition)
     started = time.monotonic()
     async with domain_job(config, store, c.repo, c.dom.uuid, c.dom.name, "restore"):
         for disk in c.disks:  # the chain's records and images, not its content: quick
             chain = await restore.load_chain(c.folder, disk, config.runtime_dir, args.allow_damaged)
             for line in chain.damage:
                 print(f"virtbackup: warning: running despite damage: {line}", file=sys.stderr)
-        ref, hold, dropped = await live_restore.start_live_restore(
+        defined, hold = await live_restore.start_live_restore(
             lv,
             c.repo,
             c.folder,
             c.disks,
             args.to.absolute(),
             args.define,
+            saved,
             rate=args.move_rate,
             force=args.force,
         )
     took = time.monotonic() - started
+    ref = defined.ref
+    for warning in defined.warnings:
+        print(f"virtbackup: warning: {warning}", file=sys.stderr)
     out = {
         "backup": c.record.id,
-        "defined": {"name": ref.name, "uuid": ref.uuid, "dropped_disks": list(dropped)},
+        "defined": defined.as_json(),
         "running": True,
         "seconds": round(took, 2),
         "hold": hold.id,
@@ -141,8 +147,8 @@ async def live(args: argparse.Namespace, config: DaemonConfig, store: Store, lv:
     print(f"domain {ref.name} ({ref.uuid}) runs from backup {c.record.id} ({took:.1f} s)")
     for d in c.disks:
         print(f"  {d}: moving into {live_restore.image_of(hold, d)}")
-    if dropped:
-        print(f"  not restored, left out of it: {', '.join(dropped)}")
+    for line in defined.report():
+        print(line)
     print(
         f"  backup {c.record.id} is held until the move ends; "
         "`virtbackup status` shows its progress"

@@ -7,7 +7,7 @@ Element order and attribute order follow libvirt's formatter, so
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from lxml import etree
@@ -213,3 +213,13 @@ class Checkpoint:
             )
         except XMLError as exc:
             raise XMLError(document, exc.problem) from exc
+
+
+def for_redefinition(stored_xml: str, domain_xml: str, document: str) -> str:
+    """A stored checkpoint's XML, to redefine it, with the domain's current
+    definition (from libvirt) embedded in place of the stored one: libvirt
+    acts on the embedded `<domain>` at redefinition (it runs its
+    `<emulator>` to probe it), and the stored copy may have come back from
+    a repository that someone else could edit."""
+    cp = Checkpoint.from_xml(stored_xml, document)
+    return replace(cp, domain_xml=domain_xml).to_xml()

@@ -8,8 +8,13 @@ backed-up domain, made into a new, independent domain. Pure.
   any <backingStore>;
 - writable disks that were not restored are dropped: leaving them would
   make two domains write to one image;
+- any other disk's medium outside the restore's own files goes too: a
+  cdrom or floppy drive stays, empty; a read-only disk is dropped;
 - <nvram> is dropped so libvirt gives the copy its own UEFI variable store
-  (from the loader's template) instead of sharing the original's.
+  (from the loader's template) instead of sharing the original's;
+- the saved XML is untrusted input: core.untrusted_domain takes out (and
+  reports) whatever in it would reach the host, and the emulator is the
+  host's own.
 
 Checkpoints are never copied: the restored images carry no bitmaps.
 """
@@ -23,6 +28,7 @@ from pathlib import Path
 from lxml import etree
 
 from virtbackupd.core import xmldoc
+from virtbackupd.core.untrusted_domain import Dropped, HostOffer, Sanitiser
 from virtbackupd.errors import XMLError
 
 
@@ -36,10 +42,20 @@ class RestoredImage:
 class RestoredDomain:
     xml: str
     dropped_disks: tuple[str, ...]  # writable disks that were not restored
+    dropped: tuple[Dropped, ...] = ()  # what could reach the host, taken out
+    emulator: str = ""  # the host's, in place of the saved one
+
+
+# Parts of a disk that name something of the host besides its medium.
+_DISK_HOST_PARTS = ("source", "backingStore", "auth", "encryption", "mirror")
 
 
 def restored_domain_xml(
-    saved_xml: str, name: str, images: Mapping[str, RestoredImage], document: str
+    saved_xml: str,
+    name: str,
+    images: Mapping[str, RestoredImage],
+    document: str,
+    host: HostOffer,
 ) -> RestoredDomain:
     root = xmldoc.parse(saved_xml, document, "domain")
     name_el = root.find("name")
@@ -49,22 +65,33 @@ def restored_domain_xml(
     for tag in ("uuid", "os/nvram", "devices/interface/mac"):
         for el in root.findall(tag):
             _remove(el)
-    dropped = []
+    dropped_disks = []
+    dropped: list[Dropped] = []
     seen = set()
-    devices = root.find("devices")
     for disk in root.findall("devices/disk"):
         target = disk.find("target")
         dev = target.get("dev") if target is not None else None
         image = images.get(dev or "")
+        device = disk.get("device", "disk")
         if image is None:
-            if disk.get("device", "disk") in ("disk", "lun") and disk.find("readonly") is None:
-                dropped.append(dev or "?")
-                assert devices is not None
-                devices.remove(disk)
+            if device in ("disk", "lun") and disk.find("readonly") is None:
+                dropped_disks.append(dev or "?")
+                _remove(disk)
+            elif disk.find("source") is not None:
+                what = f"<disk device='{device}'> {dev or '?'} {_medium(disk)}".rstrip()
+                why = "a medium outside the restore's own files"
+                if device in ("cdrom", "floppy"):
+                    # The drive stays, empty: the guest's hardware is unchanged.
+                    for el in [c for c in disk if c.tag in _DISK_HOST_PARTS]:
+                        disk.remove(el)
+                    dropped.append(Dropped(what, why + "; the drive stays, empty"))
+                else:
+                    _remove(disk)
+                    dropped.append(Dropped(what, why))
             continue
         seen.add(dev)
         disk.set("type", "file")
-        for el in disk.findall("source") + disk.findall("backingStore"):
+        for el in [c for c in disk if c.tag in _DISK_HOST_PARTS]:
             disk.remove(el)
         source = xmldoc.element("source", [("file", str(image.path))])
         driver = disk.find("driver")
@@ -76,9 +103,23 @@ def restored_domain_xml(
     missing = sorted(set(images) - seen)
     if missing:
         raise XMLError(document, f"no <disk> with target {', '.join(missing)} to restore into")
+    allowed = [str(i.path) for i in images.values()]
+    dropped += Sanitiser(root, host, allowed).run()
     # libvirt re-formats what it is given; tostring keeps comments and
     # mixed content (<description>) that the strict formatter does not model.
-    return RestoredDomain(etree.tostring(root, encoding="unicode"), tuple(dropped))
+    return RestoredDomain(
+        etree.tostring(root, encoding="unicode"),
+        tuple(dropped_disks),
+        tuple(dropped),
+        host.emulator,
+    )
+
+
+def _medium(disk: etree._Element) -> str:
+    source = disk.find("source")
+    if source is None:
+        return ""
+    return " ".join(str(v) for v in source.attrib.values() if v)
 
 
 def _remove(el: etree._Element) -> None:

@@ -26,12 +26,22 @@ import structlog
 from virtbackupd.adapters import qcow2_writer, repository
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
 from virtbackupd.adapters.nbd.client import UnixAddress
-from virtbackupd.adapters.repository import Manifest, Repository, StepHook, UndoKind, UndoLog
+from virtbackupd.adapters.repository import (
+    CHECKPOINT_XML,
+    DOMAIN_XML,
+    Manifest,
+    Repository,
+    StepHook,
+    UndoKind,
+    UndoLog,
+    document_digests,
+)
 from virtbackupd.adapters.store import Store
 from virtbackupd.config.daemon import DaemonConfig
 from virtbackupd.core.backup_documents import (
     checkpoint_name,
 )
+from virtbackupd.core.checkpoint_xml import for_redefinition
 from virtbackupd.core.domain_xml import DomainInfo, parse_domain
 from virtbackupd.core.job_state import Cleanup, JobMachine, JobState
 from virtbackupd.core.plan import CheckpointView, Plan, plan_backup
@@ -388,9 +398,11 @@ class Job:
             if name in known:
                 self.log.warning("deleting a checkpoint of ours that is not trusted", stale=name)
                 await own_checkpoints.delete_checkpoint(lv, self.ref, name)
+        current = await lv.xml(self.ref, inactive=True) if plan.redefine else ""
         for cp in plan.redefine:
             self.log.warning("redefining checkpoint libvirt lost", lost=cp.name)
-            await lv.redefine_checkpoint(self.ref, cp.xml)
+            xml = for_redefinition(cp.xml, current, f"stored XML of checkpoint {cp.name}")
+            await lv.redefine_checkpoint(self.ref, xml)
         return plan
 
     def note(self, kind: UndoKind, path: Path | str | None = None, name: str | None = None) -> None:
@@ -515,6 +527,8 @@ class Job:
         lv, store = self.ctx.libvirt, self.ctx.store
         assert self.record is not None
         cp_xml = await lv.checkpoint_xml(self.ref, self.checkpoint)
+        domain_xml = await lv.xml(self.ref, inactive=True)
+        texts = {DOMAIN_XML: domain_xml, CHECKPOINT_XML: cp_xml}
         finished = self.ctx.now()
         standalone = {t for t, (_, _, backing) in self.targets.items() if backing is None}
         disks = disk_records(results, standalone=standalone)
@@ -531,8 +545,8 @@ class Job:
             finished=finished,
             disks=disks,
             left_out=plan.left_out,
+            documents=document_digests(texts),
         )
-        domain_xml = await lv.xml(self.ref, inactive=True)
         assert self.undo is not None
 
         def step(label: str) -> None:
@@ -545,7 +559,7 @@ class Job:
             store,
             self.repo,
             manifest,
-            {"domain.xml": domain_xml, "checkpoint.xml": cp_xml},
+            texts,
             {name: r.pieces for name, r in results.items()},
             self.undo,
             step,

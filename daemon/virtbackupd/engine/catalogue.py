@@ -20,11 +20,13 @@ from pathlib import Path
 import structlog
 
 from virtbackupd.adapters.repository import (
+    CHECKPOINT_XML,
     MANIFEST,
     Manifest,
     Repository,
     StepHook,
     StoredBackup,
+    read_document,
     read_manifest,
 )
 from virtbackupd.adapters.store import Store
@@ -45,10 +47,14 @@ log = structlog.get_logger("virtbackupd.catalogue")
 def checkpoint_record(stored: StoredBackup) -> CheckpointRecord | None:
     """The checkpoint a committed backup vouches for (its checkpoint.xml)."""
     m = stored.manifest
-    path = stored.folder / "checkpoint.xml"
+    path = stored.folder / CHECKPOINT_XML
     if m.checkpoint is None or not path.is_file():
         return None
-    xml = path.read_text(errors="replace")  # torn bytes: the XML parser names the file
+    # Its XML is what a later backup hands libvirt to redefine the
+    # checkpoint: one edited since the backup (DocumentDigestError) or torn
+    # is not trusted; reindex and crash recovery record the backup without
+    # it (record_committed), so the domain's next backup is full.
+    xml = read_document(stored.folder, m, CHECKPOINT_XML).text
     cp = Checkpoint.from_xml(xml, str(path))
     return CheckpointRecord(
         m.domain_uuid, m.checkpoint, cp.parent, m.started, CheckpointStatus.ACTIVE, xml

@@ -58,7 +58,8 @@ from virtbackupd.core.checkpoint_xml import Checkpoint, CheckpointDisk, Checkpoi
 from virtbackupd.core.live_move import GUEST_WRITES_CHECKPOINT, DiskFacts, Step, next_step
 from virtbackupd.core.restored_domain import RestoredImage
 from virtbackupd.engine import live_check
-from virtbackupd.engine.restore import define_on_images, running_user
+from virtbackupd.engine.define import Defined, SavedDefinition, define_on_images
+from virtbackupd.engine.restore import running_user
 from virtbackupd.errors import (
     DomainNotFoundError,
     LibvirtError,
@@ -120,10 +121,11 @@ async def start_live_restore(
     disks: Sequence[str],
     to: Path,
     name: str,
+    saved: SavedDefinition,
     *,
     rate: int = 0,
     force: bool = False,
-) -> tuple[DomainRef, Hold, tuple[str, ...]]:
+) -> tuple[Defined, Hold]:
     """Create the overlays in `to`, define `name` on them, start it and the
     move. The caller holds the domain's lock and has checked the chain.
     On failure everything made here is taken back."""
@@ -148,9 +150,10 @@ async def start_live_restore(
             partial.rename(image)
             made[-1] = image
         opened = _open_for_qemu(repo, folder)
-        ref, dropped = await define_on_images(
-            lv, folder, name, {d: RestoredImage(p, "qcow2") for d, p in images.items()}, force
+        defined = await define_on_images(
+            lv, saved, name, {d: RestoredImage(p, "qcow2") for d, p in images.items()}, force
         )
+        ref = defined.ref
         await _redefine_guest_writes(lv, ref, disks)
         hold = Hold(
             id=f"live-{secrets.token_hex(6)}",
@@ -186,7 +189,7 @@ async def start_live_restore(
     log.info(
         "live restore started", domain=name, uuid=ref.uuid, backup=backup_id, disks=list(disks)
     )
-    return ref, hold, dropped
+    return defined, hold
 
 
 async def _first_pull(lv: Libvirt, ref: DomainRef, disk: str, rate: int) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable, Mapping, Sequence, Set
+from collections.abc import Awaitable, Callable, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +48,6 @@ from virtbackupd.core.chain_check import (
 from virtbackupd.core.domain_xml import DomainDisk, parse_domain
 from virtbackupd.core.extents import Kind, content_hash
 from virtbackupd.core.records import CheckpointStatus, DiskRecord
-from virtbackupd.core.restored_domain import RestoredImage, restored_domain_xml
 from virtbackupd.engine.content import chunks, digest_image, non_zero, open_view
 from virtbackupd.engine.copy import (
     CopyOptions,
@@ -520,33 +519,6 @@ async def running_user(lv: Libvirt, paths: Set[Path]) -> tuple[str, Path] | None
             if d.source and (hit := wanted.get(Path(d.source).resolve())) is not None:
                 return ref.name, hit
     return None
-
-
-async def define_restored(
-    lv: Libvirt, folder: Path, name: str, restored: Sequence[RestoredDisk], force: bool
-) -> tuple[DomainRef, tuple[str, ...]]:
-    """Define `name` from the backup's saved domain XML, on the restored
-    images. An existing domain of that name is replaced only with `force`,
-    and never while it runs."""
-    images = {r.disk: RestoredImage(r.path, r.fmt) for r in restored}
-    return await define_on_images(lv, folder, name, images, force)
-
-
-async def define_on_images(
-    lv: Libvirt, folder: Path, name: str, images: Mapping[str, RestoredImage], force: bool
-) -> tuple[DomainRef, tuple[str, ...]]:
-    if await lv.exists(name):
-        if not force:
-            raise RestoreError(f"a domain named {name!r} exists; give --force to replace it")
-        old = await lv.domain(name)
-        if await lv.is_running(old):
-            raise RestoreError(f"domain {name!r} is running; shut it off to replace it")
-        await lv.undefine(old)
-    saved = (folder / "domain.xml").read_text()
-    new = restored_domain_xml(saved, name, images, str(folder / "domain.xml"))
-    ref = await lv.define(new.xml)
-    log.info("domain defined from backup", domain=name, uuid=ref.uuid, dropped=new.dropped_disks)
-    return ref, new.dropped_disks
 
 
 async def restore_in_place(
