@@ -116,12 +116,6 @@ def test_a_prune_killed_at_random_leaves_no_helper_and_no_folder(tmp_path: Path)
         no_folders_left(b, kill)
 
 
-@pytest.mark.skipif(
-    not os.environ.get("VBT_FAULT_MERGE_FIXED"),
-    reason="needs the fixes of issue 22 items 3 and 9 (i22/merge: a merge killed mid-way "
-    "leaks clusters / leaves kept backups refused) and 5 (i22/verify: verify calls backups "
-    "damaged while an interrupted prune is pending); set VBT_FAULT_MERGE_FIXED=1",
-)
 @pytest.mark.timeout(900)
 def test_a_prune_killed_at_random_keeps_every_backup_restorable(tmp_path: Path) -> None:
     """After each kill and the prune that finishes it, every backup `list`

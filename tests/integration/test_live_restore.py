@@ -344,13 +344,15 @@ async def test_a_killed_new_domain_is_reported_and_its_backup_stays_held_until_c
     seed = int(os.environ.get("LIVE_KILL_SEED", random.randrange(1 << 30)))
     print(f"LIVE_KILL_SEED={seed}")
     rnd = random.Random(seed)
-    td, _repo, _full, refs = await _restore_live_of(domains, config, [64 * MiB] * 3)
+    td, repo, _full, refs = await _restore_live_of(domains, config, [64 * MiB] * 3)
     targets = sorted(refs)
     outcomes = []
     daemon = Daemon(config, tmp_path)  # the journal's side: it notices the crash too
     await daemon.start()
     try:
-        await _kill_during_moves(td, config, libvirt_conn, rnd, targets, refs, daemon, outcomes)
+        await _kill_during_moves(
+            td, repo, config, libvirt_conn, rnd, targets, refs, daemon, outcomes
+        )
     finally:
         await daemon.stop()
         daemon.close()
@@ -359,6 +361,7 @@ async def test_a_killed_new_domain_is_reported_and_its_backup_stays_held_until_c
 
 async def _kill_during_moves(
     td: GuestDomain,
+    repo: Path,
     config: Path,
     libvirt_conn: libvirt.virConnect,
     rnd: random.Random,
@@ -408,7 +411,7 @@ async def _kill_during_moves(
             proc = await spawn_cli(config, "status")
             out, _ = await proc.communicate()
             assert "crashed during the move" in out.decode(), out.decode()
-            assert any(name in p.read_text() for p in td.workdir.glob("repo/*/.holds/*.json")), (
+            assert any(name in p.read_text() for p in repo.glob("*/.holds/*.json")), (
                 "the hold was released"
             )
 
