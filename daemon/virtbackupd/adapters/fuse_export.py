@@ -15,7 +15,7 @@ import signal
 from collections.abc import Mapping
 from pathlib import Path
 
-from virtbackupd.adapters.qemu_img import die_with_parent, run_tool
+from virtbackupd.adapters.qemu_img import run_tool, spawn_helper
 from virtbackupd.errors import ProcessError
 
 QSD = "qemu-storage-daemon"
@@ -59,14 +59,7 @@ async def _start_child(argv: list[str], pidfile: Path, what: str, timeout: float
     """The daemon in the foreground, ready once its pid file is written
     (it writes it after its exports are mounted)."""
     stderr_path = pidfile.with_name("qsd.stderr")
-    with stderr_path.open("wb") as stderr:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=stderr,
-            preexec_fn=die_with_parent(),  # forked from the loop thread, see die_with_parent
-        )
+    proc = await spawn_helper(argv, stderr_path)
     _children[proc.pid] = proc
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

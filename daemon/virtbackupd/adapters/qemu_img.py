@@ -61,6 +61,20 @@ def die_with_parent() -> Callable[[], None]:
     return in_the_child
 
 
+async def spawn_helper(argv: Sequence[str], stderr_path: Path) -> asyncio.subprocess.Process:
+    """A long-lived helper (qemu-nbd, qemu-storage-daemon): no stdin or
+    stdout, its stderr in `stderr_path` for the error message, and tied to
+    our life (die_with_parent; call from the loop thread)."""
+    with stderr_path.open("wb") as stderr:
+        return await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=stderr,
+            preexec_fn=die_with_parent(),
+        )
+
+
 async def while_locked(action: Callable[[], Awaitable[None]], wait: float = 15.0) -> None:
     """Run `action`, again while an image it needs is locked by another
     process (a reader such as a restore of another domain's backup that

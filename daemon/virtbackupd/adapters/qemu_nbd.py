@@ -15,7 +15,7 @@ from pathlib import Path
 
 from virtbackupd.adapters import nbd_folders, procfs
 from virtbackupd.adapters.nbd.client import UnixAddress, connect
-from virtbackupd.adapters.qemu_img import die_with_parent
+from virtbackupd.adapters.qemu_img import spawn_helper
 from virtbackupd.errors import NbdError, ProcessError
 
 QEMU_NBD = "qemu-nbd"
@@ -91,14 +91,7 @@ async def serve(
     stderr_path = private / "stderr"
     argv = _argv(image, socket, name, fmt, readonly, bitmaps, connections, cache, aio, extra, size)
     try:
-        with stderr_path.open("wb") as stderr:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=stderr,
-                preexec_fn=die_with_parent(),  # forked from the loop thread, see die_with_parent
-            )
+        proc = await spawn_helper(argv, stderr_path)
     except BaseException:
         nbd_folders.remove_folder(private)
         raise
