@@ -96,3 +96,15 @@ def test_the_hook_never_stands_in_the_way(tmp_path: Path) -> None:
     assert not (tmp_path / "absent").exists()
     assert hook(tmp_path, "prepare", "begin", xml="<domain/>").returncode == 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_images_held_elsewhere_are_busy_not_an_os_error(tmp_path: Path) -> None:
+    """A second hold of the same images (the hook's momentary hold of
+    `.offline` during a start's "prepare", or another offline job) was a
+    raw BlockingIOError: a traceback, or "Resource temporarily unavailable"."""
+    with (
+        vm_starts.hold_images(UUID, "web01", tmp_path),
+        pytest.raises(DomainStartingError, match="held by a VM start or another offline backup"),
+        vm_starts.hold_images(UUID, "web01", tmp_path),
+    ):
+        pass

@@ -17,8 +17,10 @@ from virtbackupd.cli.main import main as cli
 
 def backup(config: Path, capsys: pytest.CaptureFixture[str], domain: str, *extra: str) -> dict:  # type: ignore[type-arg]
     capsys.readouterr()
-    assert cli(["-c", str(config), "--json", "backup", domain, *extra]) == 0
-    return json.loads(capsys.readouterr().out)  # type: ignore[no-any-return]
+    rc = cli(["-c", str(config), "--json", "backup", domain, *extra])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    return json.loads(out)  # type: ignore[no-any-return]
 
 
 def restore_matches(record: dict, td: GuestDomain, tmp: Path) -> None:  # type: ignore[type-arg]
@@ -104,6 +106,8 @@ def test_full_then_incrementals_online_and_offline_restore_byte_identical(
         "backups": 4,
         "failed_attempts": 0,
         "moved_aside": None,
+        "problems": [],
+        "unreadable": [],
     }
     assert cli(["-c", str(config), "--json", "list", td.name]) == 0
     assert json.loads(capsys.readouterr().out) == listed

@@ -65,7 +65,16 @@ def hold_images(uuid: str, name: str, hook_dir: Path = HOOK_DIR) -> Iterator[Non
                 f"{name} is being started; an offline backup does not take its images now "
                 "(the backup is taken once it runs)"
             )
-        held = _flock(hook_dir / f"{uuid}.offline", blocking=False)
+        try:
+            held = _flock(hook_dir / f"{uuid}.offline", blocking=False)
+        except BlockingIOError:
+            # Held by the hook (a start's "prepare" waits on it for a
+            # moment) or by another offline job on these images: busy,
+            # retried like any busy domain, never an OS error.
+            raise DomainStartingError(
+                f"{name}'s images are held by a VM start or another offline backup; "
+                "not taking them now"
+            ) from None
     finally:
         os.close(guard)
     try:
