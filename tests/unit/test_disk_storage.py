@@ -18,7 +18,9 @@ from virtbackupd.core.records import DiskRecord
 SIZE = 1 << 20
 WHOLE = (Range(0, SIZE // 2, Kind.DATA), Range(SIZE // 2, SIZE // 2, Kind.ZERO))
 PART = (Range(4096, 8192, Kind.DATA),)
-OVERLAY = "../P/vdb.qcow2"
+# Backup ids and a UUID as the format requires (manifests are validated where read).
+B, P = "20261207T000000.000Z-000b", "20261207T000000.000Z-000a"
+OVERLAY = f"../{P}/vdb.qcow2"
 
 
 def manifest(parent: str | None, ranges: tuple[Range, ...], standalone: bool | None) -> Manifest:
@@ -27,7 +29,8 @@ def manifest(parent: str | None, ranges: tuple[Range, ...], standalone: bool | N
         "vdb", "vdb.qcow2", SIZE, 0, 0, 0, "", 1 << 21, ranges, "vdb.pieces", standalone
     )
     level = Level.FULL if parent is None else Level.INCREMENTAL
-    return Manifest("B", "vm", "u", level, "", None, parent, None, now, now, (disk,))
+    uuid = "0b1cbd0e-1c2f-4a57-9b43-5b1f1e0f7a01"
+    return Manifest(B, "vm", uuid, level, "", None, parent, None, now, now, (disk,))
 
 
 @pytest.mark.parametrize(
@@ -35,11 +38,11 @@ def manifest(parent: str | None, ranges: tuple[Range, ...], standalone: bool | N
     [
         (None, WHOLE, True, (None,)),  # a full backup
         (None, PART, None, (None,)),  # a full backup written before the field
-        ("P", PART, False, (OVERLAY,)),  # an incremental of a qcow2 disk
-        ("P", WHOLE, True, (None,)),  # a raw disk copied whole into an incremental
-        ("P", WHOLE, False, (OVERLAY,)),  # said overlay: must be one
-        ("P", WHOLE, None, (OVERLAY, None)),  # before the field: a whole copy, either way
-        ("P", PART, None, (OVERLAY,)),  # before the field: a partial layer is an overlay
+        (P, PART, False, (OVERLAY,)),  # an incremental of a qcow2 disk
+        (P, WHOLE, True, (None,)),  # a raw disk copied whole into an incremental
+        (P, WHOLE, False, (OVERLAY,)),  # said overlay: must be one
+        (P, WHOLE, None, (OVERLAY, None)),  # before the field: a whole copy, either way
+        (P, PART, None, (OVERLAY,)),  # before the field: a partial layer is an overlay
     ],
 )
 def test_allowed_backings(
@@ -54,7 +57,7 @@ def test_allowed_backings(
 
 def test_the_field_is_written_when_known_and_read_back() -> None:
     for standalone in (True, False, None):
-        m = manifest("P", WHOLE, standalone)
+        m = manifest(P, WHOLE, standalone)
         data = m.to_json()
         disk = data["disks"][0]  # type: ignore[index]
         assert disk.get("standalone") is standalone
