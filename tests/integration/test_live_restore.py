@@ -338,9 +338,10 @@ async def test_a_killed_new_domain_is_reported_and_its_backup_stays_held_until_c
     """The new domain's QEMU SIGKILLed at a random instant of the move
     (seeded: LIVE_KILL_SEED replays, LIVE_KILLS sets how many): `status`
     says it crashed and the hold stays; after a start the move goes on,
-    and the hold is released only if every disk then equals the backup (the record of guest writes died
-    with QEMU: nothing is left out of the check), which the comparison with
-    the reference confirms; otherwise the disk is reported and stays held."""
+    and the hold is released only if every disk then equals the backup
+    (the record of guest writes died with QEMU: nothing is left out of the
+    check), which the comparison with the reference confirms; otherwise
+    the disk is reported and stays held."""
     seed = int(os.environ.get("LIVE_KILL_SEED", random.randrange(1 << 30)))
     print(f"LIVE_KILL_SEED={seed}")
     rnd = random.Random(seed)
