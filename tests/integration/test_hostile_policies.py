@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
+import stat
 import subprocess
 from pathlib import Path
 
 from testbed.daemon import Daemon, backups, cli, one_line_error
-from testbed.domains import DomainFactory, MiB
+from testbed.domains import WORK_ROOT, DomainFactory, MiB
 
 
 async def test_a_broken_policy_never_runs_a_backup_under_the_defaults(
@@ -110,3 +112,31 @@ async def test_bad_targets_are_one_line_never_a_traceback(
         assert str(ro) in err.strip().splitlines()[-1] and "Read-only file system" in err, err
     finally:
         await asyncio.to_thread(subprocess.run, ["umount", str(ro)], check=True)
+
+
+async def test_an_online_backup_under_umask_077_works(domains: DomainFactory, config: Path) -> None:
+    """A new operator's shell (or the unit's UMask=0077) made runtime_dir
+    0700 when the CLI created it, and the first online backup failed
+    inside libvirt: "Failed to unlink socket …/nbd.sock: Permission
+    denied" (QEMU runs as its own user). Folders QEMU passes through are
+    made 0711 whatever the umask."""
+    td = await asyncio.to_thread(domains.create, qcow2_sizes=[8 * MiB])
+    run = WORK_ROOT / f"{td.name}-fresh-run"
+    scratch = WORK_ROOT / f"{td.name}-fresh-scratch"
+    text = config.read_text()
+    old_run = text.split("runtime_dir: ")[1].split("\n")[0]
+    old_scratch = text.split("scratch_dir: ")[1].split("\n")[0]
+    config.write_text(text.replace(old_run, str(run)).replace(old_scratch, str(scratch)))
+    (config.parent / "policies" / "p.yaml").write_text(f"domains: ['{td.name}']\n")
+    old = os.umask(0o077)
+    try:
+        rc, _, err = await cli(config, "backup", td.name)
+    finally:
+        os.umask(old)
+    try:
+        assert rc == 0, err
+        for folder in (run, scratch):
+            assert stat.S_IMODE(folder.stat().st_mode) == 0o711, folder
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -87,3 +87,27 @@ def check_trusted(folders: dict[str, Path], source: Path) -> list[str]:
                 "all the way up"
             )
     return problems
+
+
+def make_passable(folder: Path) -> None:
+    """Create `folder` (and what is missing above it) as root's, 0711
+    whatever the umask: QEMU, running as its own user, passes through to
+    the job folders below without listing them. (The unit's UMask=0077, or
+    an operator's, would make new folders 0700 and the first online backup
+    fail inside libvirt.) An existing folder keeps its mode."""
+    missing = [p for p in [folder, *folder.parents] if not p.exists()]
+    for part in reversed(missing):
+        try:
+            part.mkdir(mode=0o711)
+        except FileExistsError:
+            continue  # made meanwhile by another command: its mode stands
+        part.chmod(0o711)
+
+
+def unpassable(folder: Path) -> Path | None:
+    """The first folder from / down to `folder` that a user other than
+    root cannot pass through (no o+x), None if there is none."""
+    for part in [*reversed(folder.parents), folder]:
+        if not part.stat().st_mode & 0o001:
+            return part
+    return None

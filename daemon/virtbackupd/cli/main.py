@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from virtbackupd import __version__, logs
-from virtbackupd.adapters import priority
+from virtbackupd.adapters import host_folders, priority
 from virtbackupd.adapters.libvirt_conn import Libvirt
 from virtbackupd.adapters.repository import Repository
 from virtbackupd.adapters.store import Store
@@ -227,6 +227,10 @@ async def _run(args: argparse.Namespace) -> int:
 
         return await policy_check(args)
     config = load_config(config_path(args.config))
+    # QEMU passes through runtime_dir and scratch_dir to its job folders:
+    # made 0711 whatever this shell's umask (an existing one keeps its mode).
+    host_folders.make_passable(config.runtime_dir)
+    host_folders.make_passable(config.scratch_dir)
     priority.apply(config.priority)
     logs.configure(config.log_level, "json" if args.json else "console")
     await sweep_runtime(config.runtime_dir)  # what killed commands left

@@ -25,7 +25,7 @@ from typing import Any
 import structlog
 
 from virtbackupd import logs
-from virtbackupd.adapters import priority
+from virtbackupd.adapters import host_folders, priority
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
 from virtbackupd.adapters.libvirt_events import DomainEvent, EventKind, EventSource
 from virtbackupd.adapters.repository import HoldKind, Repository
@@ -506,6 +506,10 @@ class Service:
 
     async def run(self) -> int:
         logs.configure(self.config.log_level, logs.daemon_format(self.config.log_format))
+        # QEMU passes through these to its job folders (UMask=0077 would
+        # make them 0700); an existing one keeps its mode.
+        host_folders.make_passable(self.config.runtime_dir)
+        host_folders.make_passable(self.config.scratch_dir)
         priority.apply(self.config.priority)
         self._load_policies(at_start=True)
         loop = asyncio.get_running_loop()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import structlog
 
-from virtbackupd.adapters import qcow2_writer, repository
+from virtbackupd.adapters import host_folders, qcow2_writer, repository
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
 from virtbackupd.adapters.nbd.client import UnixAddress
 from virtbackupd.adapters.repository import (
@@ -416,8 +416,17 @@ class Job:
             self.note(UndoKind.JOB_DIR, self.scratch_dir)
         self.repo.create_partial(self.ref.uuid, self.id)
         # QEMU (often not root) must traverse to its job folder, not list it.
-        self.job_dir.parent.mkdir(parents=True, exist_ok=True)
+        host_folders.make_passable(self.job_dir.parent)
         self.job_dir.parent.chmod(0o711)
+        if self.running and info.qemu_user is not None and info.qemu_user[0] != 0:
+            blocked = host_folders.unpassable(self.job_dir.parent)
+            if blocked is not None:
+                raise VirtBackupError(
+                    f"runtime_dir {self.ctx.config.runtime_dir}: QEMU (uid {info.qemu_user[0]}) "
+                    f"cannot reach its job folder, because {blocked} is mode "
+                    f"{blocked.stat().st_mode & 0o7777:04o}; give that folder o+x "
+                    "(0711: passing through, no listing)"
+                )
         self.job_dir.mkdir(mode=0o700)
         if info.qemu_user is not None:
             # QEMU creates the NBD socket in here.
