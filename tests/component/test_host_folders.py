@@ -136,3 +136,36 @@ def test_the_status_file_is_readable_by_root_alone(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "daemon.json").stat().st_mode) == 0o600
+
+
+def test_a_policy_target_or_file_another_user_controls_is_refused(tmp_path: Path) -> None:
+    """A policy `target:` below a folder another user owns made root write
+    the domain's backups where that user's planted link pointed; a policy
+    file owned by another user (in a 0777 policy folder) was obeyed."""
+    from virtbackupd.config.policy import load_policy
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, NOBODY, NOBODY)
+    folder = tmp_path / "policies"
+    folder.mkdir()
+    pol = folder / "p.yaml"
+    pol.write_text(f"domains: [web]\ntarget: {theirs / 'repo'}\n")
+    with pytest.raises(ConfigError, match=r"p.yaml:2: target: .*theirs is not root's"):
+        load_policy(pol)
+    pol.write_text("domains: [web]\ntarget: /proc/x\n")
+    with pytest.raises(ConfigError, match="a kernel pseudo file system"):
+        load_policy(pol)
+    pol.write_text("domains: [web]\n")
+    os.chown(pol, NOBODY, NOBODY)
+    with pytest.raises(ConfigError, match="owned by uid 65534"):
+        load_policy(pol)
+    os.chown(pol, 0, 0)
+    pol.chmod(0o666)
+    with pytest.raises(ConfigError, match="mode 0666"):
+        load_policy(pol)
+    folder.chmod(0o777)
+    cfg = tmp_path / "vb.yaml"
+    cfg.write_text(f"policy_dirs: [{folder}]\nstate_dir: {tmp_path / 'state'}\n")
+    with pytest.raises(ConfigError, match=r"policy_dirs\[0\]: .* writable by others than root"):
+        load_config(cfg)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import sqlite3
 from collections.abc import Callable
@@ -59,6 +60,9 @@ HOSTILE: list[tuple[str, Edit, str]] = [
     ("grid not a power of two", _disk("grid", 3 * MiB), "field disks[0].grid:"),
     ("absorbed is a path", _top("absorbed", ["../x"]), "field absorbed:"),
     ("domain uuid is a path", _uuid, "field domain.uuid:"),
+    ("a size past SQLite's integers", _disk("virtual_size", 2**70), "field disks[0].virtual_size:"),
+    ("a range before the disk", _disk("ranges", [[-4096, 4096, "data"]]), "field disks[0].ranges:"),
+    ("a range past the disk", _disk("ranges", [[2**40, 4096, "data"]]), "field disks[0].ranges:"),
 ]
 
 
@@ -146,3 +150,95 @@ def test_a_hostile_manifest_field_is_refused_where_it_is_read(
         assert str(path) in runs[name].stderr or str(path) in runs[name].stdout, (name, runs[name])
     assert Path("/etc/passwd").read_bytes() == passwd
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+def _dev_zero(path: Path) -> None:
+    path.unlink()
+    path.symlink_to("/dev/zero")
+
+
+def _fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _nested(path: Path) -> None:
+    path.write_text("[" * 100_000 + "]" * 100_000)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("spoil", "words"),
+    [(_dev_zero, "cannot read"), (_fifo, "not a regular file"), (_nested, "nested too deeply")],
+    ids=["a link to /dev/zero", "a FIFO", "nested 100000 deep"],
+)
+def test_a_manifest_that_is_no_file_of_ours_blocks_nothing(
+    template: tuple[Path, BuiltDomain],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    spoil: Callable[[Path], None],
+    words: str,
+) -> None:
+    """A manifest that is a link to /dev/zero or a FIFO hung every command
+    (and the daemon's start, deaf to SIGTERM); a deeply nested one was a
+    RecursionError traceback from every command. It is one unreadable
+    backup: named, and the others still listed and restorable."""
+    origin, built = template
+    shutil.copytree(origin, tmp_path / "t", symlinks=True)
+    b = BuiltDomain.__new__(BuiltDomain)
+    b.__dict__.update(built.__dict__)
+    b.tmp = tmp_path / "t"
+    b.__post_init__()
+    with contextlib.closing(sqlite3.connect(b.state_db)) as db, db:
+        db.execute("UPDATE backups SET path = replace(path, ?, ?)", (str(origin), str(b.tmp)))
+    path = b.folder(b.ids[2]) / MANIFEST
+    spoil(path)
+    with pytest.raises(RepositoryFormatError, match=words):
+        read_manifest(path.parent)
+    config = tmp_path / "vb.yaml"
+    config.write_text(
+        f"state_dir: {b.state_db.parent}\nbackup_root: {b.root}\nruntime_dir: {b.runtime}\n"
+        "priority: normal\n"
+    )
+    for args in (["list", b.name], ["verify", b.name]):
+        ran = _cli(capsys, config, *args)
+        assert str(path) in ran.stderr + ran.stdout, (args, ran.stderr)
+    for f in b.state_db.parent.glob("state.db*"):
+        f.unlink()  # the catalogue lost: reindex names the file and goes on
+    ran = _cli(capsys, config, "reindex")
+    assert ran.returncode == 0 and str(path) in ran.stderr, ran.stderr
+    ran = _cli(capsys, config, "restore", b.name, "--backup", b.ids[1], "--to", str(tmp_path / "r"))
+    assert ran.returncode == 0, ran.stderr
+
+
+def test_a_chain_with_a_folder_deleted_by_hand_is_one_line_from_prune(
+    template: tuple[Path, BuiltDomain], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`rm -rf` of the oldest backup, then prune: a ValueError traceback
+    ("backups build on X, which is not in the repository")."""
+    origin, built = template
+    shutil.copytree(origin, tmp_path / "t", symlinks=True)
+    b = BuiltDomain.__new__(BuiltDomain)
+    b.__dict__.update(built.__dict__)
+    b.tmp = tmp_path / "t"
+    b.__post_init__()
+    shutil.rmtree(b.folder(b.ids[0]))
+    (b.state_db.parent / "state.db").unlink()
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "p.yaml").write_text(f"domains: [{b.name}]\nretention: {{keep_last: 1}}\n")
+    config = tmp_path / "vb.yaml"
+    config.write_text(
+        f"state_dir: {b.state_db.parent}\nbackup_root: {b.root}\nruntime_dir: {b.runtime}\n"
+        f"policy_dirs: [{policies}]\npriority: normal\n"
+    )
+    assert _cli(capsys, config, "reindex").returncode == 0
+    for extra in (["--dry-run"], []):
+        ran = _cli(capsys, config, "prune", b.name, *extra)
+        assert ran.returncode == 1, ran.stderr
+        last = ran.stderr.strip().splitlines()[-1]
+        assert "which is not in the repository" in last and "nothing was pruned" in last, last
+    assert sorted(p.name for p in b.folder(b.ids[1]).parent.iterdir() if p.name[0] != ".") == [
+        b.ids[1],
+        b.ids[2],
+    ]

@@ -128,15 +128,20 @@ async def test_an_online_backup_under_umask_077_works(domains: DomainFactory, co
     old_scratch = text.split("scratch_dir: ")[1].split("\n")[0]
     config.write_text(text.replace(old_run, str(run)).replace(old_scratch, str(scratch)))
     (config.parent / "policies" / "p.yaml").write_text(f"domains: ['{td.name}']\n")
+    restored = WORK_ROOT / f"{td.name}-fresh-restore" / "copy"
     old = os.umask(0o077)
     try:
         rc, _, err = await cli(config, "backup", td.name)
+        assert rc == 0, err
+        # A --define'd copy's images must be reachable by QEMU too (its
+        # `virsh start` failed: "Cannot access storage file").
+        rc2, _, err2 = await cli(config, "restore", td.name, "--to", str(restored))
     finally:
         os.umask(old)
     try:
-        assert rc == 0, err
-        for folder in (run, scratch):
+        assert rc2 == 0, err2
+        for folder in (run, scratch, restored, restored.parent):
             assert stat.S_IMODE(folder.stat().st_mode) == 0o711, folder
     finally:
-        shutil.rmtree(run, ignore_errors=True)
-        shutil.rmtree(scratch, ignore_errors=True)
+        for folder in (run, scratch, restored.parent):
+            shutil.rmtree(folder, ignore_errors=True)

@@ -247,16 +247,26 @@ def _documents(f: _Fields) -> dict[str, str]:
 
 
 def _disk(f: _Fields, version: int) -> DiskRecord:
+    size = f.integer("virtual_size", minimum=1)
+    ranges = f.ranges("ranges")
+    # In order, not overlapping, inside the disk: a reader trusts them.
+    end = 0
+    for r in ranges:
+        if r.offset < end or r.length <= 0 or r.end > size:
+            raise f.error(
+                "ranges", f"{r.offset}+{r.length} is out of order, empty or beyond the disk"
+            )
+        end = r.end
     return DiskRecord(
         disk=f.plain_name("name"),
         path=f.plain_name("file"),
-        virtual_size=f.integer("virtual_size", minimum=1),
+        virtual_size=size,
         bytes_read=f.integer("bytes_read", minimum=0),
         bytes_written=f.integer("bytes_written", minimum=0),
         bytes_zeroed=f.integer("bytes_zeroed", minimum=0),
         digest=f.text("digest"),
         grid=f.grid("grid"),
-        ranges=f.ranges("ranges"),
+        ranges=ranges,
         pieces=f.plain_name("pieces") if version >= 2 else None,
         standalone=f.opt_bool("standalone"),
     )
@@ -999,19 +1009,26 @@ def with_pieces(manifest: Manifest, disk: str, record: DiskRecord) -> Manifest:
 # --- files -------------------------------------------------------------------------------
 
 
+#: The largest JSON document of a repository we read: a manifest of a very
+#: fragmented large disk is a few MiB.
+MAX_JSON_BYTES = 64 * 1024 * 1024
+
+
 def _read_json(path: Path, missing_ok: bool = False) -> object:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
+    """A repository's JSON file, as untrusted input: a regular file (a
+    FIFO or /dev/zero would block or never end), not through a symlink,
+    bounded in size and in nesting."""
+    if not path.exists() and not path.is_symlink():
         if missing_ok:
             return None
-        raise RepositoryFormatError(path, "missing") from None
-    except OSError as exc:
-        raise RepositoryFormatError(path, f"cannot read: {exc.strerror or exc}") from exc
+        raise RepositoryFormatError(path, "missing")
+    text = _decode(path, _read_bounded(path, MAX_JSON_BYTES))
     try:
         return json.loads(text)
     except ValueError as exc:
-        raise RepositoryFormatError(path, f"not valid JSON ({exc})") from exc
+        raise RepositoryFormatError(path, f"not valid JSON ({str(exc)[:120]})") from exc
+    except RecursionError:
+        raise RepositoryFormatError(path, "nested too deeply to be ours") from None
 
 
 def _json_text(data: object) -> str:
@@ -1087,6 +1104,8 @@ class _Fields:
         value = self._get(key, int, default)
         if minimum is not None and value < minimum:
             raise self.error(key, f"{value} is below {minimum}")
+        if value >= 1 << 62:  # no disk is that large; SQLite's integers end at 2**63
+            raise self.error(key, f"{value} is too large")
         return value
 
     def backup_id(self, key: str) -> str:

@@ -127,6 +127,8 @@ def load_config(path: Path) -> DaemonConfig:
         "backup_root": config.backup_root,
         "runtime_dir": config.runtime_dir,
         "scratch_dir": config.scratch_dir,
+        # Whoever can write a policy folder decides what root backs up, and where.
+        **{f"policy_dirs[{i}]": d for i, d in enumerate(config.policy_dirs)},
     }
     problems = check_trusted(folders, path)
     if problems:

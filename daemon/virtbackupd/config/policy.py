@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from virtbackupd.adapters.host_folders import untrusted_part
 from virtbackupd.config.yamlnodes import FileProblemsError, Source
 from virtbackupd.core.backup_documents import RawDisks
 from virtbackupd.core.cron import parse_cron
@@ -155,9 +156,29 @@ def load_policy(path: Path) -> Policy:
                 )
     if "target" in keys:
         with src.collecting():
-            kw["target"] = path.resolve().parent / src.string(keys["target"], "target")
+            target = path.resolve().parent / src.string(keys["target"], "target")
+            why = _untrusted_target(target)
+            if why is not None:
+                raise src.error(keys["target"], "target", f"{target} is not used: {why}")
+            kw["target"] = target
     src.raise_errors()
     return Policy(**kw)  # type: ignore[arg-type]
+
+
+_PSEUDO = (Path("/proc"), Path("/sys"), Path("/dev"))
+
+
+def _untrusted_target(target: Path) -> str | None:
+    """Why root must not write backups to `target`: a kernel pseudo file
+    system, or a folder on the way that another user controls (they could
+    plant a link and redirect root's writes)."""
+    real = target.resolve()
+    if any(real == p or real.is_relative_to(p) for p in _PSEUDO):
+        return "a kernel pseudo file system"
+    why = untrusted_part(target)
+    if why is not None:
+        return f"{why}; a backup folder must be root's and writable only by root, all the way up"
+    return None
 
 
 def policy_files(dirs: Iterable[Path]) -> list[Path]:

@@ -208,6 +208,12 @@ def read_untrusted(path: Path) -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ConfigError(f"{path}: not a regular file ({_file_kind(st.st_mode)}): not read")
+        if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+            # Its owner, or anyone who may write it, would decide what root does.
+            raise ConfigError(
+                f"{path}: owned by uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}: not "
+                "read; a config or policy file must be root's and writable only by root"
+            )
         chunks: list[bytes] = []
         size = 0
         while size <= MAX_FILE_BYTES:

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import structlog
 
-from virtbackupd.adapters import qemu_img
+from virtbackupd.adapters import host_folders, qemu_img
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
 from virtbackupd.adapters.repository import (
     Hold,
@@ -129,7 +129,7 @@ async def start_live_restore(
     """Create the overlays in `to`, define `name` on them, start it and the
     move. The caller holds the domain's lock and has checked the chain.
     On failure everything made here is taken back."""
-    to.mkdir(parents=True, exist_ok=True, mode=0o711)
+    host_folders.make_passable(to)  # 0711 whatever the umask: QEMU reaches the images
     images = {d: to / disk_file(d) for d in disks}
     existing = [str(p) for p in images.values() if p.exists()]
     if existing and not force:

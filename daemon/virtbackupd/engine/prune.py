@@ -136,9 +136,18 @@ async def prune_domain(
     held = repo.held(uuid)
     verdicts = [_held_verdict(v, held.get(v.id, [])) for v in decide(points, retention)]
     prune = {v.id for v in verdicts if not v.keep}
-    ops = plan_merges(
-        layers, prune, max_depth if max_depth and max_depth > 0 else None, frozenset(held)
-    )
+    try:
+        ops = plan_merges(
+            layers, prune, max_depth if max_depth and max_depth > 0 else None, frozenset(held)
+        )
+    except ValueError as exc:
+        # The manifests' parents do not form chains (a backup folder
+        # deleted by hand, a parent edited into a loop): nothing is merged
+        # over a chain we cannot follow.
+        raise PruneError(
+            f"{domain_dir}: {exc}; nothing was pruned. `virtbackup verify` names the backups "
+            "this touches; restore what you need from them, then remove their folders"
+        ) from exc
     result = PruneResult(uuid, tuple(verdicts), tuple(ops), dry_run, replayed, earlier)
     if dry_run or not ops:
         return result

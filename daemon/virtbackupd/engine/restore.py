@@ -20,7 +20,7 @@ from pathlib import Path
 
 import structlog
 
-from virtbackupd.adapters import block_devices, qemu_img, qemu_nbd
+from virtbackupd.adapters import block_devices, host_folders, qemu_img, qemu_nbd
 from virtbackupd.adapters.image_files import direct_io
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
 from virtbackupd.adapters.nbd.protocol import BlockSize
@@ -492,7 +492,7 @@ async def restore_to_dir(
     # 0711: QEMU (another user) must reach the images of a --define'd
     # domain; the images themselves are 0600 until libvirt labels them.
     try:
-        to.mkdir(parents=True, exist_ok=True, mode=0o711)
+        host_folders.make_passable(to)  # 0711 whatever the umask: QEMU reaches the images
     except OSError as exc:
         raise RestoreError(f"--to {to}: cannot create the folder: {exc.strerror}") from exc
     jobs = [(disk, target, fmt) for disk, target in targets.items()]
