@@ -204,12 +204,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VirtBackupError as exc:
         print(f"virtbackup: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:
-        # The host refused a file operation that no check foresaw (a full
-        # or read-only file system, a vanished folder): its words, one line.
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"virtbackup: {where}{exc.strerror or exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("virtbackup: interrupted", file=sys.stderr)
         return 130
@@ -219,6 +213,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell shows for such a filter
+    except OSError as exc:  # after BrokenPipeError, one of its kind
+        # The host refused a file operation that no check foresaw (a full
+        # or read-only file system, a vanished folder): its words, one line.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"virtbackup: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
 
 
 async def _run(args: argparse.Namespace) -> int:
