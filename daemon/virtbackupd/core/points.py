@@ -41,8 +41,8 @@ def pick_backup(
     if at is None:
         return complete[-1]
     before = [b for b in complete if b.started <= at]
-    if not before:
-        raise RestoreError(
+    if not before:  # a time that names no backup: input, exit 2 (docs/cli.md)
+        raise UnknownRestorePointError(
             f"no complete backup was taken at or before {at.isoformat()} "
             f"(the oldest is {complete[0].id}, started {complete[0].started.isoformat()})"
         )
