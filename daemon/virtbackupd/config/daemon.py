@@ -131,6 +131,6 @@ def load_config(path: Path) -> DaemonConfig:
         **{f"policy_dirs[{i}]": d for i, d in enumerate(config.policy_dirs)},
     }
     problems = check_trusted(folders, path)
-    if problems:
-        raise ConfigError("\n".join(problems))
+    if problems:  # the first: the others are often the same folder seen again
+        raise ConfigError(problems[0])
     return config
