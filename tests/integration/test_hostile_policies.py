@@ -145,3 +145,19 @@ async def test_an_online_backup_under_umask_077_works(domains: DomainFactory, co
     finally:
         for folder in (run, scratch, restored.parent):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+async def test_define_of_an_existing_name_is_refused_before_a_byte_is_copied(
+    domains: DomainFactory, config: Path, tmp_path: Path
+) -> None:
+    """Refused after the copy, it left the images in --to under their
+    final names (found by the hostile tester)."""
+    td = await asyncio.to_thread(domains.create, qcow2_sizes=[8 * MiB], start=False)
+    rc, _, err = await cli(config, "backup", td.name)
+    assert rc == 0, err
+    to = tmp_path / "copy"
+    rc, _, err = await cli(config, "restore", td.name, "--to", str(to), "--define", td.name)
+    assert rc == 2, err
+    one_line_error(err)
+    assert f"--define {td.name}: a domain of that name exists" in err, err
+    assert not to.exists() or not any(to.iterdir())

@@ -397,6 +397,13 @@ async def _restore(
         if args.define
         else None
     )
+    if args.define and lv is not None and not args.force and await lv.exists(args.define):
+        # Refused before a byte is copied: a refusal after the copy left
+        # the images in --to under their final names.
+        raise InputError(
+            f"--define {args.define}: a domain of that name exists; choose another name, "
+            "or give --force to replace it"
+        )
     dom, record, folder, repo, disks = (
         chosen.dom,
         chosen.record,
