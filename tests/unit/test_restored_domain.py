@@ -104,6 +104,21 @@ def domain(os: str = "", top: str = "", devices: str = "") -> str:
 # (id, where, snippet, a string that must be gone, what the report names)
 HOSTILE = [
     (
+        "ethernet-on-a-host-tap",
+        "devices",
+        "<interface type='ethernet'><target dev='hosttap0' managed='no'/>"
+        "<model type='virtio'/></interface>",
+        "hosttap0",
+        "joins a host network device",
+    ),
+    (
+        "smbios-of-the-host",
+        "os",
+        "<smbios mode='host'/>",
+        "smbios",
+        "SMBIOS",
+    ),
+    (
         "qemu-commandline",
         "top",
         "<qemu:commandline><qemu:arg value='-fw_cfg'/>"

@@ -168,6 +168,7 @@ class Sanitiser:
         self._seclabels()
         self._os()
         self._sysinfo()
+        self._smbios()
         self._devices()
         self._paths()
         etree.cleanup_namespaces(self.root)
@@ -226,6 +227,13 @@ class Sanitiser:
             if path and path not in self.host.loaders:
                 self._drop(el, f"<os><loader> {path}", "not one of the host's firmware images")
 
+    def _smbios(self) -> None:
+        for el in self.root.findall("os/smbios"):
+            if el.get("mode") == "host":
+                self._drop(
+                    el, "<os><smbios mode='host'>", "shows the host's SMBIOS data to the guest"
+                )
+
     def _sysinfo(self) -> None:
         for el in self.root.findall("sysinfo/entry"):
             if el.get("file") is not None:
@@ -260,6 +268,11 @@ class Sanitiser:
         elif dev.tag == "interface":
             if kind in _INTERFACE_ON_HOST:
                 self._drop(dev, what, "hands a host device or socket to the guest")
+                return
+            target = dev.find("target")
+            if kind == "ethernet" and target is not None and target.get("dev"):
+                # Names a host tap (managed='no': joins one that exists).
+                self._drop(dev, f"{what} {target.get('dev')}", "joins a host network device")
                 return
             for tag in ("script", "downscript", "backend"):
                 for el in dev.findall(tag):
