@@ -242,3 +242,52 @@ def test_a_chain_with_a_folder_deleted_by_hand_is_one_line_from_prune(
         b.ids[1],
         b.ids[2],
     ]
+
+
+@pytest.mark.parametrize("kind", ["partial", "job_dir"])
+def test_an_undo_log_never_deletes_what_is_not_its_backups_own(
+    template: tuple[Path, BuiltDomain],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    kind: str,
+) -> None:
+    """Taking an undo log back deletes folders as root: a planted log
+    naming any folder made the next command of the domain delete it."""
+    origin, built = template
+    shutil.copytree(origin, tmp_path / "t", symlinks=True)
+    b = BuiltDomain.__new__(BuiltDomain)
+    b.__dict__.update(built.__dict__)
+    b.tmp = tmp_path / "t"
+    b.__post_init__()
+    with contextlib.closing(sqlite3.connect(b.state_db)) as db, db:
+        db.execute("UPDATE backups SET path = replace(path, ?, ?)", (str(origin), str(b.tmp)))
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious").write_text("keep me\n")
+    undo = b.folder(b.ids[0]).parent / ".undo"
+    undo.mkdir(exist_ok=True)
+    backup_id = "20261207T235959.000Z-dead"
+    (undo / f"{backup_id}.json").write_text(
+        json.dumps(
+            {
+                "format": "virtbackupd-undo",
+                "format_version": 1,
+                "backup_id": backup_id,
+                "domain": {"name": b.name, "uuid": b.uuid},
+                "level": "incremental",
+                "started": "2026-12-07T23:59:59+00:00",
+                "steps": [{"do": kind, "path": str(victim)}],
+                "parent": None,
+            }
+        )
+    )
+    config = tmp_path / "vb.yaml"
+    config.write_text(
+        f"state_dir: {b.state_db.parent}\nbackup_root: {b.root}\nruntime_dir: {b.runtime}\n"
+        "priority: normal\n"
+    )
+    to = str(tmp_path / "r")
+    ran = _cli(capsys, config, "restore", b.name, "--backup", b.ids[1], "--to", to)
+    assert ran.returncode == 0, ran.stderr
+    assert (victim / "precious").read_text() == "keep me\n"
+    assert "undo log refused" in ran.stderr and f"{backup_id}.json" in ran.stderr, ran.stderr

@@ -37,6 +37,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TypeVar
 
+import structlog
+
 from virtbackupd.core import extents
 from virtbackupd.core.extents import Kind, Piece, Range
 from virtbackupd.core.merge_plan import Consolidate, Op, Rebase, Remove
@@ -66,6 +68,9 @@ class RepositoryFormatError(VirtBackupError):
     def __init__(self, path: Path, problem: str) -> None:
         self.path = path
         super().__init__(f"{path}: {problem}")
+
+
+log = structlog.get_logger("virtbackupd.repository")
 
 
 # --- names -------------------------------------------------------------------------------
@@ -549,17 +554,35 @@ class UndoLog:
         if f.integer("format_version") > 1:
             raise RepositoryFormatError(path, "undo log format is newer than this version reads")
         domain = f.sub("domain")
+        backup_id = f.backup_id("backup_id")
+        steps = tuple(
+            UndoStep(s.enum("do", UndoKind), s.opt_text("path"), s.opt_text("name"))
+            for s in f.items("steps")
+        )
+        for i, step in enumerate(steps):
+            # Taking these back deletes the folder, as root: only the
+            # backup's own partial and job folders, named by its id, ever.
+            wanted = {UndoKind.PARTIAL: f"{backup_id}.partial", UndoKind.JOB_DIR: backup_id}
+            name = wanted.get(step.kind)
+            if name is None:
+                continue
+            where = Path(step.path or "")
+            # <domain>/.undo/<id>.json: the partial folder is in <domain>.
+            beside = where.parent == path.parent.parent or step.kind is not UndoKind.PARTIAL
+            if not where.is_absolute() or ".." in where.parts or where.name != name or not beside:
+                raise f.error(
+                    f"steps[{i}].path",
+                    f"{str(step.path)[:80]!r} is not this backup's own {step.kind.value} folder "
+                    f"(an absolute path ending in {name})",
+                )
         return cls(
-            backup_id=f.text("backup_id"),
+            backup_id=backup_id,
             domain_name=domain.text("name"),
-            domain_uuid=domain.text("uuid"),
+            domain_uuid=domain.uuid("uuid"),
             level=f.enum("level", Level),
             started=f.time("started"),
-            steps=tuple(
-                UndoStep(s.enum("do", UndoKind), s.opt_text("path"), s.opt_text("name"))
-                for s in f.items("steps")
-            ),
-            parent=f.opt_text("parent"),
+            steps=steps,
+            parent=f.opt_backup_id("parent"),
         )
 
 
@@ -876,9 +899,14 @@ class Repository:
         folder = self.domain_dir(uuid) / UNDO_DIR
         out = []
         for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-            data = _read_json(path, missing_ok=True)
-            if data is not None:
-                out.append(UndoLog.from_json(data, path))
+            try:
+                data = _read_json(path, missing_ok=True)
+                if data is not None:
+                    out.append(UndoLog.from_json(data, path))
+            except RepositoryFormatError as exc:
+                # Never acted on (its steps delete folders as root), never
+                # in the way of anything else: named, and left for a human.
+                log.error("undo log refused; nothing of it is taken back", error=str(exc))
         return out
 
     def drop_undo(self, uuid: str, backup_id: str) -> None:
