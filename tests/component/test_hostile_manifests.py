@@ -291,3 +291,45 @@ def test_an_undo_log_never_deletes_what_is_not_its_backups_own(
     assert ran.returncode == 0, ran.stderr
     assert (victim / "precious").read_text() == "keep me\n"
     assert "undo log refused" in ran.stderr and f"{backup_id}.json" in ran.stderr, ran.stderr
+
+
+def test_a_prune_journal_never_names_a_path(
+    template: tuple[Path, BuiltDomain], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A journal's replay renames and deletes the folders its ids name, as
+    root: an id that is a path (`../victim`) is refused, by name."""
+    origin, built = template
+    shutil.copytree(origin, tmp_path / "t", symlinks=True)
+    b = BuiltDomain.__new__(BuiltDomain)
+    b.__dict__.update(built.__dict__)
+    b.tmp = tmp_path / "t"
+    b.__post_init__()
+    with contextlib.closing(sqlite3.connect(b.state_db)) as db, db:
+        db.execute("UPDATE backups SET path = replace(path, ?, ?)", (str(origin), str(b.tmp)))
+    domain_dir = b.folder(b.ids[0]).parent
+    victim = domain_dir.parent.parent / "victim"
+    victim.mkdir()
+    (victim / "precious").write_text("keep me\n")
+    journal = domain_dir / ".prune-journal.json"
+    journal.write_text(
+        json.dumps(
+            {
+                "format": "virtbackupd-prune-journal",
+                "format_version": 1,
+                "ops": [{"op": "remove", "id": "../../victim"}],
+                "checkpoints": {},
+            }
+        )
+    )
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "p.yaml").write_text(f"domains: [{b.name}]\nretention: {{keep_last: 1}}\n")
+    config = tmp_path / "vb.yaml"
+    config.write_text(
+        f"state_dir: {b.state_db.parent}\nbackup_root: {b.root}\nruntime_dir: {b.runtime}\n"
+        f"policy_dirs: [{policies}]\npriority: normal\n"
+    )
+    ran = _cli(capsys, config, "prune", b.name)
+    assert ran.returncode == 1, ran.stderr
+    assert f"{journal}: field ops[0].id:" in ran.stderr, ran.stderr
+    assert (victim / "precious").read_text() == "keep me\n"

@@ -481,15 +481,20 @@ def _op_json(op: Op) -> dict[str, object]:
 
 
 def _op(f: _Fields) -> Op:
+    # Every id names a folder the journal's replay renames, rewrites or
+    # deletes, as root: backup ids only, never a path.
     kind = f.text("op")
     if kind == "remove":
-        return Remove(f.text("id"))
+        return Remove(f.backup_id("id"))
     by_disk = f.sub("ranges")
     ranges = {disk: by_disk.ranges(disk) for disk in by_disk.names()}
+    for disk in ranges:
+        if not is_plain_name(disk):
+            raise f.error("ranges", f"{disk[:40]!r} is not a disk name")
     if kind == "rebase":
-        return Rebase(f.text("child"), f.text("parent"), f.text("absorbed"), ranges)
+        return Rebase(f.backup_id("child"), f.backup_id("parent"), f.backup_id("absorbed"), ranges)
     if kind == "consolidate":
-        return Consolidate(f.text("heir"), f.text("into"), ranges)
+        return Consolidate(f.backup_id("heir"), f.backup_id("into"), ranges)
     raise f.error("op", f"unknown operation {kind!r}")
 
 
