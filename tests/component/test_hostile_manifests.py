@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import sqlite3
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -333,3 +334,58 @@ def test_a_prune_journal_never_names_a_path(
     assert ran.returncode == 1, ran.stderr
     assert f"{journal}: field ops[0].id:" in ran.stderr, ran.stderr
     assert (victim / "precious").read_text() == "keep me\n"
+
+
+@pytest.mark.parametrize("field", ["state_dir", "opened"])
+def test_a_planted_hold_is_never_acted_on(
+    template: tuple[Path, BuiltDomain],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    field: str,
+) -> None:
+    """Releasing a hold deletes its state folder and gives back the modes
+    of the folders it opened, as root: a planted mount hold whose mount is
+    "gone" made `status` delete the folder it named."""
+    origin, built = template
+    shutil.copytree(origin, tmp_path / "t", symlinks=True)
+    b = BuiltDomain.__new__(BuiltDomain)
+    b.__dict__.update(built.__dict__)
+    b.tmp = tmp_path / "t"
+    b.__post_init__()
+    with contextlib.closing(sqlite3.connect(b.state_db)) as db, db:
+        db.execute("UPDATE backups SET path = replace(path, ?, ?)", (str(origin), str(b.tmp)))
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o700)
+    victim.chmod(0o700)
+    (victim / "precious").write_text("keep me\n")
+    holds = b.folder(b.ids[0]).parent / ".holds"
+    holds.mkdir(exist_ok=True)
+    hold = {
+        "format": "virtbackupd-hold",
+        "format_version": 1,
+        "id": "h1",
+        "kind": "mount",
+        "domain_uuid": b.uuid,
+        "backup_id": b.ids[1],
+        "created": "2026-12-07T23:59:59+00:00",
+        "detail": "planted",
+        "new_domain": None,
+        "disks": [],
+        "directory": str(tmp_path / "nowhere"),
+        "helper_pid": None,
+        "state_dir": str(victim) if field == "state_dir" else None,
+        "devices": [],
+        "rate": 0,
+        "opened": [str(victim)] if field == "opened" else [],
+    }
+    (holds / "h1.json").write_text(json.dumps(hold))
+    config = tmp_path / "vb.yaml"
+    config.write_text(
+        f"state_dir: {b.state_db.parent}\nbackup_root: {b.root}\nruntime_dir: {b.runtime}\n"
+        "priority: normal\n"
+    )
+    ran = _cli(capsys, config, "status")
+    assert ran.returncode == 0, ran.stderr
+    assert (victim / "precious").read_text() == "keep me\n"
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o700
+    assert "hold refused" in ran.stderr and "h1.json" in ran.stderr, ran.stderr

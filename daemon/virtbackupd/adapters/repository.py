@@ -719,11 +719,27 @@ class Hold:
         f = _Fields(data, path, "")
         if f.integer("format_version") > 1:
             raise RepositoryFormatError(path, "hold format is newer than this version reads")
+        # What a hold names is acted on as root when it is released
+        # (loop devices detached, a state folder deleted, folders' modes
+        # restored): only what ours can name.
+        root = path.parent.parent.parent  # <root>/<uuid>/.holds/<id>.json
+        for i, dev in enumerate(f.texts("devices")):
+            if re.fullmatch(r"/dev/loop[0-9]+", dev) is None:
+                raise f.error(f"devices[{i}]", f"{dev[:40]!r} is not a loop device")
+        for i, opened in enumerate(f.texts("opened")):
+            where = Path(opened)
+            if ".." in where.parts or not (where == root or where.is_relative_to(root)):
+                raise f.error(f"opened[{i}]", f"{opened[:80]!r} is not a folder of this repository")
+        state = f.opt_text("state_dir")
+        if state is not None:
+            where = Path(state)
+            if not where.is_absolute() or ".." in where.parts or where.parent.name != "mounts":
+                raise f.error("state_dir", f"{state[:80]!r} is not a mount's runtime folder")
         return cls(
             id=f.text("id"),
             kind=f.enum("kind", HoldKind),
-            domain_uuid=f.text("domain_uuid"),
-            backup_id=f.text("backup_id"),
+            domain_uuid=f.uuid("domain_uuid"),
+            backup_id=f.backup_id("backup_id"),
             created=f.time("created"),
             detail=f.text("detail"),
             new_domain=f.opt_text("new_domain"),
@@ -934,9 +950,12 @@ class Repository:
         for d in dirs:
             folder = d / HOLDS_DIR
             for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-                data = _read_json(path, missing_ok=True)
-                if data is not None:
-                    out.append(Hold.from_json(data, path))
+                try:
+                    data = _read_json(path, missing_ok=True)
+                    if data is not None:
+                        out.append(Hold.from_json(data, path))
+                except RepositoryFormatError as exc:
+                    log.error("hold refused; nothing of it is acted on", error=str(exc))
         return out
 
     def drop_hold(self, hold: Hold) -> None:
