@@ -98,7 +98,7 @@ async def built(tmp_path: Path) -> BuiltDomain:
             disks=("vda",),
             directory="/d",
             rate=1 << 20,
-            opened=("/r",),
+            opened=(str(b.root),),  # a hold opens only its repository's folders
             checkpoint="live-restore-guest-writes",
             verified=("vda",),
             trouble="the new domain x crashed during the move",
@@ -116,7 +116,7 @@ async def built(tmp_path: Path) -> BuiltDomain:
             disks=("vda",),
             directory="/m",
             helper_pid=1234,
-            state_dir="/run/x",
+            state_dir="/run/virtbackupd/mounts/mount-1",
             devices=("/dev/loop7",),
         )
     )
