@@ -98,8 +98,10 @@ async def _every_listed_backup_restores(
     config: Path, name: str, refs: list[tuple[float, Path]], tmp: Path
 ) -> None:
     listed = await backups(config)
-    assert not [b for b in listed if b["status"] == "running"], listed
-    complete = [b for b in listed if b["status"] == "complete"]
+    assert not [b for b in listed if b["state"] == "running"], listed
+    # What list calls complete (a backup an interrupted prune is removing
+    # is `pruning`: no restore point, and restore says so).
+    complete = [b for b in listed if b["state"] == "complete"]
     assert complete, listed
     for b in complete:
         started = datetime.fromisoformat(b["started"]).timestamp()
