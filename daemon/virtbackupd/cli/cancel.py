@@ -57,6 +57,12 @@ async def cancel(args: argparse.Namespace, config: DaemonConfig, store: Store) -
                 return 1
             await asyncio.sleep(0.3)
             dead = not backup_owner_alive(config.runtime_dir, dom.uuid)
+        # Gone: having ended its backup on our request (it records that,
+        # then exits, between two of our looks), or died without a word.
+        left = [b for b in await store.backups(dom.uuid) if b.id in ids]
+        if all(b.status is not BackupStatus.RUNNING for b in left):
+            clear_cancel(config.runtime_dir, dom.uuid)
+            return _said(args, dom, left, "cancelled backup")
         clear_cancel(config.runtime_dir, dom.uuid)  # nobody is left to read it
     await _clean_after_dead_owner(config, store, dom, running[0].backup_id)
     left = [b for b in await store.backups(dom.uuid) if b.id in ids]
