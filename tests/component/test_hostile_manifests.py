@@ -86,6 +86,20 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, BuiltDomai
     return tmp, asyncio.run(_built(tmp))
 
 
+def _copy(template: tuple[Path, BuiltDomain], tmp_path: Path) -> BuiltDomain:
+    """A case's own copy of the template repository, its catalogue
+    pointing at the copy's folders (the copied one names the template's)."""
+    origin, built = template
+    shutil.copytree(origin, tmp_path / "t", symlinks=True)
+    b = BuiltDomain.__new__(BuiltDomain)
+    b.__dict__.update(built.__dict__)
+    b.tmp = tmp_path / "t"
+    b.__post_init__()
+    with contextlib.closing(sqlite3.connect(b.state_db)) as db, db:
+        db.execute("UPDATE backups SET path = replace(path, ?, ?)", (str(origin), str(b.tmp)))
+    return b
+
+
 class Ran:
     def __init__(self, rc: int, out: str, err: str) -> None:
         self.returncode, self.stdout, self.stderr = rc, out, err
@@ -108,15 +122,7 @@ def test_a_hostile_manifest_field_is_refused_where_it_is_read(
     edit: Edit,
     field: str,
 ) -> None:
-    origin, built = template
-    shutil.copytree(origin, tmp_path / "t", symlinks=True)
-    b = BuiltDomain.__new__(BuiltDomain)
-    b.__dict__.update(built.__dict__)
-    b.tmp = tmp_path / "t"
-    b.__post_init__()
-    # The copied catalogue names the template's folders: point it at the copy.
-    with contextlib.closing(sqlite3.connect(b.state_db)) as db, db:
-        db.execute("UPDATE backups SET path = replace(path, ?, ?)", (str(origin), str(b.tmp)))
+    b = _copy(template, tmp_path)
     folder = b.folder(b.ids[1])
     path = folder / MANIFEST
     data = json.loads(path.read_text())
@@ -184,14 +190,7 @@ def test_a_manifest_that_is_no_file_of_ours_blocks_nothing(
     (and the daemon's start, deaf to SIGTERM); a deeply nested one was a
     RecursionError traceback from every command. It is one unreadable
     backup: named, and the others still listed and restorable."""
-    origin, built = template
-    shutil.copytree(origin, tmp_path / "t", symlinks=True)
-    b = BuiltDomain.__new__(BuiltDomain)
-    b.__dict__.update(built.__dict__)
-    b.tmp = tmp_path / "t"
-    b.__post_init__()
-    with contextlib.closing(sqlite3.connect(b.state_db)) as db, db:
-        db.execute("UPDATE backups SET path = replace(path, ?, ?)", (str(origin), str(b.tmp)))
+    b = _copy(template, tmp_path)
     path = b.folder(b.ids[2]) / MANIFEST
     spoil(path)
     with pytest.raises(RepositoryFormatError, match=words):
@@ -217,12 +216,7 @@ def test_a_chain_with_a_folder_deleted_by_hand_is_one_line_from_prune(
 ) -> None:
     """`rm -rf` of the oldest backup, then prune: a ValueError traceback
     ("backups build on X, which is not in the repository")."""
-    origin, built = template
-    shutil.copytree(origin, tmp_path / "t", symlinks=True)
-    b = BuiltDomain.__new__(BuiltDomain)
-    b.__dict__.update(built.__dict__)
-    b.tmp = tmp_path / "t"
-    b.__post_init__()
+    b = _copy(template, tmp_path)
     shutil.rmtree(b.folder(b.ids[0]))
     (b.state_db.parent / "state.db").unlink()
     policies = tmp_path / "policies"
@@ -254,14 +248,7 @@ def test_an_undo_log_never_deletes_what_is_not_its_backups_own(
 ) -> None:
     """Taking an undo log back deletes folders as root: a planted log
     naming any folder made the next command of the domain delete it."""
-    origin, built = template
-    shutil.copytree(origin, tmp_path / "t", symlinks=True)
-    b = BuiltDomain.__new__(BuiltDomain)
-    b.__dict__.update(built.__dict__)
-    b.tmp = tmp_path / "t"
-    b.__post_init__()
-    with contextlib.closing(sqlite3.connect(b.state_db)) as db, db:
-        db.execute("UPDATE backups SET path = replace(path, ?, ?)", (str(origin), str(b.tmp)))
+    b = _copy(template, tmp_path)
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "precious").write_text("keep me\n")
@@ -299,14 +286,7 @@ def test_a_prune_journal_never_names_a_path(
 ) -> None:
     """A journal's replay renames and deletes the folders its ids name, as
     root: an id that is a path (`../victim`) is refused, by name."""
-    origin, built = template
-    shutil.copytree(origin, tmp_path / "t", symlinks=True)
-    b = BuiltDomain.__new__(BuiltDomain)
-    b.__dict__.update(built.__dict__)
-    b.tmp = tmp_path / "t"
-    b.__post_init__()
-    with contextlib.closing(sqlite3.connect(b.state_db)) as db, db:
-        db.execute("UPDATE backups SET path = replace(path, ?, ?)", (str(origin), str(b.tmp)))
+    b = _copy(template, tmp_path)
     domain_dir = b.folder(b.ids[0]).parent
     victim = domain_dir.parent.parent / "victim"
     victim.mkdir()
@@ -346,14 +326,7 @@ def test_a_planted_hold_is_never_acted_on(
     """Releasing a hold deletes its state folder and gives back the modes
     of the folders it opened, as root: a planted mount hold whose mount is
     "gone" made `status` delete the folder it named."""
-    origin, built = template
-    shutil.copytree(origin, tmp_path / "t", symlinks=True)
-    b = BuiltDomain.__new__(BuiltDomain)
-    b.__dict__.update(built.__dict__)
-    b.tmp = tmp_path / "t"
-    b.__post_init__()
-    with contextlib.closing(sqlite3.connect(b.state_db)) as db, db:
-        db.execute("UPDATE backups SET path = replace(path, ?, ?)", (str(origin), str(b.tmp)))
+    b = _copy(template, tmp_path)
     victim = tmp_path / "victim"
     victim.mkdir(mode=0o700)
     victim.chmod(0o700)
