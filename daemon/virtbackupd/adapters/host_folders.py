@@ -111,3 +111,13 @@ def unpassable(folder: Path) -> Path | None:
         if not part.stat().st_mode & 0o001:
             return part
     return None
+
+
+# Kernel pseudo file systems: no backup or image belongs there, and writing
+# one could do harm (/proc/sys, /sys/... are the kernel's switches).
+PSEUDO = (Path("/proc"), Path("/sys"), Path("/dev"))
+
+
+def on_pseudo_fs(path: Path) -> bool:
+    real = path.resolve()
+    return any(real == p or real.is_relative_to(p) for p in PSEUDO)

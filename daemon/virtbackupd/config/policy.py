@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from virtbackupd.adapters.host_folders import untrusted_part
+from virtbackupd.adapters.host_folders import on_pseudo_fs, untrusted_part
 from virtbackupd.config.yamlnodes import FileProblemsError, Source
 from virtbackupd.core.backup_documents import RawDisks
 from virtbackupd.core.cron import parse_cron
@@ -165,15 +165,11 @@ def load_policy(path: Path) -> Policy:
     return Policy(**kw)  # type: ignore[arg-type]
 
 
-_PSEUDO = (Path("/proc"), Path("/sys"), Path("/dev"))
-
-
 def _untrusted_target(target: Path) -> str | None:
     """Why root must not write backups to `target`: a kernel pseudo file
     system, or a folder on the way that another user controls (they could
     plant a link and redirect root's writes)."""
-    real = target.resolve()
-    if any(real == p or real.is_relative_to(p) for p in _PSEUDO):
+    if on_pseudo_fs(target):
         return "a kernel pseudo file system"
     why = untrusted_part(target)
     if why is not None:

@@ -456,16 +456,11 @@ async def _check_partly_hidden(
                         raise ChainDamagedError(check.damage[-1])
 
 
-# Pseudo file systems: no image belongs there, and writing one could do
-# harm (/proc/sys, /sys/... are the kernel's switches).
-PSEUDO = (Path("/proc"), Path("/sys"), Path("/dev"))
-
-
 def check_target_folder(to: Path) -> None:
     """Refuse, before anything is read or written, a --to that cannot hold
     the restored images: a file, or a place under /proc, /sys or /dev."""
     real = to.resolve()
-    if any(real == p or real.is_relative_to(p) for p in PSEUDO):
+    if host_folders.on_pseudo_fs(real):
         raise InputError(f"--to {to}: not a folder for images (a kernel pseudo file system)")
     if real.exists() and not real.is_dir():
         raise InputError(
