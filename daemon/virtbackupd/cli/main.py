@@ -1,7 +1,9 @@
 """Entry point of the `virtbackup` command.
 
-Global options come before the command: ``virtbackup [-c CONFIG] [--json]
-COMMAND ...``. Every failure ends with one clear line on stderr and a
+Global options go before or after the command: ``virtbackup [-c CONFIG]
+[--json] COMMAND ...`` or ``virtbackup COMMAND ... [-c CONFIG] [--json]``
+(given twice, the later one wins). No option is taken from an
+abbreviation. Every failure ends with one clear line on stderr and a
 non-zero exit: 1 for a failed operation, 2 for bad input (usage, config,
 an unknown domain, backup, disk or time).
 """
@@ -18,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from virtbackupd import __version__, logs
 from virtbackupd.adapters import host_folders, priority
@@ -50,22 +52,59 @@ if TYPE_CHECKING:  # the commands' own modules load when they run (a quick start
     from virtbackupd.engine.copy import CopyProgress
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="virtbackup",
-        description="Operate virtbackupd: back up, list, restore and verify libvirt domains.",
-    )
-    parser.add_argument("--version", action="version", version=f"virtbackup {__version__}")
-    parser.add_argument(
+class _Parser(argparse.ArgumentParser):
+    """No abbreviations (`--ful` is not `--full`, `--forc` not `--force`:
+    an option an operator did not write in full is a typo, not a wish),
+    and a usage error is one line naming the help. Subparsers are made of
+    the same class (argparse's default `parser_class`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
+    """`-c` and `--json`, on the main parser and on every command: habit
+    (and docs/operations.md) puts them after the command too. On a command
+    their default is SUPPRESS, so one given before the command stays
+    unless given again after it (then the later one wins)."""
+    default: dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {}
+    p.add_argument(
         "-c",
         "--config",
         metavar="CONFIG",
         help="daemon config file (default: $VIRTBACKUPD_CONFIG, else "
         "/etc/virtbackupd/virtbackupd.yaml)",
+        **default,
     )
-    parser.add_argument(
-        "--json", action="store_true", help="print machine-readable JSON instead of text"
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print machine-readable JSON instead of text",
+        **default,
     )
+
+
+def _commands(p: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every command's parser below `p` (`policy` and `policy check` too)."""
+    out = []
+    for action in p._actions:  # argparse lists its subparsers nowhere else
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                out += [child, *_commands(child)]
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="virtbackup",
+        description="Operate virtbackupd: back up, list, restore and verify libvirt domains.",
+    )
+    parser.add_argument("--version", action="version", version=f"virtbackup {__version__}")
+    _global_options(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     b = sub.add_parser("backup", help="back up one domain now")
     b.add_argument("domain", help="domain name or UUID")
@@ -163,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="validate policy files (exit 0 if all are valid, 2 if not)"
     )
     chk.add_argument("files", nargs="*", type=Path, help="default: the config's policy_dirs")
+    for command in _commands(parser):
+        _global_options(command, suppress=True)
     return parser
 
 
