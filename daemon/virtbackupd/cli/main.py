@@ -235,7 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help(sys.stderr)
+        # One line, as every usage error (the list of commands is --help's).
+        print("virtbackup: error: give a command (see `virtbackup --help`)", file=sys.stderr)
         return 2
     try:
         return asyncio.run(_run(args))

@@ -466,6 +466,10 @@ def check_target_folder(to: Path) -> None:
         raise InputError(
             f"--to {to}: not a folder (restore writes one image per disk into a folder)"
         )
+    # A folder to be made below a file can never be: input, not a failure.
+    above = next((p for p in real.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise InputError(f"--to {to}: {above} is not a folder, so no folder can be made below it")
 
 
 async def restore_to_dir(
