@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 import structlog
 
@@ -15,6 +16,24 @@ LEVELS = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
+
+
+#: Called before each log line is written: a progress line redrawn in place
+#: on the same terminal (cli.progress) clears itself there, or the log
+#: line would continue it. None when nothing is drawn.
+before_line: Callable[[], None] | None = None
+
+
+class _StderrLogger(structlog.PrintLogger):
+    """structlog's PrintLogger, letting a progress line get out of the way."""
+
+    def msg(self, message: str) -> None:
+        if before_line is not None:
+            before_line()
+        super().msg(message)
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
 
 
 def daemon_format(configured: str) -> str:
@@ -55,6 +74,6 @@ def configure(level: str = "info", fmt: str = "console") -> None:
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),
         # Resolve sys.stderr when a logger is made, not once: it may have been
         # replaced (tests capture it, the daemon may redirect it).
-        logger_factory=lambda *_: structlog.PrintLogger(file=sys.stderr),
+        logger_factory=lambda *_: _StderrLogger(file=sys.stderr),
         cache_logger_on_first_use=False,
     )

@@ -1,11 +1,15 @@
 """Progress lines on a terminal (stderr): bytes done of the total, rate
-and time left, redrawn in place and ended with a newline."""
+and time left, redrawn in place and ended with a newline. A log line
+written meanwhile clears the progress line first (it is redrawn below
+the log line at its next update)."""
 
 from __future__ import annotations
 
 import sys
 import time
 from typing import TextIO
+
+from virtbackupd import logs
 
 
 def human_bytes(n: float) -> str:
@@ -55,8 +59,20 @@ class ProgressLine:
         self._width = len(text)
         print(f"\r{text}{pad}", end="", file=self.out, flush=True)
         self.shown = True
+        logs.before_line = self.clear
+
+    def clear(self) -> None:
+        """Blank the line and return to its start (a log line comes): the
+        next `show` draws at once, below that log line."""
+        if self.shown:
+            print(f"\r{' ' * self._width}\r", end="", file=self.out, flush=True)
+            self.shown = False
+            self._width = 0
+            self._last = 0.0
 
     def end(self) -> None:
+        if logs.before_line == self.clear:
+            logs.before_line = None
         if self.shown:
             print(file=self.out, flush=True)
             self.shown = False
