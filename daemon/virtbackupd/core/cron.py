@@ -13,7 +13,15 @@ field does not start with ``*``), a day matches if *either* matches:
 ``0 2 1 * 1`` fires on the 1st and on every Monday.
 
 Times are evaluated in the time zone of the datetimes passed in (the
-daemon passes UTC). Resolution is one minute; seconds are not a field.
+daemon passes its `schedule.timezone`, by default the host's local time,
+as cron). Across a daylight-saving change it does what Debian's cron(8)
+documents: a job at a fixed time (neither the minute nor the hour field
+starts with ``*``) whose time is skipped when clocks go forward runs at
+the change (the first minute after the gap), and runs once, at the first
+occurrence, when clocks go back and its time repeats; a job with ``*`` in
+its minute or hour field runs by the clock as it is: not at all in a
+skipped hour, twice in a repeated one. Resolution is one minute; seconds
+are not a field.
 APScheduler's own ``CronTrigger.from_crontab`` counts 0 as Monday and
 ANDs the two day fields; nothing here uses it.
 """
@@ -22,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 
 _MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
 _DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
@@ -71,6 +79,9 @@ class Cron:
     weekdays: frozenset[int]
     days_restricted: bool
     weekdays_restricted: bool
+    # Neither minute nor hour starts with `*`: cron's "fixed time" job,
+    # moved out of a skipped hour and not repeated in a repeated one.
+    fixed_time: bool = True
 
     def day_matches(self, day: datetime) -> bool:
         if day.month not in self.months:
@@ -86,7 +97,54 @@ class Cron:
 
     def next_after(self, t: datetime) -> datetime | None:
         """The first minute strictly after `t` at which the expression
-        fires (seconds zero, `t`'s time zone); None if it never does."""
+        fires (seconds zero, in `t`'s time zone, with the daylight-saving
+        rules above for an aware `t`); None if it never does."""
+        zone = t.tzinfo
+        if zone is None:  # a naive wall clock: no gaps, no repeats
+            return self._next_wall(t)
+        # Compared as instants: aware datetimes of one zone compare by
+        # their wall clock, ignoring `fold` (the repeated hour).
+        start = t.astimezone(UTC).replace(second=0, microsecond=0) + timedelta(minutes=1)
+        day = start.astimezone(zone).replace(tzinfo=None, hour=0, minute=0, second=0)
+        hours = sorted(self.hours)
+        minutes = sorted(self.minutes)
+        for _ in range(_HORIZON_DAYS):
+            if self.day_matches(day):
+                walls = (day.replace(hour=h, minute=m) for h in hours for m in minutes)
+                if not _changes_offset(day, zone):  # the wall clock runs as time does
+                    for wall in walls:
+                        instant = wall.replace(tzinfo=zone).astimezone(UTC)
+                        if instant >= start:
+                            return instant.astimezone(zone)
+                else:
+                    fires = [i for w in walls for i in self._instants(w, zone) if i >= start]
+                    if fires:
+                        return min(fires).astimezone(zone)
+            day = _next_day(day)
+        return None
+
+    def _instants(self, wall: datetime, zone: tzinfo) -> list[datetime]:
+        """When the naive local time `wall` happens, as UTC instants: one;
+        none or the end of the gap when clocks skip it; one or two when it
+        repeats (see the module's daylight-saving rules)."""
+        first = wall.replace(tzinfo=zone, fold=0).astimezone(UTC)
+        second = wall.replace(tzinfo=zone, fold=1).astimezone(UTC)
+        if first == second:
+            return [first]
+        if first < second:  # a repeated time: fold 0 is the earlier one
+            return [first] if self.fixed_time else [first, second]
+        # A skipped time (fold 0 reads it with the offset before the gap).
+        if not self.fixed_time:
+            return []
+        after = wall
+        while (
+            after.replace(tzinfo=zone).astimezone(UTC).astimezone(zone).replace(tzinfo=None)
+            != after
+        ):
+            after += timedelta(minutes=1)
+        return [after.replace(tzinfo=zone).astimezone(UTC)]
+
+    def _next_wall(self, t: datetime) -> datetime | None:
         start = t.replace(second=0, microsecond=0) + timedelta(minutes=1)
         day = start.replace(hour=0, minute=0)
         hours = sorted(self.hours)
@@ -105,6 +163,24 @@ class Cron:
         """Whether it fired at least once after `since` and up to `until`."""
         nxt = self.next_after(since)
         return nxt is not None and nxt <= until
+
+    def fires_at(self, minute: datetime) -> bool:
+        """Whether it fires at this minute (aware: by the rules above, so a
+        fixed-time job moved out of a skipped hour fires at the change)."""
+        if minute.tzinfo is None:
+            nxt = self.next_after(minute - timedelta(minutes=1))
+            return nxt is not None and nxt == minute.replace(second=0, microsecond=0)
+        # In UTC: wall-clock arithmetic would leave a repeated hour.
+        at = minute.astimezone(UTC).replace(second=0, microsecond=0)
+        nxt = self.next_after((at - timedelta(minutes=1)).astimezone(minute.tzinfo))
+        return nxt is not None and nxt.astimezone(UTC) == at
+
+
+def _changes_offset(day: datetime, zone: tzinfo) -> bool:
+    """Whether the zone's UTC offset changes during this (naive) local day."""
+    first = day.replace(tzinfo=zone).utcoffset()
+    last = day.replace(hour=23, minute=59, tzinfo=zone, fold=1).utcoffset()
+    return first != last or day.replace(tzinfo=zone, fold=1).utcoffset() != first
 
 
 def _next_day(day: datetime) -> datetime:
@@ -139,6 +215,7 @@ def parse_cron(expr: str) -> Cron:
         weekdays=weekdays,
         days_restricted=not parts[2].startswith("*"),
         weekdays_restricted=not parts[4].startswith("*"),
+        fixed_time=not (parts[0].startswith("*") or parts[1].startswith("*")),
     )
     if cron.next_after(datetime(2000, 1, 1)) is None:
         raise ValueError("it never fires (no such day, e.g. 31 in a month that has 30)")
