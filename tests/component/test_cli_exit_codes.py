@@ -156,7 +156,9 @@ def test_bad_input_gives_the_documented_exit_code_and_one_line(
 
 
 @pytest.mark.parametrize("command", CONFIGLESS)
-@pytest.mark.parametrize("problem", ["missing", "bad value", "a folder", "not yaml"])
+@pytest.mark.parametrize(
+    "problem", ["missing", "bad value", "a folder", "not yaml", "unknown time zone"]
+)
 def test_without_a_usable_config_every_command_is_input_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, problem: str
 ) -> None:
@@ -165,6 +167,8 @@ def test_without_a_usable_config_every_command_is_input_error(
         config.write_text(f"state_dir: {tmp_path}\npriority: fastest\n")
     elif problem == "a folder":
         config.mkdir()
+    elif problem == "unknown time zone":
+        config.write_text(f"state_dir: {tmp_path}\nschedule: {{timezone: Mars/Olympus}}\n")
     elif problem == "not yaml":
         config.write_text("state_dir: [unclosed\n")
     rc = main(["-c", str(config), *command.format(vm="vm").split()])

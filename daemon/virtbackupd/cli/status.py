@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from virtbackupd.cli.progress import duration, progress_text
+from virtbackupd.config.daemon import parse_zone
 from virtbackupd.core.policy import Policy, policy_for
 from virtbackupd.core.records import BackupRecord, BackupStatus, RunningJob
 from virtbackupd.daemon.status_file import DaemonStatus
@@ -123,6 +124,7 @@ def render(
                     "up_since": daemon.started,
                     "libvirt_uri": daemon.libvirt_uri,
                     "libvirt_connected": daemon.libvirt_connected,
+                    "schedule_timezone": daemon.schedule_timezone,
                     "queued": sorted(u for u, d in daemon.domains.items() if d.queued),
                 },
                 "domains": [r.as_json() for r in rows],
@@ -139,7 +141,8 @@ def render(
         queued = sum(1 for d in daemon.domains.values() if d.queued)
         lines.append(
             f"daemon: pid {daemon.pid}, up since {daemon.started}, libvirt "
-            f"{daemon.libvirt_uri} {reach}, {len(daemon.running)} running, {queued} queued"
+            f"{daemon.libvirt_uri} {reach}, {len(daemon.running)} running, {queued} queued, "
+            f"schedules in {daemon.schedule_timezone}"
         )
     for r in rows:
         head = r.domain + ("" if r.defined else " (no longer defined)")
@@ -156,7 +159,8 @@ def render(
         if r.last_failure is not None:
             lines.append(f"  last failure: {r.last_failure['at']}: {r.last_failure['reason']}")
         if r.next_runs:
-            nxt = ", ".join(f"{k} {v}" for k, v in sorted(r.next_runs.items()))
+            zone = daemon.schedule_timezone if daemon is not None else "UTC"
+            nxt = ", ".join(f"{k} {_at(v, zone)}" for k, v in sorted(r.next_runs.items()))
             lines.append(f"  next: {nxt}")
         if r.queued:
             lines.append(f"  queued: {r.queued}")
@@ -180,3 +184,16 @@ def render(
     if unmanaged:
         lines.append(f"unmanaged (no policy): {', '.join(unmanaged)}")
     return "\n".join(lines)
+
+
+def _at(iso: str, zone: str) -> str:
+    """A next run as the schedule's zone reads it: `2026-03-29 03:00 CEST`
+    (the abbreviation says which side of a daylight-saving change)."""
+    try:
+        when = datetime.fromisoformat(iso)
+    except ValueError:
+        return iso
+    try:
+        return when.astimezone(parse_zone(zone)).strftime("%Y-%m-%d %H:%M %Z")
+    except ValueError:  # a zone without a name (/etc/localtime not a link)
+        return when.strftime("%Y-%m-%d %H:%M UTC%z")

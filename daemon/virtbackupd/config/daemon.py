@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, tzinfo
 from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from virtbackupd.adapters.host_folders import check_trusted
 from virtbackupd.adapters.priority import Priority
@@ -40,10 +42,50 @@ class DaemonConfig:
     # prune holds its lock; another tool's libvirt job) is tried again this
     # many seconds later, for as long as the daemon runs: never dropped.
     busy_retry: int = 15
+    # The zone cron expressions are read in: the host's local time, as
+    # cron's, unless `schedule.timezone` names one.
+    schedule_timezone: tzinfo = field(default_factory=lambda: local_zone())
 
     @property
     def state_db(self) -> Path:
         return self.state_dir / "state.db"
+
+
+LOCALTIME = Path("/etc/localtime")
+
+
+def local_zone() -> tzinfo:
+    """The host's local time zone as cron finds it: $TZ, else
+    /etc/localtime (by its name under zoneinfo/ when it links there, so
+    that `status` can say "Europe/Berlin"), else UTC."""
+    tz = os.environ.get("TZ", "").removeprefix(":")
+    if tz:
+        try:
+            return parse_zone(tz)
+        except ValueError:
+            pass  # as glibc: a TZ it cannot read is UTC, but a file may say better
+    try:
+        target = str(LOCALTIME.resolve(strict=True))
+        if "/zoneinfo/" in target:
+            return parse_zone(target.split("/zoneinfo/", 1)[1])
+        with LOCALTIME.open("rb") as f:
+            return ZoneInfo.from_file(f, key="localtime")
+    except (OSError, ValueError):
+        return UTC
+
+
+def parse_zone(name: str) -> tzinfo:
+    """An IANA time zone name (`Europe/Berlin`, `UTC`); ValueError if the
+    host's time zone database does not know it."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
+        raise ValueError(f"no time zone {name!r} in the host's zone database") from exc
+
+
+def zone_name(zone: tzinfo) -> str:
+    """How `status` names the schedules' zone."""
+    return str(getattr(zone, "key", None) or zone)
 
 
 def config_path(cli_value: str | None) -> Path:
@@ -105,7 +147,20 @@ def load_config(path: Path) -> DaemonConfig:
         cfg["priority"] = Priority(
             src.choice(keys["priority"], "priority", [p.value for p in Priority])
         )
-    sched = src.mapping(keys.get("schedule"), "schedule", ["jitter", "busy_retry"])
+    sched = src.mapping(keys.get("schedule"), "schedule", ["jitter", "busy_retry", "timezone"])
+    if "timezone" in sched:
+        with src.collecting():
+            name = src.string(sched["timezone"], "schedule.timezone")
+            cfg["schedule_timezone"] = (
+                local_zone()
+                if name == "local"
+                else src.checked(
+                    sched["timezone"],
+                    "schedule.timezone",
+                    parse_zone,
+                    "an IANA time zone name such as Europe/Berlin or UTC, or local",
+                )
+            )
     if "jitter" in sched:
         jitter = src.integer(sched["jitter"], "schedule.jitter")
         if jitter > 59:

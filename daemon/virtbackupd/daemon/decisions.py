@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, tzinfo
 from enum import StrEnum
 
 from virtbackupd.core.cron import parse_cron
@@ -61,7 +61,10 @@ def schedules_of(policy: Policy) -> dict[str, str]:
 
 
 def missed_request(
-    schedules: Mapping[str, str], history: Sequence[BackupRecord], now: datetime
+    schedules: Mapping[str, str],
+    history: Sequence[BackupRecord],
+    now: datetime,
+    zone: tzinfo = UTC,
 ) -> Level | None:
     """At daemon start: the one backup to catch up, if a schedule fired
     while the daemon was down. A level's schedule counts as missed when it
@@ -69,7 +72,7 @@ def missed_request(
     it (any backup serves an incremental schedule, only a full serves the
     full one). A domain never backed up is not caught up here: its
     schedule (or ``on_define``) takes the first backup. Several missed
-    runs are caught up once."""
+    runs are caught up once. The cron expressions are read in `zone`."""
     complete = [b for b in history if b.status is BackupStatus.COMPLETE]
     if not complete:
         return None
@@ -78,7 +81,7 @@ def missed_request(
         level = Level(level_name)
         serving = [b for b in complete if level is Level.INCREMENTAL or b.level is Level.FULL]
         last = max(b.started for b in serving) if serving else min(b.started for b in complete)
-        if parse_cron(expr).fired_between(last, now):
+        if parse_cron(expr).fired_between(last.astimezone(zone), now.astimezone(zone)):
             wanted = level if wanted is None else merge(wanted, level)
     return wanted
 
@@ -88,16 +91,23 @@ def scheduled_request(
     minute: datetime,
     schedules: Mapping[str, str],
     already: tuple[datetime, Level] | None,
+    zone: tzinfo = UTC,
 ) -> Level | None:
     """The backup a schedule firing for `minute` asks for, given what was
     already asked for this domain (`already`: the minute and level of the
     last scheduled request). When the full and the incremental schedule
     fire in the same minute (each with its own jitter), one full serves
     both: the incremental asks for the full, and whichever fires second
-    asks for nothing."""
+    asks for nothing. The cron expressions are read in `zone` (a full at
+    02:30 moved to 03:00 by a spring-forward still meets an hourly
+    incremental at 03:00)."""
     level = fired
     full = schedules.get(Level.FULL.value)
-    if level is Level.INCREMENTAL and full is not None and parse_cron(full).matches(minute):
+    if (
+        level is Level.INCREMENTAL
+        and full is not None
+        and parse_cron(full).fires_at(minute.astimezone(zone))
+    ):
         level = Level.FULL
     if already is not None and already[0] == minute and merge(already[1], level) is already[1]:
         return None

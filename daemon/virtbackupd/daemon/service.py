@@ -32,7 +32,7 @@ from virtbackupd.adapters.repository import HoldKind, Repository
 from virtbackupd.adapters.scheduler import Schedules
 from virtbackupd.adapters.sd_notify import Notifier, watchdog_interval
 from virtbackupd.adapters.store import Store
-from virtbackupd.config.daemon import DaemonConfig, load_config
+from virtbackupd.config.daemon import DaemonConfig, load_config, zone_name
 from virtbackupd.config.policy import LoadedPolicies, load_policies, missing_dirs, policy_files
 from virtbackupd.core.domain_xml import parse_domain
 from virtbackupd.core.policy import Level, Policy, policy_for
@@ -73,7 +73,11 @@ class Service:
         self.failures: dict[str, tuple[str, str]] = {}  # uuid -> (time, reason)
         self.stop = asyncio.Event()
         self.exit_code = 0
-        self.schedules = Schedules(self._scheduled, jitter=self.config.schedule_jitter)
+        self.schedules = Schedules(
+            self._scheduled,
+            jitter=self.config.schedule_jitter,
+            zone=self.config.schedule_timezone,
+        )
         self.names: dict[str, str] = {}  # uuid -> name, every domain libvirt has
         self.governing: dict[str, str] = {}  # uuid -> policy file
         self.started_at = datetime.now(UTC)
@@ -157,7 +161,9 @@ class Service:
             for level_name, cron in schedules.items():
                 wanted[(d.uuid, level_name)] = cron
             if catch_up:
-                missed = decisions.missed_request(schedules, await store.backups(d.uuid), now)
+                missed = decisions.missed_request(
+                    schedules, await store.backups(d.uuid), now, self.config.schedule_timezone
+                )
                 if missed is not None:
                     log.info(
                         "catching up a missed backup", domain=d.name, backup_level=missed.value
@@ -176,7 +182,11 @@ class Service:
         # The jitter is under a minute: the minute now is the one that fired.
         minute = datetime.now(UTC).replace(second=0, microsecond=0)
         asked = decisions.scheduled_request(
-            Level(level), minute, self.schedules_by_domain.get(uuid, {}), self.fired.get(uuid)
+            Level(level),
+            minute,
+            self.schedules_by_domain.get(uuid, {}),
+            self.fired.get(uuid),
+            self.config.schedule_timezone,
         )
         if asked is None:
             return  # the other schedule of this minute already asked for it
@@ -490,6 +500,7 @@ class Service:
                     libvirt_connected=self.libvirt_connected,
                     running=tuple(sorted(self.running)),
                     domains=domains,
+                    schedule_timezone=zone_name(self.config.schedule_timezone),
                 ),
             )
         except OSError as exc:
@@ -501,6 +512,7 @@ class Service:
             self.config = load_config(self.config_path)
         except ConfigError as exc:
             log.error("config rejected; keeping the previous one", error=str(exc))
+        self.schedules.set_zone(self.config.schedule_timezone)
         self._load_policies(at_start=False)
         self.notifier.reloading()
 

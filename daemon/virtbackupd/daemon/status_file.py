@@ -33,6 +33,9 @@ class DaemonStatus:
     libvirt_connected: bool
     domains: dict[str, DomainState]  # uuid -> state
     running: tuple[str, ...] = ()  # uuids
+    # The zone the schedules are read in (docs/configuration.md); next
+    # runs are ISO times with that zone's offset.
+    schedule_timezone: str = "UTC"
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -42,6 +45,7 @@ class DaemonStatus:
             "libvirt_uri": self.libvirt_uri,
             "libvirt_connected": self.libvirt_connected,
             "running": list(self.running),
+            "schedule_timezone": self.schedule_timezone,
             "domains": {
                 uuid: {
                     "name": d.name,
@@ -63,6 +67,7 @@ class DaemonStatus:
             libvirt_uri=str(data["libvirt_uri"]),
             libvirt_connected=bool(data["libvirt_connected"]),
             running=tuple(data.get("running", ())),
+            schedule_timezone=str(data.get("schedule_timezone") or "UTC"),
             domains={
                 uuid: DomainState(
                     name=str(d["name"]),
