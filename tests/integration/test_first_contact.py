@@ -63,7 +63,7 @@ async def test_daemon_starts_on_a_host_whose_domains_already_exist(
         assert row["last_good"] is None
         assert row["policy"].endswith("p.yaml")
         nxt = datetime.fromisoformat(row["next_runs"]["full"])
-        assert nxt.weekday() == 6 and (nxt.hour, nxt.minute) == (2, 0)  # a Sunday, 02:00 UTC
+        assert nxt.weekday() == 6 and (nxt.hour, nxt.minute) == (2, 0)  # Sunday 02:00, host's zone
         assert other.name in st["unmanaged"]
         rc, text, _ = await cli(config, "status")
         assert rc == 0

@@ -104,3 +104,11 @@ def test_a_usage_error_is_one_line_naming_the_help(capsys: pytest.CaptureFixture
     assert err.count("\n") == 1, err
     assert err.startswith("virtbackup restore: error: "), err
     assert "virtbackup restore --help" in err, err
+
+
+def test_the_daemon_takes_no_abbreviation_either() -> None:
+    from virtbackupd.daemon.main import build_parser as daemon_parser
+
+    with pytest.raises(SystemExit) as exc:
+        daemon_parser().parse_args(["--conf", "/x.yaml"])
+    assert exc.value.code == 2

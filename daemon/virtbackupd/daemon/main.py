@@ -14,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="virtbackupd",
         description="Backup daemon for libvirt/QEMU hypervisors.",
+        allow_abbrev=False,  # `--conf` is a typo, not `--config`
     )
     parser.add_argument("--version", action="version", version=f"virtbackupd {__version__}")
     parser.add_argument(
