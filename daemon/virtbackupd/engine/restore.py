@@ -60,6 +60,7 @@ from virtbackupd.engine.copy import (
     nbd_sources,
 )
 from virtbackupd.errors import (
+    DefineRefusedError,
     DomainNotFoundError,
     InputError,
     RestoreError,
@@ -477,8 +478,12 @@ async def restore_to_dir(
     force: bool = False,
     progress: ProgressFn | None = None,
     allow_damaged: bool = False,
+    before_publish: Callable[[Sequence[RestoredDisk]], Awaitable[None]] | None = None,
 ) -> list[RestoredDisk]:
-    """``<to>/<disk>.<fmt>`` for each disk of the backup in `folder`."""
+    """``<to>/<disk>.<fmt>`` for each disk of the backup in `folder`.
+    `before_publish` runs once every image is written, before any is
+    renamed into place (`--define` defines the domain there): if it
+    fails, the written images are removed and nothing is replaced."""
     check_target_folder(to)
     targets = {d: to / f"{d}.{fmt}" for d in disks}
     existing = [str(p) for p in targets.values() if p.exists()]
@@ -492,6 +497,18 @@ async def restore_to_dir(
         raise RestoreError(f"--to {to}: cannot create the folder: {exc.strerror}") from exc
     jobs = [(disk, target, fmt) for disk, target in targets.items()]
     out = await _restore_all(folder, jobs, runtime_dir, progress, allow_damaged)
+    try:
+        if before_publish is not None:
+            await before_publish(out)
+    except BaseException as exc:
+        for r in out:
+            if r.partial is not None:
+                r.partial.unlink(missing_ok=True)
+        if isinstance(exc, DefineRefusedError):
+            raise DefineRefusedError(
+                f"{exc}; the images this restore wrote were removed, {NOTHING_RESTORED}"
+            ) from exc
+        raise
     for r in out:
         _publish(r)
         log.info("disk restored", disk=r.disk, path=str(r.path), bytes=r.result.bytes_written)
