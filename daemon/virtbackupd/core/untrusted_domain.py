@@ -21,7 +21,9 @@ something of the host:
   passthrough TPM) and any device kind not known to be harmless;
 - character devices on host files, devices, pipes, network ports or
   sockets it connects to (a socket libvirt creates itself is kept with the
-  path left to libvirt), and their log files;
+  path left to libvirt), and their log files: those that
+  core.own_resources moved into the restore's own folder are the
+  restore's files (`allowed`) and stay;
 - interfaces that hand a host device or socket to the guest, and interface
   scripts, backends and option ROMs;
 - audio back-ends that reach host sound devices or files (made ``none``);
