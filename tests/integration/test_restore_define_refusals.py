@@ -2,7 +2,8 @@
 issue 24 item 5): a refusal that can be known before the copy is made
 before a byte is written; one that only libvirt knows (its define) takes
 back the images the restore wrote, and an existing domain `--force` was
-to replace is defined again."""
+to replace is defined again. `--force` never replaces an image a running
+domain is on."""
 
 from __future__ import annotations
 
@@ -92,5 +93,20 @@ def test_define_refusals_leave_nothing_written(
         assert name in libvirt_conn.listDefinedDomains()  # defined again
         disks = etree.fromstring(libvirt_conn.lookupByName(name).XMLDesc(0).encode())
         assert [d.get("dev") for d in disks.iterfind("devices/disk/target")] == ["vda"]
+
+        # --force never replaces an image a running domain is on.
+        saved.write_bytes(original)
+        libvirt_conn.lookupByName(name).create()
+        rc, err = restore(
+            config, capsys, td.name, "--disk", "vda", "--to", str(folder),
+            "--define", f"{name}2", "--force",
+        )  # fmt: skip
+        assert rc == 1, err
+        assert f"{folder / 'vda.qcow2'} is a disk of running domain {name}" in err, err
+        assert "nothing was restored" in err and len(err.strip().splitlines()) == 1, err
+        assert (
+            files(folder) == ["vda.qcow2"] and f"{name}2" not in libvirt_conn.listDefinedDomains()
+        )
     finally:
         remove_domain(libvirt_conn, name)
+        remove_domain(libvirt_conn, f"{name}2")

@@ -159,3 +159,18 @@ def test_the_defined_copy_keeps_its_serial_ports_on_its_own_files() -> None:
     assert log is not None and log.get("file") == "/r/copy/channel0-log.log"
     assert "/var/log" not in out.xml and "/run/" not in out.xml
     assert len(out.moved) == 4
+
+
+def test_the_report_names_what_the_copy_has_of_its_own() -> None:
+    from virtbackupd.adapters.libvirt_conn import DomainRef
+    from virtbackupd.core.own_resources import Moved
+    from virtbackupd.engine.define import Defined
+
+    moved = (Moved("<graphics type='vnc'>", "port 5901", "automatic"),)
+    defined = Defined(DomainRef("copy", "u"), (), (), "/usr/bin/qemu", (), moved)
+    assert defined.report() == [
+        "  its own (the original keeps its): <graphics type='vnc'>: port 5901 -> automatic"
+    ]
+    assert defined.as_json()["moved"] == [
+        {"what": "<graphics type='vnc'>", "was": "port 5901", "now": "automatic"}
+    ]

@@ -24,7 +24,7 @@ from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
 from virtbackupd.core.own_resources import Moved
 from virtbackupd.core.restored_domain import RestoredDomain, RestoredImage, restored_domain_xml
 from virtbackupd.core.untrusted_domain import Dropped, guest_target, host_offer
-from virtbackupd.engine.restore import NOTHING_RESTORED
+from virtbackupd.engine.restore import NOTHING_RESTORED, running_user
 from virtbackupd.errors import (
     DefineRefusedError,
     DefinitionMismatchError,
@@ -144,6 +144,10 @@ async def plan_definition(
             f"out with --disk, or restore without --define; {NOTHING_RESTORED}",
         ) from None
     await _refuse_existing(lv, name, force)
+    # --force replaces files in the folder: never one a running domain is on.
+    user = await running_user(lv, {i.path for i in images.values() if i.path.exists()})
+    if user is not None:
+        raise RestoreError(f"{user[1]} is a disk of running domain {user[0]}; {NOTHING_RESTORED}")
     return Planned(name, new.xml, new, force)
 
 
