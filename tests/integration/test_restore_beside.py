@@ -2,7 +2,7 @@
 beside the original (issue 24, item 5): the original's serial file, its
 chardev log, its bound unix sockets and its fixed VNC port would each stop
 the copy from starting while the original runs. The restored images equal
-the oracle (qemu-img compare)."""
+the oracle (qemu-img compare). `--live` makes its copy the same way."""
 
 from __future__ import annotations
 
@@ -60,10 +60,12 @@ def test_a_copy_of_a_running_domain_starts_beside_it(
     port = free_vnc_port()
     with_host_resources(libvirt_conn, td.name, td.workdir, port)
     td.dom = libvirt_conn.lookupByName(td.name)
+    repo = td.root_folder("repo")  # QEMU reaches it for --live
+    config.write_text(config.read_text().replace("backup_root: backups", f"backup_root: {repo}"))
     td.start()
     GuestWriter(td).write("vda", MiB, 2 * MiB, 0x5A)
     run_cli(config, capsys, "backup", td.name)
-    copy = f"{td.name}-copy"
+    copy, live_copy = f"{td.name}-copy", f"{td.name}-live"
     folder = WORK_ROOT / f"{td.name}-copy"
     try:
         out = run_cli(config, capsys, "restore", td.name, "--to", str(folder), "--define", copy)
@@ -86,5 +88,16 @@ def test_a_copy_of_a_running_domain_starts_beside_it(
         ref = td.disk("vda").reference
         assert ref is not None
         run("qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", folder / "vda.qcow2", ref)
+
+        # --live defines the same way: its copy starts at once, beside the original.
+        live_folder = WORK_ROOT / f"{td.name}-live"
+        out = run_cli(
+            config, capsys, "restore", td.name, "--to", str(live_folder), "--define", live_copy,
+            "--live",
+        )  # fmt: skip
+        assert out["running"] and td.is_running()
+        assert libvirt_conn.lookupByName(live_copy).isActive()
+        assert (live_folder / "serial0.log").exists()
     finally:
         remove_domain(libvirt_conn, copy)
+        remove_domain(libvirt_conn, live_copy)
