@@ -36,6 +36,11 @@ class XMLError(VirtBackupError):
         self.problem = problem
 
 
+class DefinitionMismatchError(XMLError, InputError):
+    """A saved definition does not fit the restore asked for (it has no
+    disk the backup restores): refused before anything is written, exit 2."""
+
+
 class PlanError(VirtBackupError):
     """A backup cannot be planned as asked (no eligible disk, unknown disk, ...)."""
 
@@ -123,6 +128,12 @@ class BackupFailedError(VirtBackupError):
 class RestoreError(VirtBackupError):
     """A restore cannot be done as asked, or its result failed the check;
     nothing was left half-written."""
+
+
+class DefineRefusedError(RestoreError):
+    """libvirt refused a restored domain's definition, after the copy
+    (libvirt's own checks cannot be asked before): the caller takes back
+    what the restore wrote."""
 
 
 class UnknownRestorePointError(RestoreError, InputError):

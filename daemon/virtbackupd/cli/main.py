@@ -415,6 +415,7 @@ async def _restore(
     args: argparse.Namespace, config: DaemonConfig, store: Store, lv: Libvirt | None
 ) -> int:
     from virtbackupd.cli import recovery
+    from virtbackupd.core.restored_domain import RestoredImage
     from virtbackupd.engine import define, restore
 
     if args.define and not args.to:
@@ -439,13 +440,6 @@ async def _restore(
         if args.define
         else None
     )
-    if args.define and lv is not None and not args.force and await lv.exists(args.define):
-        # Refused before a byte is copied: a refusal after the copy left
-        # the images in --to under their final names.
-        raise InputError(
-            f"--define {args.define}: a domain of that name exists; choose another name, "
-            "or give --force to replace it"
-        )
     dom, record, folder, repo, disks = (
         chosen.dom,
         chosen.record,
@@ -454,6 +448,24 @@ async def _restore(
         chosen.disks,
     )
     damaged_ok = bool(args.allow_damaged)
+    # Whatever can be known before a byte is copied is refused here; what
+    # only libvirt knows refuses the define after the copy, and then the
+    # written images are removed (restore_to_dir's before_publish).
+    planned = None
+    defined: define.Defined | None = None
+    if saved is not None:
+        assert lv is not None
+        to = args.to.absolute()
+        images = {d: RestoredImage(to / f"{d}.{args.format}", args.format) for d in disks}
+        planned = await define.plan_definition(lv, saved, args.define, images, to, args.force)
+
+    async def define_them(written: Sequence[restore.RestoredDisk]) -> None:
+        nonlocal defined
+        assert lv is not None
+        assert saved is not None
+        assert planned is not None
+        defined = await define.define_planned(lv, saved, planned)
+
     if args.to_device is not None:
         assert lv is not None
         return await _restore_to_device(args, config, store, lv, repo, dom, record, folder)
@@ -489,6 +501,7 @@ async def _restore(
                     args.force,
                     _disk_progress(line),
                     damaged_ok,
+                    define_them if planned is not None else None,
                 )
         finally:
             line.end()
@@ -506,10 +519,7 @@ async def _restore(
         ],
         "in_place": bool(args.in_place),
     }
-    defined = None
-    if saved is not None:
-        assert lv is not None
-        defined = await define.define_restored(lv, saved, args.define, done, args.force)
+    if defined is not None:
         out["defined"] = defined.as_json()
         for warning in defined.warnings:
             print(f"virtbackup: warning: {warning}", file=sys.stderr)

@@ -12,6 +12,8 @@ backed-up domain, made into a new, independent domain. Pure.
   cdrom or floppy drive stays, empty; a read-only disk is dropped;
 - <nvram> is dropped so libvirt gives the copy its own UEFI variable store
   (from the loader's template) instead of sharing the original's;
+- the original's host files, sockets and fixed ports become the copy's
+  own (core.own_resources), so that it can run beside the original;
 - the saved XML is untrusted input: core.untrusted_domain takes out (and
   reports) whatever in it would reach the host, and the emulator is the
   host's own.
@@ -28,8 +30,9 @@ from pathlib import Path
 from lxml import etree
 
 from virtbackupd.core import xmldoc
+from virtbackupd.core.own_resources import Moved, make_own
 from virtbackupd.core.untrusted_domain import Dropped, HostOffer, Sanitiser
-from virtbackupd.errors import XMLError
+from virtbackupd.errors import DefinitionMismatchError, XMLError
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class RestoredDomain:
     dropped_disks: tuple[str, ...]  # writable disks that were not restored
     dropped: tuple[Dropped, ...] = ()  # what could reach the host, taken out
     emulator: str = ""  # the host's, in place of the saved one
+    moved: tuple[Moved, ...] = ()  # the original's host resources, the copy's own now
 
 
 # Parts of a disk that name something of the host besides its medium.
@@ -56,7 +60,9 @@ def restored_domain_xml(
     images: Mapping[str, RestoredImage],
     document: str,
     host: HostOffer,
+    folder: Path | None = None,
 ) -> RestoredDomain:
+    """`folder`: where the copy's own files go (default: the images')."""
     root = xmldoc.parse(saved_xml, document, "domain")
     name_el = root.find("name")
     if name_el is None:
@@ -102,8 +108,14 @@ def restored_domain_xml(
         disk.insert(list(disk).index(driver) + 1, source)
     missing = sorted(set(images) - seen)
     if missing:
-        raise XMLError(document, f"no <disk> with target {', '.join(missing)} to restore into")
-    allowed = [str(i.path) for i in images.values()]
+        raise DefinitionMismatchError(
+            document, f"no <disk> with target {', '.join(missing)} to restore into"
+        )
+    if folder is None:
+        folder = next(iter(images.values())).path.parent if images else Path("/")
+    own = make_own(root, folder)
+    dropped += own.dropped
+    allowed = [str(i.path) for i in images.values()] + sorted(own.paths)
     dropped += Sanitiser(root, host, allowed).run()
     # libvirt re-formats what it is given; tostring keeps comments and
     # mixed content (<description>) that the strict formatter does not model.
@@ -112,6 +124,7 @@ def restored_domain_xml(
         tuple(dropped_disks),
         tuple(dropped),
         host.emulator,
+        own.moved,
     )
 
 

@@ -21,7 +21,9 @@ something of the host:
   passthrough TPM) and any device kind not known to be harmless;
 - character devices on host files, devices, pipes, network ports or
   sockets it connects to (a socket libvirt creates itself is kept with the
-  path left to libvirt), and their log files;
+  path left to libvirt), and their log files: those that
+  core.own_resources moved into the restore's own folder are the
+  restore's files (`allowed`) and stay;
 - interfaces that hand a host device or socket to the guest, and interface
   scripts, backends and option ROMs;
 - audio back-ends that reach host sound devices or files (made ``none``);
@@ -296,14 +298,20 @@ class Sanitiser:
             backend = dev.find("backend")
             if backend is not None and backend.get("model") == "egd":
                 self._char(backend, what, device=dev)
-        for log in dev.findall("log"):
-            self._drop(log, f"{what} <log file='{log.get('file', '')}'>", "writes a host file")
+        self._logs(dev, what)
+
+    def _logs(self, el: etree._Element, what: str) -> None:
+        for log in el.findall("log"):
+            if log.get("file") not in self.allowed:  # else the restore's own (core.own_resources)
+                self._drop(log, f"{what} <log file='{log.get('file', '')}'>", "writes a host file")
 
     def _char(self, el: etree._Element, what: str, device: etree._Element | None = None) -> None:
         """A character device (or an egd back-end, inside `device`)."""
         whole = el if device is None else device
         kind = el.get("type", "pty")
-        if kind in _CHAR_ON_HOST:
+        if kind == "file" and self._own_files(el):
+            pass  # writes only the restore's own files (core.own_resources)
+        elif kind in _CHAR_ON_HOST:
             self._drop(whole, what, _CHAR_ON_HOST[kind])
         elif kind == "unix":
             for source in el.findall("source"):
@@ -316,8 +324,11 @@ class Sanitiser:
                     self.dropped.append(
                         Dropped(f"{what} socket path", "a host path; libvirt chooses its own")
                     )
-        for log in el.findall("log"):
-            self._drop(log, f"{what} <log file='{log.get('file', '')}'>", "writes a host file")
+        self._logs(el, what)
+
+    def _own_files(self, el: etree._Element) -> bool:
+        paths = [s.get("path") for s in el.findall("source")]
+        return bool(paths) and all(p in self.allowed for p in paths)
 
     def _paths(self) -> None:
         """The net under the rules above: any absolute path left, in an

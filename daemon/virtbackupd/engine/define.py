@@ -12,7 +12,8 @@ emulator to probe it as soon as a definition names it).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +21,18 @@ import structlog
 
 from virtbackupd.adapters import repository
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
-from virtbackupd.core.restored_domain import RestoredImage, restored_domain_xml
+from virtbackupd.core.own_resources import Moved
+from virtbackupd.core.restored_domain import RestoredDomain, RestoredImage, restored_domain_xml
 from virtbackupd.core.untrusted_domain import Dropped, guest_target, host_offer
-from virtbackupd.engine.restore import RestoredDisk
-from virtbackupd.errors import RestoreError
+from virtbackupd.engine.restore import NOTHING_RESTORED, running_user
+from virtbackupd.errors import (
+    DefineRefusedError,
+    DefinitionMismatchError,
+    InputError,
+    LibvirtError,
+    RestoreError,
+    VirtBackupError,
+)
 
 log = structlog.get_logger("virtbackupd.restore")
 
@@ -76,6 +85,7 @@ class Defined:
     dropped: tuple[Dropped, ...]
     emulator: str
     warnings: tuple[str, ...]
+    moved: tuple[Moved, ...] = ()
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -85,6 +95,7 @@ class Defined:
             "dropped": [{"what": d.what, "why": d.why} for d in self.dropped],
             "emulator": self.emulator,
             "warnings": list(self.warnings),
+            "moved": [{"what": m.what, "was": m.was, "now": m.now} for m in self.moved],
         }
 
     def report(self) -> list[str]:
@@ -93,21 +104,95 @@ class Defined:
         if self.dropped_disks:
             out.append(f"  not restored, left out of it: {', '.join(self.dropped_disks)}")
         out += [f"  left out (could reach the host): {d}" for d in self.dropped]
+        out += [f"  its own (the original keeps its): {m}" for m in self.moved]
         return out
 
 
-async def define_restored(
+@dataclass(frozen=True)
+class Planned:
+    """A definition made, and checked as far as can be, before the restore
+    writes anything: what libvirt is then given."""
+
+    name: str
+    xml: str
+    new: RestoredDomain
+    force: bool
+
+
+async def plan_definition(
     lv: Libvirt,
     saved: SavedDefinition,
     name: str,
-    restored: Sequence[RestoredDisk],
+    images: Mapping[str, RestoredImage],
+    folder: Path,
     force: bool,
-) -> Defined:
-    """Define `name` from the backup's saved domain XML, on the restored
-    images. An existing domain of that name is replaced only with `force`,
-    and never while it runs."""
-    images = {r.disk: RestoredImage(r.path, r.fmt) for r in restored}
-    return await define_on_images(lv, saved, name, images, force)
+) -> Planned:
+    """The domain `name` as it will be defined on `images` (in `folder`,
+    where its own files go), refused now for whatever can be known before
+    a byte is copied: a disk of the restore its saved definition lacks, a
+    guest the host has no emulator for, an existing domain `name` without
+    `force` or while it runs."""
+    target = guest_target(saved.xml, saved.document)
+    caps = await lv.domain_capabilities(target.virt_type, target.arch, target.machine)
+    host = host_offer(caps, "libvirt's domain capabilities")
+    try:
+        new = restored_domain_xml(saved.xml, name, images, saved.document, host, folder)
+    except DefinitionMismatchError as exc:
+        raise DefinitionMismatchError(
+            exc.document,
+            f"{exc.problem} (the backup has it, its saved definition does not); leave it "
+            f"out with --disk, or restore without --define; {NOTHING_RESTORED}",
+        ) from None
+    await _refuse_existing(lv, name, force)
+    # --force replaces files in the folder: never one a running domain is on.
+    user = await running_user(lv, {i.path for i in images.values() if i.path.exists()})
+    if user is not None:
+        raise RestoreError(f"{user[1]} is a disk of running domain {user[0]}; {NOTHING_RESTORED}")
+    return Planned(name, new.xml, new, force)
+
+
+async def _refuse_existing(lv: Libvirt, name: str, force: bool) -> None:
+    if not await lv.exists(name):
+        return
+    if not force:
+        raise InputError(
+            f"--define {name}: a domain of that name exists; choose another name, "
+            f"or give --force to replace it; {NOTHING_RESTORED}"
+        )
+    if await lv.is_running(await lv.domain(name)):
+        raise RestoreError(f"domain {name!r} is running; shut it off to replace it")
+
+
+async def define_planned(lv: Libvirt, saved: SavedDefinition, planned: Planned) -> Defined:
+    """Define what :func:`plan_definition` made. An existing domain of that
+    name (`force`) is replaced; if libvirt refuses the new definition, the
+    old one is defined again and the refusal raised for the caller to
+    take back what it wrote."""
+    name = planned.name
+    await _refuse_existing(lv, name, planned.force)  # again: the copy took time
+    old_xml = None
+    if await lv.exists(name):
+        old = await lv.domain(name)
+        old_xml = await lv.xml(old, inactive=True)
+        await lv.undefine(old)
+    try:
+        ref = await lv.define(planned.xml)
+    except LibvirtError as exc:
+        if old_xml is not None:
+            with contextlib.suppress(VirtBackupError):
+                await lv.define(old_xml)
+        raise DefineRefusedError(f"libvirt refused the definition of {name}: {exc}") from exc
+    new = planned.new
+    log.info(
+        "domain defined from backup",
+        domain=name,
+        uuid=ref.uuid,
+        dropped=new.dropped_disks,
+        left_out=[str(d) for d in new.dropped],
+        own=[str(m) for m in new.moved],
+        emulator=new.emulator,
+    )
+    return Defined(ref, new.dropped_disks, new.dropped, new.emulator, saved.warnings, new.moved)
 
 
 async def define_on_images(
@@ -115,27 +200,8 @@ async def define_on_images(
     saved: SavedDefinition,
     name: str,
     images: Mapping[str, RestoredImage],
+    folder: Path,
     force: bool,
 ) -> Defined:
-    # What can fail on the saved XML fails before an existing domain goes.
-    target = guest_target(saved.xml, saved.document)
-    caps = await lv.domain_capabilities(target.virt_type, target.arch, target.machine)
-    host = host_offer(caps, "libvirt's domain capabilities")
-    new = restored_domain_xml(saved.xml, name, images, saved.document, host)
-    if await lv.exists(name):
-        if not force:
-            raise RestoreError(f"a domain named {name!r} exists; give --force to replace it")
-        old = await lv.domain(name)
-        if await lv.is_running(old):
-            raise RestoreError(f"domain {name!r} is running; shut it off to replace it")
-        await lv.undefine(old)
-    ref = await lv.define(new.xml)
-    log.info(
-        "domain defined from backup",
-        domain=name,
-        uuid=ref.uuid,
-        dropped=new.dropped_disks,
-        left_out=[str(d) for d in new.dropped],
-        emulator=new.emulator,
-    )
-    return Defined(ref, new.dropped_disks, new.dropped, new.emulator, saved.warnings)
+    planned = await plan_definition(lv, saved, name, images, folder, force)
+    return await define_planned(lv, saved, planned)

@@ -58,7 +58,7 @@ from virtbackupd.core.checkpoint_xml import Checkpoint, CheckpointDisk, Checkpoi
 from virtbackupd.core.live_move import GUEST_WRITES_CHECKPOINT, DiskFacts, Step, next_step
 from virtbackupd.core.restored_domain import RestoredImage
 from virtbackupd.engine import live_check
-from virtbackupd.engine.define import Defined, SavedDefinition, define_on_images
+from virtbackupd.engine.define import Defined, SavedDefinition, define_planned, plan_definition
 from virtbackupd.engine.restore import running_user
 from virtbackupd.errors import (
     DomainNotFoundError,
@@ -135,6 +135,10 @@ async def start_live_restore(
     if existing and not force:
         raise RestoreError(f"{', '.join(existing)} exists; give --force to replace it")
     await _refuse_running_users(lv, name, set(images.values()))
+    # What can be known before anything is made is refused now.
+    planned = await plan_definition(
+        lv, saved, name, {d: RestoredImage(p, "qcow2") for d, p in images.items()}, to, force
+    )
     domain_uuid = folder.parent.name
     backup_id = folder.name
     made: list[Path] = []
@@ -150,9 +154,7 @@ async def start_live_restore(
             partial.rename(image)
             made[-1] = image
         opened = _open_for_qemu(repo, folder)
-        defined = await define_on_images(
-            lv, saved, name, {d: RestoredImage(p, "qcow2") for d, p in images.items()}, force
-        )
+        defined = await define_planned(lv, saved, planned)
         ref = defined.ref
         await _redefine_guest_writes(lv, ref, disks)
         hold = Hold(

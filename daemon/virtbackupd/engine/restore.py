@@ -60,6 +60,7 @@ from virtbackupd.engine.copy import (
     nbd_sources,
 )
 from virtbackupd.errors import (
+    DefineRefusedError,
     DomainNotFoundError,
     InputError,
     RestoreError,
@@ -481,8 +482,12 @@ async def restore_to_dir(
     force: bool = False,
     progress: ProgressFn | None = None,
     allow_damaged: bool = False,
+    before_publish: Callable[[Sequence[RestoredDisk]], Awaitable[None]] | None = None,
 ) -> list[RestoredDisk]:
-    """``<to>/<disk>.<fmt>`` for each disk of the backup in `folder`."""
+    """``<to>/<disk>.<fmt>`` for each disk of the backup in `folder`.
+    `before_publish` runs once every image is written, before any is
+    renamed into place (`--define` defines the domain there): if it
+    fails, the written images are removed and nothing is replaced."""
     check_target_folder(to)
     targets = {d: to / f"{d}.{fmt}" for d in disks}
     existing = [str(p) for p in targets.values() if p.exists()]
@@ -496,6 +501,18 @@ async def restore_to_dir(
         raise RestoreError(f"--to {to}: cannot create the folder: {exc.strerror}") from exc
     jobs = [(disk, target, fmt) for disk, target in targets.items()]
     out = await _restore_all(folder, jobs, runtime_dir, progress, allow_damaged)
+    try:
+        if before_publish is not None:
+            await before_publish(out)
+    except BaseException as exc:
+        for r in out:
+            if r.partial is not None:
+                r.partial.unlink(missing_ok=True)
+        if isinstance(exc, DefineRefusedError):
+            raise DefineRefusedError(
+                f"{exc}; the images this restore wrote were removed, {NOTHING_RESTORED}"
+            ) from exc
+        raise
     for r in out:
         _publish(r)
         log.info("disk restored", disk=r.disk, path=str(r.path), bytes=r.result.bytes_written)
@@ -530,29 +547,76 @@ async def restore_in_place(
     progress: ProgressFn | None = None,
     allow_damaged: bool = False,
 ) -> list[RestoredDisk]:
-    """Write the backup over the domain's own disk images (each in its own
-    format), then remove every checkpoint: their bitmaps described images
-    that are gone, so the next backup must be full."""
+    """Write the backup over the domain's own disks, each in its own
+    format, then remove every checkpoint: their bitmaps described images
+    that are gone, so the next backup must be full. Disk images are
+    written beside and renamed (all or nothing); a block-device disk is
+    written onto its device as `--to-device` writes it, after every image
+    is written, and only once every device was checked (a block device,
+    large enough, in use by nothing)."""
     if await lv.is_running(ref):
         raise RestoreError(f"domain {ref.name} is running; --in-place needs it shut off")
     info = parse_domain(await lv.xml(ref, inactive=True), f"domain XML of {ref.name}")
     jobs = []
+    devices: list[tuple[str, Path]] = []
     for disk in disks:
         dd = info.disk(disk)
-        if dd is None or dd.source is None or dd.source_type != "file":
-            raise RestoreError(f"domain {ref.name} has no file-backed disk {disk} to restore over")
+        if dd is None or dd.source is None or dd.source_type not in ("file", "block"):
+            raise RestoreError(
+                f"domain {ref.name} has no file or block-device disk {disk} to restore over"
+            )
         fmt = dd.driver_type or "raw"
+        if dd.source_type == "block":
+            if fmt != "raw":
+                raise RestoreError(
+                    f"disk {disk} of {ref.name} is {fmt} on block device {dd.source}; "
+                    "only raw block devices are restored onto"
+                )
+            devices.append((disk, await _writable_device(lv, folder, disk, Path(dd.source))))
+            continue
         if fmt not in FORMATS:
             raise RestoreError(
                 f"disk {disk} of {ref.name} is {fmt}; only qcow2 and raw are restored"
             )
         jobs.append((disk, Path(dd.source), fmt))
     out = await _restore_all(folder, jobs, runtime_dir, progress, allow_damaged)
+    try:
+        for disk, device in devices:
+            out.append(
+                await restore_to_device(
+                    folder, disk, device, runtime_dir, of_disk(progress, disk), allow_damaged
+                )
+            )
+    except BaseException:
+        for r in out:
+            if r.partial is not None:
+                r.partial.unlink(missing_ok=True)
+        raise
     for r in out:
-        _publish(r, r.path.stat() if r.path.exists() else None)
+        if r.partial is not None:
+            _publish(r, r.path.stat() if r.path.exists() else None)
         log.info("disk restored in place", domain=ref.name, disk=r.disk, path=str(r.path))
     await forget_checkpoints(lv, store, ref, info_disks=list(info.disks))
     return out
+
+
+async def _writable_device(lv: Libvirt, folder: Path, disk: str, source: Path) -> Path:
+    """The block device `source` of `disk`, refused before anything is
+    written unless the disk fits on it and nothing uses it."""
+    device = block_devices.check_block_device(source)
+    user = await running_user(lv, {device})
+    if user is not None:
+        raise RestoreError(f"{source} (disk {disk}) is a disk of running domain {user[0]}")
+    why = block_devices.in_use(device)
+    if why is not None:
+        raise RestoreError(f"{source} (disk {disk}) is in use: {why}; {NOTHING_RESTORED}")
+    size = (await qemu_img.info_chain(folder / disk_file(disk)))[0].virtual_size
+    have = block_devices.device_size(device)
+    if have < size:
+        raise RestoreError(
+            f"{source} is {have} bytes, smaller than disk {disk} ({size} bytes); {NOTHING_RESTORED}"
+        )
+    return device
 
 
 async def forget_checkpoints(
