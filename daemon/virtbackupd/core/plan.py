@@ -25,6 +25,8 @@ class CheckpointView:
 
     known: frozenset[str]  # checkpoint names libvirt has metadata for
     broken: frozenset[str] = frozenset()  # bitmaps missing or inconsistent
+    # removed because `restore --in-place` wrote over the disks they described
+    overwritten: frozenset[str] = frozenset()
     bitmaps: Mapping[str, frozenset[str]] = field(default_factory=dict)  # disk -> bitmap names
 
 
@@ -93,6 +95,11 @@ def plan_backup(
         return full(
             f"the last backup {last.id} is in another repository ({last.path}): "
             f"the target is now {repository}"
+        )
+    if parent in view.overwritten:
+        return full(
+            f"the disks were restored in place after checkpoint {parent} (backup {last.id}): "
+            "no bitmap describes them now"
         )
     if parent in view.broken:
         return full(f"checkpoint {parent} has inconsistent or missing bitmaps (crash?)")
