@@ -161,6 +161,18 @@ def plan_backup(
     return incremental
 
 
+def nothing_to_back_up(disks: Sequence[DomainDisk], policy: Policy) -> str | None:
+    """Why every backup of a domain with `disks` under `policy` would fail
+    for want of a disk to back up (every disk skipped: raw under `raw:
+    skip`, excluded, read-only, ...), or None when some disk would be
+    backed up. What `policy check` asks before the schedule finds out."""
+    try:
+        _with_disks(Plan(Level.FULL, "", "check", None, None, ()), disks, policy)
+    except PlanError as exc:
+        return str(exc)
+    return None
+
+
 def _inside(path: str, folder: str) -> bool:
     p, f = path.rstrip("/"), folder.rstrip("/")
     return p.startswith(f + "/")
