@@ -115,6 +115,25 @@ MIGRATIONS: Sequence[str] = (
     """
     ALTER TABLE backups ADD COLUMN unreadable TEXT;
     """,
+    # 4: why a checkpoint went (pruned on purpose, disks restored in place),
+    # so that neither `checkpoints` nor a backup's reason calls it lost or
+    # broken; SQLite changes a CHECK only by rebuilding the table
+    """
+    CREATE TABLE checkpoints_v4 (
+        domain_uuid TEXT NOT NULL REFERENCES domains(uuid),
+        name TEXT NOT NULL,
+        parent TEXT,
+        created TEXT NOT NULL,
+        status TEXT NOT NULL
+            CHECK (status IN ('active', 'deleted', 'pruned', 'overwritten')),
+        xml TEXT NOT NULL,
+        PRIMARY KEY (domain_uuid, name)
+    );
+    INSERT INTO checkpoints_v4 SELECT domain_uuid, name, parent, created, status, xml
+        FROM checkpoints;
+    DROP TABLE checkpoints;
+    ALTER TABLE checkpoints_v4 RENAME TO checkpoints;
+    """,
 )
 
 

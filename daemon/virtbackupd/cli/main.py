@@ -33,7 +33,7 @@ from virtbackupd.cli.domains import domain_of, libvirt_domains
 from virtbackupd.cli.progress import ProgressLine, progress_text
 from virtbackupd.config.daemon import DaemonConfig, config_path, load_config
 from virtbackupd.core.policy import Level, Policy, policy_for
-from virtbackupd.core.records import BackupRecord, BackupStatus, DomainRecord
+from virtbackupd.core.records import BackupRecord, BackupStatus, CheckpointStatus, DomainRecord
 from virtbackupd.engine.backup import BackupContext, JobProgress, backup_domain
 from virtbackupd.engine.catalogue import Standing, standing
 from virtbackupd.engine.domain_job import domain_job
@@ -734,14 +734,19 @@ async def _checkpoints(args: argparse.Namespace, store: Store, lv: Libvirt) -> i
     def walk(parent: str | None, depth: int) -> None:
         for n in children.get(parent, []):
             r = by_name[n]
-            print(
-                f"{'  ' * depth + n:50} {'yes' if r['libvirt'] else 'MISSING':8} "
-                f"{r['store'] or 'unknown':8}"
-            )
+            print(f"{'  ' * depth + n:50} {_in_libvirt(r):8} {r['store'] or 'unknown':8}")
             walk(n, depth + 1)
 
     walk(None, 0)
     return 0
+
+
+def _in_libvirt(row: dict[str, object]) -> str:
+    """MISSING only where the store expects libvirt to have it: one removed
+    on purpose (pruned, restored over, forgotten) is simply gone."""
+    if row["libvirt"]:
+        return "yes"
+    return "MISSING" if row["store"] in (None, CheckpointStatus.ACTIVE.value) else "no"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,16 +6,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Mapping
 
+from virtbackupd.adapters.libvirt_conn import Libvirt
 from virtbackupd.cli.domains import libvirt_domains
 from virtbackupd.config.daemon import DaemonConfig, config_path, load_config
 from virtbackupd.config.policy import load_policies, missing_dirs, policy_files
-from virtbackupd.core.policy import coverage
-from virtbackupd.errors import ConfigError
+from virtbackupd.core.domain_xml import parse_domain
+from virtbackupd.core.plan import nothing_to_back_up
+from virtbackupd.core.policy import Policy, coverage
+from virtbackupd.errors import ConfigError, DomainNotFoundError, VirtBackupError
 
 
 async def policy_check(args: argparse.Namespace) -> int:
-    """Errors: a file that does not load, a domain two policies govern.
+    """Errors: a file that does not load, a domain two policies govern, a
+    governed domain none of whose disks its policy would back up (each of
+    its backups would fail).
     Warnings: a pattern that matches no domain, a missing or empty policy
     folder, libvirt unreachable (then only the files are checked)."""
     warnings: list[str] = []
@@ -47,6 +53,7 @@ async def policy_check(args: argparse.Namespace) -> int:
         cov = coverage(policies, domains)
         errors += cov.errors
         warnings += cov.warnings
+        errors += await _nothing_backed_up(uri, cov.governed, {u: n for n, u in domains})
     for e in errors:
         print(f"virtbackup: error: {e}", file=sys.stderr)
     for w in warnings:
@@ -65,3 +72,31 @@ async def policy_check(args: argparse.Namespace) -> int:
         for p in policies:
             print(f"ok: {p.source}")
     return 2 if errors else 0
+
+
+async def _nothing_backed_up(
+    uri: str, governed: Mapping[str, Policy], names: Mapping[str, str]
+) -> list[str]:
+    """A governed domain whose every disk its policy skips: an error, not
+    a warning, because every scheduled backup of it would fail."""
+    out = []
+    try:
+        async with await Libvirt.open(uri) as lv:
+            for uuid, policy in governed.items():
+                try:
+                    ref = await lv.domain(uuid)
+                    xml = await lv.xml(ref, inactive=True)
+                except DomainNotFoundError:
+                    continue  # undefined since the listing
+                why = nothing_to_back_up(
+                    parse_domain(xml, f"domain XML of {ref.name}").disks, policy
+                )
+                if why is not None:
+                    out.append(
+                        f"{policy.source}: domain '{names.get(uuid, uuid)}' would have nothing "
+                        f"backed up: {why}; back up a disk of it (disks.raw: full, include, "
+                        "exclude) or leave it out (exclude_domains)"
+                    )
+    except VirtBackupError as exc:
+        out.append(f"libvirt at {uri}: cannot read the governed domains' disks: {exc}")
+    return out

@@ -189,8 +189,6 @@ async def mount(args: argparse.Namespace, config: DaemonConfig, store: Store) ->
         print(f"  {m.path}  ({m.label}, {m.fstype})")
     for n in result.notes:
         print(f"  {n}")
-    if not result.mounted:
-        print("  no filesystem could be mounted; `virtbackup umount` releases the exports")
     return 0
 
 

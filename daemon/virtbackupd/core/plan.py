@@ -25,6 +25,8 @@ class CheckpointView:
 
     known: frozenset[str]  # checkpoint names libvirt has metadata for
     broken: frozenset[str] = frozenset()  # bitmaps missing or inconsistent
+    # removed because `restore --in-place` wrote over the disks they described
+    overwritten: frozenset[str] = frozenset()
     bitmaps: Mapping[str, frozenset[str]] = field(default_factory=dict)  # disk -> bitmap names
 
 
@@ -94,6 +96,11 @@ def plan_backup(
             f"the last backup {last.id} is in another repository ({last.path}): "
             f"the target is now {repository}"
         )
+    if parent in view.overwritten:
+        return full(
+            f"the disks were restored in place after checkpoint {parent} (backup {last.id}): "
+            "no bitmap describes them now"
+        )
     if parent in view.broken:
         return full(f"checkpoint {parent} has inconsistent or missing bitmaps (crash?)")
     if policy.max_incrementals == 0:
@@ -152,6 +159,18 @@ def plan_backup(
             redefine=missing,
         )
     return incremental
+
+
+def nothing_to_back_up(disks: Sequence[DomainDisk], policy: Policy) -> str | None:
+    """Why every backup of a domain with `disks` under `policy` would fail
+    for want of a disk to back up (every disk skipped: raw under `raw:
+    skip`, excluded, read-only, ...), or None when some disk would be
+    backed up. What `policy check` asks before the schedule finds out."""
+    try:
+        _with_disks(Plan(Level.FULL, "", "check", None, None, ()), disks, policy)
+    except PlanError as exc:
+        return str(exc)
+    return None
 
 
 def _inside(path: str, folder: str) -> bool:

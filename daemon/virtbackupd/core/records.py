@@ -18,7 +18,9 @@ class BackupStatus(StrEnum):
 
 class CheckpointStatus(StrEnum):
     ACTIVE = "active"  # exists in libvirt, bitmaps trusted
-    DELETED = "deleted"  # removed (failed backup, broken bitmaps, pruned)
+    DELETED = "deleted"  # removed: a failed backup's, broken bitmaps, forget-checkpoints
+    PRUNED = "pruned"  # its backup was pruned: removed on purpose, nothing is wrong
+    OVERWRITTEN = "overwritten"  # `restore --in-place` wrote over the disks it described
 
 
 @dataclass(frozen=True)

@@ -387,6 +387,9 @@ class Job:
                 known=frozenset(cp.name for cp in libvirt_cps),
                 # Checkpoints we gave up on (bitmaps broken) stay untrusted.
                 broken=frozenset(cp.name for cp in stored if cp.status is CheckpointStatus.DELETED),
+                overwritten=frozenset(
+                    cp.name for cp in stored if cp.status is CheckpointStatus.OVERWRITTEN
+                ),
             ),
             want=want or self.want,
             sizes=sizes,

@@ -195,7 +195,13 @@ class OnlineExport:
                 "the guest agent did not answer; backing up without quiesce", error=str(exc)
             )
             return False
-        self.job.log.info("guest file systems frozen", count=count)
+        if count == 0:
+            # An agent with nothing mounted it can freeze (a guest on a
+            # ramdisk, file systems it does not know): the backup is
+            # crash-consistent, and "frozen count=0" would read as a quiesce.
+            self.job.log.info("no guest file system frozen (the agent reported none)")
+        else:
+            self.job.log.info("guest file systems frozen", count=count)
         return True
 
     async def _sizes(self, choices: Sequence[DiskChoice]) -> dict[str, int]:

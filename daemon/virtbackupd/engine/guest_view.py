@@ -220,6 +220,10 @@ async def mount_backup(
                 notes.append(f"{v.region.label}: not mounted: {exc}")
                 continue
             mounted.append(Mounted(v.region.label, v.fstype, target))
+        if not mounted:
+            # A hold on nothing to look at would keep prune off the chain
+            # until someone thinks of `umount`: undone below, and said so.
+            _nothing_mounted(hold.backup_id, notes)
     except BaseException:
         with contextlib.suppress(VirtBackupError):
             await _unmount_all(mountpoint)
@@ -231,6 +235,13 @@ async def mount_backup(
         "backup mounted", backup=hold.backup_id, mountpoint=str(mountpoint), volumes=len(mounted)
     )
     return MountResult(hold, tuple(mounted), tuple(notes))
+
+
+def _nothing_mounted(backup_id: str, notes: Sequence[str]) -> None:
+    raise VirtBackupError(
+        f"backup {backup_id}: no filesystem could be mounted "
+        f"({'; '.join(notes) or 'no volume found'}); nothing is left mounted or held"
+    )
 
 
 async def _unmount_all(mountpoint: Path) -> None:

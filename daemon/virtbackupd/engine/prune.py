@@ -49,6 +49,8 @@ from virtbackupd.adapters.repository import (
 )
 from virtbackupd.adapters.store import Store
 from virtbackupd.config.daemon import DaemonConfig
+from virtbackupd.core.backup_documents import is_own_checkpoint
+from virtbackupd.core.domain_xml import parse_domain
 from virtbackupd.core.merge_plan import (
     Consolidate,
     Layer,
@@ -61,6 +63,7 @@ from virtbackupd.core.merge_plan import (
 from virtbackupd.core.policy import Policy, Retention
 from virtbackupd.core.records import CheckpointStatus
 from virtbackupd.core.retention import Point, Verdict, decide
+from virtbackupd.engine import own_checkpoints, vm_starts
 from virtbackupd.engine.domain_job import domain_job
 from virtbackupd.engine.merge_digests import check_inputs, merged_disks
 from virtbackupd.errors import PruneError, VirtBackupError
@@ -149,8 +152,12 @@ async def prune_domain(
             "this touches; restore what you need from them, then remove their folders"
         ) from exc
     result = PruneResult(uuid, tuple(verdicts), tuple(ops), dry_run, replayed, earlier)
-    if dry_run or not ops:
+    if dry_run:
         return result
+    if not ops:
+        # Nothing to prune now; checkpoints earlier prunes left still go.
+        swept = await _drop_checkpoints(store, uuid, libvirt, [])
+        return replace(result, removed_checkpoints=earlier + swept)
     manifests = {m.id: m for m in found}
     await check_inputs(domain_dir, ops, manifests, runtime_dir)
     await _check_space(domain_dir, ops, manifests)
@@ -473,21 +480,63 @@ async def _drop_checkpoints(
     store: Store, uuid: str, libvirt: Libvirt | None, names: Sequence[str]
 ) -> tuple[str, ...]:
     """The checkpoints of pruned backups are of no further use; removing
-    them (with their bitmaps) keeps QEMU from tracking writes for nothing.
-    Only while the domain runs: an inactive domain's are left for later."""
-    if libvirt is None or not names:
+    them with their bitmaps keeps QEMU from tracking writes for nothing and
+    `checkpoints` from listing them as live. A running domain's go through
+    libvirt, bitmaps and all. A shut-off domain's images are held against a
+    start (engine.vm_starts) while libvirt drops the metadata and qemu-img
+    removes the bitmaps from the images. Checkpoints an earlier prune could
+    not remove (a start under way, libvirt unreachable, an older version
+    that left a shut-off domain's alone) go too: their backups are gone
+    from the store while the store still calls them active. Each bitmap is
+    a record of writes since its own checkpoint (libvirt keeps them all
+    enabled), so removing one changes no other."""
+    if libvirt is None:
         return ()
     try:
         ref = await libvirt.domain(uuid)
-        if not await libvirt.is_running(ref):
+        names = sorted(set(names) | await _left_by_earlier_prunes(store, uuid))
+        if not names:
             return ()
+        async with vm_starts.running_or_held(libvirt, ref) as running:
+            known = {cp.name for cp in await libvirt.checkpoints(ref)}
+            for name in names:
+                if name not in known:
+                    continue
+                if running:
+                    await libvirt.delete_checkpoint(ref, name)
+                else:
+                    await own_checkpoints.delete_checkpoint(libvirt, ref, name)
+            if not running:
+                xml = await libvirt.xml(ref, inactive=True)
+                info = parse_domain(xml, f"domain XML of {ref.name}")
+                for image in own_checkpoints.qcow2_images(info):
+                    for name in names:
+                        await own_checkpoints.remove_bitmap(image, name)
         for name in names:
-            await libvirt.delete_checkpoint(ref, name)
-            await store.set_checkpoint_status(uuid, name, CheckpointStatus.DELETED)
+            await store.set_checkpoint_status(uuid, name, CheckpointStatus.PRUNED)
     except VirtBackupError as exc:
-        log.warning("could not remove checkpoints of pruned backups", error=str(exc))
+        log.warning(
+            "could not remove checkpoints of pruned backups (the next prune tries again)",
+            domain_uuid=uuid,
+            error=str(exc),
+        )
         return ()
     return tuple(names)
+
+
+async def _left_by_earlier_prunes(store: Store, uuid: str) -> set[str]:
+    """Our checkpoints the store calls active whose backup it no longer
+    has: a prune removed the backup but not the checkpoint. (A running
+    backup's checkpoint has its backup's row from the start; the caller
+    holds the domain's lock anyway.)"""
+    backed = {b.checkpoint for b in await store.backups(uuid) if b.checkpoint}
+    return {
+        cp.name
+        for cp in await store.checkpoints(uuid)
+        if cp.status is CheckpointStatus.ACTIVE
+        and is_own_checkpoint(cp.name)
+        and cp.name not in backed
+    }
 
 
 __all__ = ["PruneResult", "describe", "finish_interrupted", "prune_domain", "prune_under_policy"]

@@ -636,7 +636,8 @@ async def forget_checkpoints(
             await qemu_img.bitmap(image, bitmap, remove=True)
     for stored in await store.checkpoints(ref.uuid):
         if stored.status is CheckpointStatus.ACTIVE:
-            await store.set_checkpoint_status(ref.uuid, stored.name, CheckpointStatus.DELETED)
+            # Not "deleted": the next backup's reason names the restore, not a crash.
+            await store.set_checkpoint_status(ref.uuid, stored.name, CheckpointStatus.OVERWRITTEN)
 
 
 def of_disk(progress: ProgressFn | None, disk: str) -> Callable[[CopyProgress], None] | None:
