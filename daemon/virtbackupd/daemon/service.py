@@ -39,6 +39,7 @@ from virtbackupd.core.policy import Level, Policy, policy_for
 from virtbackupd.core.records import BackupRecord, BackupStatus
 from virtbackupd.daemon import decisions
 from virtbackupd.daemon.decisions import Trigger
+from virtbackupd.daemon.single import hold_daemon_lock
 from virtbackupd.daemon.status_file import DaemonStatus, DomainState, remove_status, write_status
 from virtbackupd.engine import catalogue, guest_view, live_restore, own_checkpoints, vm_starts
 from virtbackupd.engine.backup import BackupContext, backup_domain
@@ -517,10 +518,19 @@ class Service:
         self.notifier.reloading()
 
     async def run(self) -> int:
-        logs.configure(self.config.log_level, logs.daemon_format(self.config.log_format))
         # QEMU passes through these to its job folders (UMask=0077 would
         # make them 0700); an existing one keeps its mode.
         host_folders.make_passable(self.config.runtime_dir)
+        # First of all, before a clean-up, a status file or a schedule: a
+        # second daemon on this config stops here (held until we exit).
+        lock = hold_daemon_lock(self.config.runtime_dir)
+        try:
+            return await self._run()
+        finally:
+            os.close(lock)
+
+    async def _run(self) -> int:
+        logs.configure(self.config.log_level, logs.daemon_format(self.config.log_format))
         host_folders.make_passable(self.config.scratch_dir)
         priority.apply(self.config.priority)
         self._load_policies(at_start=True)
