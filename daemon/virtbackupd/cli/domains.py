@@ -38,8 +38,14 @@ async def domain_of(store: Store, config: DaemonConfig, name_or_uuid: str) -> Do
 
 async def libvirt_domains(uri: str) -> list[tuple[str, str]] | None:
     """(name, uuid) of every domain, or None when libvirt is unreachable."""
+    return (await libvirt_domains_or_why(uri))[0]
+
+
+async def libvirt_domains_or_why(uri: str) -> tuple[list[tuple[str, str]] | None, str | None]:
+    """(name, uuid) of every domain and None; or None and why libvirt
+    cannot be asked."""
     try:
         async with await Libvirt.open(uri) as lv:
-            return [(d.name, d.uuid) for d in await lv.domains()]
-    except VirtBackupError:
-        return None
+            return [(d.name, d.uuid) for d in await lv.domains()], None
+    except VirtBackupError as exc:
+        return None, str(exc)

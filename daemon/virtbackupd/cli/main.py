@@ -28,10 +28,11 @@ from virtbackupd.adapters.libvirt_conn import Libvirt
 from virtbackupd.adapters.repository import Repository
 from virtbackupd.adapters.store import Store
 from virtbackupd.cli import listing
-from virtbackupd.cli.catalogue import policies, policy_set, reconcile_catalogue, reindex_command
-from virtbackupd.cli.domains import domain_of, libvirt_domains
+from virtbackupd.cli.catalogue import policy_set, reconcile_catalogue, reindex_command
+from virtbackupd.cli.domains import domain_of, libvirt_domains_or_why
 from virtbackupd.cli.progress import ProgressLine, progress_text
 from virtbackupd.config.daemon import DaemonConfig, config_path, load_config
+from virtbackupd.config.policy import file_digests, policy_files
 from virtbackupd.core.policy import Level, Policy, policy_for
 from virtbackupd.core.records import BackupRecord, BackupStatus, DomainRecord
 from virtbackupd.engine.backup import BackupContext, JobProgress, backup_domain
@@ -667,20 +668,35 @@ async def _list(args: argparse.Namespace, config: DaemonConfig, store: Store) ->
 async def _status(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
     from virtbackupd.cli import recovery
     from virtbackupd.cli import status as status_view
-    from virtbackupd.daemon.status_file import read_status
+    from virtbackupd.daemon.status_file import probe_status
 
-    daemon = read_status(config.runtime_dir)
+    daemon, daemon_unknown = probe_status(config.runtime_dir)
     # The daemon's view of libvirt's domains when it runs; else ask libvirt.
-    domains = None if daemon is not None else await libvirt_domains(config.libvirt_uri)
+    domains, libvirt_error = (
+        (None, None) if daemon is not None else await libvirt_domains_or_why(config.libvirt_uri)
+    )
     seen: dict[Path, Standing] = {}
 
     def unrestorable(b: BackupRecord) -> str | None:
         s = standing(Path(b.path), seen) if b.path else None
         return None if s is None or s.restorable else s.why()
 
-    rows, unmanaged = status_view.build_rows(
-        datetime.now(UTC), await store.backups(), policies(config), domains, daemon, unrestorable
+    on_disk = policy_set(config, quiet=True)
+    notes = status_view.policy_file_notes(
+        daemon.policy_files if daemon is not None else None,
+        file_digests(policy_files(config.policy_dirs)),
+        {str(r.source): r.problem for r in on_disk.rejected},
     )
+    rows, unmanaged = status_view.build_rows(
+        datetime.now(UTC),
+        await store.backups(),
+        on_disk,
+        domains,
+        daemon,
+        unrestorable,
+        notes,
+    )
+    reach = status_view.Reach(config.libvirt_uri, libvirt_error, daemon_unknown, notes)
     running = [
         replace(j, interrupted=not backup_owner_alive(config.runtime_dir, j.domain_uuid))
         for j in await store.running_progress()
@@ -694,7 +710,7 @@ async def _status(args: argparse.Namespace, config: DaemonConfig, store: Store) 
     finally:
         if lv is not None:
             await lv.close()
-    text = status_view.render(daemon, rows, unmanaged, running, args.json)
+    text = status_view.render(daemon, rows, unmanaged, running, args.json, reach)
     if args.json:
         data = json.loads(text)
         data["holds"] = holds

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid as uuidlib
 from collections.abc import Iterable, Sequence
@@ -183,6 +184,18 @@ def policy_files(dirs: Iterable[Path]) -> list[Path]:
         if d.is_dir():
             files += sorted(p for p in d.iterdir() if p.suffix in (".yaml", ".yml"))
     return files
+
+
+def file_digests(files: Iterable[Path]) -> dict[str, str]:
+    """file -> SHA-256 of its bytes now ("" when it cannot be read): what
+    `status` compares with the files the daemon loaded."""
+    out = {}
+    for f in files:
+        try:
+            out[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
+        except OSError:
+            out[str(f)] = ""
+    return out
 
 
 def missing_dirs(dirs: Iterable[Path]) -> list[Path]:
