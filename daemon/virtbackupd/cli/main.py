@@ -29,7 +29,13 @@ from virtbackupd.adapters.repository import Repository
 from virtbackupd.adapters.store import Store
 from virtbackupd.cli import listing
 from virtbackupd.cli.catalogue import policy_set, reconcile_catalogue, reindex_command
-from virtbackupd.cli.domains import domain_of, libvirt_domains_or_why
+from virtbackupd.cli.domains import (
+    describe_domains,
+    domain_of,
+    domains_named,
+    libvirt_domains_or_why,
+    the_domain,
+)
 from virtbackupd.cli.progress import ProgressLine, progress_text
 from virtbackupd.config.daemon import DaemonConfig, config_path, load_config
 from virtbackupd.config.policy import file_digests, policy_files
@@ -599,7 +605,7 @@ async def _prune(args: argparse.Namespace, config: DaemonConfig, store: Store) -
 async def _verify(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
     from virtbackupd.engine.verify import verify_filesystems, verify_recorded
 
-    uuid = (await domain_of(store, config, args.domain)).uuid if args.domain else None
+    uuid = (await the_domain(store, config, args.domain, args.backup)).uuid if args.domain else None
     backups = [
         b
         for b in await store.backups(uuid, status=BackupStatus.COMPLETE)
@@ -651,15 +657,26 @@ async def _verify(args: argparse.Namespace, config: DaemonConfig, store: Store) 
 
 
 async def _list(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
-    uuid = (await domain_of(store, config, args.domain)).uuid if args.domain else None
-    found = listing.listing(
-        await store.backups(uuid),
-        show_failed=args.all,
-        alive=lambda u: backup_owner_alive(config.runtime_dir, u),
-    )
+    """One domain's backups, or a name's: every domain that has borne it,
+    each domain's backups together (oldest domain first), and in text a
+    line where the UUID changes."""
+    doms = await domains_named(store, config, args.domain) if args.domain else [None]
+    groups = []
+    for dom in doms:
+        found = listing.listing(
+            await store.backups(dom.uuid if dom else None),
+            show_failed=args.all,
+            alive=lambda u: backup_owner_alive(config.runtime_dir, u),
+        )
+        groups.append((dom, found))
     if args.json:
-        print(json.dumps([x.as_json() for x in found], indent=2))
-    else:
+        print(json.dumps([x.as_json() for _, found in groups for x in found], indent=2))
+        return 0
+    if len(groups) > 1:
+        now, _ = await libvirt_domains_or_why(config.libvirt_uri)
+    for dom, found in groups:
+        if len(groups) > 1 and dom is not None:
+            print(f"--- domain {describe_domains([dom], now)}: {len(found)} backups")
         for x in found:
             print(listing.line(x))
     return 0
