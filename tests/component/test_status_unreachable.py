@@ -15,6 +15,8 @@ from testbed.cli import run_cli
 from testbed.repo_builder import BuiltDomain, MiB
 from virtbackupd.adapters.store import Store
 from virtbackupd.cli.main import main as cli
+from virtbackupd.cli.status import Reach, render
+from virtbackupd.daemon.status_file import STATUS_FILE, DaemonStatus, probe_status, write_status
 
 NO_LIBVIRT = "qemu+unix:///system?socket=/nonexistent/virtbackupd-test/libvirt-sock"
 
@@ -58,3 +60,21 @@ def test_status_says_libvirt_is_unreachable_and_names_a_broken_policy(
     assert "which domains are defined, and which are unmanaged, is not known" in text, text
     assert f"policy file {broken}: rejected: {broken}:2:" in text, text
     assert "none governs it now" not in text, text
+
+
+def test_a_status_file_that_cannot_be_read_is_said_not_taken_for_no_daemon(
+    tmp_path: Path,
+) -> None:
+    """No file, or one a dead process left: no daemon runs. A file that is
+    there and cannot be read: whether a daemon runs is not known, and
+    `status` says so instead of "not running"."""
+    assert probe_status(tmp_path) == (None, None)
+    dead = DaemonStatus(2**22 + 1, "t", "qemu:///system", True, {})  # above pid_max
+    write_status(tmp_path, dead)
+    assert probe_status(tmp_path) == (None, None)
+    (tmp_path / STATUS_FILE).write_text("{not json")
+    daemon, why = probe_status(tmp_path)
+    assert daemon is None and why is not None and str(tmp_path / STATUS_FILE) in why
+    text = render(None, [], [], [], as_json=False, reach=Reach("qemu:///system", None, why))
+    assert text.startswith(f"daemon: NOT known: {tmp_path / STATUS_FILE}"), text
+    assert "not running" not in text, text
