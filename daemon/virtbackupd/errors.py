@@ -8,6 +8,7 @@ and the daemon turn them into exit codes and log lines.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 
 class VirtBackupError(Exception):
@@ -113,6 +114,21 @@ class DomainStartingError(BackupBusyError):
     """The domain is being started: an offline backup yields its images to
     QEMU (refused before it begins, or cancelled and cleaned up while it
     runs). Retried like any busy domain, then taken online."""
+
+
+class DaemonRunningError(VirtBackupError):
+    """Another virtbackupd runs on this config (it holds the daemon lock):
+    exit code 2, before anything is touched. ``pid`` is None when that
+    process has taken the lock and not yet written its pid."""
+
+    def __init__(self, lock: Path, pid: int | None) -> None:
+        who = f"pid {pid}" if pid is not None else "a process just starting"
+        super().__init__(
+            f"another virtbackupd runs on this config ({who}, holding {lock}); "
+            "one daemon per config: stop that one first (`systemctl stop virtbackupd`)"
+        )
+        self.lock = lock
+        self.pid = pid
 
 
 class ScratchSpaceError(VirtBackupError):

@@ -381,6 +381,18 @@ class Store:
         )
         return await self.domain(rows[0]["uuid"]) if rows else None
 
+    async def domains_named(self, name: str) -> list[DomainRecord]:
+        """Every domain that has borne `name`: named so now in the
+        catalogue, or backed up under it (a VM re-created under the same
+        name has a new UUID; a renamed one kept its UUID); oldest first."""
+        rows = await self._fetchall(
+            """SELECT uuid FROM domains WHERE name = ?
+               UNION SELECT DISTINCT domain_uuid FROM backups WHERE domain_name = ?""",
+            (name, name),
+        )
+        found = [d for r in rows if (d := await self.domain(r["uuid"])) is not None]
+        return sorted(found, key=lambda d: (d.first_seen, d.uuid))
+
     # --- checkpoints -----------------------------------------------------------------
     async def set_checkpoint_status(
         self, domain_uuid: str, name: str, status: CheckpointStatus

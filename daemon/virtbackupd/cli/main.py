@@ -28,10 +28,17 @@ from virtbackupd.adapters.libvirt_conn import Libvirt
 from virtbackupd.adapters.repository import Repository
 from virtbackupd.adapters.store import Store
 from virtbackupd.cli import listing
-from virtbackupd.cli.catalogue import policies, policy_set, reconcile_catalogue, reindex_command
-from virtbackupd.cli.domains import domain_of, libvirt_domains
+from virtbackupd.cli.catalogue import policy_set, reconcile_catalogue, reindex_command
+from virtbackupd.cli.domains import (
+    describe_domains,
+    domain_of,
+    domains_named,
+    libvirt_domains_or_why,
+    the_domain,
+)
 from virtbackupd.cli.progress import ProgressLine, progress_text
 from virtbackupd.config.daemon import DaemonConfig, config_path, load_config
+from virtbackupd.config.policy import file_digests, policy_files
 from virtbackupd.core.policy import Level, Policy, policy_for
 from virtbackupd.core.records import BackupRecord, BackupStatus, CheckpointStatus, DomainRecord
 from virtbackupd.engine.backup import BackupContext, JobProgress, backup_domain
@@ -598,7 +605,7 @@ async def _prune(args: argparse.Namespace, config: DaemonConfig, store: Store) -
 async def _verify(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
     from virtbackupd.engine.verify import verify_filesystems, verify_recorded
 
-    uuid = (await domain_of(store, config, args.domain)).uuid if args.domain else None
+    uuid = (await the_domain(store, config, args.domain, args.backup)).uuid if args.domain else None
     backups = [
         b
         for b in await store.backups(uuid, status=BackupStatus.COMPLETE)
@@ -650,15 +657,26 @@ async def _verify(args: argparse.Namespace, config: DaemonConfig, store: Store) 
 
 
 async def _list(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
-    uuid = (await domain_of(store, config, args.domain)).uuid if args.domain else None
-    found = listing.listing(
-        await store.backups(uuid),
-        show_failed=args.all,
-        alive=lambda u: backup_owner_alive(config.runtime_dir, u),
-    )
+    """One domain's backups, or a name's: every domain that has borne it,
+    each domain's backups together (oldest domain first), and in text a
+    line where the UUID changes."""
+    doms = await domains_named(store, config, args.domain) if args.domain else [None]
+    groups = []
+    for dom in doms:
+        found = listing.listing(
+            await store.backups(dom.uuid if dom else None),
+            show_failed=args.all,
+            alive=lambda u: backup_owner_alive(config.runtime_dir, u),
+        )
+        groups.append((dom, found))
     if args.json:
-        print(json.dumps([x.as_json() for x in found], indent=2))
-    else:
+        print(json.dumps([x.as_json() for _, found in groups for x in found], indent=2))
+        return 0
+    if len(groups) > 1:
+        now, _ = await libvirt_domains_or_why(config.libvirt_uri)
+    for dom, found in groups:
+        if len(groups) > 1 and dom is not None:
+            print(f"--- domain {describe_domains([dom], now)}: {len(found)} backups")
         for x in found:
             print(listing.line(x))
     return 0
@@ -667,20 +685,35 @@ async def _list(args: argparse.Namespace, config: DaemonConfig, store: Store) ->
 async def _status(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
     from virtbackupd.cli import recovery
     from virtbackupd.cli import status as status_view
-    from virtbackupd.daemon.status_file import read_status
+    from virtbackupd.daemon.status_file import probe_status
 
-    daemon = read_status(config.runtime_dir)
+    daemon, daemon_unknown = probe_status(config.runtime_dir)
     # The daemon's view of libvirt's domains when it runs; else ask libvirt.
-    domains = None if daemon is not None else await libvirt_domains(config.libvirt_uri)
+    domains, libvirt_error = (
+        (None, None) if daemon is not None else await libvirt_domains_or_why(config.libvirt_uri)
+    )
     seen: dict[Path, Standing] = {}
 
     def unrestorable(b: BackupRecord) -> str | None:
         s = standing(Path(b.path), seen) if b.path else None
         return None if s is None or s.restorable else s.why()
 
-    rows, unmanaged = status_view.build_rows(
-        datetime.now(UTC), await store.backups(), policies(config), domains, daemon, unrestorable
+    on_disk = policy_set(config, quiet=True)
+    notes = status_view.policy_file_notes(
+        daemon.policy_files if daemon is not None else None,
+        file_digests(policy_files(config.policy_dirs)),
+        {str(r.source): r.problem for r in on_disk.rejected},
     )
+    rows, unmanaged = status_view.build_rows(
+        datetime.now(UTC),
+        await store.backups(),
+        on_disk,
+        domains,
+        daemon,
+        unrestorable,
+        notes,
+    )
+    reach = status_view.Reach(config.libvirt_uri, libvirt_error, daemon_unknown, notes)
     running = [
         replace(j, interrupted=not backup_owner_alive(config.runtime_dir, j.domain_uuid))
         for j in await store.running_progress()
@@ -694,7 +727,7 @@ async def _status(args: argparse.Namespace, config: DaemonConfig, store: Store) 
     finally:
         if lv is not None:
             await lv.close()
-    text = status_view.render(daemon, rows, unmanaged, running, args.json)
+    text = status_view.render(daemon, rows, unmanaged, running, args.json, reach)
     if args.json:
         data = json.loads(text)
         data["holds"] = holds

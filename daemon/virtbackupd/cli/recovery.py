@@ -16,7 +16,7 @@ from virtbackupd.adapters.libvirt_conn import Libvirt
 from virtbackupd.adapters.repository import Hold, HoldKind, Repository
 from virtbackupd.adapters.store import Store
 from virtbackupd.cli.catalogue import policies, roots
-from virtbackupd.cli.domains import domain_of
+from virtbackupd.cli.domains import the_domain
 from virtbackupd.config.daemon import DaemonConfig
 from virtbackupd.core.points import parse_time, pick_backup
 from virtbackupd.core.records import BackupRecord, BackupStatus, DomainRecord
@@ -37,7 +37,7 @@ class Chosen:
 
 async def chosen_backup(args: argparse.Namespace, config: DaemonConfig, store: Store) -> Chosen:
     """The backup and disks `DOMAIN [--backup ID | --at TIME] [--disk T]` name."""
-    dom = await domain_of(store, config, args.domain)
+    dom = await the_domain(store, config, args.domain, args.backup)
     at = parse_time(args.at) if args.at else None
     backups = await store.backups(dom.uuid)
     record = pick_backup(backups, args.backup, at)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid as uuidlib
 from collections.abc import Iterable, Sequence
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from virtbackupd.adapters.host_folders import on_pseudo_fs, untrusted_part
-from virtbackupd.config.yamlnodes import FileProblemsError, Source
+from virtbackupd.config.yamlnodes import FileProblemsError, Source, read_untrusted
 from virtbackupd.core.backup_documents import RawDisks
 from virtbackupd.core.cron import parse_cron
 from virtbackupd.core.policy import EventAction, Policy, Quiesce, Rejected, Retention
@@ -183,6 +184,20 @@ def policy_files(dirs: Iterable[Path]) -> list[Path]:
         if d.is_dir():
             files += sorted(p for p in d.iterdir() if p.suffix in (".yaml", ".yml"))
     return files
+
+
+def file_digests(files: Iterable[Path]) -> dict[str, str]:
+    """file -> SHA-256 of its bytes now ("" when it is not read: a FIFO, a
+    device, a link out of its folder, too large; the same untrusted read
+    as loading it): what `status` compares with the files the daemon
+    loaded."""
+    out = {}
+    for f in files:
+        try:
+            out[str(f)] = hashlib.sha256(read_untrusted(f)).hexdigest()
+        except ConfigError:
+            out[str(f)] = ""
+    return out
 
 
 def missing_dirs(dirs: Iterable[Path]) -> list[Path]:

@@ -31,11 +31,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from virtbackupd.config.daemon import config_path
     from virtbackupd.daemon.service import Service
-    from virtbackupd.errors import ConfigError, VirtBackupError
+    from virtbackupd.errors import ConfigError, DaemonRunningError, VirtBackupError
 
     try:
         return asyncio.run(Service(config_path(args.config)).run())
-    except ConfigError as exc:
+    except (ConfigError, DaemonRunningError) as exc:
         print(f"virtbackupd: {exc}", file=sys.stderr)
         return 2
     except VirtBackupError as exc:

@@ -33,13 +33,26 @@ from virtbackupd.adapters.scheduler import Schedules
 from virtbackupd.adapters.sd_notify import Notifier, watchdog_interval
 from virtbackupd.adapters.store import Store
 from virtbackupd.config.daemon import DaemonConfig, load_config, zone_name
-from virtbackupd.config.policy import LoadedPolicies, load_policies, missing_dirs, policy_files
+from virtbackupd.config.policy import (
+    LoadedPolicies,
+    file_digests,
+    load_policies,
+    missing_dirs,
+    policy_files,
+)
 from virtbackupd.core.domain_xml import parse_domain
 from virtbackupd.core.policy import Level, Policy, policy_for
 from virtbackupd.core.records import BackupRecord, BackupStatus
 from virtbackupd.daemon import decisions
 from virtbackupd.daemon.decisions import Trigger
-from virtbackupd.daemon.status_file import DaemonStatus, DomainState, remove_status, write_status
+from virtbackupd.daemon.single import hold_daemon_lock
+from virtbackupd.daemon.status_file import (
+    DaemonStatus,
+    DomainState,
+    EnforcedFile,
+    remove_status,
+    write_status,
+)
 from virtbackupd.engine import catalogue, guest_view, live_restore, own_checkpoints, vm_starts
 from virtbackupd.engine.backup import BackupContext, backup_domain
 from virtbackupd.engine.domain_job import domain_job
@@ -63,6 +76,7 @@ class Service:
         self.config: DaemonConfig = load_config(config_path)
         self.policies: list[Policy] = []
         self.rejected: LoadedPolicies | None = None  # the files that did not load, when adopted
+        self.enforced: dict[str, EnforcedFile] = {}  # what the adopted policies were read from
         self.notifier = Notifier()
         self.notify_dropped_said = False
         self.pending: dict[str, Level] = {}  # domain uuid -> level asked
@@ -112,6 +126,7 @@ class Service:
             log.warning("keeping the previous policies until the files are fixed")
             return
         self.rejected = loaded
+        self.enforced = enforced_files(files, loaded)
         if not files:
             log.warning(
                 "no policy files: no domain is backed up",
@@ -501,6 +516,7 @@ class Service:
                     running=tuple(sorted(self.running)),
                     domains=domains,
                     schedule_timezone=zone_name(self.config.schedule_timezone),
+                    policy_files=self.enforced,
                 ),
             )
         except OSError as exc:
@@ -517,10 +533,19 @@ class Service:
         self.notifier.reloading()
 
     async def run(self) -> int:
-        logs.configure(self.config.log_level, logs.daemon_format(self.config.log_format))
         # QEMU passes through these to its job folders (UMask=0077 would
         # make them 0700); an existing one keeps its mode.
         host_folders.make_passable(self.config.runtime_dir)
+        # First of all, before a clean-up, a status file or a schedule: a
+        # second daemon on this config stops here (held until we exit).
+        lock = hold_daemon_lock(self.config.runtime_dir)
+        try:
+            return await self._run()
+        finally:
+            os.close(lock)
+
+    async def _run(self) -> int:
+        logs.configure(self.config.log_level, logs.daemon_format(self.config.log_format))
         host_folders.make_passable(self.config.scratch_dir)
         priority.apply(self.config.priority)
         self._load_policies(at_start=True)
@@ -685,3 +710,11 @@ class Service:
                     )
                     continue
                 log.warning("cleaned interrupted backups", domain=ref.name, backups=cleaned)
+
+
+def enforced_files(files: Sequence[Path], loaded: LoadedPolicies) -> dict[str, EnforcedFile]:
+    """What each policy file of an adopted set held (its SHA-256, read
+    again right after loading: an edit in between shows as a change, the
+    safe side) and whether it loaded."""
+    bad = {str(r.source) for r in loaded.rejected}
+    return {f: EnforcedFile(digest, f not in bad) for f, digest in file_digests(files).items()}

@@ -26,6 +26,16 @@ class DomainState:
 
 
 @dataclass(frozen=True)
+class EnforcedFile:
+    """A policy file as the daemon read it when it adopted its policies:
+    the SHA-256 of its bytes, and whether it loaded (a file rejected at
+    start is part of the adopted set: the domains it names are skipped)."""
+
+    sha256: str
+    loaded: bool
+
+
+@dataclass(frozen=True)
 class DaemonStatus:
     pid: int
     started: str
@@ -36,6 +46,10 @@ class DaemonStatus:
     # The zone the schedules are read in (docs/configuration.md); next
     # runs are ISO times with that zone's offset.
     schedule_timezone: str = "UTC"
+    # The policy files behind the policies the daemon enforces (path ->
+    # what it read), for `status` to flag files changed on disk since.
+    # None: a daemon older than this field, which did not say.
+    policy_files: dict[str, EnforcedFile] | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -56,6 +70,12 @@ class DaemonStatus:
                     "last_failure": list(d.last_failure) if d.last_failure else None,
                 }
                 for uuid, d in self.domains.items()
+            },
+            "policy_files": None
+            if self.policy_files is None
+            else {
+                path: {"sha256": f.sha256, "loaded": f.loaded}
+                for path, f in self.policy_files.items()
             },
         }
 
@@ -78,6 +98,12 @@ class DaemonStatus:
                     last_failure=_pair(d.get("last_failure")),
                 )
                 for uuid, d in data.get("domains", {}).items()
+            },
+            policy_files=None
+            if data.get("policy_files") is None
+            else {
+                str(path): EnforcedFile(str(f["sha256"]), bool(f["loaded"]))
+                for path, f in data["policy_files"].items()
             },
         )
 
@@ -102,17 +128,32 @@ def remove_status(runtime_dir: Path) -> None:
 
 def read_status(runtime_dir: Path) -> DaemonStatus | None:
     """The running daemon's state; None when no daemon runs (no file, or
-    one left by a daemon that is gone)."""
+    one left by a daemon that is gone) or its file cannot be read."""
+    return probe_status(runtime_dir)[0]
+
+
+def probe_status(runtime_dir: Path) -> tuple[DaemonStatus | None, str | None]:
+    """The running daemon's state, or None and why it cannot be known:
+    (None, None) is "no daemon runs" (no file, or one left by a dead
+    process); (None, why) a status file that exists and cannot be read,
+    so whether a daemon runs is not known."""
+    path = runtime_dir / STATUS_FILE
     try:
-        data = json.loads((runtime_dir / STATUS_FILE).read_text())
+        data = json.loads(path.read_text())
         status = DaemonStatus.from_json(data)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        return None, f"{path}: {exc.strerror or exc}"
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        return None, f"{path}: not a status file this version reads ({exc!r})"
     try:
         os.kill(status.pid, 0)
+    except ProcessLookupError:
+        return None, None
     except OSError:
-        return None
-    return status
+        pass  # it exists (EPERM): a daemon runs
+    return status, None
 
 
 def _pair(value: Any) -> tuple[str, str] | None:
