@@ -594,6 +594,8 @@ class UndoLog:
 # --- failed attempts ---------------------------------------------------------------------
 
 ATTEMPT_FORMAT = "virtbackupd-attempt"
+MAX_NAME_CHARS = 255  # a libvirt domain name is far shorter in practice
+MAX_ERROR_CHARS = 16 * 1024  # what an attempt's error may say
 
 
 @dataclass(frozen=True)
@@ -619,23 +621,42 @@ class FailedAttempt:
             "level": self.level.value,
             "started": self.started.isoformat(),
             "finished": self.finished.isoformat(),
-            "error": self.error,
+            # Cut to what a reader takes (MAX_ERROR_CHARS): a long tool
+            # output must not make the record unreadable.
+            "error": self.error[:MAX_ERROR_CHARS],
             "parent": self.parent,
         }
 
     @classmethod
     def from_json(cls, data: object, path: Path) -> FailedAttempt:
+        """Read from ``<root>/<domain uuid>/.attempts/<backup id>.json``: a
+        rebuilt catalogue records it as a backup row, so its id must be
+        the file's own name, its domain the folder it is in, its parent a
+        backup id, its texts short single lines."""
         f = _Fields(data, path, "")
+        fmt = f.text("format")
+        if fmt != ATTEMPT_FORMAT:
+            raise f.error("format", f"{fmt[:40]!r} is not {ATTEMPT_FORMAT!r}")
+        if f.integer("format_version") > 1:
+            raise f.error("format_version", "newer than this virtbackupd reads (1)")
+        backup_id = f.backup_id("backup_id")
+        if backup_id != path.stem:
+            raise f.error("backup_id", f"{backup_id!r} is not the file's own name {path.stem!r}")
         domain = f.sub("domain")
+        uuid = domain.uuid("uuid")
+        if uuid != path.parent.parent.name:
+            raise domain.error(
+                "uuid", f"{uuid!r} is not the domain folder it is in ({path.parent.parent.name})"
+            )
         return cls(
-            f.text("backup_id"),
-            domain.text("name"),
-            domain.text("uuid"),
+            backup_id,
+            domain.line("name", MAX_NAME_CHARS),
+            uuid,
             f.enum("level", Level),
             f.time("started"),
             f.time("finished"),
-            f.text("error"),
-            f.opt_text("parent"),
+            f.bounded_text("error", MAX_ERROR_CHARS),
+            f.opt_backup_id("parent"),
         )
 
     def as_record(self) -> BackupRecord:
@@ -1151,6 +1172,20 @@ class _Fields:
         if self.data.get(key) is None:
             return None
         return self.text(key)
+
+    def bounded_text(self, key: str, limit: int) -> str:
+        value = self.text(key)
+        if len(value) > limit:
+            raise self.error(key, f"{len(value)} characters, more than {limit}")
+        return value
+
+    def line(self, key: str, limit: int) -> str:
+        """A name shown on one line of a listing or log: not empty, no
+        control characters (a newline would forge the next line)."""
+        value = self.bounded_text(key, limit)
+        if not value or any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise self.error(key, f"{value[:40]!r} is not a name (empty, or control characters)")
+        return value
 
     def integer(self, key: str, default: int | None = None, minimum: int | None = None) -> int:
         value = self._get(key, int, default)
