@@ -13,6 +13,7 @@ project; schemas/ holds its JSON schemas).
     <root>/<domain uuid>/.undo/<backup id>.json  what a running backup must undo
     <root>/<domain uuid>/.attempts/<backup id>.json  a failed attempt
     <root>/<domain uuid>/.prune-journal.json    a prune in progress
+    <root>/.repository.json                     which repository this is (its id)
 
 The folders are the truth; state.db is a catalogue of them. A backup
 counts once its folder is renamed from ``.partial`` to its id (every file
@@ -51,6 +52,8 @@ PRUNE_JOURNAL = ".prune-journal.json"
 UNDO_DIR = ".undo"
 ATTEMPTS_DIR = ".attempts"
 HOLDS_DIR = ".holds"
+IDENTITY = ".repository.json"
+IDENTITY_FORMAT = "virtbackupd-repository"
 BACKUP_FORMAT = "virtbackupd-backup"
 FORMAT_VERSION = 2  # 2: <disk>.pieces beside every image
 READABLE_VERSIONS = (1, 2)
@@ -803,6 +806,53 @@ class Repository:
 
     def domain_dir(self, uuid: str) -> Path:
         return self.root / uuid
+
+    # --- identity ---
+
+    def identity(self) -> str | None:
+        """The repository's id (a UUID in ``.repository.json``), None if it
+        has none yet. A catalogue records it to know which repository it
+        describes (engine.catalogue.check_identity)."""
+        path = self.root / IDENTITY
+        data = _read_json(path, missing_ok=True)
+        if data is None:
+            return None
+        f = _Fields(data, path, "")
+        fmt = f.text("format")
+        if fmt != IDENTITY_FORMAT:
+            raise f.error("format", f"{fmt[:40]!r} is not {IDENTITY_FORMAT!r}")
+        if f.integer("format_version") > 1:
+            raise f.error("format_version", "newer than this virtbackupd reads (1)")
+        return f.uuid("id")
+
+    def make_identity(self) -> str:
+        """The repository's id, given one first if it has none (an existing
+        root only). Two processes doing this at once agree: the file is
+        written aside and linked into place, which fails if one is there."""
+        have = self.identity()
+        if have is not None:
+            return have
+        path = self.root / IDENTITY
+        tmp = self.root / f"{IDENTITY}.{secrets.token_hex(4)}.tmp"
+        text = _json_text(
+            {"format": IDENTITY_FORMAT, "format_version": 1, "id": str(uuidlib.uuid4())}
+        )
+        _write_synced(tmp, text)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process was first: its id stands
+        finally:
+            tmp.unlink()
+        fsync_path(self.root)
+        made = self.identity()
+        assert made is not None
+        return made
+
+    def holds_backups(self) -> bool:
+        """Whether any domain folder is here (an empty or missing root is a
+        repository not yet written, or a share not mounted)."""
+        return bool(self.domain_dirs())
 
     def final_dir(self, uuid: str, backup_id: str) -> Path:
         return self.domain_dir(uuid) / backup_id
