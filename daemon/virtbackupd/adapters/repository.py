@@ -70,7 +70,14 @@ class RepositoryFormatError(VirtBackupError):
 
     def __init__(self, path: Path, problem: str) -> None:
         self.path = path
+        self.problem = problem
         super().__init__(f"{path}: {problem}")
+
+
+#: What an operator does with a refused journal or undo log: its steps
+#: rename and delete folders as root, so nothing of it is ever done, and
+#: only a human can tell a damaged file of ours from a planted one.
+REFUSED_ADVICE = "inspect it and move it out of the repository"
 
 
 log = structlog.get_logger("virtbackupd.repository")
@@ -961,9 +968,19 @@ class Repository:
     # --- the prune journal ---
 
     def journal(self, uuid: str) -> PruneJournal | None:
+        """The domain's unfinished prune, if any. One that cannot be read
+        is refused (RepositoryFormatError saying what to do): the domain's
+        prunes wait on it; everything else goes on."""
         path = self.domain_dir(uuid) / PRUNE_JOURNAL
-        data = _read_json(path, missing_ok=True)
-        return None if data is None else PruneJournal.from_json(data, path)
+        try:
+            data = _read_json(path, missing_ok=True)
+            return None if data is None else PruneJournal.from_json(data, path)
+        except RepositoryFormatError as exc:
+            raise RepositoryFormatError(
+                exc.path,
+                f"{exc.problem}; prune journal refused, nothing of it is done: {REFUSED_ADVICE} "
+                "(this domain's prune, verify and restore wait until then)",
+            ) from exc
 
     def write_journal(self, uuid: str, journal: PruneJournal) -> None:
         _replace_synced(self.domain_dir(uuid) / PRUNE_JOURNAL, _json_text(journal.to_json()))
@@ -998,7 +1015,10 @@ class Repository:
             except RepositoryFormatError as exc:
                 # Never acted on (its steps delete folders as root), never
                 # in the way of anything else: named, and left for a human.
-                log.error("undo log refused; nothing of it is taken back", error=str(exc))
+                log.error(
+                    "undo log refused; nothing of it is taken back",
+                    error=f"{exc}; {REFUSED_ADVICE} (with what it names, if its backup ran)",
+                )
         return out
 
     def drop_undo(self, uuid: str, backup_id: str) -> None:
