@@ -16,6 +16,8 @@ import contextlib
 import json
 import shutil
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -169,3 +171,35 @@ def test_an_empty_root_is_not_given_an_id(
     rc, _, err = _cli(capsys, config, "list")
     assert rc == 0, err
     assert not (root / IDENTITY).exists()
+
+
+def test_the_daemon_refuses_to_start_on_another_repositorys_catalogue(
+    two: tuple[BuiltDomain, BuiltDomain], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The daemon acts on its catalogue's rows at start (leftovers,
+    schedules, prunes): it exits 1 naming the catalogue instead. libvirt's
+    in-process test driver stands in for libvirtd: the refusal comes
+    before anything is asked of it."""
+    a, b = two
+    assert _cli(capsys, _config(a), "list")[0] == 0
+    for f in b.state_db.parent.glob("state.db*"):
+        f.unlink()
+    for f in a.state_db.parent.glob("state.db*"):
+        shutil.copy2(f, b.state_db.parent / f.name)
+    config = _config(b)
+    policies = b.tmp / "policies"
+    policies.mkdir()
+    config.write_text(
+        config.read_text() + f"libvirt_uri: 'test:///default'\npolicy_dirs: [{policies}]\n"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-m", "virtbackupd.daemon.main", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert ran.returncode == 1, ran.stderr
+    last = ran.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"virtbackupd: {b.state_db}: this catalogue describes"), last
+    assert _identity(a.root) in last and "`virtbackup reindex`" in last, last
