@@ -87,6 +87,9 @@ async def test_a_commit_killed_at_any_step_leaves_all_or_nothing(tmp_path: Path,
             qemu_img_compare(tmp_path / f"ref-{new_id}-vda.raw", out, "raw", "raw")
 
 
+FAILED_ID = "20261207T000000.000Z-fa11"
+
+
 async def test_a_lost_or_damaged_catalogue_is_rebuilt_with_failed_attempts(
     tmp_path: Path,
 ) -> None:
@@ -98,18 +101,26 @@ async def test_a_lost_or_damaged_catalogue_is_rebuilt_with_failed_attempts(
         # A failed attempt: its undo log replayed as a failing job does.
         now = datetime.now(UTC)
         await store.start_backup(
-            BackupRecord("x-failed", b.uuid, b.name, Level.INCREMENTAL, BackupStatus.RUNNING,
+            BackupRecord(FAILED_ID, b.uuid, b.name, Level.INCREMENTAL, BackupStatus.RUNNING,
                          None, b.ids[-1], now)
         )  # fmt: skip
         undo = Undo(
-            b.repo, UndoLog("x-failed", b.name, b.uuid, Level.INCREMENTAL, now, parent=b.ids[-1])
+            b.repo,
+            UndoLog(
+                FAILED_ID,
+                b.name,
+                b.uuid,
+                Level.INCREMENTAL,
+                now,
+                parent=b.ids[-1],
+            ),
         )
-        undo.note(UndoKind.PARTIAL, b.repo.partial_dir(b.uuid, "x-failed"))
-        b.repo.create_partial(b.uuid, "x-failed")
+        undo.note(UndoKind.PARTIAL, b.repo.partial_dir(b.uuid, FAILED_ID))
+        b.repo.create_partial(b.uuid, FAILED_ID)
         await replay(None, store, b.repo, None, undo.log, "the disk fell off", now,
                      images=Images.LEAVE)  # fmt: skip
         before = {r.id: r for r in await store.backups(b.uuid)}
-    assert before["x-failed"].status is BackupStatus.FAILED
+    assert before[FAILED_ID].status is BackupStatus.FAILED
 
     for damage in ("delete", "garbage"):
         for f in b.state_db.parent.glob("state.db*"):

@@ -94,7 +94,7 @@ class Damaged:
                 now - timedelta(days=400),
                 now - timedelta(days=400),
                 "interrupted: the backup process died",
-                parent="20191231T000000.000Z-gone",
+                parent="20191231T000000.000Z-0000",
             )
         )
         torn = a.folder(a.ids[2]) / "manifest.json"

@@ -83,7 +83,9 @@ async def built(tmp_path: Path) -> BuiltDomain:
                 store, domain_dir, Retention(keep_last=2), None, b.runtime, step=stop
             )
     b.repo.record_attempt(
-        FailedAttempt("x-failed", b.name, b.uuid, Level.INCREMENTAL, now, now, "it broke")
+        FailedAttempt(
+            "20261207T000000.000Z-fa11", b.name, b.uuid, Level.INCREMENTAL, now, now, "it broke"
+        )
     )
     newest = b.repo.backups(b.uuid)[-1].manifest.id
     b.repo.add_hold(

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
+import stat
 import struct
 import threading
 from array import array
@@ -114,7 +116,9 @@ class Qcow2Chain:
         path: Path | None = image
         try:
             while path is not None and len(layers) <= MAX_DEPTH:
-                layer, path = _open_layer(path)
+                # A backing file never through a symlink (its name was
+                # checked, the link's target would not be).
+                layer, path = _open_layer(path, follow=not layers)
                 layers.append(layer)
             _check_depth(image, path)
         except BaseException:
@@ -257,17 +261,57 @@ def opened(image: Path) -> Iterator[Qcow2Chain]:
         chain.close()
 
 
+def check_backing_names(image: Path) -> None:
+    """Walk the backing chain of `image` by the names in its headers,
+    checking each as :class:`Qcow2Chain` does (raising Qcow2ReadError),
+    without reading further: for callers about to hand the chain to QEMU's
+    tools (`qemu-img info --backing-chain` opens whatever the name says,
+    and hangs on a FIFO). A header this reader does not read ends the walk
+    quietly: those callers refuse such images themselves."""
+    path: Path | None = image
+    for depth in range(MAX_DEPTH + 1):
+        if path is None:
+            return
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (os.O_NOFOLLOW if depth else 0)
+        try:
+            fd = os.open(path, flags)
+        except OSError as exc:
+            raise _open_error(path, exc) from exc
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise Qcow2ReadError(path, "is not a regular file")
+            head = os.pread(fd, _HEADER.size, 0)
+            if len(head) < _HEADER.size or head[:4] != MAGIC:
+                return
+            _, _, backing_off, backing_len, *_ = _HEADER.unpack_from(head)
+            if not backing_off:
+                return
+            path = path.parent / _backing_name(path, fd, backing_off, backing_len)
+        finally:
+            os.close(fd)
+    _check_depth(image, path)
+
+
+def _open_error(path: Path, exc: OSError) -> Qcow2ReadError:
+    if exc.errno == errno.ELOOP:
+        return Qcow2ReadError(
+            path, "is a symbolic link; a backing file is never followed through one"
+        )
+    return Qcow2ReadError(path, f"cannot open: {exc.strerror or exc}")
+
+
 def _check_depth(image: Path, left: Path | None) -> None:
     if left is not None:
         raise Qcow2ReadError(image, f"its backing chain is over {MAX_DEPTH} files deep (a loop?)")
 
 
-def _open_layer(path: Path) -> tuple[_Layer, Path | None]:
+def _open_layer(path: Path, follow: bool = True) -> tuple[_Layer, Path | None]:
     """One image's header and L1 table, and the path of its backing file."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, flags)
     except OSError as exc:
-        raise Qcow2ReadError(path, f"cannot open: {exc.strerror or exc}") from exc
+        raise _open_error(path, exc) from exc
     try:
         return _parse(path, fd)
     except BaseException:
@@ -276,6 +320,8 @@ def _open_layer(path: Path) -> tuple[_Layer, Path | None]:
 
 
 def _parse(path: Path, fd: int) -> tuple[_Layer, Path | None]:
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        raise Qcow2ReadError(path, "is not a regular file")
     head = os.pread(fd, 4096, 0)
     if len(head) < _HEADER.size or head[:4] != MAGIC:
         raise Qcow2UnsupportedError(path, "not a qcow2 image")
@@ -296,11 +342,10 @@ def _parse(path: Path, fd: int) -> tuple[_Layer, Path | None]:
             raise Qcow2UnsupportedError(path, f"incompatible features {incompat:#x}")
     backing = None
     if backing_off:
-        name = os.pread(fd, backing_len, backing_off).decode()
+        backing = path.parent / _backing_name(path, fd, backing_off, backing_len)
         fmt = _backing_format(head, header_length, (1 << cluster_bits))
         if fmt not in (None, "qcow2"):
             raise Qcow2UnsupportedError(path, f"backing file format {fmt}")
-        backing = path.parent / name  # relative to the image's folder, or absolute
     raw_l1 = os.pread(fd, l1_size * 8, l1_off) if l1_size else b""
     if len(raw_l1) != l1_size * 8:
         raise Qcow2ReadError(path, "L1 table is cut short")
@@ -308,6 +353,32 @@ def _parse(path: Path, fd: int) -> tuple[_Layer, Path | None]:
     with contextlib.suppress(OSError):
         direct = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
     return _Layer(path, fd, direct, size, cluster_bits, _be64(raw_l1)), backing
+
+
+def _backing_name(path: Path, fd: int, offset: int, length: int) -> str:
+    """The image's backing file name, if it is one of the two forms a
+    repository writes: a file beside the image, or ``../<folder>/<file>``
+    (the parent backup's image, engine.backup). The image is untrusted
+    input: an absolute name, or one climbing anywhere else, would make a
+    restore (as root) read a host file as the disk; refused, never
+    followed. Checked before the format, so that no such image is handed
+    to qemu-nbd instead (which would follow it)."""
+    raw = os.pread(fd, min(length, 1024), offset)
+    try:
+        name = raw.decode()
+    except UnicodeDecodeError:
+        raise Qcow2ReadError(path, f"backing file name {raw[:80]!r} is not UTF-8") from None
+    parts = name.split("/")
+    plain = [p not in ("", ".", "..") and "\x00" not in p for p in parts]
+    if length > 1023 or not (
+        (len(parts) == 1 and plain[0]) or (len(parts) == 3 and parts[0] == ".." and all(plain[1:]))
+    ):
+        raise Qcow2ReadError(
+            path,
+            f"backing file name {name[:120]!r} is absolute or leaves the chain's backup "
+            "folders (only <file> or ../<backup folder>/<file> is followed); refused",
+        )
+    return name
 
 
 def _backing_format(head: bytes, header_length: int, cluster: int) -> str | None:
@@ -345,4 +416,10 @@ def _zeroes(n: int) -> memoryview | bytes:
     return memoryview(_ZERO)[:n] if n <= len(_ZERO) else bytes(n)
 
 
-__all__ = ["Qcow2Chain", "Qcow2ReadError", "Qcow2UnsupportedError", "opened"]
+__all__ = [
+    "Qcow2Chain",
+    "Qcow2ReadError",
+    "Qcow2UnsupportedError",
+    "check_backing_names",
+    "opened",
+]

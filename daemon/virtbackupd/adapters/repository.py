@@ -13,6 +13,7 @@ project; schemas/ holds its JSON schemas).
     <root>/<domain uuid>/.undo/<backup id>.json  what a running backup must undo
     <root>/<domain uuid>/.attempts/<backup id>.json  a failed attempt
     <root>/<domain uuid>/.prune-journal.json    a prune in progress
+    <root>/.repository.json                     which repository this is (its id)
 
 The folders are the truth; state.db is a catalogue of them. A backup
 counts once its folder is renamed from ``.partial`` to its id (every file
@@ -51,6 +52,8 @@ PRUNE_JOURNAL = ".prune-journal.json"
 UNDO_DIR = ".undo"
 ATTEMPTS_DIR = ".attempts"
 HOLDS_DIR = ".holds"
+IDENTITY = ".repository.json"
+IDENTITY_FORMAT = "virtbackupd-repository"
 BACKUP_FORMAT = "virtbackupd-backup"
 FORMAT_VERSION = 2  # 2: <disk>.pieces beside every image
 READABLE_VERSIONS = (1, 2)
@@ -67,7 +70,14 @@ class RepositoryFormatError(VirtBackupError):
 
     def __init__(self, path: Path, problem: str) -> None:
         self.path = path
+        self.problem = problem
         super().__init__(f"{path}: {problem}")
+
+
+#: What an operator does with a refused journal or undo log: its steps
+#: rename and delete folders as root, so nothing of it is ever done, and
+#: only a human can tell a damaged file of ours from a planted one.
+REFUSED_ADVICE = "inspect it and move it out of the repository"
 
 
 log = structlog.get_logger("virtbackupd.repository")
@@ -594,6 +604,8 @@ class UndoLog:
 # --- failed attempts ---------------------------------------------------------------------
 
 ATTEMPT_FORMAT = "virtbackupd-attempt"
+MAX_NAME_CHARS = 255  # a libvirt domain name is far shorter in practice
+MAX_ERROR_CHARS = 16 * 1024  # what an attempt's error may say
 
 
 @dataclass(frozen=True)
@@ -619,23 +631,42 @@ class FailedAttempt:
             "level": self.level.value,
             "started": self.started.isoformat(),
             "finished": self.finished.isoformat(),
-            "error": self.error,
+            # Cut to what a reader takes (MAX_ERROR_CHARS): a long tool
+            # output must not make the record unreadable.
+            "error": self.error[:MAX_ERROR_CHARS],
             "parent": self.parent,
         }
 
     @classmethod
     def from_json(cls, data: object, path: Path) -> FailedAttempt:
+        """Read from ``<root>/<domain uuid>/.attempts/<backup id>.json``: a
+        rebuilt catalogue records it as a backup row, so its id must be
+        the file's own name, its domain the folder it is in, its parent a
+        backup id, its texts short single lines."""
         f = _Fields(data, path, "")
+        fmt = f.text("format")
+        if fmt != ATTEMPT_FORMAT:
+            raise f.error("format", f"{fmt[:40]!r} is not {ATTEMPT_FORMAT!r}")
+        if f.integer("format_version") > 1:
+            raise f.error("format_version", "newer than this virtbackupd reads (1)")
+        backup_id = f.backup_id("backup_id")
+        if backup_id != path.stem:
+            raise f.error("backup_id", f"{backup_id!r} is not the file's own name {path.stem!r}")
         domain = f.sub("domain")
+        uuid = domain.uuid("uuid")
+        if uuid != path.parent.parent.name:
+            raise domain.error(
+                "uuid", f"{uuid!r} is not the domain folder it is in ({path.parent.parent.name})"
+            )
         return cls(
-            f.text("backup_id"),
-            domain.text("name"),
-            domain.text("uuid"),
+            backup_id,
+            domain.line("name", MAX_NAME_CHARS),
+            uuid,
             f.enum("level", Level),
             f.time("started"),
             f.time("finished"),
-            f.text("error"),
-            f.opt_text("parent"),
+            f.bounded_text("error", MAX_ERROR_CHARS),
+            f.opt_backup_id("parent"),
         )
 
     def as_record(self) -> BackupRecord:
@@ -783,6 +814,53 @@ class Repository:
     def domain_dir(self, uuid: str) -> Path:
         return self.root / uuid
 
+    # --- identity ---
+
+    def identity(self) -> str | None:
+        """The repository's id (a UUID in ``.repository.json``), None if it
+        has none yet. A catalogue records it to know which repository it
+        describes (engine.catalogue.check_identity)."""
+        path = self.root / IDENTITY
+        data = _read_json(path, missing_ok=True)
+        if data is None:
+            return None
+        f = _Fields(data, path, "")
+        fmt = f.text("format")
+        if fmt != IDENTITY_FORMAT:
+            raise f.error("format", f"{fmt[:40]!r} is not {IDENTITY_FORMAT!r}")
+        if f.integer("format_version") > 1:
+            raise f.error("format_version", "newer than this virtbackupd reads (1)")
+        return f.uuid("id")
+
+    def make_identity(self) -> str:
+        """The repository's id, given one first if it has none (an existing
+        root only). Two processes doing this at once agree: the file is
+        written aside and linked into place, which fails if one is there."""
+        have = self.identity()
+        if have is not None:
+            return have
+        path = self.root / IDENTITY
+        tmp = self.root / f"{IDENTITY}.{secrets.token_hex(4)}.tmp"
+        text = _json_text(
+            {"format": IDENTITY_FORMAT, "format_version": 1, "id": str(uuidlib.uuid4())}
+        )
+        _write_synced(tmp, text)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process was first: its id stands
+        finally:
+            tmp.unlink()
+        fsync_path(self.root)
+        made = self.identity()
+        assert made is not None
+        return made
+
+    def holds_backups(self) -> bool:
+        """Whether any domain folder is here (an empty or missing root is a
+        repository not yet written, or a share not mounted)."""
+        return bool(self.domain_dirs())
+
     def final_dir(self, uuid: str, backup_id: str) -> Path:
         return self.domain_dir(uuid) / backup_id
 
@@ -890,9 +968,19 @@ class Repository:
     # --- the prune journal ---
 
     def journal(self, uuid: str) -> PruneJournal | None:
+        """The domain's unfinished prune, if any. One that cannot be read
+        is refused (RepositoryFormatError saying what to do): the domain's
+        prunes wait on it; everything else goes on."""
         path = self.domain_dir(uuid) / PRUNE_JOURNAL
-        data = _read_json(path, missing_ok=True)
-        return None if data is None else PruneJournal.from_json(data, path)
+        try:
+            data = _read_json(path, missing_ok=True)
+            return None if data is None else PruneJournal.from_json(data, path)
+        except RepositoryFormatError as exc:
+            raise RepositoryFormatError(
+                exc.path,
+                f"{exc.problem}; prune journal refused, nothing of it is done: {REFUSED_ADVICE} "
+                "(this domain's prune, verify and restore wait until then)",
+            ) from exc
 
     def write_journal(self, uuid: str, journal: PruneJournal) -> None:
         _replace_synced(self.domain_dir(uuid) / PRUNE_JOURNAL, _json_text(journal.to_json()))
@@ -927,7 +1015,10 @@ class Repository:
             except RepositoryFormatError as exc:
                 # Never acted on (its steps delete folders as root), never
                 # in the way of anything else: named, and left for a human.
-                log.error("undo log refused; nothing of it is taken back", error=str(exc))
+                log.error(
+                    "undo log refused; nothing of it is taken back",
+                    error=f"{exc}; {REFUSED_ADVICE} (with what it names, if its backup ran)",
+                )
         return out
 
     def drop_undo(self, uuid: str, backup_id: str) -> None:
@@ -1151,6 +1242,20 @@ class _Fields:
         if self.data.get(key) is None:
             return None
         return self.text(key)
+
+    def bounded_text(self, key: str, limit: int) -> str:
+        value = self.text(key)
+        if len(value) > limit:
+            raise self.error(key, f"{len(value)} characters, more than {limit}")
+        return value
+
+    def line(self, key: str, limit: int) -> str:
+        """A name shown on one line of a listing or log: not empty, no
+        control characters (a newline would forge the next line)."""
+        value = self.bounded_text(key, limit)
+        if not value or any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise self.error(key, f"{value[:40]!r} is not a name (empty, or control characters)")
+        return value
 
     def integer(self, key: str, default: int | None = None, minimum: int | None = None) -> int:
         value = self._get(key, int, default)

@@ -134,6 +134,15 @@ MIGRATIONS: Sequence[str] = (
     DROP TABLE checkpoints;
     ALTER TABLE checkpoints_v4 RENAME TO checkpoints;
     """,
+    # 5: the repositories (by the id in their .repository.json) the catalogue
+    # describes, with the root each was last seen at: a catalogue copied
+    # beside another repository is told apart
+    """
+    CREATE TABLE repositories (
+        id TEXT PRIMARY KEY,
+        root TEXT NOT NULL
+    );
+    """,
 )
 
 
@@ -298,6 +307,23 @@ class Store:
                 await self._db.execute(f"PRAGMA user_version = {number + 1}")
 
         await asyncio.shield(self._immediate(upgrade))
+
+    # --- repositories -------------------------------------------------------------
+    async def repository_ids(self) -> dict[str, str]:
+        """The id of each repository the catalogue describes -> its root."""
+        rows = await self._fetchall("SELECT id, root FROM repositories")
+        return {str(r["id"]): str(r["root"]) for r in rows}
+
+    async def record_repository(self, root: Path, repository_id: str) -> None:
+        await self._transaction(
+            [
+                (
+                    "INSERT INTO repositories(id, root) VALUES (?, ?) "
+                    "ON CONFLICT(id) DO UPDATE SET root = excluded.root",
+                    (repository_id, str(root)),
+                )
+            ]
+        )
 
     # --- the one way to the connection ------------------------------------------
     async def _execute(self, sql: str, args: Sequence[object] = ()) -> None:

@@ -15,7 +15,7 @@ from virtbackupd.adapters.store import Store, StoreDamagedError
 from virtbackupd.config.daemon import DaemonConfig
 from virtbackupd.config.policy import LoadedPolicies, load_policies, policy_files
 from virtbackupd.core.policy import Policy
-from virtbackupd.engine.catalogue import reconcile
+from virtbackupd.engine.catalogue import ForeignCatalogueError, check_identity, reconcile
 from virtbackupd.errors import VirtBackupError
 
 
@@ -38,27 +38,55 @@ def roots(config: DaemonConfig, policies: Sequence[Policy]) -> set[Path]:
     return {config.backup_root} | {p.target for p in policies if p.target}
 
 
+def repositories(config: DaemonConfig, quiet: bool = True) -> list[Repository]:
+    return [Repository(root) for root in sorted(roots(config, policies(config, quiet)))]
+
+
+async def check_catalogue(config: DaemonConfig, store: Store) -> None:
+    """Refuse a catalogue that describes another repository (copied or
+    moved beside this backup_root), before anything reads it."""
+    await check_identity(store, repositories(config))
+
+
+def _move_aside(config: DaemonConfig, why: str) -> Path:
+    """The database files renamed beside themselves (kept for inspection,
+    never deleted), so that a new one is built."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    moved = config.state_db.with_name(f"{config.state_db.name}.{why}-{stamp}")
+    for suffix in ("", "-wal", "-shm"):
+        part = Path(f"{config.state_db}{suffix}")
+        if part.exists():
+            part.rename(Path(f"{moved}{suffix}"))
+    return moved
+
+
 async def reindex_command(args: argparse.Namespace, config: DaemonConfig) -> int:
-    """Rebuild the catalogue from the repository. A damaged database is
-    moved aside (kept for inspection, never deleted) and a new one built."""
+    """Rebuild the catalogue from the repository. A damaged database, or
+    one describing another repository, is moved aside (kept for
+    inspection, never deleted) and a new one built, which adopts the
+    repositories it is built from."""
     moved: Path | None = None
     try:
         async with Store.open(config.state_db, create=False) as probe:
             await probe.check_integrity()
+            await check_identity(probe, repositories(config))
     except StoreDamagedError as exc:
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        moved = config.state_db.with_name(f"{config.state_db.name}.damaged-{stamp}")
-        for suffix in ("", "-wal", "-shm"):
-            part = Path(f"{config.state_db}{suffix}")
-            if part.exists():
-                part.rename(Path(f"{moved}{suffix}"))
+        moved = _move_aside(config, "damaged")
         print(f"virtbackup: {exc.path}: damaged ({exc}); moved aside to {moved}", file=sys.stderr)
+    except ForeignCatalogueError as exc:
+        moved = _move_aside(config, "foreign")
+        print(
+            f"virtbackup: {exc.path}: describes repository {', '.join(exc.recorded)}, not the "
+            f"one at {exc.root}; moved aside to {moved}",
+            file=sys.stderr,
+        )
     except VirtBackupError:
         pass  # no database yet: reindex creates it
     backups = attempts = 0
     unreadable: list[str] = []
     problems: list[str] = []
     async with Store.open(config.state_db) as store:
+        await check_identity(store, repositories(config))
         for root in sorted(roots(config, policies(config))):
             found = await reconcile(store, Repository(root))
             backups += len(found.recorded)

@@ -28,7 +28,12 @@ from virtbackupd.adapters.libvirt_conn import Libvirt
 from virtbackupd.adapters.repository import Repository
 from virtbackupd.adapters.store import Store
 from virtbackupd.cli import listing
-from virtbackupd.cli.catalogue import policy_set, reconcile_catalogue, reindex_command
+from virtbackupd.cli.catalogue import (
+    check_catalogue,
+    policy_set,
+    reconcile_catalogue,
+    reindex_command,
+)
 from virtbackupd.cli.domains import (
     describe_domains,
     domain_of,
@@ -286,6 +291,7 @@ async def _run(args: argparse.Namespace) -> int:
     if args.command == "reindex":
         return await reindex_command(args, config)
     async with Store.open(config.state_db) as store:
+        await check_catalogue(config, store)
         if args.command in ("list", "status", "verify", "prune", "restore", "mount"):
             await reconcile_catalogue(config, store)
         if args.command in ("mount", "umount"):

@@ -558,6 +558,9 @@ class Service:
             Store.open(self.config.state_db) as store,
             EventSource(self.config.libvirt_uri) as source,
         ):
+            # A catalogue of another repository is refused (the daemon
+            # exits naming it): its rows would be acted on here.
+            await catalogue.check_identity(store, self._repositories())
             await self._reconcile_catalogue(store)
             await sweep_runtime(self.config.runtime_dir)
             # The hook acts only where this folder exists (tmpfiles makes it

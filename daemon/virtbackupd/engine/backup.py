@@ -314,6 +314,12 @@ class Job:
             path=str(self.repo.final_dir(self.ref.uuid, self.id)),
             left_out=plan.left_out,
         )
+        # The catalogue describes every repository it writes into
+        # (catalogue.check_identity): a new one gets its id, recorded,
+        # before its first folder, so that a failed first backup leaves no
+        # repository the catalogue would take for another's.
+        self.repo.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        await store.record_repository(self.repo.root, self.repo.make_identity())
         await store.start_backup(self.record)
         self.undo = Undo(
             self.repo,

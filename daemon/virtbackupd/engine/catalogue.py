@@ -13,6 +13,7 @@ and this module makes the catalogue say what they say.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +22,7 @@ import structlog
 
 from virtbackupd.adapters.repository import (
     CHECKPOINT_XML,
+    IDENTITY,
     MANIFEST,
     Manifest,
     Repository,
@@ -42,6 +44,48 @@ from virtbackupd.engine.undo import Undo
 from virtbackupd.errors import VirtBackupError
 
 log = structlog.get_logger("virtbackupd.catalogue")
+
+
+class ForeignCatalogueError(VirtBackupError):
+    """The catalogue describes other repositories than the one at a root:
+    it was copied or moved beside another backup_root (or the root was
+    swapped), and its rows name backups that are not this repository's."""
+
+    def __init__(self, store: Path, root: Path, recorded: Sequence[str], found: str | None) -> None:
+        self.path, self.root, self.recorded, self.found = store, root, tuple(recorded), found
+        holds = (
+            f"repository {found} ({root / IDENTITY})"
+            if found
+            else f"backups but no {IDENTITY} (so not one of them)"
+        )
+        described = ", ".join(self.recorded[:3]) + (", ..." if len(self.recorded) > 3 else "")
+        super().__init__(
+            f"{store}: this catalogue describes repository {described}, but {root} holds "
+            f"{holds}; `virtbackup reindex` rebuilds the catalogue for this repository"
+        )
+
+
+async def check_identity(store: Store, repos: Sequence[Repository]) -> None:
+    """Refuse a catalogue that does not describe the repositories at the
+    roots of `repos` (ForeignCatalogueError). The catalogue records each
+    repository's id (``.repository.json``) when it first describes it: at
+    its first backup's commit, or here when it records none at all (new,
+    or from a version before identities: there is nothing to compare, so
+    nothing is silently passed over; it adopts what it is opened with). A
+    root without backups (not yet written, or a share not mounted) is left
+    alone: there is nothing there to act on."""
+    recorded = await store.repository_ids()
+    for repo in repos:
+        found = repo.identity()
+        if found is None and not repo.holds_backups():
+            continue
+        if found is not None and found in recorded:
+            if recorded[found] != str(repo.root):
+                await store.record_repository(repo.root, found)  # moved: same repository
+            continue
+        if recorded:
+            raise ForeignCatalogueError(store.path, repo.root, sorted(recorded), found)
+        await store.record_repository(repo.root, found or repo.make_identity())
 
 
 def checkpoint_record(stored: StoredBackup) -> CheckpointRecord | None:
@@ -160,6 +204,9 @@ async def commit_backup(
 ) -> Path:
     """The commit of one backup; see the module's docstring."""
     hook = step or (lambda _: None)
+    # The catalogue describes every repository it holds backups of
+    # (check_identity); the first backup of a new one gives it its id.
+    await store.record_repository(repo.root, repo.make_identity())
     final = repo.commit(manifest, texts, pieces, hook)
     await record_committed(store, repo, StoredBackup(final, manifest))
     hook("catalogue updated")

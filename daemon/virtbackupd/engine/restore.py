@@ -24,7 +24,12 @@ from virtbackupd.adapters import block_devices, host_folders, qemu_img, qemu_nbd
 from virtbackupd.adapters.image_files import direct_io
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
 from virtbackupd.adapters.nbd.protocol import BlockSize
-from virtbackupd.adapters.qcow2_reader import Qcow2Chain, Qcow2UnsupportedError
+from virtbackupd.adapters.qcow2_reader import (
+    Qcow2Chain,
+    Qcow2ReadError,
+    Qcow2UnsupportedError,
+    check_backing_names,
+)
 from virtbackupd.adapters.qcow2_writer import new_image
 from virtbackupd.adapters.raw_writer import new_raw_image
 from virtbackupd.adapters.repository import (
@@ -122,7 +127,13 @@ class _Chain:
 
     async def load(self, runtime_dir: Path) -> None:
         chain = Repository.of_backup(self.folder).chain(self.folder)
-        images = await qemu_img.info_chain(self.folder / disk_file(self.disk))
+        top = self.folder / disk_file(self.disk)
+        try:
+            # Before qemu-img opens what the images name (a host file, a FIFO).
+            await asyncio.to_thread(check_backing_names, top)
+        except Qcow2ReadError as exc:
+            raise RestoreError(f"backup {self.folder.name} disk {self.disk}: {exc}") from exc
+        images = await qemu_img.info_chain(top)
         self.size = images[0].virtual_size
         by_dir = {b.folder.resolve(): b for b in chain}
         for n, info in enumerate(images):
@@ -153,6 +164,7 @@ class _Chain:
         n = len(self.layers)
         image = stored.folder / record.path
         try:
+            await asyncio.to_thread(check_backing_names, image)
             await qemu_img.check(image)
         except VirtBackupError as exc:
             raise RestoreError(

@@ -27,11 +27,13 @@ pending and what finishes it.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from virtbackupd.adapters import qemu_img
+from virtbackupd.adapters.qcow2_reader import Qcow2ReadError, check_backing_names
 from virtbackupd.adapters.repository import (
     PRUNE_JOURNAL,
     Manifest,
@@ -244,6 +246,11 @@ async def _verify_disk(
             read_pieces(folder, d)
         except RepositoryFormatError as exc:
             problems.append(f"piece hashes: {exc}")
+    try:
+        # Before qemu-img check opens what the image names (a host file, a FIFO).
+        await asyncio.to_thread(check_backing_names, image)
+    except Qcow2ReadError as exc:
+        return DiskVerdict(name, (*problems, str(exc)))
     try:
         await qemu_img.check(image)
     except VirtBackupError as exc:
