@@ -133,9 +133,14 @@ def make_folder(
                     st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                     if stat.S_ISLNK(st.st_mode):
                         raise UntrustedFolderError(here, _LINK.format(uid=st.st_uid)) from None
-                    raise
+                    raise FileExistsError(errno.EEXIST, "File exists", str(here)) from None
                 created = False
-            nfd = _open_step(fd, name, here, may_follow=not created)
+            except OSError as exc:  # named by its whole path, as mkdir by path would
+                raise OSError(exc.errno, exc.strerror, str(here)) from exc
+            try:
+                nfd = _open_step(fd, name, here, may_follow=not created)
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, str(here)) from exc
             os.close(fd)
             fd = nfd
             if created or (last and reset):
