@@ -64,6 +64,7 @@ from virtbackupd.errors import (
     DomainNotFoundError,
     LibvirtError,
     RestoreError,
+    UntrustedFolderError,
     VirtBackupError,
 )
 
@@ -129,9 +130,8 @@ async def start_live_restore(
     """Create the overlays in `to`, define `name` on them, start it and the
     move. The caller holds the domain's lock and has checked the chain.
     On failure everything made here is taken back."""
-    host_folders.make_passable(
-        to, trusted=False
-    )  # 0711 whatever the umask: QEMU reaches the images
+    # 0711 whatever the umask: QEMU reaches the images.
+    host_folders.make_passable(to, trusted=False)
     images = {d: to / disk_file(d) for d in disks}
     existing = [str(p) for p in images.values() if p.exists()]
     if existing and not force:
@@ -472,5 +472,6 @@ def _close(repo: Repository, opened: Sequence[Path], chain: Sequence[Path]) -> N
         if folder in still:
             continue
         for image in folder.glob("*.qcow2"):  # libvirt gave them to QEMU's user
-            with contextlib.suppress(OSError):
+            # (A link in an image's place is refused, not followed: left as is.)
+            with contextlib.suppress(OSError, UntrustedFolderError):
                 host_folders.set_owner(image, (0, 0), 0o600)

@@ -486,9 +486,8 @@ async def restore_to_dir(
     # 0711: QEMU (another user) must reach the images of a --define'd
     # domain; the images themselves are 0600 until libvirt labels them.
     try:
-        host_folders.make_passable(
-            to, trusted=False
-        )  # 0711 whatever the umask: QEMU reaches the images
+        # 0711 whatever the umask: QEMU reaches the images.
+        host_folders.make_passable(to, trusted=False)
     except OSError as exc:
         raise RestoreError(f"--to {to}: cannot create the folder: {exc.strerror}") from exc
     jobs = [(disk, target, fmt) for disk, target in targets.items()]
