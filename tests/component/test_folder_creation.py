@@ -217,3 +217,18 @@ def test_a_created_state_dir_without_the_scratch_dir_is_0700(base: Path) -> None
     _first_command(base, f"scratch_dir: {base / 'scratch'}\n", 0o022)
     assert stat.S_IMODE((base / "state").stat().st_mode) == 0o700
     assert stat.S_IMODE((base / "scratch").stat().st_mode) == 0o711
+
+
+def test_a_restore_folder_is_judged_for_links_only(base: Path, victim: Path) -> None:
+    """`restore --to` names a folder on the command line: one in a folder
+    another user owns is the operator's choice and made (0711, QEMU
+    reaches the images), but a link that user planted is not followed."""
+    theirs = base / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, NOBODY, NOBODY)
+    host_folders.make_passable(theirs / "restored", trusted=False)
+    assert stat.S_IMODE((theirs / "restored").stat().st_mode) == 0o711
+    _plant(theirs / "planted", victim)
+    with pytest.raises(UntrustedFolderError, match="planted: is a symbolic link"):
+        host_folders.make_passable(theirs / "planted" / "restored", trusted=False)
+    _untouched(victim)
