@@ -176,3 +176,14 @@ class ImageWriteError(VirtBackupError):
     def __init__(self, path: object, message: str) -> None:
         super().__init__(f"{path}: {message}")
         self.path = path
+
+
+class UntrustedFolderError(InputError):
+    """A folder root is about to write into, or one on its way, is a
+    symbolic link root does not own, is not root's, or is writable by
+    others: another user could redirect root's writes. Nothing was made
+    inside it."""
+
+    def __init__(self, path: object, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = path

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from virtbackupd.adapters import procfs
+from virtbackupd.adapters import host_folders, procfs
 from virtbackupd.adapters.procfs import Holder, ProcessId
 
 QEMU_NBD = "qemu-nbd"
@@ -101,7 +101,7 @@ def read_record(folder: Path) -> FolderRecord | None:
 def new_folder(runtime_dir: Path) -> Path:
     """A new private folder, recorded as this process's before it holds
     anything (a sweep then knows whose it is at every instant)."""
-    runtime_dir.mkdir(parents=True, exist_ok=True)
+    host_folders.make_passable(runtime_dir)
     folder = Path(tempfile.mkdtemp(prefix=PREFIX, dir=runtime_dir))
     _write(folder, FolderRecord(procfs.me(), None, str(folder / SOCKET)))
     return folder

@@ -40,6 +40,7 @@ from typing import TypeVar
 
 import structlog
 
+from virtbackupd.adapters import host_folders
 from virtbackupd.core import extents
 from virtbackupd.core.extents import Kind, Piece, Range
 from virtbackupd.core.merge_plan import Consolidate, Op, Rebase, Remove
@@ -873,10 +874,10 @@ class Repository:
         return sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def create_partial(self, uuid: str, backup_id: str) -> Path:
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.domain_dir(uuid).mkdir(exist_ok=True, mode=0o700)
+        # 0700 whatever the umask, folders above backup_root included; a
+        # link planted on the way is refused, not followed.
         partial = self.partial_dir(uuid, backup_id)
-        partial.mkdir(mode=0o700)
+        host_folders.make_folder(partial, exist_ok=False)
         return partial
 
     def discard(self, uuid: str, backup_id: str) -> None:
@@ -903,7 +904,7 @@ class Repository:
             _write_synced(partial / name, text.encode())
         for d in manifest.disks:
             path = partial / d.path
-            path.chmod(0o600)
+            host_folders.set_owner(path, mode=0o600)
             fsync_path(path)
         fsync_path(partial)
         hook("metadata written")
@@ -999,8 +1000,7 @@ class Repository:
     def write_undo(self, log: UndoLog) -> None:
         folder = self.domain_dir(log.domain_uuid) / UNDO_DIR
         if not folder.is_dir():
-            self.domain_dir(log.domain_uuid).mkdir(parents=True, exist_ok=True, mode=0o700)
-            folder.mkdir(exist_ok=True, mode=0o700)
+            host_folders.make_folder(folder)
             fsync_path(folder.parent)
         _replace_synced(folder / f"{log.backup_id}.json", _json_text(log.to_json()))
 
@@ -1031,7 +1031,7 @@ class Repository:
 
     def add_hold(self, hold: Hold) -> None:
         folder = self.domain_dir(hold.domain_uuid) / HOLDS_DIR
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        host_folders.make_folder(folder)
         _replace_synced(folder / f"{hold.id}.json", _json_text(hold.to_json()))
 
     def holds(self, uuid: str | None = None) -> list[Hold]:
@@ -1075,7 +1075,7 @@ class Repository:
 
     def record_attempt(self, attempt: FailedAttempt) -> None:
         folder = self.domain_dir(attempt.domain_uuid) / ATTEMPTS_DIR
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        host_folders.make_folder(folder)
         _replace_synced(folder / f"{attempt.backup_id}.json", _json_text(attempt.to_json()))
         for old in sorted(folder.glob("*.json"))[:-KEPT_ATTEMPTS]:
             old.unlink(missing_ok=True)

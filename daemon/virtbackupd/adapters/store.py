@@ -30,6 +30,7 @@ from pathlib import Path
 
 import aiosqlite
 
+from virtbackupd.adapters import host_folders
 from virtbackupd.core import extents
 from virtbackupd.core.extents import Range
 from virtbackupd.core.policy import Level
@@ -232,7 +233,7 @@ class Store:
     async def open(cls, path: Path, create: bool = True) -> AsyncIterator[Store]:
         """Open (and migrate) the database; `create=False` refuses to make
         a new empty one where none is."""
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        host_folders.make_folder(path.parent)
         if not create and not path.exists():
             raise StoreError(path, "no state database here")
         try:
@@ -246,7 +247,7 @@ class Store:
             await store._enter_wal()
             await store._execute("PRAGMA foreign_keys=ON")
             await store._migrate()
-            path.chmod(0o600)
+            host_folders.set_owner(path, mode=0o600)
             yield store
         finally:
             await db.close()

@@ -565,7 +565,7 @@ class Service:
             await sweep_runtime(self.config.runtime_dir)
             # The hook acts only where this folder exists (tmpfiles makes it
             # at boot; an install without tmpfiles gets it here).
-            vm_starts.HOOK_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
+            host_folders.make_folder(vm_starts.HOOK_DIR)
             if not vm_starts.hook_installed():
                 log.warning(
                     "the libvirt hook is not installed: a VM started during an offline "

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from virtbackupd.adapters import host_folders
+
 STATUS_FILE = "daemon.json"
 FORMAT = 1
 
@@ -110,7 +112,7 @@ class DaemonStatus:
 
 def write_status(runtime_dir: Path, status: DaemonStatus) -> None:
     path = runtime_dir / STATUS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
+    host_folders.make_passable(runtime_dir)  # QEMU passes through it to job folders
     tmp = path.with_suffix(".tmp")
     # 0600: it names every domain, policy and failure reason.
     with contextlib.suppress(FileNotFoundError):

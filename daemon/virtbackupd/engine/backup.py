@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
 import time
 from collections.abc import Callable, Sequence, Set
@@ -424,22 +423,9 @@ class Job:
         if self.running:
             self.note(UndoKind.JOB_DIR, self.scratch_dir)
         self.repo.create_partial(self.ref.uuid, self.id)
-        # QEMU (often not root) must traverse to its job folder, not list it.
-        host_folders.make_passable(self.job_dir.parent)
-        self.job_dir.parent.chmod(0o711)
-        if self.running and info.qemu_user is not None and info.qemu_user[0] != 0:
-            blocked = host_folders.unpassable(self.job_dir.parent)
-            if blocked is not None:
-                raise VirtBackupError(
-                    f"runtime_dir {self.ctx.config.runtime_dir}: QEMU (uid {info.qemu_user[0]}) "
-                    f"cannot reach its job folder, because {blocked} is mode "
-                    f"{blocked.stat().st_mode & 0o7777:04o}; give that folder o+x "
-                    "(0711: passing through, no listing)"
-                )
-        self.job_dir.mkdir(mode=0o700)
-        if info.qemu_user is not None:
-            # QEMU creates the NBD socket in here.
-            os.chown(self.job_dir, *info.qemu_user)
+        make_job_folder(
+            self.job_dir, self.ctx.config.runtime_dir, info.qemu_user, qemu_passes=self.running
+        )
         if self.running:
             # QEMU creates its copy-before-write scratch files in here.
             scratch.prepare(self.scratch_dir, info.qemu_user)
@@ -667,3 +653,25 @@ def _unrestorable(history: Sequence[BackupRecord]) -> str | None:
         return None
     s = standing(Path(complete[-1].path or ""))
     return None if s.restorable else s.why()
+
+
+def make_job_folder(
+    job_dir: Path, runtime_dir: Path, qemu_user: tuple[int, int] | None, *, qemu_passes: bool
+) -> None:
+    """Create a job's folder (`runtime_dir`/jobs/<id>), QEMU's own: it
+    makes the NBD socket in there. A link planted on the way or in its
+    place is refused, never followed. `qemu_passes`: an online backup,
+    whose QEMU (often not root) must traverse to it, not list it."""
+    # QEMU (often not root) must traverse to its job folder, not list it.
+    host_folders.make_folder(job_dir.parent, 0o711, parents_mode=0o711, reset=True)
+    if qemu_passes and qemu_user is not None and qemu_user[0] != 0:
+        blocked = host_folders.unpassable(job_dir.parent)
+        if blocked is not None:
+            raise VirtBackupError(
+                f"runtime_dir {runtime_dir}: QEMU (uid {qemu_user[0]}) "
+                f"cannot reach its job folder, because {blocked} is mode "
+                f"{blocked.stat().st_mode & 0o7777:04o}; give that folder o+x "
+                "(0711: passing through, no listing)"
+            )
+    # QEMU creates the NBD socket in here (so its own).
+    host_folders.make_folder(job_dir, owner=qemu_user, exist_ok=False)

@@ -28,7 +28,14 @@ from pathlib import Path
 
 import structlog
 
-from virtbackupd.adapters import disk_probes, fuse_export, kernel_mounts, nbd_folders, procfs
+from virtbackupd.adapters import (
+    disk_probes,
+    fuse_export,
+    host_folders,
+    kernel_mounts,
+    nbd_folders,
+    procfs,
+)
 from virtbackupd.adapters.repository import Hold, HoldKind, Repository, disk_file
 from virtbackupd.core.volumes import Region, VolumeReadError, logical_volumes, partitions
 from virtbackupd.errors import InputError, ProcessError, VirtBackupError
@@ -66,7 +73,7 @@ async def open_view(
     device to every volume whose type is in `fs_only`. Not `detached`: the
     exports die with us, and `state_dir` records us as its owner so that
     the next command cleans up after us (:func:`sweep_checks`)."""
-    state_dir.mkdir(parents=True, mode=0o700)
+    host_folders.make_folder(state_dir, exist_ok=False)
     if not detached:
         nbd_folders.claim(state_dir)
     view = GuestView(state_dir)
@@ -178,7 +185,7 @@ async def mount_backup(
         raise InputError(f"{mountpoint} is not empty; mount on an empty folder")
     hold_id = f"mount-{secrets.token_hex(6)}"
     state_dir = runtime_dir / "mounts" / hold_id
-    (runtime_dir / "mounts").mkdir(parents=True, exist_ok=True, mode=0o700)
+    host_folders.make_folder(runtime_dir / "mounts")
     hold = Hold(
         id=hold_id,
         kind=HoldKind.MOUNT,
@@ -317,7 +324,7 @@ async def check_filesystems(
     """Run each found filesystem's read-only check; the verdicts and what
     could not be looked at."""
     state_dir = runtime_dir / FSCHECK / secrets.token_hex(6)
-    (runtime_dir / FSCHECK).mkdir(parents=True, exist_ok=True, mode=0o700)
+    host_folders.make_folder(runtime_dir / FSCHECK)
     view = await open_view(folder, disks, state_dir, set(disk_probes.FSCK), detached=False)
     out = []
     try:

@@ -30,7 +30,6 @@ be told from lost data; the disk stays unverified and the backup held.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from pathlib import Path
 
 import structlog
 
+from virtbackupd.adapters import host_folders
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
 from virtbackupd.adapters.nbd.client import NbdClient, UnixAddress, connect
 from virtbackupd.adapters.nbd.protocol import (
@@ -107,10 +107,10 @@ async def _export(
     lv: Libvirt, ref: DomainRef, disks: Sequence[str], checkpoint: str | None, work: Path
 ) -> AsyncIterator[tuple[UnixAddress, bool]]:
     shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True, mode=0o700)
     info = parse_domain(await lv.xml(ref), f"domain XML of {ref.name}")
-    if info.qemu_user is not None:  # QEMU creates the socket and scratch files here
-        os.chown(work, *info.qemu_user)
+    # QEMU creates the socket and scratch files here (so its own); a link
+    # planted here is refused, not followed.
+    host_folders.make_folder(work, owner=info.qemu_user, parents_mode=0o711, exist_ok=False)
     socket = work / "nbd.sock"
 
     def document(incremental: str | None) -> str:

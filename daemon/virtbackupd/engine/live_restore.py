@@ -64,6 +64,7 @@ from virtbackupd.errors import (
     DomainNotFoundError,
     LibvirtError,
     RestoreError,
+    UntrustedFolderError,
     VirtBackupError,
 )
 
@@ -129,7 +130,8 @@ async def start_live_restore(
     """Create the overlays in `to`, define `name` on them, start it and the
     move. The caller holds the domain's lock and has checked the chain.
     On failure everything made here is taken back."""
-    host_folders.make_passable(to)  # 0711 whatever the umask: QEMU reaches the images
+    # 0711 whatever the umask: QEMU reaches the images.
+    host_folders.make_passable(to, trusted=False)
     images = {d: to / disk_file(d) for d in disks}
     existing = [str(p) for p in images.values() if p.exists()]
     if existing and not force:
@@ -248,8 +250,12 @@ async def settle(lv: Libvirt, repo: Repository, config: DaemonConfig) -> list[Mo
 def _turn(runtime_dir: Path, hold: Hold) -> Iterator[bool]:
     """Whether this settler may act on `hold` (another one may be starting
     a pull or checking right now: it then only reports)."""
-    runtime_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(runtime_dir / f"{hold.id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    host_folders.make_passable(runtime_dir)
+    fd = os.open(
+        runtime_dir / f"{hold.id}.lock",
+        os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+        0o600,
+    )
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -439,7 +445,7 @@ def _open_for_qemu(repo: Repository, folder: Path) -> list[Path]:
     for d in _chain_dirs(repo, folder):
         mode = stat.S_IMODE(d.stat().st_mode)
         if mode & 0o011 != 0o011:
-            d.chmod(mode | 0o011)
+            host_folders.set_owner(d, mode=mode | 0o011)
             opened.append(d)
     return opened
 
@@ -463,11 +469,11 @@ def _close(repo: Repository, opened: Sequence[Path], chain: Sequence[Path]) -> N
         still.update(needs)
     for d in reversed(opened):
         if d not in still and d.is_dir():
-            d.chmod(stat.S_IMODE(d.stat().st_mode) & ~0o011)
+            host_folders.set_owner(d, mode=stat.S_IMODE(d.stat().st_mode) & ~0o011)
     for folder in chain:
         if folder in still:
             continue
         for image in folder.glob("*.qcow2"):  # libvirt gave them to QEMU's user
-            with contextlib.suppress(OSError):
-                os.chown(image, 0, 0)
-                image.chmod(0o600)
+            # (A link in an image's place is refused, not followed: left as is.)
+            with contextlib.suppress(OSError, UntrustedFolderError):
+                host_folders.set_owner(image, (0, 0), 0o600)

@@ -9,6 +9,7 @@ import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+from virtbackupd.adapters import host_folders
 from virtbackupd.errors import BackupBusyError
 
 
@@ -19,7 +20,7 @@ def domain_lock(runtime_dir: Path, uuid: str, name: str, what: str = "backup") -
     Backups, restores and prunes of one domain exclude each other: a prune
     must not merge images a restore is reading."""
     locks = runtime_dir / "locks"
-    locks.mkdir(parents=True, exist_ok=True, mode=0o700)
+    host_folders.make_folder(locks)
     path = locks / f"{uuid}.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -89,7 +90,7 @@ async def backup_slot(
     """One of `slots` places for a running backup (max_concurrent_backups),
     shared by every process on the host; waits for a free one."""
     folder = runtime_dir / "slots"
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    host_folders.make_folder(folder)
     waited = False
     while True:
         for i in range(slots):
@@ -121,7 +122,7 @@ def _cancel_file(runtime_dir: Path, uuid: str) -> Path:
 
 def request_cancel(runtime_dir: Path, uuid: str) -> None:
     folder = runtime_dir / "cancel"
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    host_folders.make_folder(folder)
     _cancel_file(runtime_dir, uuid).write_text(f"{os.getpid()}\n")
 
 
@@ -146,7 +147,7 @@ def _freeze_file(runtime_dir: Path, uuid: str) -> Path:
 
 def note_freeze(runtime_dir: Path, uuid: str) -> None:
     folder = runtime_dir / "frozen"
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    host_folders.make_folder(folder)
     path = _freeze_file(runtime_dir, uuid)
     path.write_text(f"{os.getpid()}\n")
     fd = os.open(path, os.O_RDONLY)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import structlog
 
-from virtbackupd.adapters import qemu_img
+from virtbackupd.adapters import host_folders, qemu_img
 from virtbackupd.adapters.libvirt_conn import Libvirt
 from virtbackupd.adapters.repository import (
     Hold,
@@ -418,7 +418,7 @@ async def _stage(image: Path, make: Maker, what: str) -> Path:
         # A replay may meet the dead prune's helpers still holding a file
         # for a moment.
         await qemu_img.while_locked(partial(make, whole))
-        whole.chmod(0o600)
+        host_folders.set_owner(whole, mode=0o600)
         fsync_path(whole)
     except (VirtBackupError, OSError) as exc:
         whole.unlink(missing_ok=True)  # nothing half-written stays

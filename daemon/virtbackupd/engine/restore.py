@@ -238,7 +238,7 @@ async def restore_image(
                 chain, copy, ZeroMode.SKIP, runtime_dir, allow_damaged
             )
         fsync_path(partial)
-        partial.chmod(0o600)
+        host_folders.set_owner(partial, mode=0o600)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
@@ -427,8 +427,7 @@ def _publish(r: RestoredDisk, like: os.stat_result | None = None) -> None:
     """Rename a written image into place (with `like`'s owner and mode)."""
     assert r.partial is not None
     if like is not None:  # keep the image's owner and mode for libvirt/QEMU
-        os.chown(r.partial, like.st_uid, like.st_gid)
-        r.partial.chmod(like.st_mode & 0o7777)
+        host_folders.set_owner(r.partial, (like.st_uid, like.st_gid), like.st_mode & 0o7777)
     r.partial.rename(r.path)
     fsync_path(r.path.parent)
 
@@ -508,7 +507,8 @@ async def restore_to_dir(
     # 0711: QEMU (another user) must reach the images of a --define'd
     # domain; the images themselves are 0600 until libvirt labels them.
     try:
-        host_folders.make_passable(to)  # 0711 whatever the umask: QEMU reaches the images
+        # 0711 whatever the umask: QEMU reaches the images.
+        host_folders.make_passable(to, trusted=False)
     except OSError as exc:
         raise RestoreError(f"--to {to}: cannot create the folder: {exc.strerror}") from exc
     jobs = [(disk, target, fmt) for disk, target in targets.items()]

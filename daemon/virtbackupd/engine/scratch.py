@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from virtbackupd.adapters import qemu_img
+from virtbackupd.adapters import host_folders, qemu_img
 from virtbackupd.errors import ProcessError, ScratchSpaceError
 
 MiB = 1 << 20
@@ -109,17 +109,16 @@ async def reserve(
         if qemu_user is not None:
             # libvirt relabels it too; ours so that QEMU may write it even
             # where libvirt's dynamic_ownership is off.
-            os.chown(f.path, *qemu_user)
+            host_folders.set_owner(f.path, qemu_user)
     return sum(needs.values())
 
 
 def prepare(folder: Path, qemu_user: tuple[int, int] | None) -> None:
     """Create a job's scratch folder for QEMU. QEMU runs as its own user
     (libvirt-qemu): every folder above must let it through (o+x)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
     # Ours: passing through, no listing (the unit's UMask=0077 would make a
     # new folder 0700).
-    folder.parent.chmod(0o711)
+    host_folders.make_folder(folder.parent, 0o711, parents_mode=0o711, reset=True)
     if qemu_user is not None and qemu_user[0] != 0:
         for parent in [folder.parent, *folder.parent.parents]:
             mode = parent.stat().st_mode
@@ -129,6 +128,4 @@ def prepare(folder: Path, qemu_user: tuple[int, int] | None) -> None:
                     f"because {parent} is mode {mode & 0o7777:04o}; give that folder o+x "
                     "(0711: passing through, no listing) or choose another scratch_dir"
                 )
-    folder.mkdir(mode=0o700)
-    if qemu_user is not None:
-        os.chown(folder, *qemu_user)
+    host_folders.make_folder(folder, owner=qemu_user, exist_ok=False)

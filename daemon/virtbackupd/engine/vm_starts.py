@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+from virtbackupd.adapters import host_folders
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
 from virtbackupd.errors import DomainStartingError
 
@@ -57,7 +58,7 @@ def hold_images(uuid: str, name: str, hook_dir: Path = HOOK_DIR) -> Iterator[Non
     (DomainStartingError, a busy domain: retried) while a start is under
     way; for the block, a start waits in the hook until this is left.
     Leave it only after the clean-up of the images is done."""
-    hook_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    host_folders.make_folder(hook_dir)
     guard = _flock(hook_dir / f"{uuid}.lock")
     try:
         if starting(uuid, hook_dir):
