@@ -150,7 +150,8 @@ async def _take_back(
         # Only our own job: its NBD socket is the one the log names.
         ours = await lv.is_running(ref) and await lv.job_active(ref)
         if ours and await own_job_socket(lv, ref) == Path(step.path or ""):
-            logger.warning("aborting the libvirt job of a failed backup", socket=step.path)
+            # A step of the clean-up, not news: the backup's outcome line said it.
+            logger.debug("aborting the libvirt job of a failed backup", socket=step.path)
             await lv.abort_job(ref)
     elif step.kind is UndoKind.CHECKPOINT:
         name = step.name or ""
