@@ -319,9 +319,12 @@ class Libvirt:
         # it still tears down the last disk's block job: it detaches the
         # scratch file and only then gives the file its label back (owner,
         # SELinux/AppArmor). A scratch file removed before that makes
-        # libvirtd log "unable to stat ... Unable to restore security label"
-        # for every backup. The block job query waits for the domain's job
-        # (the teardown holds it) and says "none" once the job is gone.
+        # libvirtd log "unable to stat ... Unable to restore security label".
+        # The block job query runs under the domain's job, which that
+        # teardown holds (libvirt's qemu_blockjob.c and qemu_driver.c, as
+        # read), so "no block job" comes after it. (Not seen to matter here:
+        # our removal came late enough in every run; the cheap wait closes
+        # the window rather than trusting the timing.)
         for target in await self._disk_targets(ref):
             while await self._has_block_job(dom, target):
                 if loop.time() > deadline:

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import structlog
 
+from virtbackupd.adapters import qemu_img
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
 from virtbackupd.adapters.nbd.client import NbdClient, UnixAddress, connect
 from virtbackupd.adapters.nbd.protocol import (
@@ -109,9 +110,20 @@ async def _export(
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, mode=0o700)
     info = parse_domain(await lv.xml(ref), f"domain XML of {ref.name}")
-    if info.qemu_user is not None:  # QEMU creates the socket and scratch files here
+    if info.qemu_user is not None:  # QEMU creates the socket here
         os.chown(work, *info.qemu_user)
     socket = work / "nbd.sock"
+    # Scratch files of our own, which libvirt reuses: one libvirt creates it
+    # also deletes at the job's end, before it gives the file its label back
+    # (libvirt 9.0), and libvirtd logged "unable to stat ... .scratch" and
+    # "Unable to restore security label" on every check. Ours stay until
+    # abort_job says libvirt is done with them. A check is short: no
+    # reservation as a backup's (engine.scratch).
+    for d in disks:
+        scratch = work / f"{d}.scratch"
+        await qemu_img.create(scratch, await lv.disk_capacity(ref, d))
+        if info.qemu_user is not None:
+            os.chown(scratch, *info.qemu_user)
 
     def document(incremental: str | None) -> str:
         return Backup(
@@ -132,7 +144,7 @@ async def _export(
     known = checkpoint is not None
     try:
         try:
-            await lv.backup_begin(ref, document(checkpoint), None)
+            await lv.backup_begin(ref, document(checkpoint), None, reuse_scratch=True)
         except CheckpointInconsistentError:
             log.warning(
                 "live restore: the record of the guest's writes was lost (its QEMU ended "
@@ -140,7 +152,7 @@ async def _export(
                 domain=ref.name,
             )
             known = False
-            await lv.backup_begin(ref, document(None), None)
+            await lv.backup_begin(ref, document(None), None, reuse_scratch=True)
         try:
             yield UnixAddress(str(socket)), known
         finally:
