@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 import libvirt
 
 from virtbackupd.core.checkpoint_xml import parent_of
-from virtbackupd.core.domain_xml import parse_domain
 from virtbackupd.core.live_move import backed_targets
 from virtbackupd.errors import (
     CheckpointInconsistentError,
@@ -302,7 +301,7 @@ class Libvirt:
 
     async def abort_job(self, ref: DomainRef, timeout: float = 30) -> None:
         """End the job (a pull backup never ends by itself) and wait until
-        libvirt reports no job and has finished with the job's files."""
+        libvirt reports no job."""
         dom = await self._lookup(ref)
         try:
             await self._call(dom.abortJob)
@@ -315,38 +314,6 @@ class Libvirt:
             if loop.time() > deadline:
                 raise LibvirtError(f"backup job of {ref.name} did not end within {timeout}s")
             await asyncio.sleep(0.05)
-        # libvirt 9.0 reports no job as soon as the backup job ends, while
-        # it still tears down the last disk's block job: it detaches the
-        # scratch file and only then gives the file its label back (owner,
-        # SELinux/AppArmor). A scratch file removed before that makes
-        # libvirtd log "unable to stat ... Unable to restore security label".
-        # The block job query runs under the domain's job, which that
-        # teardown holds (libvirt's qemu_blockjob.c and qemu_driver.c, as
-        # read), so "no block job" comes after it. (Not seen to matter here:
-        # our removal came late enough in every run; the cheap wait closes
-        # the window rather than trusting the timing.)
-        for target in await self._disk_targets(ref):
-            while await self._has_block_job(dom, target):
-                if loop.time() > deadline:
-                    raise LibvirtError(
-                        f"the block job of {ref.name} disk {target} did not end within {timeout}s"
-                    )
-                await asyncio.sleep(0.05)
-
-    async def _disk_targets(self, ref: DomainRef) -> list[str]:
-        try:
-            info = parse_domain(await self.xml(ref), f"domain XML of {ref.name}")
-        except DomainNotFoundError:
-            return []
-        return [d.target for d in info.disks if d.device == "disk"]
-
-    async def _has_block_job(self, dom: Any, target: str) -> bool:
-        try:
-            return bool(await self._call(dom.blockJobInfo, target, 0))
-        except LibvirtError as exc:
-            if exc.code == libvirt.VIR_ERR_OPERATION_INVALID:  # stopped meanwhile: no job
-                return False
-            raise
 
     async def completed_job_failed(self, ref: DomainRef) -> str | None:
         """The error of the last completed job, if libvirt reports one."""

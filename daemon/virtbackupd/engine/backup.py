@@ -373,7 +373,7 @@ class Job:
             raise
         finally:
             _rmtree(self.job_dir)
-            _rmtree(self.scratch_dir)
+            await scratch.release(self.scratch_dir)
 
     async def _plan(self, info: DomainInfo, want: Level | None = None) -> Plan:
         lv, store = self.ctx.libvirt, self.ctx.store

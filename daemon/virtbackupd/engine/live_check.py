@@ -59,6 +59,7 @@ from virtbackupd.core.chain_check import LayerPiece, Seen, classify
 from virtbackupd.core.domain_xml import parse_domain
 from virtbackupd.core.extents import Kind, content_hash
 from virtbackupd.core.live_move import checkable, merge_spans, subtract_spans
+from virtbackupd.engine import scratch
 from virtbackupd.engine.content import chunks, non_zero, open_view
 from virtbackupd.engine.restore import load_chain
 from virtbackupd.errors import CheckpointInconsistentError
@@ -117,13 +118,13 @@ async def _export(
     # also deletes at the job's end, before it gives the file its label back
     # (libvirt 9.0), and libvirtd logged "unable to stat ... .scratch" and
     # "Unable to restore security label" on every check. Ours stay until
-    # abort_job says libvirt is done with them. A check is short: no
-    # reservation as a backup's (engine.scratch).
+    # libvirt has given them back (scratch.release). A check is short: no
+    # reservation as a backup's.
     for d in disks:
-        scratch = work / f"{d}.scratch"
-        await qemu_img.create(scratch, await lv.disk_capacity(ref, d))
+        path = work / f"{d}.scratch"
+        await qemu_img.create(path, await lv.disk_capacity(ref, d))
         if info.qemu_user is not None:
-            os.chown(scratch, *info.qemu_user)
+            os.chown(path, *info.qemu_user)
 
     def document(incremental: str | None) -> str:
         return Backup(
@@ -158,7 +159,7 @@ async def _export(
         finally:
             await lv.abort_job(ref)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        await scratch.release(work)
 
 
 async def _written(client: NbdClient, context: str) -> list[tuple[int, int]]:
