@@ -161,7 +161,7 @@ def main() -> int:
             keys = (
                 "virtbackupd started",
                 "domain stopped",
-                "backup done",
+                "backup complete",
                 "prune done",
                 "stopping",
             )

@@ -8,3 +8,7 @@ Layout:
 """
 
 __version__ = "0.1.0"
+
+# Every logger of the package has `notice` (syslog's level 5) whether or not
+# logs.configure() ran (tests run the engine in-process): logs sets it up.
+from virtbackupd import logs as _logs  # noqa: F401

@@ -138,7 +138,13 @@ class ScratchSpaceError(VirtBackupError):
 
 
 class BackupFailedError(VirtBackupError):
-    """A backup failed; it was recorded as failed and cleaned up."""
+    """A backup failed; it was recorded as failed and cleaned up.
+    `backup_id`: the attempt's, once it had one (its outcome line, with
+    the id, is then already logged)."""
+
+    def __init__(self, message: str, backup_id: str | None = None) -> None:
+        super().__init__(message)
+        self.backup_id = backup_id
 
 
 class RestoreError(VirtBackupError):

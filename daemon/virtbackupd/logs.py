@@ -7,8 +7,14 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import structlog
+
+#: syslog's NOTICE, between info and warning: normal but significant (an
+#: operator's cancel). structlog has no such level; our loggers get a
+#: `notice` method (`wrapper_class`), and the journal PRIORITY 5.
+NOTICE = 25
 
 LEVELS = {
     "debug": logging.DEBUG,
@@ -34,6 +40,29 @@ class _StderrLogger(structlog.PrintLogger):
 
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg
+
+
+def wrapper_class(min_level: int) -> type[Any]:
+    """structlog's filtering logger for `min_level`, with `notice`."""
+    base = structlog.make_filtering_bound_logger(min_level)
+
+    def notice(self: Any, event: str, *args: Any, **kw: Any) -> Any:
+        if min_level > NOTICE:
+            return None
+        try:
+            out, out_kw = self._process_event("notice", event % args if args else event, kw)
+        except structlog.DropEvent:  # the journal renderer sent it
+            return None
+        # The output loggers (PrintLogger, ...) have no `notice`: `msg`
+        # writes any level's rendered line.
+        return self._logger.msg(*out, **out_kw)
+
+    return type("BoundLoggerWithNotice", (base,), {"notice": notice})
+
+
+# Loggers used before configure() (tests that run the engine in-process, a
+# library caller) have `notice` too; configure() keeps it.
+structlog.configure(wrapper_class=wrapper_class(logging.NOTSET))
 
 
 def daemon_format(configured: str) -> str:
@@ -71,7 +100,7 @@ def configure(level: str = "info", fmt: str = "console") -> None:
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),
+        wrapper_class=wrapper_class(LEVELS.get(level, logging.INFO)),
         # Resolve sys.stderr when a logger is made, not once: it may have been
         # replaced (tests capture it, the daemon may redirect it).
         logger_factory=lambda *_: _StderrLogger(file=sys.stderr),

@@ -9,6 +9,9 @@ import libvirt
 
 URI = "qemu:///system"
 REPO = Path(__file__).resolve().parents[2]
+#: Where libvirtd (started by scripts/ensure-libvirtd.sh, `libvirtd -d`, the
+#: Debian defaults) writes its errors and warnings on these machines.
+LIBVIRTD_LOG = Path("/var/log/libvirt/libvirtd.log")
 
 
 def ensure_libvirtd() -> None:

@@ -28,7 +28,15 @@ JOURNAL_SOCKET = "/run/systemd/journal/socket"
 MESSAGE_ID_NAMESPACE = uuid.UUID("0d2bd1c6-4b6b-4f8e-9a3c-8f3f2f7a1b5e")
 
 #: structlog level -> syslog priority.
-PRIORITIES = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2, "exception": 3}
+PRIORITIES = {
+    "debug": 7,
+    "info": 6,
+    "notice": 5,
+    "warning": 4,
+    "error": 3,
+    "critical": 2,
+    "exception": 3,
+}
 
 _FIELD = re.compile(r"^[A-Z0-9][A-Z0-9_]*$")
 

@@ -59,6 +59,7 @@ class DiskChoice:
     backupmode: DiskBackupMode | None = None  # for included disks
     checkpoint: bool = False  # whether the new checkpoint tracks it (bitmap)
     removable: bool = False  # cdrom/floppy: never a disk "left out"
+    by_policy: bool = False  # the policy chose this fate (exclude, include, raw): no surprise
 
 
 @dataclass(frozen=True)
@@ -121,13 +122,16 @@ def choose_disks(disks: Sequence[DomainDisk], request: BackupRequest) -> tuple[D
     choices = []
     for d in disks:
         why_not = _ineligible(d)
+        chosen = why_not is None  # left out below by the policy's own lists
         if why_not is None and d.target in request.exclude:
             why_not = "excluded by policy"
         if why_not is None and request.include and d.target not in request.include:
             why_not = "not in the policy's include list"
         if why_not is not None:
             removable = d.device in ("cdrom", "floppy")
-            choices.append(DiskChoice(d.target, False, why_not, removable=removable))
+            choices.append(
+                DiskChoice(d.target, False, why_not, removable=removable, by_policy=chosen)
+            )
         elif d.driver_type == "qcow2":
             mode = DiskBackupMode.INCREMENTAL if request.incremental_from else DiskBackupMode.FULL
             why = (
@@ -137,17 +141,26 @@ def choose_disks(disks: Sequence[DomainDisk], request: BackupRequest) -> tuple[D
             )
             choices.append(DiskChoice(d.target, True, why, mode, checkpoint=True))
         elif d.driver_type == "raw" and request.raw is RawDisks.FULL:
+            # Only an image file can become qcow2; a block device (an LVM
+            # volume, a LUN) stays raw.
+            advice = (
+                "; convert it to qcow2 for incremental backups" if d.source_type == "file" else ""
+            )
             choices.append(
                 DiskChoice(
                     d.target,
                     True,
-                    "raw: copied in full every time (no bitmap possible; convert it to qcow2 "
-                    "for incremental backups)",
+                    f"raw: copied in full every time (no bitmap possible{advice})",
                     DiskBackupMode.FULL,
+                    by_policy=True,
                 )
             )
         elif d.driver_type == "raw":
-            choices.append(DiskChoice(d.target, False, "raw disk: no bitmap possible (raw: skip)"))
+            choices.append(
+                DiskChoice(
+                    d.target, False, "raw disk: no bitmap possible (raw: skip)", by_policy=True
+                )
+            )
         else:
             choices.append(DiskChoice(d.target, False, f"format {d.driver_type} is not supported"))
     return tuple(choices)

@@ -58,9 +58,9 @@ from virtbackupd.engine.backup import BackupContext, backup_domain
 from virtbackupd.engine.domain_job import domain_job
 from virtbackupd.engine.leftovers import sweep_runtime
 from virtbackupd.engine.locks import domain_lock
-from virtbackupd.engine.prune import describe, prune_under_policy
+from virtbackupd.engine.prune import prune_under_policy
 from virtbackupd.engine.verify import verify_filesystems, verify_recorded
-from virtbackupd.errors import ConfigError, LibvirtError, VirtBackupError
+from virtbackupd.errors import BackupFailedError, ConfigError, LibvirtError, VirtBackupError
 
 VERIFY = "verify"  # the schedule kinds beside the backup levels
 VERIFY_FS = "verify_filesystems"
@@ -77,6 +77,7 @@ class Service:
         self.policies: list[Policy] = []
         self.rejected: LoadedPolicies | None = None  # the files that did not load, when adopted
         self.enforced: dict[str, EnforcedFile] = {}  # what the adopted policies were read from
+        self.last_rejected: list[str] = []  # files (and folders) the last reading refused
         self.notifier = Notifier()
         self.notify_dropped_said = False
         self.pending: dict[str, Level] = {}  # domain uuid -> level asked
@@ -105,10 +106,11 @@ class Service:
         self.retry_handles: set[asyncio.TimerHandle] = set()
 
     # --- policies and schedules -------------------------------------------------
-    def _load_policies(self, at_start: bool) -> None:
+    def _load_policies(self, at_start: bool) -> bool:
         """Read the policy folders. At start a missing folder is an error
         (the daemon would silently back up nothing); at reload a broken
-        set keeps the previous policies."""
+        set keeps the previous policies. Returns whether what was read is
+        now in force."""
         missing = missing_dirs(self.config.policy_dirs)
         if missing and at_start:
             raise ConfigError(
@@ -122,9 +124,9 @@ class Service:
         policies, errors = loaded.policies, loaded.errors
         for e in errors:
             log.error("policy file rejected", error=str(e))
+        self.last_rejected = [str(r.source) for r in loaded.rejected] + [str(d) for d in missing]
         if (errors or missing) and self.policies:
-            log.warning("keeping the previous policies until the files are fixed")
-            return
+            return False
         self.rejected = loaded
         self.enforced = enforced_files(files, loaded)
         if not files:
@@ -133,6 +135,16 @@ class Service:
                 folders=[str(d) for d in self.config.policy_dirs],
             )
         self.policies = policies
+        return True
+
+    def _in_force(self) -> dict[str, list[str]]:
+        """What the start and every reload say they loaded: the policy
+        files in force, the domains they govern, the files refused."""
+        return {
+            "files": sorted(str(p.source) for p in self.policies),
+            "governed": sorted(self.names.get(u, u) for u in self.governing),
+            "rejected": self.last_rejected,
+        }
 
     def _policy(self, name: str, uuid: str) -> Policy | None:
         refusal = self.rejected.refusal(name, uuid) if self.rejected is not None else None
@@ -289,7 +301,11 @@ class Service:
                 )
                 self._retry_later(uuid, level, outcome.reason)
             elif not outcome.ok:
-                if error is not None and isinstance(error, VirtBackupError):
+                # A backup that got as far as its id logged its own outcome
+                # line (with BACKUP_ID); one that failed before is said here.
+                if isinstance(error, VirtBackupError) and not (
+                    isinstance(error, BackupFailedError) and error.backup_id
+                ):
                     log.error("backup failed", domain=name, error=outcome.reason)
                 self.failures[uuid] = (datetime.now(UTC).isoformat(), outcome.reason)
             self._status()
@@ -301,38 +317,21 @@ class Service:
             if policy is None:
                 log.info("no policy governs the domain now; request dropped", domain=ref.name)
                 return
-            rec = await backup_domain(
+            await backup_domain(
                 BackupContext(self.config, store, lv, policy),
                 uuid,
                 want=Level.FULL if level is Level.FULL else None,
             )
-            self.failures.pop(uuid, None)
-            log.info(
-                "backup done",
-                domain=ref.name,
-                backup_id=rec.id,
-                backup_level=rec.level.value,
-                bytes_written=rec.bytes_written,
-            )
+            self.failures.pop(uuid, None)  # the engine logged "backup complete"
             await self._prune(store, lv, policy, ref)
 
     async def _prune(self, store: Store, lv: Libvirt, policy: Policy, ref: DomainRef) -> None:
         """Retention and the chain limit after every successful backup; a
         failed prune is logged and retried after the next one."""
-        try:
-            result = await prune_under_policy(
-                self.config, store, policy, ref.uuid, ref.name, libvirt=lv
-            )
+        try:  # the engine logs "prune done" with what went
+            await prune_under_policy(self.config, store, policy, ref.uuid, ref.name, libvirt=lv)
         except (VirtBackupError, OSError) as exc:
             log.error("prune failed", domain=ref.name, error=str(exc))
-            return
-        if result.ops:
-            log.info(
-                "prune done",
-                domain=ref.name,
-                pruned=[v.id for v in result.verdicts if not v.keep],
-                operations=[describe(op) for op in result.ops],
-            )
 
     async def _verifier(self, store: Store) -> None:
         """Scheduled verification, one domain at a time, never during a
@@ -371,12 +370,12 @@ class Service:
             bad = [f"{f.label} ({f.fstype}): {f.detail}" for f in found if f.ok is False]
             if bad:
                 log.error(
-                    "filesystem check failed", domain=name, backup=b.id, damaged=bad, notes=notes
+                    "filesystem check failed", domain=name, backup_id=b.id, damaged=bad, notes=notes
                 )
             else:
                 checked = [f.label for f in found if f.ok]
                 log.info(
-                    "filesystem check done", domain=name, backup=b.id, clean=checked, notes=notes
+                    "filesystem check done", domain=name, backup_id=b.id, clean=checked, notes=notes
                 )
 
     async def _holds(self) -> None:
@@ -405,13 +404,25 @@ class Service:
             except VirtBackupError as exc:
                 # libvirtd went away while we asked it something: the
                 # reconnect's CONNECTED event resynchronises.
-                log.warning(
-                    "handling a libvirt event failed", libvirt_event=ev.kind.value, error=str(exc)
+                say = log.warning if self._governed(ev) else log.debug
+                say(
+                    "handling a libvirt event failed",
+                    libvirt_event=ev.kind.value,
+                    domain=ev.name or None,
+                    error=str(exc),
                 )
             except Exception as exc:  # a bug: logged, events keep flowing
                 log.error(
-                    "handling a libvirt event crashed", libvirt_event=ev.kind.value, exc_info=exc
+                    "handling a libvirt event crashed",
+                    libvirt_event=ev.kind.value,
+                    domain=ev.name or None,
+                    exc_info=exc,
                 )
+
+    def _governed(self, ev: DomainEvent) -> bool:
+        """Whether a policy governed the event's domain at the last look:
+        nothing about other domains is worth more than a debug line."""
+        return bool(ev.uuid) and ev.uuid in self.governing
 
     async def _on_event(self, store: Store, ev: DomainEvent) -> None:
         if ev.kind is EventKind.CONNECTED:
@@ -442,9 +453,9 @@ class Service:
                 log.info("domain stopped: backup", domain=ev.name, reason=ev.detail)
                 self.request(ev.uuid, asked)
         elif ev.kind is EventKind.CRASHED:
-            log.warning(
-                "domain crashed; its next backup will be checked for broken bitmaps",
-                domain=ev.name,
+            say = log.warning if self._governed(ev) else log.debug
+            say(
+                "domain crashed; its next backup will be checked for broken bitmaps", domain=ev.name
             )
 
     async def _watch_store(self, store: Store) -> None:
@@ -523,14 +534,16 @@ class Service:
             log.warning("cannot write the status file", error=str(exc))
 
     # --- lifecycle ----------------------------------------------------------------
-    def _reload(self) -> None:
+    def _reload(self) -> bool:
+        """Returns whether the policy files read now are in force."""
         try:
             self.config = load_config(self.config_path)
         except ConfigError as exc:
             log.error("config rejected; keeping the previous one", error=str(exc))
         self.schedules.set_zone(self.config.schedule_timezone)
-        self._load_policies(at_start=False)
+        adopted = self._load_policies(at_start=False)
         self.notifier.reloading()
+        return adopted
 
     async def run(self) -> int:
         # QEMU passes through these to its job folders (UMask=0077 would
@@ -599,7 +612,7 @@ class Service:
                 self._supervise("watchdog", lambda: self._watchdog(interval))
             self.notifier.ready("idle")
             self._status()
-            log.info("virtbackupd started", policies=len(self.policies), domains=len(self.names))
+            log.info("virtbackupd started", **self._in_force())
             while not self.stop.is_set():
                 waiter = asyncio.create_task(reload_requested.wait())
                 stopper = asyncio.create_task(self.stop.wait())
@@ -608,11 +621,18 @@ class Service:
                 stopper.cancel()
                 if reload_requested.is_set() and not self.stop.is_set():
                     reload_requested.clear()
-                    self._reload()
+                    adopted = self._reload()
                     try:
                         await self._resync(store, catch_up=False)
                     except VirtBackupError as exc:
                         log.warning("resynchronising after reload failed", error=str(exc))
+                    # The reload's one outcome line: what is in force now.
+                    if adopted:
+                        log.info("policies reloaded", **self._in_force())
+                    else:
+                        log.warning(
+                            "reload rejected; the previous policies stay", **self._in_force()
+                        )
                     self.notifier.ready("reloaded")
             await self._shutdown()
         remove_status(self.config.runtime_dir)
@@ -712,7 +732,9 @@ class Service:
                         "cleaning an interrupted backup failed", domain=ref.name, error=str(exc)
                     )
                     continue
-                log.warning("cleaned interrupted backups", domain=ref.name, backups=cleaned)
+                # Each backup cleaned had its own line ("cleaned up an
+                # interrupted backup", with BACKUP_ID).
+                log.debug("cleaned interrupted backups", domain=ref.name, backups=cleaned)
 
 
 def enforced_files(files: Sequence[Path], loaded: LoadedPolicies) -> dict[str, EnforcedFile]:

@@ -184,7 +184,11 @@ async def _finish_interrupted_prune(ctx: BackupContext, repo: Repository, ref: D
     on, and the next prune tries again."""
     try:
         removed = await finish_interrupted(
-            ctx.store, repo.domain_dir(ref.uuid), ctx.config.runtime_dir, ctx.libvirt
+            ctx.store,
+            repo.domain_dir(ref.uuid),
+            ctx.config.runtime_dir,
+            ctx.libvirt,
+            domain=ref.name,
         )
     except (VirtBackupError, OSError) as exc:
         log.error(
@@ -256,7 +260,8 @@ class Job:
                         "nothing of it is kept, and it is taken again once the domain runs"
                     ) from None
                 raise BackupFailedError(
-                    f"backup {self.id} of {self.ref.name} failed: {self.cancelled.value}"
+                    f"backup {self.id} of {self.ref.name} failed: {self.cancelled.value}",
+                    backup_id=self.id,
                 ) from None
             raise
         finally:
@@ -271,12 +276,13 @@ class Job:
         while not body.done():
             await asyncio.sleep(interval)
             if self.cancelled is None:
+                # The outcome line ("backup cancelled") says why, once.
                 if cancel_requested(runtime, self.ref.uuid):
-                    self.log.warning("cancel requested by the operator")
+                    self.log.debug("cancel requested by the operator")
                     self.cancelled = _Cancel.OPERATOR
                     body.cancel()
                 elif not self.running and vm_starts.starting(self.ref.uuid):
-                    self.log.warning("the domain is being started: the offline backup gives way")
+                    self.log.debug("the domain is being started: the offline backup gives way")
                     self.cancelled = _Cancel.DOMAIN_STARTED
                     body.cancel()
             now = time.monotonic()
@@ -338,11 +344,14 @@ class Job:
             disks=list(plan.disks),
             online=self.running,
         )
+        # What the policy chose (raw: full, an exclude) is information; a
+        # disk left out for another reason (shareable, network) a warning.
         for c in plan.choices:
+            say = self.log.info if c.by_policy else self.log.warning
             if c.included and not c.checkpoint:
-                self.log.warning("disk copied in full", disk=c.target, reason=c.reason)
-        for left in plan.left_out:
-            self.log.warning("disk left out of the backup", disk=left.disk, reason=left.reason)
+                say("disk copied in full", disk=c.target, reason=c.reason)
+            elif not c.included and not c.removable:
+                say("disk left out of the backup", disk=c.target, reason=c.reason)
         # Online: libvirt's pull job; offline: qemu-nbd on the images.
         export: Export = OnlineExport(self) if self.running else OfflineExport(self)
         try:
@@ -356,19 +365,20 @@ class Job:
             await self._fail(exc)
             if isinstance(exc, VirtBackupError):
                 raise BackupFailedError(
-                    f"backup {self.id} of {self.ref.name} failed: {exc}"
+                    f"backup {self.id} of {self.ref.name} failed: {exc}", backup_id=self.id
                 ) from exc
             if isinstance(exc, Exception):
                 # A bug or an untranslated library error: cleaned up like any
                 # failure above; its traceback went to the log in _fail.
                 raise BackupFailedError(
                     f"backup {self.id} of {self.ref.name} failed: internal error: "
-                    f"{type(exc).__name__}: {exc}"
+                    f"{type(exc).__name__}: {exc}",
+                    backup_id=self.id,
                 ) from exc
             raise
         finally:
             _rmtree(self.job_dir)
-            _rmtree(self.scratch_dir)
+            await scratch.release(self.scratch_dir)
 
     async def _plan(self, info: DomainInfo, want: Level | None = None) -> Plan:
         lv, store = self.ctx.libvirt, self.ctx.store
@@ -588,8 +598,11 @@ class Job:
         earlier one fails."""
         reason = str(exc) or type(exc).__name__
         if isinstance(exc, asyncio.CancelledError):
+            # Asked for (`virtbackup cancel`, a VM start, the process
+            # stopping): the outcome is a notice, not an error.
             reason = self.cancelled.value if self.cancelled is not None else "cancelled"
-        if isinstance(exc, Exception) and not isinstance(exc, VirtBackupError):
+            self.log.notice("backup cancelled", state=self.state.value, reason=reason)
+        elif isinstance(exc, Exception) and not isinstance(exc, VirtBackupError):
             reason = f"internal error: {type(exc).__name__}: {exc}"
             self.log.error("backup failed", state=self.state.value, error=reason, exc_info=exc)
         else:

@@ -239,7 +239,11 @@ async def mount_backup(
         repo.drop_hold(hold)
         raise
     log.info(
-        "backup mounted", backup=hold.backup_id, mountpoint=str(mountpoint), volumes=len(mounted)
+        "backup mounted",
+        domain_uuid=hold.domain_uuid,
+        backup_id=hold.backup_id,
+        mountpoint=str(mountpoint),
+        volumes=len(mounted),
     )
     return MountResult(hold, tuple(mounted), tuple(notes))
 
@@ -277,7 +281,12 @@ async def release_mount(repo: Repository, hold: Hold) -> None:
     await _unmount_all(Path(hold.directory))
     await close_view(hold.helper_pid, hold.devices, Path(hold.state_dir))
     repo.drop_hold(hold)
-    log.info("backup unmounted", backup=hold.backup_id, mountpoint=hold.directory)
+    log.info(
+        "backup unmounted",
+        domain_uuid=hold.domain_uuid,
+        backup_id=hold.backup_id,
+        mountpoint=hold.directory,
+    )
 
 
 def mount_alive(hold: Hold) -> bool:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import structlog
 
-from virtbackupd.adapters import host_folders
+from virtbackupd.adapters import host_folders, qemu_img
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
 from virtbackupd.adapters.nbd.client import NbdClient, UnixAddress, connect
 from virtbackupd.adapters.nbd.protocol import (
@@ -58,6 +58,7 @@ from virtbackupd.core.chain_check import LayerPiece, Seen, classify
 from virtbackupd.core.domain_xml import parse_domain
 from virtbackupd.core.extents import Kind, content_hash
 from virtbackupd.core.live_move import checkable, merge_spans, subtract_spans
+from virtbackupd.engine import scratch
 from virtbackupd.engine.content import chunks, non_zero, open_view
 from virtbackupd.engine.restore import load_chain
 from virtbackupd.errors import CheckpointInconsistentError
@@ -108,10 +109,20 @@ async def _export(
 ) -> AsyncIterator[tuple[UnixAddress, bool]]:
     shutil.rmtree(work, ignore_errors=True)
     info = parse_domain(await lv.xml(ref), f"domain XML of {ref.name}")
-    # QEMU creates the socket and scratch files here (so its own); a link
+    # QEMU creates the socket here and is handed the scratch files (so the folder is its own); a link
     # planted here is refused, not followed.
     host_folders.make_folder(work, owner=info.qemu_user, parents_mode=0o711, exist_ok=False)
     socket = work / "nbd.sock"
+    # Scratch files of our own, which libvirt reuses: one libvirt creates it
+    # also deletes at the job's end, before it gives the file its label back
+    # (libvirt 9.0), and libvirtd logged "unable to stat ... .scratch" and
+    # "Unable to restore security label" on every check. Ours stay until
+    # libvirt has given them back (scratch.release). A check is short: no
+    # reservation as a backup's.
+    for d in disks:
+        path = work / f"{d}.scratch"
+        await qemu_img.create(path, await lv.disk_capacity(ref, d))
+        host_folders.set_owner(path, info.qemu_user)
 
     def document(incremental: str | None) -> str:
         return Backup(
@@ -132,7 +143,7 @@ async def _export(
     known = checkpoint is not None
     try:
         try:
-            await lv.backup_begin(ref, document(checkpoint), None)
+            await lv.backup_begin(ref, document(checkpoint), None, reuse_scratch=True)
         except CheckpointInconsistentError:
             log.warning(
                 "live restore: the record of the guest's writes was lost (its QEMU ended "
@@ -140,13 +151,13 @@ async def _export(
                 domain=ref.name,
             )
             known = False
-            await lv.backup_begin(ref, document(None), None)
+            await lv.backup_begin(ref, document(None), None, reuse_scratch=True)
         try:
             yield UnixAddress(str(socket)), known
         finally:
             await lv.abort_job(ref)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        await scratch.release(work)
 
 
 async def _written(client: NbdClient, context: str) -> list[tuple[int, int]]:

@@ -191,7 +191,7 @@ async def start_live_restore(
         _close(repo, opened, [])
         raise
     log.info(
-        "live restore started", domain=name, uuid=ref.uuid, backup=backup_id, disks=list(disks)
+        "live restore started", domain=name, uuid=ref.uuid, backup_id=backup_id, disks=list(disks)
     )
     return defined, hold
 
@@ -278,7 +278,7 @@ async def _settle_one(
         log.warning(
             "live restore: its domain is gone; hold released",
             uuid=hold.new_domain,
-            backup=hold.backup_id,
+            backup_id=hold.backup_id,
         )
         if act:
             release(repo, hold)
@@ -308,7 +308,7 @@ async def _settle_one(
         log.info(
             "live restore finished: every disk moved and checked against the backup",
             domain=ref.name,
-            backup=hold.backup_id,
+            backup_id=hold.backup_id,
             disks=list(hold.disks),
         )
         release(repo, hold)
@@ -349,7 +349,7 @@ async def _stopped(
             log.error(
                 "live restore: the new domain crashed; its disks stay held",
                 domain=ref.name,
-                backup=hold.backup_id,
+                backup_id=hold.backup_id,
                 disks=unverified,
                 reason=ended,
             )
@@ -381,7 +381,7 @@ async def _check(
         (log.info if r.ok else log.error)(
             "live restore: disk checked" if r.ok else "live restore: disk differs from the backup",
             domain=ref.name,
-            backup=hold.backup_id,
+            backup_id=hold.backup_id,
             disk=r.disk,
             result=live_check.describe(r),
         )

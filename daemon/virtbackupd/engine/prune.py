@@ -122,16 +122,21 @@ async def prune_domain(
     dry_run: bool = False,
     libvirt: Libvirt | None = None,
     step: StepHook | None = None,
+    domain: str | None = None,
 ) -> PruneResult:
     """Apply `retention` (and the chain limit `max_depth`) to the backups in
-    `domain_dir`. The caller holds the domain's lock."""
+    `domain_dir`. The caller holds the domain's lock. `domain`: its name,
+    for the log lines."""
     hook = step or (lambda _: None)
     uuid = domain_dir.name
     repo = Repository.of_domain(domain_dir)
     replayed = False
     earlier: tuple[str, ...] = ()
     if not dry_run and repo.journal(uuid) is not None:
-        earlier = await finish_interrupted(store, domain_dir, runtime_dir, libvirt, hook) or ()
+        earlier = (
+            await finish_interrupted(store, domain_dir, runtime_dir, libvirt, hook, domain=domain)
+            or ()
+        )
         replayed = True
     found = [b.manifest for b in repo.backups(uuid)]
     layers = [_layer(m) for m in found]
@@ -165,11 +170,12 @@ async def prune_domain(
     repo.write_journal(uuid, PruneJournal(tuple(ops), checkpoints))
     hook("journal written")
     removed = await _run_journal(store, domain_dir, runtime_dir, libvirt, hook)
-    log.info(
-        "pruned",
+    log.info(  # the prune's one outcome line
+        "prune done",
+        domain=domain,
         domain_uuid=uuid,
-        removed=[op.id for op in ops if isinstance(op, Remove)],
-        merges=sum(not isinstance(op, Remove) for op in ops),
+        pruned=sorted(prune),
+        operations=[describe(op) for op in ops],
     )
     return PruneResult(uuid, tuple(verdicts), tuple(ops), False, replayed, earlier + removed)
 
@@ -202,6 +208,7 @@ async def prune_under_policy(
             config.runtime_dir,
             dry_run=dry_run,
             libvirt=libvirt,
+            domain=name,
         )
 
 
@@ -211,12 +218,14 @@ async def finish_interrupted(
     runtime_dir: Path,
     libvirt: Libvirt | None = None,
     step: StepHook | None = None,
+    *,
+    domain: str | None = None,
 ) -> tuple[str, ...] | None:
     """Replay an interrupted prune's journal, if there is one (None if
     not); returns the checkpoints it removed."""
     if Repository.of_domain(domain_dir).journal(domain_dir.name) is None:
         return None
-    log.warning("finishing an interrupted prune", domain_uuid=domain_dir.name)
+    log.warning("finishing an interrupted prune", domain=domain, domain_uuid=domain_dir.name)
     return await _run_journal(store, domain_dir, runtime_dir, libvirt, step or (lambda _: None))
 
 

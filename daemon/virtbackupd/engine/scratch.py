@@ -16,7 +16,9 @@ to your VMs").
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,3 +131,45 @@ def prepare(folder: Path, qemu_user: tuple[int, int] | None) -> None:
                     "(0711: passing through, no listing) or choose another scratch_dir"
                 )
     host_folders.make_folder(folder, owner=qemu_user, exist_ok=False)
+
+
+#: What libvirt (qemu.conf `remember_owner`, on by default) sets on a file
+#: it labels for QEMU and removes when it gives the label back.
+LIBVIRT_LABEL_XATTR = "trusted.libvirt.security."
+
+
+async def release(folder: Path, timeout: float = 10.0) -> None:
+    """Remove a job's scratch folder once libvirt has given its files their
+    labels back. libvirt 9.0 says a pull job has ended (no job, no block
+    job) while it still tears down the last disk's: it detaches the scratch
+    file and only then restores its owner. A file removed before that makes
+    libvirtd log "unable to stat ….scratch" and "Unable to restore security
+    label" (seen on a live restore's check after its domain was killed; a
+    run measured the last disk's label given back after abortJob returned).
+    The sign it is done is its remembered-owner attributes going away;
+    without them (remember_owner off, no xattrs) there is nothing to wait
+    for. After `timeout` (libvirtd gone) the folder is removed anyway."""
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # Polled: nothing of libvirt's says when (no event, no job left).
+        while _labelled(folder) and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _labelled(folder: Path) -> bool:
+    """Whether libvirt still holds a label on a file in `folder`."""
+    try:
+        files = list(folder.iterdir())
+    except OSError:
+        return False
+    for f in files:
+        try:
+            names = os.listxattr(f, follow_symlinks=False)
+        except OSError:
+            continue
+        if any(n.startswith(LIBVIRT_LABEL_XATTR) for n in names):
+            return True
+    return False

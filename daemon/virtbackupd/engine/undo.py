@@ -39,7 +39,7 @@ from virtbackupd.adapters.repository import (
 from virtbackupd.adapters.store import Store
 from virtbackupd.core.backup_xml import Backup
 from virtbackupd.core.domain_xml import parse_domain
-from virtbackupd.engine import own_checkpoints, vm_starts
+from virtbackupd.engine import own_checkpoints, scratch, vm_starts
 from virtbackupd.errors import DomainStartingError, VirtBackupError
 
 log: FilteringBoundLogger = structlog.get_logger("virtbackupd.undo")
@@ -142,15 +142,16 @@ async def _take_back(
     if step.kind is UndoKind.PARTIAL:
         repo_partial = Path(step.path or "")
         shutil.rmtree(repo_partial, ignore_errors=True)
-    elif step.kind is UndoKind.JOB_DIR:
-        shutil.rmtree(Path(step.path or ""), ignore_errors=True)
+    elif step.kind is UndoKind.JOB_DIR:  # the job's runtime or scratch folder
+        await scratch.release(Path(step.path or ""))
     elif lv is None or ref is None:
         return
     elif step.kind is UndoKind.LIBVIRT_JOB:
         # Only our own job: its NBD socket is the one the log names.
         ours = await lv.is_running(ref) and await lv.job_active(ref)
         if ours and await own_job_socket(lv, ref) == Path(step.path or ""):
-            logger.warning("aborting the libvirt job of a failed backup", socket=step.path)
+            # A step of the clean-up, not news: the backup's outcome line said it.
+            logger.debug("aborting the libvirt job of a failed backup", socket=step.path)
             await lv.abort_job(ref)
     elif step.kind is UndoKind.CHECKPOINT:
         name = step.name or ""
