@@ -109,8 +109,8 @@ async def _export(
 ) -> AsyncIterator[tuple[UnixAddress, bool]]:
     shutil.rmtree(work, ignore_errors=True)
     info = parse_domain(await lv.xml(ref), f"domain XML of {ref.name}")
-    # QEMU creates the socket here and is handed the scratch files (so the folder is its own); a link
-    # planted here is refused, not followed.
+    # QEMU creates the socket here and is handed the scratch files (so the
+    # folder is its own); a link planted here is refused, not followed.
     host_folders.make_folder(work, owner=info.qemu_user, parents_mode=0o711, exist_ok=False)
     socket = work / "nbd.sock"
     # Scratch files of our own, which libvirt reuses: one libvirt creates it
