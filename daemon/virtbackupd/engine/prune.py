@@ -501,8 +501,10 @@ async def _drop_checkpoints(
     enabled), so removing one changes no other."""
     if libvirt is None:
         return ()
+    domain = uuid  # its name once libvirt has answered
     try:
         ref = await libvirt.domain(uuid)
+        domain = ref.name
         names = sorted(set(names) | await _left_by_earlier_prunes(store, uuid))
         if not names:
             return ()
@@ -526,6 +528,7 @@ async def _drop_checkpoints(
     except VirtBackupError as exc:
         log.warning(
             "could not remove checkpoints of pruned backups (the next prune tries again)",
+            domain=domain,
             domain_uuid=uuid,
             error=str(exc),
         )
