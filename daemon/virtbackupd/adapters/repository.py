@@ -40,7 +40,7 @@ from typing import TypeVar
 import structlog
 
 from virtbackupd.core import extents
-from virtbackupd.core.extents import Kind, Piece, Range
+from virtbackupd.core.extents import Kind, LazyRanges, Piece, Range
 from virtbackupd.core.merge_plan import Consolidate, Op, Rebase, Remove
 from virtbackupd.core.policy import Level
 from virtbackupd.core.records import BackupRecord, BackupStatus, DiskRecord, LeftOutDisk
@@ -180,7 +180,9 @@ class Manifest:
         }
 
     @classmethod
-    def from_json(cls, data: object, path: Path) -> Manifest:
+    def from_json(cls, data: object, path: Path, lazy_ranges: bool = False) -> Manifest:
+        """`lazy_ranges`: each disk's range list is parsed and checked when
+        first read (a listing reads none), not now."""
         f = _Fields(data, path, "")
         fmt = f.text("format")
         if fmt == _V1_FORMAT:
@@ -209,7 +211,7 @@ class Manifest:
             parent_checkpoint=f.opt_text("parent_checkpoint"),
             started=f.time("started"),
             finished=f.time("finished"),
-            disks=tuple(_disk(d, version) for d in f.items("disks")),
+            disks=tuple(_disk(d, version, lazy_ranges) for d in f.items("disks")),
             left_out=tuple(
                 LeftOutDisk(x.text("name"), x.text("reason")) for x in f.items("left_out", [])
             ),
@@ -251,17 +253,26 @@ def _documents(f: _Fields) -> dict[str, str]:
     return out
 
 
-def _disk(f: _Fields, version: int) -> DiskRecord:
+def _disk(f: _Fields, version: int, lazy: bool) -> DiskRecord:
     size = f.integer("virtual_size", minimum=1)
-    ranges = f.ranges("ranges")
-    # In order, not overlapping, inside the disk: a reader trusts them.
-    end = 0
-    for r in ranges:
-        if r.offset < end or r.length <= 0 or r.end > size:
-            raise f.error(
-                "ranges", f"{r.offset}+{r.length} is out of order, empty or beyond the disk"
-            )
-        end = r.end
+
+    def ranges_of() -> tuple[Range, ...]:
+        ranges = f.ranges("ranges")
+        # In order, not overlapping, inside the disk: a reader trusts them.
+        end = 0
+        for r in ranges:
+            if r.offset < end or r.length <= 0 or r.end > size:
+                raise f.error(
+                    "ranges", f"{r.offset}+{r.length} is out of order, empty or beyond the disk"
+                )
+            end = r.end
+        return ranges
+
+    if lazy:
+        f._get("ranges", list)  # there, a list; its items are read when needed
+        ranges: Sequence[Range] = LazyRanges(ranges_of)
+    else:
+        ranges = ranges_of()
     return DiskRecord(
         disk=f.plain_name("name"),
         path=f.plain_name("file"),
@@ -689,6 +700,12 @@ class Hold:
     verified: tuple[str, ...] = ()  # live restore: disks moved and checked against the backup
     trouble: str | None = None  # live restore: a crash or a failed check, for the operator
     failed_run: int | None = None  # live restore: libvirt's id of the QEMU a check failed in
+    # live restore: the disk whose pull was started last, in which QEMU run,
+    # how many of its pulls ended unfinished there, and when the last did
+    pulling: str | None = None
+    pull_run: int | None = None
+    pull_failures: int = 0
+    pull_failed_at: datetime | None = None
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -712,6 +729,12 @@ class Hold:
             "verified": list(self.verified),
             "trouble": self.trouble,
             "failed_run": self.failed_run,
+            "pulling": self.pulling,
+            "pull_run": self.pull_run,
+            "pull_failures": self.pull_failures,
+            "pull_failed_at": None
+            if self.pull_failed_at is None
+            else self.pull_failed_at.isoformat(),
         }
 
     @classmethod
@@ -754,6 +777,10 @@ class Hold:
             verified=tuple(f.texts("verified")),
             trouble=f.opt_text("trouble"),
             failed_run=f.opt_integer("failed_run"),
+            pulling=f.opt_text("pulling"),
+            pull_run=f.opt_integer("pull_run"),
+            pull_failures=f.integer("pull_failures", 0),
+            pull_failed_at=f.time("pull_failed_at") if f.opt_text("pull_failed_at") else None,
         )
 
 
@@ -1012,10 +1039,10 @@ def _is_backup_folder(folder: Path) -> bool:
     return folder.is_dir() and not folder.name.endswith(".partial") and folder.name[0] != "."
 
 
-def read_manifest(folder: Path) -> Manifest:
+def read_manifest(folder: Path, lazy_ranges: bool = False) -> Manifest:
     path = folder / MANIFEST
     data = _read_json(path)
-    manifest = Manifest.from_json(data, path)
+    manifest = Manifest.from_json(data, path, lazy_ranges)
     # A manifest copied into another backup's folder would make that
     # backup another; its id must name the folder it is in.
     names = (manifest.id, f"{manifest.id}.partial", f".{manifest.id}.removing")
