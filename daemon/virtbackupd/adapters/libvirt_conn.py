@@ -37,6 +37,8 @@ KEEPALIVE = (5, 3)
 # connect: the daemon's start must stay within systemd's start timeout.
 CALL_TIMEOUT_S = 120.0
 CONNECT_TIMEOUT_S = 30.0
+# How long a close waits for calls still running on the connection.
+CLOSE_WAIT_S = 5.0
 
 
 def _silence(_ctx: object, _err: object) -> None:
@@ -85,6 +87,8 @@ class Workers(Executor):
         self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = (
             queue.SimpleQueue()
         )
+        self._pending = 0  # submitted and not yet returned (given up on or not)
+        self._idle = threading.Condition()
         self._threads = [
             threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
             for i in range(workers)
@@ -94,18 +98,31 @@ class Workers(Executor):
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         future: Future[T] = Future()
+        with self._idle:
+            self._pending += 1
         self._jobs.put((future, functools.partial(fn, *args, **kwargs)))
         return future
 
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
             future, fn = job
-            if not future.set_running_or_notify_cancel():
-                continue  # its caller gave up before it started
             try:
-                future.set_result(fn())
-            except BaseException as exc:  # noqa: BLE001 (handed to the caller, who raises it)
-                future.set_exception(exc)
+                if not future.set_running_or_notify_cancel():
+                    continue  # its caller gave up before it started
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # noqa: BLE001 (handed to the caller, who raises it)
+                    future.set_exception(exc)
+            finally:
+                with self._idle:
+                    self._pending -= 1
+                    self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Whether every call submitted has returned (within `timeout`),
+        including those whose callers gave up on them."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         for _ in self._threads:
@@ -149,11 +166,16 @@ class Libvirt:
     """One connection. Use ``async with await Libvirt.open(uri) as lv``.
     Every call is bounded (CALL_TIMEOUT_S) and the connection keeps alive."""
 
-    def __init__(self, conn: Any, executor: Executor, uri: str, timeout: float) -> None:
+    def __init__(self, conn: Any, executor: Workers, uri: str, timeout: float) -> None:
         self._conn = conn
         self._executor = executor
         self.uri = uri
         self.timeout = timeout
+        # The call that did not answer in time: it still waits in its
+        # thread, and libvirt's client does not survive a second call
+        # waiting beside it on a dead peer (seen: no keepalive close, then
+        # a segfault when the socket closed). The connection is given up.
+        self._hung: LibvirtTimeoutError | None = None
 
     @classmethod
     async def open(cls, uri: str, timeout: float | None = None) -> Libvirt:
@@ -189,10 +211,18 @@ class Libvirt:
         await self.close()
 
     async def close(self) -> None:
-        # Best effort: a dead peer must not turn the end of a job into an
-        # error (the keepalive frees the hung thread later).
-        with contextlib.suppress(LibvirtError):
-            await self._call(self._conn.close, what="close")
+        """Close the connection once no call runs on it. A call given up on
+        (its bound passed, its task cancelled) may still run in its thread:
+        libvirt's client then uses the connection's memory after the close
+        (seen: a segfault when the peer went away afterwards; a warning
+        "virObjectGetLockableObj ... is not a virObjectLockable instance"
+        is the same use after free). Such a connection is left open (to be
+        ended by the keepalive or the process's exit), never closed under
+        a call."""
+        if self._hung is None and await asyncio.to_thread(self._executor.wait_idle, CLOSE_WAIT_S):
+            # Best effort: a dead peer must not turn the end of a job into an error.
+            with contextlib.suppress(LibvirtError):
+                await self._call(self._conn.close, what="close")
         self._executor.shutdown(wait=False)
 
     async def _call(self, fn: Callable[..., T], *args: Any, what: str | None = None) -> T:
@@ -200,12 +230,25 @@ class Libvirt:
         # virDomainGetName answers from the client's copy: no round trip.
         domain = owner.name() if isinstance(owner, libvirt.virDomain) else None
         call = what or str(getattr(fn, "__name__", "a call"))
+        if self._hung is not None:
+            raise LibvirtError(
+                f"not asking libvirt for {call}: this connection was given up when "
+                f"{self._hung.call} did not answer"
+            )
         try:
             return await bounded(
                 self._executor, functools.partial(fn, *args), call, self.timeout, domain
             )
+        except LibvirtTimeoutError as exc:
+            self._hung = exc
+            raise
         except libvirt.libvirtError as exc:
             raise _translate(exc) from exc
+
+    def alive(self) -> bool:
+        """Whether the connection is up (libvirt's own view: no round trip;
+        the keepalive ends one whose peer stopped answering)."""
+        return bool(self._conn.isAlive())
 
     # --- domains -------------------------------------------------------------------
     async def _lookup(self, ref: DomainRef | str) -> Any:
