@@ -437,7 +437,12 @@ async def _pull_ended(
 
 
 def _free_bytes(folder: Path) -> int:
-    st = os.statvfs(folder)
+    """Free bytes for an unprivileged writer in `folder`; a folder that
+    cannot be looked at counts as roomy (the pull then says what is wrong)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return 2**63
     return st.f_bavail * st.f_frsize
 
 
@@ -445,7 +450,11 @@ async def _left_to_move(lv: Libvirt, ref: DomainRef, disk: str, image: Path) -> 
     """At most what the pull still writes into `image` (the disk's size
     less what the image holds; less still when the backup is sparse)."""
     capacity = await lv.disk_capacity(ref, disk)
-    return max(0, capacity - image.stat().st_blocks * 512)
+    try:
+        held = image.stat().st_blocks * 512
+    except OSError:
+        held = 0
+    return max(0, capacity - held)
 
 
 async def _stopped(
