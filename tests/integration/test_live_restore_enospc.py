@@ -2,7 +2,8 @@
 folder is a tiny tmpfs, so QEMU's block pull fails with ENOSPC. The failure
 is reported with the reason in `status` and the daemon's journal, the pull
 is tried a bounded number of times (not every round forever), and the new
-domain keeps running on the repository's image with its data readable."""
+domain keeps running on the repository's image with its data readable;
+once there is room, the move resumes by itself and finishes."""
 
 from __future__ import annotations
 
@@ -98,6 +99,18 @@ async def test_a_pull_that_runs_out_of_space_is_reported_and_not_retried_forever
         reader = GuestWriter(new)
         for at, pattern in CHUNKS:
             reader._hmp(new.disk("vda"), f"read -P {pattern:#x} {at} {8 * MiB}", "read ")
+
+        # What the operator is told to do: make room. The move resumes by
+        # itself, finishes and is checked; the backup is released.
+        run("mount", "-o", "remount,size=256m", str(new_dir))
+        deadline = time.monotonic() + 240
+        while list(repo.glob("*/.holds/*.json")):
+            assert time.monotonic() < deadline, daemon.read_log()[-3000:]
+            await asyncio.sleep(2)
+        log = daemon.read_log()
+        assert "live restore: there is room again; the move resumes" in log, log[-3000:]
+        assert "live restore finished" in log, log[-3000:]
+        assert dom.isActive()
     finally:
         with contextlib.suppress(Exception):
             await daemon.stop()
