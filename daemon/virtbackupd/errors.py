@@ -96,6 +96,16 @@ class LibvirtError(VirtBackupError):
         self.code = code
 
 
+class LibvirtTimeoutError(LibvirtError):
+    """libvirt did not answer a call within its bound (a hung libvirtd, a
+    dead peer the keepalive has not caught yet); ``call`` names it."""
+
+    def __init__(self, message: str, call: str, domain: str | None = None) -> None:
+        super().__init__(message)
+        self.call = call
+        self.domain = domain
+
+
 class DomainNotFoundError(LibvirtError, InputError):
     """No domain with that name or UUID."""
 

@@ -26,6 +26,7 @@ def write(tmp: Path, name: str, text: str) -> Path:
 def test_shipped_examples_load() -> None:
     cfg = load_config(REPO / "config" / "virtbackupd.yaml")
     assert cfg.libvirt_uri == "qemu:///system"
+    assert cfg.libvirt_timeout == 120
     assert cfg.state_db == Path("/var/lib/virtbackupd/state.db")
     assert cfg.max_concurrent_backups == 2
     pol = load_policy(REPO / "config" / "policies.d" / "example.yaml")
@@ -66,6 +67,7 @@ def test_config_path_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
     [
         ("libvirt_url: x\n", ":1: libvirt_url: unknown key (expected one of: libvirt_uri,"),
         ("max_concurrent_backups: 0\n", ":1: max_concurrent_backups: expected an integer >= 1"),
+        ("libvirt_timeout: 0\n", ":1: libvirt_timeout: expected an integer >= 1"),
         ("max_concurrent_backups: two\n", "expected an integer >= 1, got str 'two'"),
         ("\nlog:\n  format: xml\n", ":3: log.format: expected one of auto, journal, json, console"),
         ("policy_dirs: /etc\n", "policy_dirs: expected a list of strings"),

@@ -6,9 +6,12 @@ imports libvirt.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import queue
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -20,9 +23,22 @@ from virtbackupd.errors import (
     CheckpointInconsistentError,
     DomainNotFoundError,
     LibvirtError,
+    LibvirtTimeoutError,
 )
 
 T = TypeVar("T")
+
+# Every connection sends a keepalive after this many idle seconds and is
+# closed when that many go unanswered in a row: a dead or hung libvirtd
+# then fails the calls waiting on it (after about 5 * (3 + 1) s) instead
+# of blocking them forever. Needs a running event loop (event_loop()).
+KEEPALIVE = (5, 3)
+# The bound of one blocking call (config `libvirt_timeout`), and of a
+# connect: the daemon's start must stay within systemd's start timeout.
+CALL_TIMEOUT_S = 120.0
+CONNECT_TIMEOUT_S = 30.0
+# How long a close waits for calls still running on the connection.
+CLOSE_WAIT_S = 5.0
 
 
 def _silence(_ctx: object, _err: object) -> None:
@@ -30,6 +46,107 @@ def _silence(_ctx: object, _err: object) -> None:
 
 
 libvirt.registerErrorHandler(_silence, None)
+
+_loop_lock = threading.Lock()
+_loop_started = False
+
+
+def event_loop() -> None:
+    """Register libvirt's default event implementation (once, before any
+    connection) and run it forever in a daemon thread. Keepalives and
+    domain events need it; libvirtaio is not used because it touches the
+    asyncio loop from whichever thread makes a libvirt call."""
+    global _loop_started
+    with _loop_lock:
+        if _loop_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _loop_started = True
+
+
+def configure(call_timeout: float) -> None:
+    """The bound of every blocking libvirt call of this process (config
+    `libvirt_timeout`)."""
+    global CALL_TIMEOUT_S
+    CALL_TIMEOUT_S = call_timeout
+
+
+class Workers(Executor):
+    """A fixed pool of *daemon* threads for blocking libvirt calls. A call
+    that hangs keeps its thread, but never the process's exit: the
+    standard ThreadPoolExecutor joins its threads at exit, so one hung
+    call would hold the daemon after SIGTERM forever."""
+
+    def __init__(self, workers: int, name: str) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._pending = 0  # submitted and not yet returned (given up on or not)
+        self._idle = threading.Condition()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        future: Future[T] = Future()
+        with self._idle:
+            self._pending += 1
+        self._jobs.put((future, functools.partial(fn, *args, **kwargs)))
+        return future
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn = job
+            try:
+                if not future.set_running_or_notify_cancel():
+                    continue  # its caller gave up before it started
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # noqa: BLE001 (handed to the caller, who raises it)
+                    future.set_exception(exc)
+            finally:
+                with self._idle:
+                    self._pending -= 1
+                    self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Whether every call submitted has returned (within `timeout`),
+        including those whose callers gave up on them."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+        if wait:
+            for t in self._threads:
+                t.join()
+
+
+async def bounded(
+    executor: Executor, fn: Callable[[], T], call: str, timeout: float, domain: str | None = None
+) -> T:
+    """Run a blocking libvirt call in `executor`, at most `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    try:
+        return await asyncio.wait_for(loop.run_in_executor(executor, fn), timeout)
+    except TimeoutError:
+        on = f" on domain {domain}" if domain else ""
+        raise LibvirtTimeoutError(
+            f"libvirt did not answer {call}{on} within {timeout:g} s "
+            "(libvirtd hung or unreachable; see `libvirt_timeout` in docs/configuration.md)",
+            call,
+            domain,
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -46,23 +163,46 @@ class StoredCheckpoint:
 
 
 class Libvirt:
-    """One connection. Use ``async with await Libvirt.open(uri) as lv``."""
+    """One connection. Use ``async with await Libvirt.open(uri) as lv``.
+    Every call is bounded (CALL_TIMEOUT_S) and the connection keeps alive."""
 
-    def __init__(self, conn: Any, executor: ThreadPoolExecutor, uri: str) -> None:
+    def __init__(self, conn: Any, executor: Workers, uri: str, timeout: float) -> None:
         self._conn = conn
         self._executor = executor
         self.uri = uri
+        self.timeout = timeout
+        # The call that did not answer in time: it still waits in its
+        # thread, and libvirt's client does not survive a second call
+        # waiting beside it on a dead peer (seen: no keepalive close, then
+        # a segfault when the socket closed). The connection is given up.
+        self._hung: LibvirtTimeoutError | None = None
 
     @classmethod
-    async def open(cls, uri: str) -> Libvirt:
-        executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="libvirt")
-        loop = asyncio.get_running_loop()
+    async def open(cls, uri: str, timeout: float | None = None) -> Libvirt:
+        timeout = CALL_TIMEOUT_S if timeout is None else timeout
+        event_loop()
+        executor = Workers(4, "libvirt")
+
+        def connect() -> Any:
+            conn = libvirt.open(uri)
+            try:
+                conn.setKeepAlive(*KEEPALIVE)
+            except libvirt.libvirtError:
+                conn.close()
+                raise
+            return conn
+
         try:
-            conn = await loop.run_in_executor(executor, libvirt.open, uri)
+            conn = await bounded(
+                executor, connect, f"a connect to {uri}", min(timeout, CONNECT_TIMEOUT_S)
+            )
         except libvirt.libvirtError as exc:
             executor.shutdown(wait=False)
             raise LibvirtError(f"cannot connect to {uri}: {exc.get_error_message()}") from exc
-        return cls(conn, executor, uri)
+        except LibvirtError:
+            executor.shutdown(wait=False)
+            raise
+        return cls(conn, executor, uri, timeout)
 
     async def __aenter__(self) -> Libvirt:
         return self
@@ -71,15 +211,44 @@ class Libvirt:
         await self.close()
 
     async def close(self) -> None:
-        await self._call(self._conn.close)
+        """Close the connection once no call runs on it. A call given up on
+        (its bound passed, its task cancelled) may still run in its thread:
+        libvirt's client then uses the connection's memory after the close
+        (seen: a segfault when the peer went away afterwards; a warning
+        "virObjectGetLockableObj ... is not a virObjectLockable instance"
+        is the same use after free). Such a connection is left open (to be
+        ended by the keepalive or the process's exit), never closed under
+        a call."""
+        if self._hung is None and await asyncio.to_thread(self._executor.wait_idle, CLOSE_WAIT_S):
+            # Best effort: a dead peer must not turn the end of a job into an error.
+            with contextlib.suppress(LibvirtError):
+                await self._call(self._conn.close, what="close")
         self._executor.shutdown(wait=False)
 
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
+    async def _call(self, fn: Callable[..., T], *args: Any, what: str | None = None) -> T:
+        owner = getattr(fn, "__self__", None)
+        # virDomainGetName answers from the client's copy: no round trip.
+        domain = owner.name() if isinstance(owner, libvirt.virDomain) else None
+        call = what or str(getattr(fn, "__name__", "a call"))
+        if self._hung is not None:
+            raise LibvirtError(
+                f"not asking libvirt for {call}: this connection was given up when "
+                f"{self._hung.call} did not answer"
+            )
         try:
-            return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+            return await bounded(
+                self._executor, functools.partial(fn, *args), call, self.timeout, domain
+            )
+        except LibvirtTimeoutError as exc:
+            self._hung = exc
+            raise
         except libvirt.libvirtError as exc:
             raise _translate(exc) from exc
+
+    def alive(self) -> bool:
+        """Whether the connection is up (libvirt's own view: no round trip;
+        the keepalive ends one whose peer stopped answering)."""
+        return bool(self._conn.isAlive())
 
     # --- domains -------------------------------------------------------------------
     async def _lookup(self, ref: DomainRef | str) -> Any:
@@ -97,7 +266,7 @@ class Libvirt:
                     raise DomainNotFoundError(f"no domain named or with UUID '{key}'") from exc
                 raise
 
-        return await self._call(find)
+        return await self._call(find, what=f"the lookup of domain {key}")
 
     async def domain(self, name_or_uuid: str) -> DomainRef:
         dom = await self._lookup(name_or_uuid)
@@ -230,11 +399,16 @@ class Libvirt:
                 out.append(StoredCheckpoint(cp.getName(), parent_of(xml), xml))
             return out
 
-        return await self._call(collect)
+        return await self._call(collect, what=f"the checkpoint listing of {ref.name}")
 
     async def checkpoint_xml(self, ref: DomainRef, name: str) -> str:
         dom = await self._lookup(ref)
-        return str(await self._call(lambda: dom.checkpointLookupByName(name).getXMLDesc(0)))
+        return str(
+            await self._call(
+                lambda: dom.checkpointLookupByName(name).getXMLDesc(0),
+                what=f"the XML of checkpoint {name} of {ref.name}",
+            )
+        )
 
     async def delete_checkpoint(
         self, ref: DomainRef, name: str, metadata_only: bool = False
@@ -251,7 +425,7 @@ class Libvirt:
                 raise
             cp.delete(flags)
 
-        await self._call(delete)
+        await self._call(delete, what=f"the deletion of checkpoint {name} of {ref.name}")
 
     async def redefine_checkpoint(self, ref: DomainRef, xml: str) -> None:
         dom = await self._lookup(ref)

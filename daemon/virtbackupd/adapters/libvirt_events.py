@@ -13,36 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 import libvirt
 
+from virtbackupd.adapters import libvirt_conn
+from virtbackupd.adapters.libvirt_conn import Workers, bounded
 from virtbackupd.errors import LibvirtError
-
-_impl_lock = threading.Lock()
-_impl_started = False
-
-
-def _start_event_thread() -> None:
-    """Register the default event implementation (once, before any
-    connection) and run it forever in a daemon thread."""
-    global _impl_started
-    with _impl_lock:
-        if _impl_started:
-            return
-        libvirt.virEventRegisterDefaultImpl()
-
-        def run() -> None:
-            while True:
-                libvirt.virEventRunDefaultImpl()
-
-        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
-        _impl_started = True
 
 
 class EventKind(StrEnum):
@@ -98,14 +78,14 @@ class EventSource:
     def __init__(
         self,
         uri: str,
-        keepalive: tuple[int, int] = (5, 3),
+        keepalive: tuple[int, int] = libvirt_conn.KEEPALIVE,
         backoff: tuple[float, float] = (0.5, 30.0),
     ) -> None:
         self.uri = uri
         self.keepalive = keepalive
         self.backoff = backoff
         self._queue: asyncio.Queue[DomainEvent] = asyncio.Queue()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="libvirt-ev")
+        self._executor = Workers(1, "libvirt-ev")
         self._conn: Any = None
         self._closed = False
         self._loop = asyncio.get_running_loop()
@@ -113,7 +93,7 @@ class EventSource:
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> EventSource:
-        _start_event_thread()
+        libvirt_conn.event_loop()
         self._task = asyncio.create_task(self._maintain())
         return self
 
@@ -154,8 +134,11 @@ class EventSource:
             self._loop.call_soon_threadsafe(self._lost.set)
 
     # --- connection upkeep ---------------------------------------------------------
-    async def _call(self, fn: Any, *args: Any) -> Any:
-        return await self._loop.run_in_executor(self._executor, lambda: fn(*args))
+    async def _call(self, fn: Any, *args: Any, what: str, timeout: float | None = None) -> Any:
+        """Bounded: a hung connect or close must not hold the daemon (its
+        exit waits for this source's end)."""
+        bound = libvirt_conn.CALL_TIMEOUT_S if timeout is None else timeout
+        return await bounded(self._executor, lambda: fn(*args), what, bound)
 
     async def _connect(self) -> None:
         def open_and_register() -> Any:
@@ -175,15 +158,19 @@ class EventSource:
             return conn
 
         try:
-            self._conn = await self._call(open_and_register)
+            self._conn = await self._call(
+                open_and_register,
+                what=f"a connect to {self.uri}",
+                timeout=min(libvirt_conn.CALL_TIMEOUT_S, libvirt_conn.CONNECT_TIMEOUT_S),
+            )
         except libvirt.libvirtError as exc:
             raise LibvirtError(f"cannot connect to {self.uri}: {exc.get_error_message()}") from exc
 
     async def _disconnect(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            with contextlib.suppress(libvirt.libvirtError):
-                await self._call(conn.close)
+            with contextlib.suppress(libvirt.libvirtError, LibvirtError):
+                await self._call(conn.close, what="close", timeout=5)
 
     async def _maintain(self) -> None:
         delay = self.backoff[0]

@@ -42,7 +42,7 @@ import structlog
 
 from virtbackupd.adapters import host_folders
 from virtbackupd.core import extents
-from virtbackupd.core.extents import Kind, Piece, Range
+from virtbackupd.core.extents import Kind, LazyRanges, Piece, Range
 from virtbackupd.core.merge_plan import Consolidate, Op, Rebase, Remove
 from virtbackupd.core.policy import Level
 from virtbackupd.core.records import BackupRecord, BackupStatus, DiskRecord, LeftOutDisk
@@ -191,7 +191,12 @@ class Manifest:
         }
 
     @classmethod
-    def from_json(cls, data: object, path: Path) -> Manifest:
+    def from_json(
+        cls, data: object, path: Path, lazy_ranges: Sequence[str] | None = None
+    ) -> Manifest:
+        """`lazy_ranges` (the range lists _cut_ranges took out of the text,
+        maybe none): each disk's range list is parsed and checked when
+        first read (a listing reads none), not now."""
         f = _Fields(data, path, "")
         fmt = f.text("format")
         if fmt == _V1_FORMAT:
@@ -220,7 +225,7 @@ class Manifest:
             parent_checkpoint=f.opt_text("parent_checkpoint"),
             started=f.time("started"),
             finished=f.time("finished"),
-            disks=tuple(_disk(d, version) for d in f.items("disks")),
+            disks=tuple(_disk(d, version, lazy_ranges) for d in f.items("disks")),
             left_out=tuple(
                 LeftOutDisk(x.text("name"), x.text("reason")) for x in f.items("left_out", [])
             ),
@@ -262,17 +267,37 @@ def _documents(f: _Fields) -> dict[str, str]:
     return out
 
 
-def _disk(f: _Fields, version: int) -> DiskRecord:
+def _disk(f: _Fields, version: int, cuts: Sequence[str] | None) -> DiskRecord:
+    """`cuts`: read lazily; the range lists that the read left as text
+    (see _cut_ranges), which this disk's "ranges" may point into."""
     size = f.integer("virtual_size", minimum=1)
-    ranges = f.ranges("ranges")
-    # In order, not overlapping, inside the disk: a reader trusts them.
-    end = 0
-    for r in ranges:
-        if r.offset < end or r.length <= 0 or r.end > size:
-            raise f.error(
-                "ranges", f"{r.offset}+{r.length} is out of order, empty or beyond the disk"
-            )
-        end = r.end
+
+    def checked(ranges: tuple[Range, ...]) -> tuple[Range, ...]:
+        # In order, not overlapping, inside the disk: a reader trusts them.
+        end = 0
+        for r in ranges:
+            if r.offset < end or r.length <= 0 or r.end > size:
+                raise f.error(
+                    "ranges", f"{r.offset}+{r.length} is out of order, empty or beyond the disk"
+                )
+            end = r.end
+        return ranges
+
+    def from_text(text: str) -> tuple[Range, ...]:
+        try:
+            return checked(tuple(extents.ranges_from_json(json.loads(text))))
+        except (ValueError, TypeError) as exc:
+            raise f.error("ranges", f"bad range list ({str(exc)[:120]})") from exc
+
+    ranges: Sequence[Range]
+    cut = f.data.get("ranges")
+    if cuts is None:
+        ranges = checked(f.ranges("ranges"))
+    elif type(cut) is int and 0 <= cut < len(cuts):
+        text = cuts[cut]
+        ranges = LazyRanges(lambda: from_text(text))
+    else:
+        ranges = LazyRanges(lambda: checked(f.ranges("ranges")))
     return DiskRecord(
         disk=f.plain_name("name"),
         path=f.plain_name("file"),
@@ -371,9 +396,13 @@ def _read_bounded(path: Path, limit: int) -> bytes:
     except OSError as exc:
         raise RepositoryFormatError(path, f"cannot read: {exc.strerror or exc}") from exc
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise RepositoryFormatError(path, "is not a regular file")
-        data = f.read(limit + 1)
+        # Asked for what is there (plus one: it grew), not for `limit`:
+        # a read of `limit` bytes allocates that much first, 64 MiB for
+        # every small JSON file a listing reads.
+        data = f.read(min(st.st_size, limit) + 1)
     if len(data) > limit:
         raise RepositoryFormatError(path, f"is larger than {limit} bytes")
     return data
@@ -721,6 +750,12 @@ class Hold:
     verified: tuple[str, ...] = ()  # live restore: disks moved and checked against the backup
     trouble: str | None = None  # live restore: a crash or a failed check, for the operator
     failed_run: int | None = None  # live restore: libvirt's id of the QEMU a check failed in
+    # live restore: the disk whose pull was started last, in which QEMU run,
+    # how many of its pulls ended unfinished there, and when the last did
+    pulling: str | None = None
+    pull_run: int | None = None
+    pull_failures: int = 0
+    pull_failed_at: datetime | None = None
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -744,6 +779,12 @@ class Hold:
             "verified": list(self.verified),
             "trouble": self.trouble,
             "failed_run": self.failed_run,
+            "pulling": self.pulling,
+            "pull_run": self.pull_run,
+            "pull_failures": self.pull_failures,
+            "pull_failed_at": None
+            if self.pull_failed_at is None
+            else self.pull_failed_at.isoformat(),
         }
 
     @classmethod
@@ -786,6 +827,10 @@ class Hold:
             verified=tuple(f.texts("verified")),
             trouble=f.opt_text("trouble"),
             failed_run=f.opt_integer("failed_run"),
+            pulling=f.opt_text("pulling"),
+            pull_run=f.opt_integer("pull_run"),
+            pull_failures=f.integer("pull_failures", 0),
+            pull_failed_at=f.time("pull_failed_at") if f.opt_text("pull_failed_at") else None,
         )
 
 
@@ -1103,10 +1148,14 @@ def _is_backup_folder(folder: Path) -> bool:
     return folder.is_dir() and not folder.name.endswith(".partial") and folder.name[0] != "."
 
 
-def read_manifest(folder: Path) -> Manifest:
+def read_manifest(folder: Path, lazy_ranges: bool = False) -> Manifest:
+    """`lazy_ranges`: for a listing; the disks' range lists (100 000
+    entries in a fragmented backup) are neither decoded nor checked until
+    something reads them."""
     path = folder / MANIFEST
-    data = _read_json(path)
-    manifest = Manifest.from_json(data, path)
+    cuts: list[str] | None = [] if lazy_ranges else None
+    data = _read_json(path, cuts=cuts)
+    manifest = Manifest.from_json(data, path, cuts)
     # A manifest copied into another backup's folder would make that
     # backup another; its id must name the folder it is in.
     names = (manifest.id, f"{manifest.id}.partial", f".{manifest.id}.removing")
@@ -1157,15 +1206,52 @@ def with_pieces(manifest: Manifest, disk: str, record: DiskRecord) -> Manifest:
 MAX_JSON_BYTES = 64 * 1024 * 1024
 
 
-def _read_json(path: Path, missing_ok: bool = False) -> object:
+# Where a manifest's range list starts, where the list of lists ends, and
+# the characters one of ours is made of ([[offset, length, "kind"], ...]).
+# Plain searches and one character class: a regex over the list's items
+# would keep state for each of 100 000 of them.
+_RANGES_KEY = re.compile(r'"ranges"\s*:\s*\[')
+_LISTS_END = re.compile(r"\]\s*\]")
+_RANGE_CHARS = re.compile(r'[\[\]0-9\s,"a-z-]*')
+
+
+def _cut_ranges(text: str, cuts: list[str]) -> str:
+    """`text` with each range list of ours replaced by its number in
+    `cuts` (which gets the list's text): what a listing decodes is small.
+    Only a balanced run of brackets, numbers and plain words is cut (no
+    brace, no escape: nothing else can hide in it); anything else stays
+    in place and is decoded as ever."""
+    out: list[str] = []
+    pos = 0
+    for key in _RANGES_KEY.finditer(text):
+        start = key.end() - 1
+        if start < pos:
+            continue
+        end = _LISTS_END.search(text, start)
+        if end is None:
+            break
+        segment = text[start : end.end()]
+        if segment.count("[") != segment.count("]") or not _RANGE_CHARS.fullmatch(segment):
+            continue
+        out += [text[pos:start], str(len(cuts))]
+        cuts.append(segment)
+        pos = end.end()
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _read_json(path: Path, missing_ok: bool = False, cuts: list[str] | None = None) -> object:
     """A repository's JSON file, as untrusted input: a regular file (a
     FIFO or /dev/zero would block or never end), not through a symlink,
-    bounded in size and in nesting."""
+    bounded in size and in nesting. `cuts`: take the range lists out
+    (_cut_ranges)."""
     if not path.exists() and not path.is_symlink():
         if missing_ok:
             return None
         raise RepositoryFormatError(path, "missing")
     text = _decode(path, _read_bounded(path, MAX_JSON_BYTES))
+    if cuts is not None:
+        text = _cut_ranges(text, cuts)
     try:
         return json.loads(text)
     except ValueError as exc:

@@ -32,7 +32,7 @@ import aiosqlite
 
 from virtbackupd.adapters import host_folders
 from virtbackupd.core import extents
-from virtbackupd.core.extents import Range
+from virtbackupd.core.extents import LazyRanges, Range
 from virtbackupd.core.policy import Level
 from virtbackupd.core.records import (
     BackupRecord,
@@ -192,6 +192,11 @@ def file_identity(path: Path) -> tuple[int, int] | None:
 
 def ranges_json(ranges: Sequence[Range]) -> str:
     return json.dumps(extents.ranges_to_json(ranges))
+
+
+def _lazy_ranges(text: str) -> LazyRanges:
+    """Listings read every backup's rows and need none of its ranges."""
+    return LazyRanges(lambda: ranges_from_json_text(text))
 
 
 def ranges_from_json_text(text: str) -> tuple[Range, ...]:
@@ -688,7 +693,7 @@ class Store:
                             d["bytes_zeroed"],
                             d["digest"],
                             d["grid"],
-                            ranges_from_json_text(d["ranges"]),
+                            _lazy_ranges(d["ranges"]),
                         )
                         for d in disks
                     ),

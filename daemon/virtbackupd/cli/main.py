@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from virtbackupd import __version__, logs
-from virtbackupd.adapters import host_folders, priority
+from virtbackupd.adapters import host_folders, libvirt_conn, priority
 from virtbackupd.adapters.libvirt_conn import Libvirt
 from virtbackupd.adapters.repository import Repository
 from virtbackupd.adapters.store import Store
@@ -286,6 +286,7 @@ async def _run(args: argparse.Namespace) -> int:
     host_folders.make_passable(config.runtime_dir)
     host_folders.make_passable(config.scratch_dir)
     priority.apply(config.priority)
+    libvirt_conn.configure(config.libvirt_timeout)
     logs.configure(config.log_level, "json" if args.json else "console")
     await sweep_runtime(config.runtime_dir)  # what killed commands left
     if args.command == "reindex":

@@ -23,6 +23,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 class DaemonConfig:
     source: Path
     libvirt_uri: str = "qemu:///system"
+    # The bound of one blocking libvirt call, in seconds: a hung libvirtd
+    # fails the job with an error naming the call instead of blocking it.
+    libvirt_timeout: float = 120.0
     state_dir: Path = Path("/var/lib/virtbackupd")
     backup_root: Path = Path("/var/lib/virtbackupd/backups")
     runtime_dir: Path = Path("/run/virtbackupd")
@@ -108,6 +111,7 @@ def load_config(path: Path) -> DaemonConfig:
         "",
         [
             "libvirt_uri",
+            "libvirt_timeout",
             "state_dir",
             "backup_root",
             "runtime_dir",
@@ -136,6 +140,10 @@ def load_config(path: Path) -> DaemonConfig:
         "runtime_dir": path_of("runtime_dir", DaemonConfig.runtime_dir),
         "scratch_dir": path_of("scratch_dir", state_dir / "scratch"),
     }
+    if "libvirt_timeout" in keys:
+        cfg["libvirt_timeout"] = float(
+            src.integer(keys["libvirt_timeout"], "libvirt_timeout", minimum=1)
+        )
     if "policy_dirs" in keys:
         dirs = src.string_list(keys["policy_dirs"], "policy_dirs")
         cfg["policy_dirs"] = tuple(base / d for d in dirs)

@@ -18,10 +18,10 @@ from __future__ import annotations
 import bisect
 import hashlib
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, overload
 
 import xxhash
 
@@ -42,6 +42,53 @@ class Range:
     @property
     def end(self) -> int:
         return self.offset + self.length
+
+
+class LazyRanges(Sequence[Range]):
+    """A stored range list parsed (and checked) only when first read: a
+    listing of fragmented backups (100 000 ranges a disk) reads none of
+    them. `parse` raises what a bad list deserves, at that first read."""
+
+    __slots__ = ("_parse", "_ranges")
+
+    def __init__(self, parse: Callable[[], tuple[Range, ...]]) -> None:
+        self._parse: Callable[[], tuple[Range, ...]] | None = parse
+        self._ranges: tuple[Range, ...] | None = None
+
+    def _get(self) -> tuple[Range, ...]:
+        if self._ranges is None:
+            assert self._parse is not None
+            self._ranges = self._parse()
+            self._parse = None  # and what it held (the raw list) with it
+        return self._ranges
+
+    @property
+    def parsed(self) -> bool:
+        return self._ranges is not None
+
+    @overload
+    def __getitem__(self, index: int) -> Range: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Range]: ...
+    def __getitem__(self, index: int | slice) -> Range | Sequence[Range]:
+        return self._get()[index]
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __iter__(self) -> Iterator[Range]:
+        return iter(self._get())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence):
+            return self._get() == tuple(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._get())
+
+    def __repr__(self) -> str:
+        return f"LazyRanges({self._get()!r})" if self.parsed else "LazyRanges(<not read>)"
 
 
 def ranges_from_status(

@@ -146,3 +146,31 @@ def backed_targets(xml: str) -> set[str]:
         if target is not None and d.find("backingStore/source") is not None:
             out.add(str(target.get("dev")))
     return out
+
+
+# A pull that ends before its end (QEMU's block stream failed) is started
+# again at most this many times in one run of the domain's QEMU, after a
+# growing pause; one that failed for want of space is not started again
+# until there is room (or the domain restarts).
+PULL_ATTEMPTS = 3
+PULL_BACKOFF_S = 30.0
+
+
+class PullVerdict(StrEnum):
+    PULL = "pull"  # start it (again)
+    WAIT = "wait"  # failed before: the pause before the next attempt runs
+    STOP = "stop"  # failed too often, or for want of space: the operator acts
+
+
+def pull_verdict(failures: int, since_failure_s: float | None) -> PullVerdict:
+    """Whether to start a disk's pull, given how many of its pulls ended
+    unfinished in this QEMU run (PULL_ATTEMPTS: given up) and the seconds
+    since the last did."""
+    if failures <= 0:
+        return PullVerdict.PULL
+    if failures >= PULL_ATTEMPTS:
+        return PullVerdict.STOP
+    pause = PULL_BACKOFF_S * 2 ** (failures - 1)
+    if since_failure_s is not None and since_failure_s < pause:
+        return PullVerdict.WAIT
+    return PullVerdict.PULL

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -52,7 +53,7 @@ class DiskRecord:
     bytes_zeroed: int
     digest: str
     grid: int
-    ranges: tuple[Range, ...]  # what the digest covers (see core.extents)
+    ranges: Sequence[Range]  # what the digest covers (see core.extents; maybe LazyRanges)
     # The piece-hash file beside the image (format 2; None for backups
     # written in format 1): checked piece by piece as restores read.
     pieces: str | None = None

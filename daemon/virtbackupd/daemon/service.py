@@ -25,7 +25,7 @@ from typing import Any
 import structlog
 
 from virtbackupd import logs
-from virtbackupd.adapters import host_folders, priority
+from virtbackupd.adapters import host_folders, libvirt_conn, priority
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
 from virtbackupd.adapters.libvirt_events import DomainEvent, EventKind, EventSource
 from virtbackupd.adapters.repository import HoldKind, Repository
@@ -561,6 +561,7 @@ class Service:
         logs.configure(self.config.log_level, logs.daemon_format(self.config.log_format))
         host_folders.make_passable(self.config.scratch_dir)
         priority.apply(self.config.priority)
+        libvirt_conn.configure(self.config.libvirt_timeout)
         self._load_policies(at_start=True)
         loop = asyncio.get_running_loop()
         reload_requested = asyncio.Event()

@@ -325,7 +325,9 @@ def standing(folder: Path, seen: dict[Path, Standing] | None = None) -> Standing
     # Marked first: a chain that loops back here finds this answer.
     seen[folder] = Standing(None, f"{folder / MANIFEST}: the chain loops through it")
     try:
-        m = read_manifest(folder)
+        # A listing asks only how the chain stands: the range lists are
+        # read (and checked) by whoever uses them.
+        m = read_manifest(folder, lazy_ranges=True)
     except VirtBackupError as exc:
         seen[folder] = Standing(None, str(exc))
         return seen[folder]

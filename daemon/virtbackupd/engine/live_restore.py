@@ -55,7 +55,15 @@ from virtbackupd.adapters.repository import (
 )
 from virtbackupd.config.daemon import DaemonConfig
 from virtbackupd.core.checkpoint_xml import Checkpoint, CheckpointDisk, CheckpointDiskMode
-from virtbackupd.core.live_move import GUEST_WRITES_CHECKPOINT, DiskFacts, Step, next_step
+from virtbackupd.core.live_move import (
+    GUEST_WRITES_CHECKPOINT,
+    PULL_ATTEMPTS,
+    DiskFacts,
+    PullVerdict,
+    Step,
+    next_step,
+    pull_verdict,
+)
 from virtbackupd.core.restored_domain import RestoredImage
 from virtbackupd.engine import live_check
 from virtbackupd.engine.define import Defined, SavedDefinition, define_planned, plan_definition
@@ -85,7 +93,7 @@ class DiskMove:
 class MoveState:
     hold: Hold
     domain: str  # the new domain's name ("?" once it is gone)
-    state: str  # moving | checking | waiting | crashed | damaged | finished | gone
+    state: str  # moving | stopped | checking | waiting | crashed | damaged | finished | gone
     disks: tuple[DiskMove, ...]
 
     def as_json(self) -> dict[str, object]:
@@ -178,6 +186,9 @@ async def start_live_restore(
             await lv.start(ref)
             # The first pull only: the others follow one at a time (settle).
             await _first_pull(lv, ref, disks[0], rate)
+            # Seen by the settlers: a pull of this run that ends unfinished failed.
+            hold = replace(hold, pulling=disks[0], pull_run=await lv.run_id(ref))
+            repo.add_hold(hold)
         except BaseException:
             repo.drop_hold(hold)
             raise
@@ -198,7 +209,8 @@ async def start_live_restore(
 
 async def _first_pull(lv: Libvirt, ref: DomainRef, disk: str, rate: int) -> None:
     """The hold exists before the domain starts: a daemon's round may see
-    it running and start this very pull first (seen under load)."""
+    it running and start this very pull first, or the restore may start it
+    just after the round looked (both seen under load)."""
     try:
         await lv.block_pull(ref, disk, rate)
     except LibvirtError:
@@ -291,10 +303,34 @@ async def _settle_one(
     nxt = next_step(facts)
     run = await lv.run_id(ref)
     state = "moving"
-    if act and nxt.step is Step.PULL:
-        log.info("live restore: pull started", domain=ref.name, disk=nxt.disks[0])
-        await lv.block_pull(ref, nxt.disks[0], hold.rate)
-        jobs[nxt.disks[0]] = await lv.block_job(ref, nxt.disks[0])
+    if nxt.step is Step.PULL:
+        disk = nxt.disks[0]
+        if act:
+            hold = await _pull_ended(lv, repo, hold, ref, disk, run)
+        # Counted per disk and QEMU run: a retried pull that then finished
+        # leaves `pulling` on its disk, and the next disk starts afresh.
+        same = hold.pull_run == run and hold.pulling in (None, disk)
+        failures = hold.pull_failures if same else 0
+        since = (
+            None
+            if hold.pull_failed_at is None
+            else (datetime.now(UTC) - hold.pull_failed_at).total_seconds()
+        )
+        verdict = pull_verdict(failures, since)
+        if verdict is PullVerdict.STOP:
+            state = "stopped"
+        elif act and verdict is PullVerdict.PULL:
+            log.info("live restore: pull started", domain=ref.name, disk=disk)
+            await _first_pull(lv, ref, disk, hold.rate)  # the restore may have just started it
+            jobs[disk] = await lv.block_job(ref, disk)
+            hold = replace(
+                hold,
+                pulling=disk,
+                pull_run=run,
+                pull_failures=failures,
+                trouble=_without_pull_trouble(hold),
+            )
+            repo.add_hold(hold)
     elif act and nxt.step is Step.CHECK and hold.failed_run != run:
         hold = await _check(lv, repo, hold, ref, nxt.disks, config, run)
     if act and set(hold.disks) <= set(hold.verified):
@@ -326,6 +362,107 @@ async def _settle_one(
         for d in hold.disks
     )
     return MoveState(hold, ref.name, state, moves)
+
+
+# Less than this free beside the images after a pull ended unfinished: it
+# ran out of space (QEMU's ENOSPC; libvirt's block job event carries no
+# reason, only that the job failed).
+NO_SPACE_BYTES = 1024 * 1024
+_PULL_TROUBLE = "the move of "
+
+
+def _without_pull_trouble(hold: Hold) -> str | None:
+    """The hold's trouble, unless it is a stopped pull's (then over)."""
+    if hold.trouble is not None and hold.trouble.startswith(_PULL_TROUBLE):
+        return None
+    return hold.trouble
+
+
+async def _pull_ended(
+    lv: Libvirt, repo: Repository, hold: Hold, ref: DomainRef, disk: str, run: int
+) -> Hold:
+    """`disk` still reads the backup and no pull runs on it. If the pull
+    last started on it in this QEMU run ended so (it failed), count it and
+    say why; a pull given up for want of space is resumed once there is
+    room for the rest of the disk."""
+    image = image_of(hold, disk)
+    free = _free_bytes(image.parent)
+    if hold.pulling == disk and hold.pull_run == run:
+        failures = hold.pull_failures + 1
+        no_space = free < NO_SPACE_BYTES
+        if no_space:
+            failures = PULL_ATTEMPTS  # another attempt would fail the same way
+        why = (
+            f"No space left on device ({image.parent} has {free} bytes free)"
+            if no_space
+            else "QEMU's block pull ended before the end (libvirt gives no reason)"
+        )
+        hold = replace(hold, pulling=None, pull_failures=failures, pull_failed_at=datetime.now(UTC))
+        if failures >= PULL_ATTEMPTS:
+            todo = [d for d in hold.disks if d not in hold.verified]
+            action = (
+                f"free space in {image.parent}; the move resumes by itself once there is room "
+                "for the rest of the disk, or at the domain's next start"
+                if no_space
+                else "see the domain's log in /var/log/libvirt/qemu; the move is tried again "
+                "at the domain's next start"
+            )
+            tries = "" if no_space else f" after {failures} attempts"
+            trouble = (
+                f"{_PULL_TROUBLE}{disk} stopped{tries}: {why}; the domain runs on from the "
+                "backup's image and nothing "
+                f"is lost (disks {', '.join(todo)} keep the backup held); {action}"
+            )
+            hold = replace(hold, trouble=trouble)
+            log.error(
+                "live restore: the move stopped",
+                domain=ref.name,
+                backup=hold.backup_id,
+                disk=disk,
+                reason=why,
+            )
+        else:
+            log.warning(
+                "live restore: a pull ended unfinished; it is tried again",
+                domain=ref.name,
+                backup=hold.backup_id,
+                disk=disk,
+                reason=why,
+                attempt=failures,
+            )
+        repo.add_hold(hold)
+    elif (
+        hold.pull_run == run
+        and hold.pull_failures >= PULL_ATTEMPTS
+        and free >= await _left_to_move(lv, ref, disk, image)
+    ):
+        log.info("live restore: there is room again; the move resumes", domain=ref.name, disk=disk)
+        hold = replace(
+            hold, pull_failures=0, pull_failed_at=None, trouble=_without_pull_trouble(hold)
+        )
+        repo.add_hold(hold)
+    return hold
+
+
+def _free_bytes(folder: Path) -> int:
+    """Free bytes for an unprivileged writer in `folder`; a folder that
+    cannot be looked at counts as roomy (the pull then says what is wrong)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return 2**63
+    return st.f_bavail * st.f_frsize
+
+
+async def _left_to_move(lv: Libvirt, ref: DomainRef, disk: str, image: Path) -> int:
+    """At most what the pull still writes into `image` (the disk's size
+    less what the image holds; less still when the backup is sparse)."""
+    capacity = await lv.disk_capacity(ref, disk)
+    try:
+        held = image.stat().st_blocks * 512
+    except OSError:
+        held = 0
+    return max(0, capacity - held)
 
 
 async def _stopped(

@@ -269,7 +269,7 @@ def _mib(n: int) -> str:
 
 
 def _layer(m: Manifest) -> Layer:
-    return Layer(m.id, m.parent, {d.disk: d.ranges for d in m.disks})
+    return Layer(m.id, m.parent, {d.disk: tuple(d.ranges) for d in m.disks})
 
 
 async def _run_journal(
