@@ -417,7 +417,7 @@ async def _pull_ended(
             log.error(
                 "live restore: the move stopped",
                 domain=ref.name,
-                backup=hold.backup_id,
+                backup_id=hold.backup_id,
                 disk=disk,
                 reason=why,
             )
@@ -425,7 +425,7 @@ async def _pull_ended(
             log.warning(
                 "live restore: a pull ended unfinished; it is tried again",
                 domain=ref.name,
-                backup=hold.backup_id,
+                backup_id=hold.backup_id,
                 disk=disk,
                 reason=why,
                 attempt=failures,
