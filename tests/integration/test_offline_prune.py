@@ -11,43 +11,22 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from testbed.block_disks import add_block_disk, loop_devices
 from testbed.cli import run_cli
-from testbed.domains import Disk, DomainFactory, GuestDomain, MiB
+from testbed.domains import DomainFactory, GuestDomain, MiB
 from testbed.tools import qemu_img_compare, qemu_img_info, qemu_io, run
 from virtbackupd.cli.main import main as cli
 
 
 @pytest.fixture
 def loops() -> Iterator[list[str]]:
-    made: list[str] = []
-    yield made
-    for dev in made:
-        subprocess.run(["losetup", "-d", dev], capture_output=True)
-
-
-def with_block_disk(td: GuestDomain, loops: list[str], target: str, size: int) -> Disk:
-    """Give the shut-off domain a raw block-device disk: a loop device over
-    a zeroed file."""
-    backing = td.workdir / f"{target}.loop"
-    with backing.open("wb") as f:
-        f.truncate(size)
-    dev = run("losetup", "--find", "--show", backing).strip()
-    loops.append(dev)
-    xml = td.dom.XMLDesc(0).replace(
-        "</devices>",
-        "<disk type='block' device='disk'><driver name='qemu' type='raw'/>"
-        f"<source dev='{dev}'/><target dev='{target}' bus='virtio'/></disk></devices>",
-    )
-    td.dom = td.conn.defineXML(xml)
-    disk = Disk(target, Path(dev), "raw", size)
-    td.disks.append(disk)
-    return disk
+    with loop_devices() as made:
+        yield made
 
 
 def write(td: GuestDomain, i: int) -> None:
@@ -93,7 +72,7 @@ def test_prune_of_a_shut_off_domain_removes_its_checkpoints_and_bitmaps(
     loops: list[str],
 ) -> None:
     td = domains.create(qcow2_sizes=[8 * MiB], start=False)
-    with_block_disk(td, loops, "vdb", 4 * MiB)
+    add_block_disk(td, loops, 4 * MiB, "vdb", reference=False)
     vda = td.disk("vda").path
     policy(config, td, "")  # no rule yet: everything is kept
     records = []

@@ -6,46 +6,22 @@ against the oracle at that instant)."""
 from __future__ import annotations
 
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from testbed.block_disks import add_block_disk, loop_devices
 from testbed.cli import run_cli
-from testbed.domains import Disk, DomainFactory, GuestDomain, MiB
+from testbed.domains import DomainFactory, MiB
 from testbed.guest import GuestWriter
 from testbed.tools import run
 
 
 @pytest.fixture
 def loops() -> Iterator[list[str]]:
-    made: list[str] = []
-    yield made
-    for dev in made:
-        subprocess.run(["losetup", "-d", dev], capture_output=True)
-
-
-def with_block_disk(td: GuestDomain, loops: list[str], size: int) -> Disk:
-    """A raw block-device disk vdc for the shut-off domain: a loop device
-    over a zeroed file, with its (zeroed) reference image."""
-    backing = td.workdir / "vdc.loop"
-    with backing.open("wb") as f:
-        f.truncate(size)
-    dev = run("losetup", "--find", "--show", backing).strip()
-    loops.append(dev)
-    xml = td.dom.XMLDesc(0).replace(
-        "</devices>",
-        "<disk type='block' device='disk'><driver name='qemu' type='raw'/>"
-        f"<source dev='{dev}'/><target dev='vdc' bus='virtio'/></disk></devices>",
-    )
-    td.dom = td.conn.defineXML(xml)
-    disk = Disk("vdc", Path(dev), "raw", size, reference=td.workdir / "vdc.reference.raw")
-    assert disk.reference is not None
-    with disk.reference.open("wb") as f:
-        f.truncate(size)
-    td.disks.append(disk)
-    return disk
+    with loop_devices() as made:
+        yield made
 
 
 def test_in_place_writes_a_block_device_disk(
@@ -55,7 +31,7 @@ def test_in_place_writes_a_block_device_disk(
     loops: list[str],
 ) -> None:
     td = domains.create(qcow2_sizes=[8 * MiB], start=False)
-    vdc = with_block_disk(td, loops, 4 * MiB)
+    vdc = add_block_disk(td, loops, 4 * MiB)
     td.start()
     guest = GuestWriter(td)
     guest.write("vda", 0, MiB, 0x11)

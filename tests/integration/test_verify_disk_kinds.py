@@ -12,16 +12,16 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from testbed.block_disks import add_block_disk, loop_devices
 from testbed.cli import run_cli
-from testbed.domains import Disk, DomainFactory, GuestDomain, MiB
+from testbed.domains import DomainFactory, GuestDomain, MiB
 from testbed.guest import GuestWriter
-from testbed.tools import qemu_img_compare, qemu_img_info, run
+from testbed.tools import qemu_img_compare, qemu_img_info
 from virtbackupd.adapters.repository import MANIFEST, PRUNE_JOURNAL
 from virtbackupd.adapters.store import Store
 from virtbackupd.core.extents import covers, ranges_from_json
@@ -42,31 +42,8 @@ def snapshot(td: GuestDomain, backup_id: str, tmp: Path, refs: Refs) -> None:
 
 @pytest.fixture
 def loops() -> Iterator[list[str]]:
-    made: list[str] = []
-    yield made
-    for dev in made:
-        subprocess.run(["losetup", "-d", dev], capture_output=True)
-
-
-def with_block_disk(td: GuestDomain, loops: list[str], size: int) -> None:
-    """Give the (shut-off) domain a raw block-device disk vdc: a loop
-    device over a zeroed file, with its reference image."""
-    backing = td.workdir / "vdc.loop"
-    with backing.open("wb") as f:
-        f.truncate(size)
-    dev = run("losetup", "--find", "--show", backing).strip()
-    loops.append(dev)
-    xml = td.dom.XMLDesc(0).replace(
-        "</devices>",
-        "<disk type='block' device='disk'><driver name='qemu' type='raw' discard='unmap'/>"
-        f"<source dev='{dev}'/><target dev='vdc' bus='virtio'/></disk></devices>",
-    )
-    td.dom = td.conn.defineXML(xml)
-    disk = Disk("vdc", Path(dev), "raw", size, reference=td.workdir / "vdc.reference.raw")
-    assert disk.reference is not None
-    with disk.reference.open("wb") as f:
-        f.truncate(size)
-    td.disks.append(disk)
+    with loop_devices() as made:
+        yield made
 
 
 def write_point(td: GuestDomain, i: int, running: bool) -> None:
@@ -115,7 +92,7 @@ def test_raw_disk_copied_whole_into_incrementals_restores_and_verifies(
 ) -> None:
     """vda: qcow2; vdb: a raw file; vdc: a raw block device."""
     td = domains.create(qcow2_sizes=[16 * MiB], raw_size=8 * MiB, start=False)
-    with_block_disk(td, loops, 4 * MiB)
+    add_block_disk(td, loops, 4 * MiB, discard=True)
     if running:
         td.start()
     (config.parent / "policies" / "p.yaml").write_text(
