@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.repo_builder import BuiltDomain, MiB
-from virtbackupd.adapters.store import Store
+from testbed.repo_builder import BuiltDomain, MiB, build_chain
 from virtbackupd.cli.main import build_parser, main
 
 NO_VM = "no-such-vm"
@@ -28,19 +27,9 @@ TO_DEV = ["restore", "{vm}", "--to-device"]
 TO_R = ["restore", "{vm}", "--to", "{tmp}/r"]  # a restore that would write into {tmp}/r
 
 
-async def _built(tmp: Path) -> BuiltDomain:
-    b = BuiltDomain(tmp, {"vda": 4 * MiB})
-    async with Store.open(b.state_db) as store:
-        b.write("vda", 0, MiB, 0x11)
-        await b.backup(store)
-        b.write("vda", MiB, MiB, 0x22)
-        await b.backup(store)
-    return b
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> BuiltDomain:
-    return asyncio.run(_built(tmp_path_factory.mktemp("repo")))
+    return asyncio.run(build_chain(tmp_path_factory.mktemp("repo"), 2, 4 * MiB))
 
 
 @pytest.fixture(scope="module")

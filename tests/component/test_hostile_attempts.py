@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -19,9 +18,8 @@ from typing import Any
 
 import pytest
 
-from testbed.repo_builder import BuiltDomain, MiB
+from testbed.repo_builder import BuiltDomain, build_chain, copy_built
 from virtbackupd.adapters.repository import ATTEMPTS_DIR, RepositoryFormatError
-from virtbackupd.adapters.store import Store
 from virtbackupd.cli.main import main
 
 Edit = Callable[[dict[str, Any]], None]
@@ -62,32 +60,10 @@ HOSTILE: list[tuple[str, Edit, str]] = [
 ]  # fmt: skip
 
 
-async def _built(tmp: Path) -> BuiltDomain:
-    b = BuiltDomain(tmp, {"vda": 8 * MiB})
-    async with Store.open(b.state_db) as store:
-        b.write("vda", 0, MiB, 0x11)
-        await b.backup(store)
-        b.write("vda", MiB, MiB, 0x22)
-        await b.backup(store)
-    return b
-
-
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, BuiltDomain]:
     tmp = tmp_path_factory.mktemp("template")
-    return tmp, asyncio.run(_built(tmp))
-
-
-def _copy(template: tuple[Path, BuiltDomain], tmp_path: Path) -> BuiltDomain:
-    origin, built = template
-    shutil.copytree(origin, tmp_path / "t", symlinks=True)
-    b = BuiltDomain.__new__(BuiltDomain)
-    b.__dict__.update(built.__dict__)
-    b.tmp = tmp_path / "t"
-    b.__post_init__()
-    with contextlib.closing(sqlite3.connect(b.state_db)) as db, db:
-        db.execute("UPDATE backups SET path = replace(path, ?, ?)", (str(origin), str(b.tmp)))
-    return b
+    return tmp, asyncio.run(build_chain(tmp, 2))
 
 
 def _attempt(b: BuiltDomain) -> dict[str, Any]:
@@ -121,7 +97,7 @@ def test_a_well_formed_attempt_is_recorded(
     template: tuple[Path, BuiltDomain], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The table's baseline: the unedited record is read and catalogued."""
-    b = _copy(template, tmp_path)
+    b = copy_built(template, tmp_path)
     folder = b.root / b.uuid / ATTEMPTS_DIR
     folder.mkdir()
     (folder / f"{ATTEMPT_ID}.json").write_text(json.dumps(_attempt(b)))
@@ -152,7 +128,7 @@ def test_a_hostile_attempt_field_is_refused_where_it_is_read(
     edit: Edit,
     field: str,
 ) -> None:
-    b = _copy(template, tmp_path)
+    b = copy_built(template, tmp_path)
     folder = b.root / b.uuid / ATTEMPTS_DIR
     folder.mkdir()
     path = folder / f"{ATTEMPT_ID}.json"

@@ -8,11 +8,9 @@ Real repositories (testbed.repo_builder), the real CLI as a process."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
-import sqlite3
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -20,9 +18,8 @@ from typing import Any
 
 import pytest
 
-from testbed.repo_builder import BuiltDomain, MiB
+from testbed.repo_builder import BuiltDomain, MiB, build_chain, copy_built
 from virtbackupd.adapters.repository import MANIFEST, RepositoryFormatError, read_manifest
-from virtbackupd.adapters.store import Store
 from virtbackupd.cli.main import main
 
 Edit = Callable[[dict[str, Any]], None]
@@ -67,37 +64,11 @@ HOSTILE: list[tuple[str, Edit, str]] = [
 ]
 
 
-async def _built(tmp: Path) -> BuiltDomain:
-    b = BuiltDomain(tmp, {"vda": 8 * MiB})
-    async with Store.open(b.state_db) as store:
-        b.write("vda", 0, MiB, 0x11)
-        await b.backup(store)
-        b.write("vda", MiB, MiB, 0x22)
-        await b.backup(store)
-        b.write("vda", 2 * MiB, MiB, 0x33)
-        await b.backup(store)
-    return b
-
-
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, BuiltDomain]:
     """One repository for all cases (each works on its own copy)."""
     tmp = tmp_path_factory.mktemp("template")
-    return tmp, asyncio.run(_built(tmp))
-
-
-def _copy(template: tuple[Path, BuiltDomain], tmp_path: Path) -> BuiltDomain:
-    """A case's own copy of the template repository, its catalogue
-    pointing at the copy's folders (the copied one names the template's)."""
-    origin, built = template
-    shutil.copytree(origin, tmp_path / "t", symlinks=True)
-    b = BuiltDomain.__new__(BuiltDomain)
-    b.__dict__.update(built.__dict__)
-    b.tmp = tmp_path / "t"
-    b.__post_init__()
-    with contextlib.closing(sqlite3.connect(b.state_db)) as db, db:
-        db.execute("UPDATE backups SET path = replace(path, ?, ?)", (str(origin), str(b.tmp)))
-    return b
+    return tmp, asyncio.run(build_chain(tmp, 3))
 
 
 class Ran:
@@ -122,7 +93,7 @@ def test_a_hostile_manifest_field_is_refused_where_it_is_read(
     edit: Edit,
     field: str,
 ) -> None:
-    b = _copy(template, tmp_path)
+    b = copy_built(template, tmp_path)
     folder = b.folder(b.ids[1])
     path = folder / MANIFEST
     data = json.loads(path.read_text())
@@ -190,7 +161,7 @@ def test_a_manifest_that_is_no_file_of_ours_blocks_nothing(
     (and the daemon's start, deaf to SIGTERM); a deeply nested one was a
     RecursionError traceback from every command. It is one unreadable
     backup: named, and the others still listed and restorable."""
-    b = _copy(template, tmp_path)
+    b = copy_built(template, tmp_path)
     path = b.folder(b.ids[2]) / MANIFEST
     spoil(path)
     with pytest.raises(RepositoryFormatError, match=words):
@@ -216,7 +187,7 @@ def test_a_chain_with_a_folder_deleted_by_hand_is_one_line_from_prune(
 ) -> None:
     """`rm -rf` of the oldest backup, then prune: a ValueError traceback
     ("backups build on X, which is not in the repository")."""
-    b = _copy(template, tmp_path)
+    b = copy_built(template, tmp_path)
     shutil.rmtree(b.folder(b.ids[0]))
     (b.state_db.parent / "state.db").unlink()
     policies = tmp_path / "policies"
@@ -248,7 +219,7 @@ def test_an_undo_log_never_deletes_what_is_not_its_backups_own(
 ) -> None:
     """Taking an undo log back deletes folders as root: a planted log
     naming any folder made the next command of the domain delete it."""
-    b = _copy(template, tmp_path)
+    b = copy_built(template, tmp_path)
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "precious").write_text("keep me\n")
@@ -286,7 +257,7 @@ def test_a_prune_journal_never_names_a_path(
 ) -> None:
     """A journal's replay renames and deletes the folders its ids name, as
     root: an id that is a path (`../victim`) is refused, by name."""
-    b = _copy(template, tmp_path)
+    b = copy_built(template, tmp_path)
     domain_dir = b.folder(b.ids[0]).parent
     victim = domain_dir.parent.parent / "victim"
     victim.mkdir()
@@ -326,7 +297,7 @@ def test_a_planted_hold_is_never_acted_on(
     """Releasing a hold deletes its state folder and gives back the modes
     of the folders it opened, as root: a planted mount hold whose mount is
     "gone" made `status` delete the folder it named."""
-    b = _copy(template, tmp_path)
+    b = copy_built(template, tmp_path)
     victim = tmp_path / "victim"
     victim.mkdir(mode=0o700)
     victim.chmod(0o700)

@@ -13,6 +13,9 @@ covered by the integration tests.
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import sqlite3
 import uuid as uuidlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -171,3 +174,29 @@ class BuiltDomain:
         self.ids.append(backup_id)
         self.last_checkpoint = cp
         return manifest
+
+
+async def build_chain(tmp: Path, backups: int, size: int = 8 * MiB) -> BuiltDomain:
+    """A domain with one disk vda and a chain of `backups` backups, the
+    i-th taken after writing MiB i with the byte 0x11 * (i + 1)."""
+    b = BuiltDomain(tmp, {"vda": size})
+    async with Store.open(b.state_db) as store:
+        for i in range(backups):
+            b.write("vda", i * MiB, MiB, 0x11 * (i + 1))
+            await b.backup(store)
+    return b
+
+
+def copy_built(template: tuple[Path, BuiltDomain], tmp_path: Path) -> BuiltDomain:
+    """A case's own copy of a template repository (built once per module),
+    its catalogue pointing at the copy's folders (the copied one names the
+    template's)."""
+    origin, built = template
+    shutil.copytree(origin, tmp_path / "t", symlinks=True)
+    b = BuiltDomain.__new__(BuiltDomain)
+    b.__dict__.update(built.__dict__)
+    b.tmp = tmp_path / "t"
+    b.__post_init__()
+    with contextlib.closing(sqlite3.connect(b.state_db)) as db, db:
+        db.execute("UPDATE backups SET path = replace(path, ?, ?)", (str(origin), str(b.tmp)))
+    return b
