@@ -190,21 +190,24 @@ def _open_step(parent: int, name: str, here: Path, *, may_follow: bool) -> int:
 def set_owner(path: Path, owner: tuple[int, int] | None = None, mode: int | None = None) -> None:
     """chown/chmod `path` through a descriptor of the file itself: a
     symbolic link put in its place is refused, never followed (chown by
-    path would hand the link's target to QEMU's user)."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    path would hand the link's target to QEMU's user).
+
+    The descriptor is an O_PATH one, changed through its /proc/self/fd
+    name: closing an ordinary descriptor of a file drops every fcntl lock
+    this process holds on it, and SQLite's lock on state.db is one (with it
+    gone, another process closing its connection deletes the WAL under
+    ours). The kernel drops no lock when an O_PATH descriptor closes."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        fd = os.open(path, flags)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise UntrustedFolderError(
-                path, "is a symbolic link; it is not followed: remove it"
-            ) from exc
-        raise
-    try:
+        if stat.S_ISLNK(os.fstat(fd).st_mode):
+            raise UntrustedFolderError(path, "is a symbolic link; it is not followed: remove it")
+        # The magic link names the file the descriptor holds, whatever
+        # replaced `path` meanwhile.
+        name = Path(f"/proc/self/fd/{fd}")
         if owner is not None:
-            os.fchown(fd, *owner)
+            os.chown(name, *owner)
         if mode is not None:
-            os.fchmod(fd, mode)
+            name.chmod(mode)
     finally:
         os.close(fd)
 
