@@ -112,3 +112,22 @@ def test_the_daemon_takes_no_abbreviation_either() -> None:
     with pytest.raises(SystemExit) as exc:
         daemon_parser().parse_args(["--conf", "/x.yaml"])
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["list", "--ful"], "virtbackup list --help"),
+        (["backup", "vm", "--forc"], "virtbackup backup --help"),
+        (["policy", "check", "--x"], "virtbackup policy check --help"),
+    ],
+)
+def test_an_unknown_option_names_its_commands_help(
+    argv: list[str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/cli.md: a usage error is one line naming the command's own
+    --help (the first-week run got `virtbackup --help` for `list --ful`)."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and f"`{named}`" in err, err

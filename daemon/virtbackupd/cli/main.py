@@ -216,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("files", nargs="*", type=Path, help="default: the config's policy_dirs")
     for command in _commands(parser):
         _global_options(command, suppress=True)
+        # Whose usage error an unknown option is (the innermost wins).
+        command.set_defaults(usage_of=command)
     return parser
 
 
@@ -245,7 +247,11 @@ def _positive_mib(text: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # Named by the command it was given to (`virtbackup list --ful`
+        # points at `virtbackup list --help`, not the list of commands).
+        getattr(args, "usage_of", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         # One line, as every usage error (the list of commands is --help's).
         print("virtbackup: error: give a command (see `virtbackup --help`)", file=sys.stderr)
