@@ -40,6 +40,9 @@ async def test_a_second_daemon_exits_2_and_leaves_the_first_alone(
         assert status["daemon"]["pid"] == first.proc.pid
         _, text, _ = await cli(config, "status")
         assert f"daemon: pid {first.proc.pid}" in text, text
+        # Its count is of its own backups (a CLI backup is listed below it:
+        # "0 running" above a running CLI backup read as a contradiction).
+        assert " of its own running, " in text, text
 
         # Killed: the kernel released the lock; a new daemon starts at once.
         await first.stop(signal.SIGKILL)

@@ -232,7 +232,8 @@ def render(
         queued = sum(1 for d in daemon.domains.values() if d.queued)
         lines.append(
             f"daemon: pid {daemon.pid}, up since {daemon.started}, libvirt "
-            f"{daemon.libvirt_uri} {reach_text}, {len(daemon.running)} running, {queued} queued, "
+            f"{daemon.libvirt_uri} {reach_text}, {len(daemon.running)} of its own running, "
+            f"{queued} queued, "
             f"schedules in {daemon.schedule_timezone}"
         )
     if daemon is None and reach.libvirt_error is not None:
