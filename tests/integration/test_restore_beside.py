@@ -67,8 +67,14 @@ def test_a_copy_of_a_running_domain_starts_beside_it(
     run_cli(config, capsys, "backup", td.name)
     copy, live_copy = f"{td.name}-copy", f"{td.name}-live"
     folder = WORK_ROOT / f"{td.name}-copy"
+    # A policy whose pattern the copy's name matches: the restore says the
+    # daemon will back the copy up (it is not adopted silently).
+    policy = config.parent / "policies" / "copies.yaml"
+    policy.write_text(f"domains: ['{td.name}-c*']\n")
     try:
         out = run_cli(config, capsys, "restore", td.name, "--to", str(folder), "--define", copy)
+        assert out["defined"]["governed_by"] == [str(policy)], out["defined"]
+        policy.unlink()
         new = libvirt_conn.lookupByName(copy)
         new.create()  # the original still runs
         assert td.is_running() and new.isActive()

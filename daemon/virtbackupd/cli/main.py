@@ -539,8 +539,17 @@ async def _restore(
         ],
         "in_place": bool(args.in_place),
     }
+    governed_by: list[str] = []
     if defined is not None:
-        out["defined"] = defined.as_json()
+        # The copy may match a policy's pattern (web01 -> web01-copy under
+        # "web01*"): it is then backed up on that schedule. Said, not
+        # silently adopted (first-week run).
+        governed_by = sorted(
+            str(p.source)
+            for p in policy_set(config, quiet=True).policies
+            if p.matches(defined.ref.name, defined.ref.uuid)
+        )
+        out["defined"] = defined.as_json() | {"governed_by": governed_by}
         for warning in defined.warnings:
             print(f"virtbackup: warning: {warning}", file=sys.stderr)
     for r in done:
@@ -557,6 +566,11 @@ async def _restore(
         print(f"defined domain {defined.ref.name} ({defined.ref.uuid})")
         for line_ in defined.report():
             print(line_)
+        for source in governed_by:
+            print(
+                f"note: {defined.ref.name} matches the policy in {source}: the daemon backs "
+                "it up on that schedule (narrow the policy's `domains` if it should not)"
+            )
     return 0
 
 
