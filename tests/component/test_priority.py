@@ -33,9 +33,11 @@ def test_low_priority_is_applied_and_inherited() -> None:
 
 
 def test_normal_leaves_the_priority_alone_and_low_never_raises_it() -> None:
+    # Relative to this process's own niceness: an in-process CLI test run
+    # earlier may have lowered it (the CLI applies its priority to itself).
     base = os.getpriority(os.PRIO_PROCESS, 0)
     assert run("normal")[0] == str(base)
-    assert run("low", nice=15)[0] == "15"
+    assert run("low", nice=15)[0] == str(min(base + 15, 19))
 
 
 def test_io_priority_reads_this_process() -> None:

@@ -213,7 +213,7 @@ async def test_live_restore_runs_at_once_and_moves_while_the_guest_writes(
             x for x in "".join([*logs, daemon.read_log()]).splitlines() if "filesystem check" in x
         )
         assert "filesystem check failed" in checked, checked
-        assert f"backup={damaged['id']}" in checked, checked
+        assert f"backup_id={damaged['id']}" in checked, checked
         assert "vda/part1 (ext4): e2fsck exit" in checked and "part3" not in checked, checked
     finally:
         await daemon.stop()
