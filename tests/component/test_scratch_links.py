@@ -14,14 +14,14 @@ import asyncio
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 
 import pytest
 
 from testbed.tools import run
 from virtbackupd.adapters import qemu_img
-from virtbackupd.engine import scratch
+from virtbackupd.engine import live_check, scratch
 from virtbackupd.engine.scratch import ScratchFile
 from virtbackupd.errors import UntrustedFolderError
 
@@ -55,6 +55,36 @@ def base() -> Iterator[Path]:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+async def _with_planter(
+    victim: Path, paths: list[Path], work: Coroutine[object, object, object]
+) -> tuple[UntrustedFolderError | None, int]:
+    """Run `work` while QEMU's user plants links at `paths`; what set_owner
+    refused (a link met too late) and how many links were planted."""
+    planter = await asyncio.create_subprocess_exec(
+        "/usr/bin/python3",
+        "-c",
+        PLANTER,
+        str(victim),
+        *map(str, paths),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        user=NOBODY,
+        group=NOBODY,
+        extra_groups=[],
+    )
+    assert planter.stdout is not None and planter.stdin is not None
+    assert (await planter.stdout.readline()).strip() == b"ready"
+    refused: UntrustedFolderError | None = None
+    try:
+        await work
+    except UntrustedFolderError as exc:
+        refused = exc
+    finally:
+        planter.stdin.close()
+        out, _ = await planter.communicate()
+    return refused, int(out)
+
+
 def _victim(base: Path) -> Path:
     v = base / "secret"
     v.write_bytes(b"root's secret\n")
@@ -69,29 +99,11 @@ async def test_a_link_planted_while_reserving_is_never_written_through(base: Pat
     for attempt in range(3):  # a retried reservation (a full after a refused incremental) too
         if attempt == 0:
             scratch.prepare(folder, QEMU)
-        planter = await asyncio.create_subprocess_exec(
-            "/usr/bin/python3",
-            "-c",
-            PLANTER,
-            str(victim),
-            *(str(f.path) for f in files.values()),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            user=NOBODY,
-            group=NOBODY,
-            extra_groups=[],
+        refused, planted = await _with_planter(
+            victim,
+            [f.path for f in files.values()],
+            scratch.reserve(files, base / "scratch", "web01", QEMU),
         )
-        assert planter.stdout is not None and planter.stdin is not None
-        assert (await planter.stdout.readline()).strip() == b"ready"
-        refused: UntrustedFolderError | None = None
-        try:
-            await scratch.reserve(files, base / "scratch", "web01", QEMU)
-        except UntrustedFolderError as exc:  # set_owner met a planted link: too late
-            refused = exc
-        finally:
-            planter.stdin.close()
-            out, _ = await planter.communicate()
-        planted = int(out)
         assert victim.read_bytes() == b"root's secret\n"
         st = victim.stat()
         assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o600)
@@ -136,3 +148,24 @@ async def test_the_folder_is_roots_whenever_qemu_img_runs(
             assert '"format": "qcow2"' in run("qemu-img", "info", "--output=json", f.path)
     assert seen == [(0, 0o700)] * 4
     assert (base / "scratch").stat().st_uid == 0
+
+
+async def test_a_live_check_work_folder_is_made_the_same_way(base: Path) -> None:
+    """live_check made its work folder QEMU's and then ran qemu-img create
+    as root in it (the same finding): now live_check.make_work keeps it
+    root's until its scratch files are made and QEMU's."""
+    victim = _victim(base)
+    run_dir = base / "run"
+    run_dir.mkdir(mode=0o711)
+    work = run_dir / "check"
+    sizes = {"vda": 2 * MiB, "vdb": 2 * MiB}
+    paths = [work / f"{d}.scratch" for d in sizes]
+    refused, planted = await _with_planter(victim, paths, live_check.make_work(work, sizes, QEMU))
+    assert victim.read_bytes() == b"root's secret\n"
+    assert refused is None
+    assert planted == 0
+    for p in paths:
+        st = p.lstat()
+        assert stat.S_ISREG(st.st_mode) and (st.st_uid, st.st_gid) == QEMU
+    st = work.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (*QEMU, 0o700)
