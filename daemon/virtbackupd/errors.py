@@ -141,6 +141,19 @@ class DaemonRunningError(VirtBackupError):
         self.pid = pid
 
 
+class DaemonLockFileError(InputError):
+    """``<runtime_dir>/daemon.lock`` is not a regular file (a symbolic
+    link, a FIFO, a folder) or cannot be opened: the daemon does not start
+    (exit code 2) and changes nothing there."""
+
+    def __init__(self, lock: Path, problem: str) -> None:
+        super().__init__(
+            f"{lock}: {problem}; the daemon lock must be a regular file (or absent): "
+            "remove it and start the daemon again"
+        )
+        self.lock = lock
+
+
 class ScratchSpaceError(VirtBackupError):
     """The scratch file system of an online backup cannot hold the disks'
     reservation, or is out of QEMU's reach: the backup is refused before it

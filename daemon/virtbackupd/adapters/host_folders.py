@@ -137,13 +137,19 @@ def make_folder(
                 created = False
             except OSError as exc:  # named by its whole path, as mkdir by path would
                 raise OSError(exc.errno, exc.strerror, str(here)) from exc
+            # A folder this walk changes (made now, or `reset`) is opened
+            # without following a link: a link there, even root's, would
+            # have root chmod/chown whatever it points to (a link at
+            # runtime_dir/jobs made its target 0711). Root's links above
+            # (/var/run -> /run) are followed as untrusted_part allows.
+            changes = created or (last and reset)
             try:
-                nfd = _open_step(fd, name, here, may_follow=not created)
+                nfd = _open_step(fd, name, here, may_follow=not changes)
             except OSError as exc:
                 raise OSError(exc.errno, exc.strerror, str(here)) from exc
             os.close(fd)
             fd = nfd
-            if created or (last and reset):
+            if changes:
                 if owner is not None:
                     os.fchown(fd, *owner)
                 os.fchmod(fd, want)
@@ -170,7 +176,7 @@ _LINK = (
 
 def _open_step(parent: int, name: str, here: Path, *, may_follow: bool) -> int:
     """Open folder `name` in `parent`; a symbolic link there is followed
-    only where `may_follow` (it was there before, not made by this walk)
+    only where `may_follow` (this walk neither made it nor changes it)
     and root owns it (/var/run -> /run), as :func:`untrusted_part` judges
     a configured folder."""
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC

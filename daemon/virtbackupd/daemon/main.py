@@ -31,11 +31,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from virtbackupd.config.daemon import config_path
     from virtbackupd.daemon.service import Service
-    from virtbackupd.errors import ConfigError, DaemonRunningError, VirtBackupError
+    from virtbackupd.errors import DaemonRunningError, InputError, VirtBackupError
 
     try:
         return asyncio.run(Service(config_path(args.config)).run())
-    except (ConfigError, DaemonRunningError) as exc:
+    except (InputError, DaemonRunningError) as exc:
+        # The operator's to fix (config, folders, lock file): 2, as a refusal.
         print(f"virtbackupd: {exc}", file=sys.stderr)
         return 2
     except VirtBackupError as exc:

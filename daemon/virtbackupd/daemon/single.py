@@ -12,11 +12,14 @@ new file at the path would be a second, separate lock).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import os
+import stat
 from pathlib import Path
 
-from virtbackupd.errors import DaemonRunningError
+from virtbackupd.errors import DaemonLockFileError, DaemonRunningError
 
 LOCK_FILE = "daemon.lock"
 
@@ -27,7 +30,7 @@ def hold_daemon_lock(runtime_dir: Path) -> int:
     process holding it: DaemonRunningError naming that process."""
     path = runtime_dir / LOCK_FILE
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = _open_lock(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -49,3 +52,40 @@ def hold_daemon_lock(runtime_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def _open_lock(path: Path) -> int:
+    """Open (or create) the lock file: a regular file, never through a
+    link. O_NONBLOCK: a FIFO there must not hold the open up."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    # A device is not even opened (an open may act on it); the fstat
+    # below judges what was opened.
+    with contextlib.suppress(FileNotFoundError):
+        _judge(path, path.lstat().st_mode)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EISDIR):  # replaced since the lstat
+            _judge(path, path.lstat().st_mode)
+        raise DaemonLockFileError(path, f"cannot be opened ({exc.strerror})") from None
+    try:
+        _judge(path, os.fstat(fd).st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _judge(path: Path, mode: int) -> None:
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISLNK(mode):
+        kind = "a symbolic link; it is not followed"
+    elif stat.S_ISDIR(mode):
+        kind = "a folder"
+    elif stat.S_ISFIFO(mode):
+        kind = "a FIFO"
+    else:
+        kind = "a socket or device"
+    raise DaemonLockFileError(path, f"is {kind}, not a regular file")

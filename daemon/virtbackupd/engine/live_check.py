@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,20 +109,8 @@ async def _export(
 ) -> AsyncIterator[tuple[UnixAddress, bool]]:
     shutil.rmtree(work, ignore_errors=True)
     info = parse_domain(await lv.xml(ref), f"domain XML of {ref.name}")
-    # QEMU creates the socket here and is handed the scratch files (so the
-    # folder is its own); a link planted here is refused, not followed.
-    host_folders.make_folder(work, owner=info.qemu_user, parents_mode=0o711, exist_ok=False)
+    await make_work(work, {d: await lv.disk_capacity(ref, d) for d in disks}, info.qemu_user)
     socket = work / "nbd.sock"
-    # Scratch files of our own, which libvirt reuses: one libvirt creates it
-    # also deletes at the job's end, before it gives the file its label back
-    # (libvirt 9.0), and libvirtd logged "unable to stat ... .scratch" and
-    # "Unable to restore security label" on every check. Ours stay until
-    # libvirt has given them back (scratch.release). A check is short: no
-    # reservation as a backup's.
-    for d in disks:
-        path = work / f"{d}.scratch"
-        await qemu_img.create(path, await lv.disk_capacity(ref, d))
-        host_folders.set_owner(path, info.qemu_user)
 
     def document(incremental: str | None) -> str:
         return Backup(
@@ -158,6 +146,33 @@ async def _export(
             await lv.abort_job(ref)
     finally:
         await scratch.release(work)
+
+
+async def make_work(
+    work: Path, sizes: Mapping[str, int], qemu_user: tuple[int, int] | None
+) -> None:
+    """Make the export's folder with a scratch file per disk (`sizes`:
+    disk -> virtual size), all of it QEMU's in the end.
+
+    QEMU creates the socket here and is handed the scratch files (so the
+    folder becomes its own); a link planted at `work` is refused, not
+    followed. The folder is root's (0700) while qemu-img runs as root in
+    it: QEMU's user could otherwise plant a link at a scratch file's name
+    and have root write through it. It is handed over last, once every
+    file is made and QEMU's.
+
+    Scratch files of our own, which libvirt reuses: one libvirt creates it
+    also deletes at the job's end, before it gives the file its label back
+    (libvirt 9.0), and libvirtd logged "unable to stat ... .scratch" and
+    "Unable to restore security label" on every check. Ours stay until
+    libvirt has given them back (scratch.release). A check is short: no
+    reservation as a backup's."""
+    host_folders.make_folder(work, parents_mode=0o711, exist_ok=False)
+    for d, size in sizes.items():
+        path = work / f"{d}.scratch"
+        await qemu_img.create(path, size)
+        host_folders.set_owner(path, qemu_user)
+    host_folders.set_owner(work, qemu_user)
 
 
 async def _written(client: NbdClient, context: str) -> list[tuple[int, int]]:

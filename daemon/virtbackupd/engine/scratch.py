@@ -89,8 +89,19 @@ async def reserve(
     reserved. The check first gives the numbers; the creation itself is the
     guarantee (another writer may take the room in between: then the
     reservation fails here, before the backup begins, never later).
-    `folder`: scratch_dir, named in the messages."""
-    for f in files.values():  # an earlier attempt's (a full after a refused incremental)
+    `folder`: scratch_dir, named in the messages.
+
+    The job's scratch folder (each file's parent, made by :func:`prepare`)
+    is root's, 0700, while qemu-img runs as root in it: QEMU's user could
+    otherwise plant a link at a file's name and have root write an image
+    through it. Each file is handed to QEMU once made, the folder last."""
+    jobs = {f.path.parent for f in files.values()} if qemu_user is not None else set()
+    for job in jobs:
+        # Ours again (by descriptor; a link is refused) before anything is
+        # made in it: an earlier attempt (a full after a refused
+        # incremental) handed it to QEMU.
+        host_folders.set_owner(job, (0, 0), 0o700)
+    for f in files.values():  # an earlier attempt's
         f.path.unlink(missing_ok=True)
     needs = {
         d: await qemu_img.measure_preallocated(f.disk_size, SCRATCH_OPTIONS)
@@ -112,11 +123,14 @@ async def reserve(
             # libvirt relabels it too; ours so that QEMU may write it even
             # where libvirt's dynamic_ownership is off.
             host_folders.set_owner(f.path, qemu_user)
+    for job in jobs:
+        host_folders.set_owner(job, qemu_user)
     return sum(needs.values())
 
 
 def prepare(folder: Path, qemu_user: tuple[int, int] | None) -> None:
-    """Create a job's scratch folder for QEMU. QEMU runs as its own user
+    """Create a job's scratch folder (root's, 0700: :func:`reserve` hands
+    it to QEMU once the files are made). QEMU runs as its own user
     (libvirt-qemu): every folder above must let it through (o+x)."""
     # Ours: passing through, no listing (the unit's UMask=0077 would make a
     # new folder 0700).
@@ -130,7 +144,8 @@ def prepare(folder: Path, qemu_user: tuple[int, int] | None) -> None:
                     f"because {parent} is mode {mode & 0o7777:04o}; give that folder o+x "
                     "(0711: passing through, no listing) or choose another scratch_dir"
                 )
-    host_folders.make_folder(folder, owner=qemu_user, exist_ok=False)
+    # Root's until reserve() has made the scratch files in it and hands it over.
+    host_folders.make_folder(folder, exist_ok=False)
 
 
 #: What libvirt (qemu.conf `remember_owner`, on by default) sets on a file
