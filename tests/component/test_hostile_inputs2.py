@@ -27,7 +27,7 @@ import pytest
 from testbed.repo_builder import BuiltDomain, MiB, build_chain
 from virtbackupd.cli.main import main
 
-UNSAFE = ("\x1b", "\x07", "\r", "\n", "\x9b", "\u202e", "\u200f")
+UNSAFE = ("\x1b", "\x07", "\r", "\n", "\x9b", "\x7f", "\x00", "\u202e", "\u200f")
 
 
 @pytest.fixture
