@@ -30,6 +30,7 @@ import secrets
 import shutil
 import stat
 import struct
+import unicodedata
 import uuid as uuidlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -101,6 +102,24 @@ def is_plain_name(text: str) -> bool:
     own bookkeeping starts with a dot), not empty."""
     return (
         0 < len(text) <= 255 and "/" not in text and "\x00" not in text and not text.startswith(".")
+    )
+
+
+def is_unsafe_char(c: str) -> bool:
+    """A character that moves a terminal rather than showing itself: C0,
+    DEL, C1, and Unicode format characters (bidi overrides such as
+    U+202E reorder what follows them on the screen)."""
+    code = ord(c)
+    return code < 32 or 127 <= code < 160 or unicodedata.category(c) == "Cf"
+
+
+def escaped(text: str) -> str:
+    """`text` with every unsafe character written as ``\\xNN`` or
+    ``\\uNNNN``: a repository's free text (an attempt's error, a reason)
+    shown the same by every command, never as a terminal escape."""
+    return "".join(
+        (f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}") if is_unsafe_char(c) else c
+        for c in text
     )
 
 
@@ -216,10 +235,10 @@ class Manifest:
         domain = f.sub("domain")
         return cls(
             id=f.backup_id("id"),
-            domain_name=domain.text("name"),
+            domain_name=domain.line("name", MAX_NAME_CHARS),
             domain_uuid=domain.uuid("uuid"),
             level=f.enum("level", Level),
-            reason=f.text("reason", default=""),
+            reason=escaped(f.text("reason", default="")),
             checkpoint=f.opt_text("checkpoint"),
             parent=f.opt_backup_id("parent"),
             parent_checkpoint=f.opt_text("parent_checkpoint"),
@@ -227,7 +246,8 @@ class Manifest:
             finished=f.time("finished"),
             disks=tuple(_disk(d, version, lazy_ranges) for d in f.items("disks")),
             left_out=tuple(
-                LeftOutDisk(x.text("name"), x.text("reason")) for x in f.items("left_out", [])
+                LeftOutDisk(x.text("name"), escaped(x.text("reason")))
+                for x in f.items("left_out", [])
             ),
             absorbed=tuple(f.backup_ids("absorbed")),
             version=version,
@@ -622,7 +642,7 @@ class UndoLog:
                 )
         return cls(
             backup_id=backup_id,
-            domain_name=domain.text("name"),
+            domain_name=domain.line("name", MAX_NAME_CHARS),
             domain_uuid=domain.uuid("uuid"),
             level=f.enum("level", Level),
             started=f.time("started"),
@@ -695,7 +715,7 @@ class FailedAttempt:
             f.enum("level", Level),
             f.time("started"),
             f.time("finished"),
-            f.bounded_text("error", MAX_ERROR_CHARS),
+            escaped(f.bounded_text("error", MAX_ERROR_CHARS)),
             f.opt_backup_id("parent"),
         )
 
@@ -1339,8 +1359,11 @@ class _Fields:
         """A name shown on one line of a listing or log: not empty, no
         control characters (a newline would forge the next line)."""
         value = self.bounded_text(key, limit)
-        if not value or any(ord(c) < 32 or ord(c) == 127 for c in value):
-            raise self.error(key, f"{value[:40]!r} is not a name (empty, or control characters)")
+        if not value or any(is_unsafe_char(c) for c in value):
+            raise self.error(
+                key,
+                f"'{escaped(value[:40])}' is not a name (empty, or control or format characters)",
+            )
         return value
 
     def integer(self, key: str, default: int | None = None, minimum: int | None = None) -> int:

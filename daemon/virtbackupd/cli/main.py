@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 import time
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from virtbackupd import __version__, logs
 from virtbackupd.adapters import host_folders, libvirt_conn, priority
 from virtbackupd.adapters.libvirt_conn import Libvirt
-from virtbackupd.adapters.repository import Repository
+from virtbackupd.adapters.repository import Repository, escaped, is_unsafe_char
 from virtbackupd.adapters.store import Store
 from virtbackupd.cli import listing
 from virtbackupd.cli.catalogue import (
@@ -234,14 +235,23 @@ def _backup_and_disks(p: argparse.ArgumentParser) -> None:
     )
 
 
+#: --move-rate bounds, MiB/s (docs/cli.md): below 1 a live restore's
+#: backup would be held practically forever; above 1 TiB/s no disk is.
+MOVE_RATE_MIN = 1
+MOVE_RATE_MAX = 1_000_000
+
+
 def _positive_mib(text: str) -> int:
-    """MiB/s on the command line, bytes/s inside."""
+    """MiB/s on the command line, bytes/s inside: a finite number from
+    MOVE_RATE_MIN to MOVE_RATE_MAX (argparse names the option)."""
     try:
         value = float(text)
     except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of MiB/s")
+        value = math.nan
+    if not MOVE_RATE_MIN <= value <= MOVE_RATE_MAX:  # NaN and inf fail too
+        raise argparse.ArgumentTypeError(
+            f"{text[:32]!r} is not a number of MiB/s from {MOVE_RATE_MIN} to {MOVE_RATE_MAX}"
+        )
     return int(value * 1024 * 1024)
 
 
@@ -431,6 +441,33 @@ async def _restore_to_device(
     return 0
 
 
+async def _refuse_running_targets(
+    config: DaemonConfig, lv: Libvirt | None, to: Path, disks: Sequence[str], fmt: str
+) -> None:
+    """--to DIR --force (without --define, which checks in plan_definition)
+    replaces existing files: never one a running domain has as a disk, or
+    QEMU keeps writing to a deleted file and the restore is lost. Only
+    libvirt knows; if it cannot be asked, existing files are not replaced."""
+    from virtbackupd.engine import restore
+
+    existing = {p for d in disks if (p := to / f"{d}.{fmt}").exists()}
+    if not existing:
+        return
+    if lv is not None:
+        user = await restore.running_user(lv, existing)
+    else:
+        try:
+            async with await Libvirt.open(config.libvirt_uri) as own:
+                user = await restore.running_user(own, existing)
+        except VirtBackupError as exc:
+            raise RestoreError(
+                f"--force would replace {', '.join(sorted(map(str, existing)))}, but libvirt "
+                f"cannot tell whether a running domain uses it ({exc}); nothing was restored"
+            ) from exc
+    if user is not None:
+        raise RestoreError(f"{user[1]} is a disk of running domain {user[0]}; nothing was restored")
+
+
 async def _restore(
     args: argparse.Namespace, config: DaemonConfig, store: Store, lv: Libvirt | None
 ) -> int:
@@ -440,6 +477,12 @@ async def _restore(
 
     if args.define and not args.to:
         raise ConfigError("--define needs --to DIR (a new domain gets new images)")
+    if args.define and any(is_unsafe_char(c) for c in args.define):
+        # Echoed in every message after this: a newline would forge a line.
+        raise InputError(
+            f"--define '{escaped(args.define[:64])}': a domain name without control or "
+            "format characters"
+        )
     if args.accept_edited_definition and not args.define:
         raise ConfigError("--accept-edited-definition goes with --define NAME")
     if args.move_rate and not args.live:
@@ -489,6 +532,8 @@ async def _restore(
     if args.to_device is not None:
         assert lv is not None
         return await _restore_to_device(args, config, store, lv, repo, dom, record, folder)
+    if args.to is not None and args.force and planned is None:
+        await _refuse_running_targets(config, lv, args.to.absolute(), disks, args.format)
     line = ProgressLine(sys.stderr.isatty() and not args.json)
     # libvirt only to write over the domain itself: a --define restore works
     # for a domain that is gone from libvirt.

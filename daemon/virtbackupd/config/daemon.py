@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from virtbackupd.adapters.host_folders import check_trusted
 from virtbackupd.adapters.priority import Priority
-from virtbackupd.config.yamlnodes import Source
+from virtbackupd.config.yamlnodes import Source, excerpt
 from virtbackupd.errors import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/virtbackupd/virtbackupd.yaml")
@@ -83,7 +83,8 @@ def parse_zone(name: str) -> tzinfo:
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
-        raise ValueError(f"no time zone {name!r} in the host's zone database") from exc
+        # The name is untrusted: cut and escaped as every config excerpt.
+        raise ValueError(f"no time zone '{excerpt(name)}' in the host's zone database") from exc
 
 
 def zone_name(zone: tzinfo) -> str:
