@@ -267,15 +267,21 @@ def check_backing_names(image: Path) -> None:
     without reading further: for callers about to hand the chain to QEMU's
     tools (`qemu-img info --backing-chain` opens whatever the name says,
     and hangs on a FIFO). A header this reader does not read ends the walk
-    quietly: those callers refuse such images themselves."""
+    quietly: those callers refuse such images themselves. `image` itself
+    is a backup's image: a link there (to anything, anywhere) is refused
+    too, never followed."""
     path: Path | None = image
     for depth in range(MAX_DEPTH + 1):
         if path is None:
             return
-        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (os.O_NOFOLLOW if depth else 0)
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW
         try:
             fd = os.open(path, flags)
         except OSError as exc:
+            if depth == 0 and exc.errno == errno.ELOOP:
+                raise Qcow2ReadError(
+                    path, "is a symbolic link; a backup's images are never followed"
+                ) from exc
             raise _open_error(path, exc) from exc
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):

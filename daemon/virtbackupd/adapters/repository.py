@@ -415,10 +415,12 @@ def _read_bounded(path: Path, limit: int) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise RepositoryFormatError(path, f"cannot read: {exc.strerror or exc}") from exc
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        # Checked before fdopen, which refuses a folder naming only the fd.
+        os.close(fd)
+        raise RepositoryFormatError(path, "is not a regular file")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise RepositoryFormatError(path, "is not a regular file")
         # Asked for what is there (plus one: it grew), not for `limit`:
         # a read of `limit` bytes allocates that much first, 64 MiB for
         # every small JSON file a listing reads.

@@ -19,6 +19,7 @@ from pathlib import Path
 from virtbackupd.adapters import qemu_img, qemu_nbd
 from virtbackupd.adapters.nbd.client import NbdClient, connect
 from virtbackupd.adapters.nbd.protocol import CONTEXT_BASE_ALLOCATION, STATE_ZERO
+from virtbackupd.adapters.qcow2_reader import check_backing_names
 from virtbackupd.core import extents
 from virtbackupd.core.extents import Kind, Range
 
@@ -29,6 +30,7 @@ CHUNK = 4 * MiB  # largest read while comparing or checking zeroes
 @contextlib.asynccontextmanager
 async def open_view(image: Path, runtime_dir: Path) -> AsyncIterator[NbdClient]:
     """A read-only NBD connection to `image` and its backing chain."""
+    await asyncio.to_thread(check_backing_names, image)  # before qemu-nbd opens them
     async with qemu_nbd.serve(
         image, runtime_dir=runtime_dir, readonly=True, connections=1
     ) as export:

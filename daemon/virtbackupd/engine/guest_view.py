@@ -17,6 +17,7 @@ mount is gone) releases them."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 import shutil
@@ -36,6 +37,7 @@ from virtbackupd.adapters import (
     nbd_folders,
     procfs,
 )
+from virtbackupd.adapters.qcow2_reader import check_backing_names
 from virtbackupd.adapters.repository import Hold, HoldKind, Repository, disk_file
 from virtbackupd.core.volumes import Region, VolumeReadError, logical_volumes, partitions
 from virtbackupd.errors import InputError, ProcessError, VirtBackupError
@@ -73,6 +75,10 @@ async def open_view(
     device to every volume whose type is in `fs_only`. Not `detached`: the
     exports die with us, and `state_dir` records us as its owner so that
     the next command cleans up after us (:func:`sweep_checks`)."""
+    for d in disks:
+        # Before qemu-storage-daemon opens what the images name (a host
+        # file, a FIFO) or follows a link in place of an image.
+        await asyncio.to_thread(check_backing_names, folder / disk_file(d))
     host_folders.make_folder(state_dir, exist_ok=False)
     if not detached:
         nbd_folders.claim(state_dir)

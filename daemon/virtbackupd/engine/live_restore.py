@@ -33,6 +33,7 @@ is released.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import os
@@ -47,6 +48,7 @@ import structlog
 
 from virtbackupd.adapters import host_folders, qemu_img
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
+from virtbackupd.adapters.qcow2_reader import check_backing_names
 from virtbackupd.adapters.repository import (
     Hold,
     HoldKind,
@@ -138,6 +140,9 @@ async def start_live_restore(
     """Create the overlays in `to`, define `name` on them, start it and the
     move. The caller holds the domain's lock and has checked the chain.
     On failure everything made here is taken back."""
+    for d in disks:
+        # Before qemu-img create (and later QEMU) opens what the images name.
+        await asyncio.to_thread(check_backing_names, folder / disk_file(d))
     # 0711 whatever the umask: QEMU reaches the images.
     host_folders.make_passable(to, trusted=False)
     images = {d: to / disk_file(d) for d in disks}

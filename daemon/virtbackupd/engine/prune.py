@@ -36,6 +36,7 @@ import structlog
 
 from virtbackupd.adapters import host_folders, qemu_img
 from virtbackupd.adapters.libvirt_conn import Libvirt
+from virtbackupd.adapters.qcow2_reader import check_backing_names
 from virtbackupd.adapters.repository import (
     Hold,
     Manifest,
@@ -164,6 +165,10 @@ async def prune_domain(
         swept = await _drop_checkpoints(store, uuid, libvirt, [])
         return replace(result, removed_checkpoints=earlier + swept)
     manifests = {m.id: m for m in found}
+    for m in found:
+        for d in m.disks:
+            # Before qemu-img and qemu-nbd open what the images name.
+            await asyncio.to_thread(check_backing_names, domain_dir / m.id / d.path)
     await check_inputs(domain_dir, ops, manifests, runtime_dir)
     await _check_space(domain_dir, ops, manifests)
     checkpoints = {op.id: manifests[op.id].checkpoint for op in ops if isinstance(op, Remove)}
