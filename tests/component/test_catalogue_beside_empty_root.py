@@ -11,7 +11,6 @@ file descriptor number."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 from pathlib import Path
 
 import pytest
@@ -47,39 +46,6 @@ def _cli(capsys: pytest.CaptureFixture[str], config: Path, *args: str) -> tuple[
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err, out + err
     return rc, out, err
-
-
-def test_a_catalogue_copied_beside_an_empty_root_is_refused(
-    built: BuiltDomain, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    b = built
-    config = _config(tmp_path / "vb.yaml", b.state_db.parent, b.root, b.runtime)
-    assert _cli(capsys, config, "list")[0] == 0  # records the repository's id
-    state2, root2 = tmp_path / "state2", tmp_path / "backups2"
-    state2.mkdir()
-    root2.mkdir()
-    for f in b.state_db.parent.glob("state.db*"):
-        shutil.copy2(f, state2 / f.name)
-    config2 = _config(tmp_path / "vb2.yaml", state2, root2, tmp_path / "run2")
-    to = tmp_path / "r"
-    for args in (
-        ["list"],
-        ["verify", b.name, "--backup", b.ids[0]],
-        ["restore", b.name, "--backup", b.ids[0], "--to", str(to)],
-    ):
-        rc, out, err = _cli(capsys, config2, *args)
-        assert rc == 1, (args, rc, out, err)
-        lines = err.strip().splitlines()
-        assert len(lines) == 1, (args, err)
-        line = lines[0]
-        assert str(state2 / "state.db") in line and str(b.root) in line, line
-        assert str(root2) in line and "`virtbackup reindex`" in line, line
-        assert b.ids[0] not in out, (args, out)
-    assert not to.exists()
-    rc, _, err = _cli(capsys, config2, "reindex")
-    assert rc == 0 and "moved aside to" in err, err
-    rc, out, err = _cli(capsys, config2, "list")
-    assert rc == 0 and b.ids[0] not in out, (out, err)
 
 
 def test_the_recorded_root_found_empty_and_a_new_catalogue_are_left_alone(

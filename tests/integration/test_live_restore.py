@@ -99,7 +99,10 @@ async def test_live_restore_runs_at_once_and_moves_while_the_guest_writes(
         (("--define", name, "--live", "--format", "raw"), "moves the disks into qcow2"),
         (("--live",), "--live needs --to DIR and --define NAME"),
         (("--define", name, "--move-rate", "5"), "give --live too"),
-        (("--define", name, "--live", "--move-rate", "0"), "not a positive number of MiB/s"),
+        (
+            ("--define", name, "--live", "--move-rate", "0"),
+            "is not a number of MiB/s from 1 to 1000000",
+        ),
     ):
         rc, err = await refused(config, "restore", td.name, "--to", str(new_dir), *args)
         assert rc == 2 and says in err, (args, err)

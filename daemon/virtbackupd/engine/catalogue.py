@@ -51,22 +51,13 @@ class ForeignCatalogueError(VirtBackupError):
     it was copied or moved beside another backup_root (or the root was
     swapped), and its rows name backups that are not this repository's."""
 
-    def __init__(
-        self,
-        store: Path,
-        root: Path,
-        recorded: Sequence[str],
-        found: str | None,
-        *,
-        empty: bool = False,
-    ) -> None:
+    def __init__(self, store: Path, root: Path, recorded: Sequence[str], found: str | None) -> None:
         self.path, self.root, self.recorded, self.found = store, root, tuple(recorded), found
-        if empty:
-            holds = f"no {IDENTITY} and no backups"
-        elif found:
-            holds = f"repository {found} ({root / IDENTITY})"
-        else:
-            holds = f"backups but no {IDENTITY} (so not one of them)"
+        holds = (
+            f"repository {found} ({root / IDENTITY})"
+            if found
+            else f"backups but no {IDENTITY} (so not one of them)"
+        )
         described = ", ".join(self.recorded[:3]) + (", ..." if len(self.recorded) > 3 else "")
         super().__init__(
             f"{store}: this catalogue describes repository {described}, but {root} holds "
@@ -84,16 +75,9 @@ async def check_identity(store: Store, repos: Sequence[Repository]) -> None:
     root without backups (not yet written, or a share not mounted) is left
     alone: there is nothing there to act on."""
     recorded = await store.repository_ids()
-    configured = {str(r.root) for r in repos}
-    elsewhere = sorted(f"{i} at {root}" for i, root in recorded.items() if root not in configured)
     for repo in repos:
         found = repo.identity()
         if found is None and not repo.holds_backups():
-            if elsewhere and str(repo.root) not in recorded.values():
-                # A catalogue copied beside an empty root: its rows name
-                # the other repository's folders, which would be acted on.
-                # (The same root found empty, a share not mounted, is not this.)
-                raise ForeignCatalogueError(store.path, repo.root, elsewhere, None, empty=True)
             continue
         if found is not None and found in recorded:
             if recorded[found] != str(repo.root):
