@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from testbed.repo_builder import BuiltDomain, build_chain, copy_built
+from testbed.repo_builder import BuiltDomain, build_chain, copy_built, write_cli_config
 from virtbackupd.adapters.repository import ATTEMPTS_DIR, RepositoryFormatError
 from virtbackupd.cli.main import main
 
@@ -102,22 +102,10 @@ def test_a_well_formed_attempt_is_recorded(
     folder.mkdir()
     (folder / f"{ATTEMPT_ID}.json").write_text(json.dumps(_attempt(b)))
     assert [a.backup_id for a in b.repo.attempts(b.uuid)] == [ATTEMPT_ID]
-    config = _config(b, tmp_path)
+    config = write_cli_config(b, tmp_path)
     rc, text = _cli(capsys, config, "reindex")
     assert rc == 0 and "warning" not in text, text
     assert ATTEMPT_ID in _catalogued(b)
-
-
-def _config(b: BuiltDomain, tmp_path: Path) -> Path:
-    policies = tmp_path / "policies"
-    policies.mkdir(exist_ok=True)
-    (policies / "p.yaml").write_text(f"domains: [{b.name}]\nretention: {{keep_last: 1}}\n")
-    config = tmp_path / "vb.yaml"
-    config.write_text(
-        f"state_dir: {b.state_db.parent}\nbackup_root: {b.root}\nruntime_dir: {b.runtime}\n"
-        f"policy_dirs: [{policies}]\npriority: normal\n"
-    )
-    return config
 
 
 @pytest.mark.parametrize(("edit", "field"), [c[1:] for c in HOSTILE], ids=[c[0] for c in HOSTILE])
@@ -142,7 +130,7 @@ def test_a_hostile_attempt_field_is_refused_where_it_is_read(
     problems: list[str] = []
     assert b.repo.attempts(b.uuid, problems) == [] and len(problems) == 1
 
-    config = _config(b, tmp_path)
+    config = write_cli_config(b, tmp_path)
     before = _catalogued(b)
     runs = {
         "list": _cli(capsys, config, "list", b.name),

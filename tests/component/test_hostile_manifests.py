@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from testbed.repo_builder import BuiltDomain, MiB, build_chain, copy_built
+from testbed.repo_builder import BuiltDomain, MiB, build_chain, copy_built, write_cli_config
 from virtbackupd.adapters.repository import MANIFEST, RepositoryFormatError, read_manifest
 from virtbackupd.cli.main import main
 
@@ -104,14 +104,7 @@ def test_a_hostile_manifest_field_is_refused_where_it_is_read(
     assert str(exc.value).startswith(f"{path}: {field}"), exc.value
 
     # Every command: no traceback, nothing outside the repository touched.
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "p.yaml").write_text(f"domains: [{b.name}]\nretention: {{keep_last: 1}}\n")
-    config = tmp_path / "vb.yaml"
-    config.write_text(
-        f"state_dir: {b.state_db.parent}\nbackup_root: {b.root}\nruntime_dir: {b.runtime}\n"
-        f"policy_dirs: [{policies}]\npriority: normal\n"
-    )
+    config = write_cli_config(b, tmp_path)
     passwd = Path("/etc/passwd").read_bytes()
     to = str(tmp_path / "r")
     runs = {
@@ -190,14 +183,7 @@ def test_a_chain_with_a_folder_deleted_by_hand_is_one_line_from_prune(
     b = copy_built(template, tmp_path)
     shutil.rmtree(b.folder(b.ids[0]))
     (b.state_db.parent / "state.db").unlink()
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "p.yaml").write_text(f"domains: [{b.name}]\nretention: {{keep_last: 1}}\n")
-    config = tmp_path / "vb.yaml"
-    config.write_text(
-        f"state_dir: {b.state_db.parent}\nbackup_root: {b.root}\nruntime_dir: {b.runtime}\n"
-        f"policy_dirs: [{policies}]\npriority: normal\n"
-    )
+    config = write_cli_config(b, tmp_path)
     assert _cli(capsys, config, "reindex").returncode == 0
     for extra in (["--dry-run"], []):
         ran = _cli(capsys, config, "prune", b.name, *extra)
@@ -273,14 +259,7 @@ def test_a_prune_journal_never_names_a_path(
             }
         )
     )
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "p.yaml").write_text(f"domains: [{b.name}]\nretention: {{keep_last: 1}}\n")
-    config = tmp_path / "vb.yaml"
-    config.write_text(
-        f"state_dir: {b.state_db.parent}\nbackup_root: {b.root}\nruntime_dir: {b.runtime}\n"
-        f"policy_dirs: [{policies}]\npriority: normal\n"
-    )
+    config = write_cli_config(b, tmp_path)
     ran = _cli(capsys, config, "prune", b.name)
     assert ran.returncode == 1, ran.stderr
     assert f"{journal}: field ops[0].id:" in ran.stderr, ran.stderr

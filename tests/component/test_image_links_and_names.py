@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.repo_builder import BuiltDomain
+from testbed.repo_builder import BuiltDomain, write_cli_config
 from testbed.tools import run
 from virtbackupd.adapters.store import Store
 from virtbackupd.cli.main import main
@@ -31,14 +31,7 @@ async def _built(tmp_path: Path) -> tuple[BuiltDomain, Path]:
         await b.backup(store)
         b.write("vda", MiB, MiB, 0x22)
         await b.backup(store)
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "p.yaml").write_text(f"domains: [{b.name}]\nretention: {{keep_last: 1}}\n")
-    config = tmp_path / "vb.yaml"
-    config.write_text(
-        f"state_dir: {b.state_db.parent}\nbackup_root: {b.root}\nruntime_dir: {b.runtime}\n"
-        f"policy_dirs: [{policies}]\npriority: normal\n"
-    )
+    config = write_cli_config(b, tmp_path)
     return b, config
 
 

@@ -200,3 +200,17 @@ def copy_built(template: tuple[Path, BuiltDomain], tmp_path: Path) -> BuiltDomai
     with contextlib.closing(sqlite3.connect(b.state_db)) as db, db:
         db.execute("UPDATE backups SET path = replace(path, ?, ?)", (str(origin), str(b.tmp)))
     return b
+
+
+def write_cli_config(b: BuiltDomain, folder: Path) -> Path:
+    """A daemon config in `folder` over `b`'s repository, with one policy
+    (keep_last: 1) naming its domain, for running the CLI on it."""
+    policies = folder / "policies"
+    policies.mkdir(exist_ok=True)
+    (policies / "p.yaml").write_text(f"domains: [{b.name}]\nretention: {{keep_last: 1}}\n")
+    config = folder / "vb.yaml"
+    config.write_text(
+        f"state_dir: {b.state_db.parent}\nbackup_root: {b.root}\nruntime_dir: {b.runtime}\n"
+        f"policy_dirs: [{policies}]\npriority: normal\n"
+    )
+    return config
