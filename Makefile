@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: all bootstrap venv test test-unit lint typecheck demo bench format clean
+.PHONY: all bootstrap venv test test-unit lint typecheck shape demo bench format clean
 
 all: test
 
@@ -20,6 +20,11 @@ lint: venv
 
 typecheck: venv
 	$(BIN)/mypy
+
+# The code's shape (import cycles, layers, module and function sizes):
+# docs/architecture.md says what it checks and why.
+shape: venv
+	$(BIN)/python scripts/shape.py --report
 
 format: venv
 	$(BIN)/ruff format daemon tests bench scripts
