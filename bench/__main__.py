@@ -355,6 +355,9 @@ def main() -> None:
     a = ap.parse_args()
     size = int(a.size_gib * GiB)
     work = Path(tempfile.mkdtemp(prefix="vb-bench-", dir=a.work))
+    # mkdtemp makes it 0700: QEMU (libvirt-qemu) must pass through it to the
+    # NBD sockets and scratch files the end-to-end part puts below it.
+    work.chmod(0o711)
     # An operator's `pip install` compiles the package's bytecode; the
     # editable install here compiles on first import, or never when
     # PYTHONDONTWRITEBYTECODE is set (CI shells set it): without this every

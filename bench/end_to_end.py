@@ -107,6 +107,9 @@ class Ways:
     def _pull(self, d: Path) -> Path:
         sock = d / "nbd.sock"
         xml = d / "backup.xml"
+        # QEMU (libvirt-qemu) creates the socket and the scratch file here;
+        # libvirt labels neither folder nor socket for it.
+        shutil.chown(d, "libvirt-qemu", "libvirt-qemu")
         xml.write_text(
             "<domainbackup mode='pull'>"
             f"<server transport='unix' socket='{sock}'/>"
