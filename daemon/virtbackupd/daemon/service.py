@@ -27,7 +27,7 @@ import structlog
 from virtbackupd import logs
 from virtbackupd.adapters import host_folders, libvirt_conn, priority
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
-from virtbackupd.adapters.libvirt_events import DomainEvent, EventKind, EventSource
+from virtbackupd.adapters.libvirt_events import DomainEvent, EventSource
 from virtbackupd.adapters.repository import HoldKind, Repository
 from virtbackupd.adapters.scheduler import Schedules
 from virtbackupd.adapters.sd_notify import Notifier, watchdog_interval
@@ -425,34 +425,33 @@ class Service:
         return bool(ev.uuid) and ev.uuid in self.governing
 
     async def _on_event(self, store: Store, ev: DomainEvent) -> None:
-        if ev.kind is EventKind.CONNECTED:
+        trigger = decisions.trigger_of(ev.kind, ev.detail)
+        if trigger is Trigger.CONNECTED:
             self.libvirt_connected = True
             if self.catch_up_pending:  # libvirtd was not there at start
                 await self._clean_interrupted(store)
                 await self._tidy_shut_off(store)
             await self._resync(store, catch_up=self.catch_up_pending)
             self.catch_up_pending = False
-        elif ev.kind is EventKind.DISCONNECTED:
+        elif trigger is Trigger.DISCONNECTED:
             self.libvirt_connected = False
             log.warning("lost the connection to libvirtd; reconnecting")
             self._publish()
-        elif ev.kind in (EventKind.DEFINED, EventKind.UNDEFINED):
+        elif trigger in (Trigger.DEFINED, Trigger.UNDEFINED):
             await self._resync(store, catch_up=False)
-            if ev.kind is EventKind.DEFINED:
+            if trigger is Trigger.DEFINED:
                 asked = decisions.event_request(
-                    Trigger.DEFINED,
-                    self._policy(ev.name, ev.uuid),
-                    bool(await store.backups(ev.uuid)),
+                    trigger, self._policy(ev.name, ev.uuid), bool(await store.backups(ev.uuid))
                 )
                 if asked is not None:
                     log.info("new domain: first backup", domain=ev.name, backup_level=asked.value)
                     self.request(ev.uuid, asked)
-        elif ev.kind is EventKind.STOPPED and ev.detail in ("shutdown", "destroyed"):
-            asked = decisions.event_request(Trigger.STOPPED, self._policy(ev.name, ev.uuid), True)
+        elif trigger is Trigger.STOPPED:
+            asked = decisions.event_request(trigger, self._policy(ev.name, ev.uuid), True)
             if asked is not None:
                 log.info("domain stopped: backup", domain=ev.name, reason=ev.detail)
                 self.request(ev.uuid, asked)
-        elif ev.kind is EventKind.CRASHED:
+        elif trigger is Trigger.CRASHED:
             say = log.warning if self._governed(ev) else log.debug
             say(
                 "domain crashed; its next backup will be checked for broken bitmaps", domain=ev.name
