@@ -46,6 +46,7 @@ from virtbackupd.core.records import BackupRecord, BackupStatus
 from virtbackupd.daemon import decisions
 from virtbackupd.daemon.decisions import Trigger
 from virtbackupd.daemon.single import hold_daemon_lock
+from virtbackupd.daemon.slots import After, Slot, SlotState
 from virtbackupd.daemon.status_file import (
     DaemonStatus,
     DomainState,
@@ -80,12 +81,9 @@ class Service:
         self.last_rejected: list[str] = []  # files (and folders) the last reading refused
         self.notifier = Notifier()
         self.notify_dropped_said = False
-        self.pending: dict[str, Level] = {}  # domain uuid -> level asked
-        self.queue: asyncio.Queue[str] = asyncio.Queue()
+        self.slots: dict[str, Slot] = {}  # domain uuid -> its place in the queue
+        self.queue: asyncio.Queue[str] = asyncio.Queue()  # uuids of QUEUED slots
         self.verify_queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
-        self.running: set[str] = set()
-        self.retrying: dict[str, str] = {}  # uuid -> why it waits
-        self.failures: dict[str, tuple[str, str]] = {}  # uuid -> (time, reason)
         self.stop = asyncio.Event()
         self.exit_code = 0
         self.schedules = Schedules(
@@ -100,7 +98,6 @@ class Service:
         self.levels: dict[str, list[str]] = {}  # uuid -> scheduled levels
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.schedules_by_domain: dict[str, dict[str, str]] = {}  # uuid -> level -> cron
-        self.fired: dict[str, tuple[datetime, Level]] = {}  # uuid -> last scheduled ask
         # Start-up work that needs libvirt, left for when it answers.
         self.catch_up_pending = False
         self.retry_handles: set[asyncio.TimerHandle] = set()
@@ -212,35 +209,39 @@ class Service:
             Level(level),
             minute,
             self.schedules_by_domain.get(uuid, {}),
-            self.fired.get(uuid),
+            self._slot(uuid).fired,
             self.config.schedule_timezone,
         )
         if asked is None:
             return  # the other schedule of this minute already asked for it
-        self.fired[uuid] = (minute, asked)
+        self._slot(uuid).fired = (minute, asked)
         self.request(uuid, asked)
+
+    def _slot(self, uuid: str) -> Slot:
+        return self.slots.setdefault(uuid, Slot())
+
+    def _running(self) -> list[str]:
+        return [u for u, s in self.slots.items() if s.state is SlotState.RUNNING]
 
     def request(self, uuid: str, level: Level) -> None:
         """Queue a backup: one waits per domain (full wins); a domain that
         runs now gets its request queued again when it ends."""
-        first = uuid not in self.pending
-        self.pending[uuid] = decisions.merge(self.pending.get(uuid), level)
-        if first and uuid not in self.running:
-            self.queue.put_nowait(uuid)
+        self._carry_out(uuid, self._slot(uuid).ask(level))
         self._status()
 
-    def _retry_later(self, uuid: str, level: Level, why: str) -> None:
-        self.retrying[uuid] = why
-        loop = asyncio.get_running_loop()
+    def _carry_out(self, uuid: str, after: After) -> None:
+        if after is After.ENQUEUE:
+            self.queue.put_nowait(uuid)
+        elif after is After.RETRY_LATER:
 
-        def again() -> None:
-            self.retry_handles.discard(handle)
-            self.retrying.pop(uuid, None)
-            self.request(uuid, level)
+            def due() -> None:
+                self.retry_handles.discard(handle)
+                self._carry_out(uuid, self._slot(uuid).retry_due())
+                self._status()
 
-        handle = loop.call_later(self.config.busy_retry, again)
-        self.retry_handles.add(handle)
-        self._publish()
+            handle = asyncio.get_running_loop().call_later(self.config.busy_retry, due)
+            self.retry_handles.add(handle)
+            self._publish()
 
     # --- supervised tasks -----------------------------------------------------------
     def _supervise(self, name: str, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -272,10 +273,10 @@ class Service:
     async def _worker(self, store: Store) -> None:
         while True:
             uuid = await self.queue.get()
-            level = self.pending.pop(uuid, None)
+            slot = self._slot(uuid)
+            level = slot.take()
             if level is None:
                 continue
-            self.running.add(uuid)
             self._status()
             name = self.names.get(uuid, uuid)
             error: BaseException | None = None
@@ -286,10 +287,10 @@ class Service:
             except Exception as exc:  # a bug: logged with its traceback, the worker lives on
                 log.error("backup crashed", domain=name, backup_level=level.value, exc_info=exc)
                 error = exc
-            finally:
-                self.running.discard(uuid)
-                if uuid in self.pending:  # asked again while it ran
-                    self.queue.put_nowait(uuid)
+            except asyncio.CancelledError:
+                # The daemon stops (its engine cleaned up): not running any more.
+                slot.finish(decisions.Outcome(ok=False, reason="cancelled"), _now())
+                raise
             outcome = decisions.outcome_of(error)
             if outcome.retry:
                 log.info(
@@ -299,15 +300,13 @@ class Service:
                     retry_in_s=self.config.busy_retry,
                     reason=outcome.reason,
                 )
-                self._retry_later(uuid, level, outcome.reason)
-            elif not outcome.ok:
-                # A backup that got as far as its id logged its own outcome
-                # line (with BACKUP_ID); one that failed before is said here.
-                if isinstance(error, VirtBackupError) and not (
-                    isinstance(error, BackupFailedError) and error.backup_id
-                ):
-                    log.error("backup failed", domain=name, error=outcome.reason)
-                self.failures[uuid] = (datetime.now(UTC).isoformat(), outcome.reason)
+            # A backup that got as far as its id logged its own outcome line
+            # (with BACKUP_ID); one that failed before is said here.
+            elif isinstance(error, VirtBackupError) and not (
+                isinstance(error, BackupFailedError) and error.backup_id
+            ):
+                log.error("backup failed", domain=name, error=outcome.reason)
+            self._carry_out(uuid, slot.finish(outcome, _now()))
             self._status()
 
     async def _backup(self, store: Store, uuid: str, level: Level) -> None:
@@ -322,7 +321,7 @@ class Service:
                 uuid,
                 want=Level.FULL if level is Level.FULL else None,
             )
-            self.failures.pop(uuid, None)  # the engine logged "backup complete"
+            self._slot(uuid).succeeded()  # the engine logged "backup complete"
             await self._prune(store, lv, policy, ref)
 
     async def _prune(self, store: Store, lv: Libvirt, policy: Policy, ref: DomainRef) -> None:
@@ -484,9 +483,10 @@ class Service:
 
     # --- status ----------------------------------------------------------------------
     def _status(self) -> None:
-        names = sorted(self.names.get(u, u) for u in self.running)
+        names = sorted(self.names.get(u, u) for u in self._running())
         text = f"backing up {', '.join(names)}" if names else "idle"
-        sent = self.notifier.status(f"{text}; {len(self.pending)} queued")
+        queued = sum(s.queued is not None for s in self.slots.values())
+        sent = self.notifier.status(f"{text}; {queued} queued")
         if not sent and self.notifier.enabled and not self.notify_dropped_said:
             self.notify_dropped_said = True
             log.warning(
@@ -500,20 +500,21 @@ class Service:
         """The daemon's own state for `virtbackup status`, replaced atomically."""
         now = datetime.now(UTC)
         domains = {}
-        for uuid in sorted(set(self.names) | set(self.pending) | set(self.failures)):
+        noted = {u for u, s in self.slots.items() if s.queued or s.last_failure}
+        for uuid in sorted(set(self.names) | noted):
             runs = {}
             for level in self.levels.get(uuid, []):
                 when = self.schedules.next_run(uuid, level, now)
                 if when is not None:
                     runs[level] = when.isoformat()
-            pending = self.pending.get(uuid)
+            slot = self.slots.get(uuid, Slot())
             domains[uuid] = DomainState(
                 name=self.names.get(uuid, uuid),
                 policy=self.governing.get(uuid),
                 next_runs=runs,
-                queued=pending.value if pending else None,
-                retrying=self.retrying.get(uuid),
-                last_failure=self.failures.get(uuid),
+                queued=slot.queued.value if slot.queued else None,
+                retrying=slot.retry_reason if slot.state is SlotState.WAITING else None,
+                last_failure=slot.last_failure,
             )
         try:
             write_status(
@@ -523,7 +524,7 @@ class Service:
                     started=self.started_at.isoformat(),
                     libvirt_uri=self.config.libvirt_uri,
                     libvirt_connected=self.libvirt_connected,
-                    running=tuple(sorted(self.running)),
+                    running=tuple(sorted(self._running())),
                     domains=domains,
                     schedule_timezone=zone_name(self.config.schedule_timezone),
                     policy_files=self.enforced,
@@ -641,7 +642,7 @@ class Service:
 
     async def _shutdown(self) -> None:
         self.notifier.stopping()
-        log.info("stopping: cancelling running backups", running=len(self.running))
+        log.info("stopping: cancelling running backups", running=len(self._running()))
         self.schedules.shutdown()
         for handle in self.retry_handles:
             handle.cancel()
@@ -735,6 +736,10 @@ class Service:
                 # Each backup cleaned had its own line ("cleaned up an
                 # interrupted backup", with BACKUP_ID).
                 log.debug("cleaned interrupted backups", domain=ref.name, backups=cleaned)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
 
 
 def enforced_files(files: Sequence[Path], loaded: LoadedPolicies) -> dict[str, EnforcedFile]:
