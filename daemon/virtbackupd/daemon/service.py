@@ -214,7 +214,8 @@ class Service:
                 log.error("backup crashed", domain=name, backup_level=level.value, exc_info=exc)
                 error = exc
             except asyncio.CancelledError:
-                # The daemon stops (its engine cleaned up): not running any more.
+                # The daemon stops: the engine cleaned up (or the stop's bound
+                # cut that short); the domain's slot is not running any more.
                 slot.finish(decisions.Outcome(ok=False, reason="cancelled"), _now())
                 raise
             outcome = decisions.outcome_of(error)
