@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
@@ -92,7 +93,13 @@ class Daemon:
     def read_log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
-    async def start(self, ready: bool = True, env: dict[str, str] | None = None) -> None:
+    async def start(
+        self,
+        ready: bool = True,
+        env: dict[str, str] | None = None,
+        entry: Sequence[str] = ("-m", "virtbackupd.daemon.main"),
+    ) -> None:
+        """`entry`: how Python runs the daemon (`-c CODE` to change a constant first)."""
         self._log_file = self.log_path.open("ab")
         # Read the daemon's notifications as they come, as systemd does: a
         # queue nobody reads fills after 10 (net.unix.max_dgram_qlen) and
@@ -110,8 +117,7 @@ class Daemon:
             base["PYTHONPATH"] = os.environ["PYTHONPATH"]
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
-            "-m",
-            "virtbackupd.daemon.main",
+            *entry,
             "-c",
             str(self.config),
             env={**base, **(env or {})},

@@ -47,6 +47,10 @@ def _log_calls() -> list[tuple[Path, ast.Call]]:
 #: prunes and cleans: each such line must reach `journalctl DOMAIN=NAME`.
 DAEMON_PATHS = {
     "daemon/service.py",
+    "daemon/policies.py",
+    "daemon/recovery.py",
+    "daemon/supervisor.py",
+    "daemon/verifier.py",
     "engine/backup.py",
     "engine/backup_export.py",
     "engine/prune.py",

@@ -29,8 +29,8 @@ class EventKind(StrEnum):
     DEFINED = "defined"
     UNDEFINED = "undefined"
     STARTED = "started"
-    STOPPED = "stopped"  # clean: shutdown, destroy (QEMU closed its images)
-    CRASHED = "crashed"  # QEMU died: bitmaps may be inconsistent
+    STOPPED = "stopped"  # detail: shutdown, destroyed, crashed, failed, saved, ...
+    CRASHED = "crashed"  # libvirt's own crash event (QEMU died)
     OTHER = "other"
     JOB_COMPLETED = "job-completed"
     CONNECTED = "connected"  # (re)connected: re-synchronise
@@ -62,10 +62,9 @@ def _lifecycle(event: int, detail: int) -> tuple[EventKind, str]:
             libvirt.VIR_DOMAIN_EVENT_STOPPED_SAVED: "saved",
             libvirt.VIR_DOMAIN_EVENT_STOPPED_FROM_SNAPSHOT: "from-snapshot",
         }
-        why = names.get(detail, str(detail))
-        if why in ("crashed", "failed"):
-            return EventKind.CRASHED, why
-        return EventKind.STOPPED, why
+        # What a stop means (clean, or QEMU died) is the daemon's decision
+        # (daemon.decisions.trigger_of): here only libvirt's numbers become names.
+        return EventKind.STOPPED, names.get(detail, str(detail))
     if event == libvirt.VIR_DOMAIN_EVENT_CRASHED:
         return EventKind.CRASHED, "crashed"
     return EventKind.OTHER, f"event {event} detail {detail}"

@@ -1,6 +1,6 @@
-"""The daemon's decisions as pure functions: what an event or a missed
-run asks for, how queued requests merge, and what becomes of a request
-whose domain is busy. No clock reads, no libvirt, no store: the service
+"""The daemon's decisions as pure functions: what a libvirt event means,
+what an event or a missed run asks for, how queued requests merge, and
+what becomes of a request whose domain is busy. No clock reads, no libvirt, no store: the service
 passes in what it knows and carries the answer out."""
 
 from __future__ import annotations
@@ -10,17 +10,45 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
 from enum import StrEnum
 
+from virtbackupd.adapters.libvirt_events import EventKind
 from virtbackupd.core.cron import parse_cron
 from virtbackupd.core.policy import EventAction, Level, Policy
 from virtbackupd.core.records import BackupRecord, BackupStatus
 
 
 class Trigger(StrEnum):
-    """What a domain's lifecycle event means to the daemon."""
+    """What a libvirt event means to the daemon."""
 
-    DEFINED = "defined"
+    CONNECTED = "connected"  # (re)connected to libvirtd: resynchronise
+    DISCONNECTED = "disconnected"
+    DEFINED = "defined"  # resynchronise; ``events.on_define``
+    UNDEFINED = "undefined"  # resynchronise
     STOPPED = "stopped"  # clean: shutdown or destroy; QEMU closed its images
-    OTHER = "other"
+    CRASHED = "crashed"  # QEMU died: bitmaps may be inconsistent
+    OTHER = "other"  # nothing to do
+
+
+#: The details of a STOPPED event that make it a clean stop; "crashed" and
+#: "failed" are QEMU dying; a save, a migration or a revert to a snapshot
+#: is neither (the domain goes on elsewhere or later).
+CLEAN_STOPS = frozenset({"shutdown", "destroyed"})
+DIED = frozenset({"crashed", "failed"})
+_BY_KIND = {
+    EventKind.CONNECTED: Trigger.CONNECTED,
+    EventKind.DISCONNECTED: Trigger.DISCONNECTED,
+    EventKind.DEFINED: Trigger.DEFINED,
+    EventKind.UNDEFINED: Trigger.UNDEFINED,
+    EventKind.CRASHED: Trigger.CRASHED,
+}
+
+
+def trigger_of(kind: EventKind, detail: str) -> Trigger:
+    """What an event (its kind and libvirt's detail) means to the daemon."""
+    if kind is EventKind.STOPPED:
+        if detail in CLEAN_STOPS:
+            return Trigger.STOPPED
+        return Trigger.CRASHED if detail in DIED else Trigger.OTHER
+    return _BY_KIND.get(kind, Trigger.OTHER)
 
 
 def merge(pending: Level | None, new: Level) -> Level:

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from virtbackupd import __version__
+
+if TYPE_CHECKING:
+    from virtbackupd.daemon.service import Service
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from virtbackupd.errors import DaemonRunningError, InputError, VirtBackupError
 
     try:
-        return asyncio.run(Service(config_path(args.config)).run())
+        return _serve(Service(config_path(args.config)))
     except (InputError, DaemonRunningError) as exc:
         # The operator's to fix (config, folders, lock file): 2, as a refusal.
         print(f"virtbackupd: {exc}", file=sys.stderr)
@@ -42,6 +47,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VirtBackupError as exc:
         print(f"virtbackupd: {exc}", file=sys.stderr)
         return 1
+
+
+def _serve(service: Service) -> int:
+    with asyncio.Runner() as runner:
+        code = runner.run(service.run())
+        if service.abandoned:
+            # A stop that did not wait for everything (its bound, a second
+            # signal): what was left may never end (a hung libvirt call, a
+            # clean-up waiting on one), and closing the loop would wait for
+            # it. The next start cleans up after it, as after a crash.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover
