@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from datetime import UTC, tzinfo
+from enum import StrEnum
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from virtbackupd.adapters.host_folders import check_trusted
-from virtbackupd.adapters.priority import Priority
+from virtbackupd.config.folder_trust import check_trusted
 from virtbackupd.config.yamlnodes import Source, excerpt
 from virtbackupd.errors import ConfigError
 
@@ -17,6 +17,14 @@ DEFAULT_CONFIG = Path("/etc/virtbackupd/virtbackupd.yaml")
 ENV_CONFIG = "VIRTBACKUPD_CONFIG"
 LOG_FORMATS = ("auto", "journal", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class Priority(StrEnum):
+    """CPU and I/O priority of the daemon, the CLI and their helpers
+    (adapters/priority.py applies it)."""
+
+    LOW = "low"  # yield to the guests (default)
+    NORMAL = "normal"  # as started
 
 
 @dataclass(frozen=True)

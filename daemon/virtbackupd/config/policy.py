@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from virtbackupd.adapters.host_folders import on_pseudo_fs, untrusted_part
+from virtbackupd.config.folder_trust import on_pseudo_fs, untrusted_part
 from virtbackupd.config.yamlnodes import FileProblemsError, Source, read_untrusted
 from virtbackupd.core.backup_documents import RawDisks
 from virtbackupd.core.cron import parse_cron
