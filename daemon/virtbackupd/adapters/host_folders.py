@@ -1,14 +1,7 @@
-"""The host folders virtbackupd (running as root) writes into, checked
-before it trusts them.
-
-Root following a path through a folder that another user controls would
-let that user redirect root's writes (a symbolic link planted where a job
-folder, a lock or a status file is about to be made) or read what root
-writes there. So a configured folder and every folder above it must be
-owned by root (or by the user we run as) and writable by nobody else; a
-world-writable folder passes only with its sticky bit, owned by root (as
-/tmp and /var/tmp are: no one can replace another's entry in it), and a
-symbolic link on the way only when root owns it.
+"""The host folders virtbackupd (running as root) makes and writes into:
+created one component at a time, never through a link root does not own,
+and (where configured) only below folders that config/folder_trust.py
+judges trusted.
 """
 
 from __future__ import annotations
@@ -18,78 +11,9 @@ import os
 import stat
 from pathlib import Path
 
+from virtbackupd.config.folder_trust import folder_problem
+from virtbackupd.config.folder_trust import on_pseudo_fs as on_pseudo_fs  # restore --to uses it
 from virtbackupd.errors import UntrustedFolderError
-
-
-def _owner_ok(st: os.stat_result) -> bool:
-    return st.st_uid in (0, os.geteuid())
-
-
-def _describe(st: os.stat_result) -> str:
-    return f"owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}"
-
-
-def untrusted_part(path: Path) -> str | None:
-    """Why `path` (which need not exist yet) cannot be trusted, naming the
-    folder on its way that is the problem; None when it can."""
-    path = path.absolute()  # not resolve(): each link on the way is judged itself
-    # The existing part of the path, each component as written (a link is
-    # judged by its own owner) ...
-    for part in [*reversed(path.parents), path]:
-        try:
-            st = part.lstat()
-        except FileNotFoundError:
-            break  # what does not exist yet, root will create, as its own
-        except OSError as exc:
-            return f"{part}: cannot be examined ({exc.strerror})"
-        if stat.S_ISLNK(st.st_mode):
-            if st.st_uid != 0:
-                return f"{part} is a symbolic link owned by uid {st.st_uid}, not by root"
-            continue
-        problem = _folder_problem(part, st)
-        if problem is not None:
-            return problem
-    # ... and the folders the links lead through.
-    real = path.resolve()
-    for part in [*reversed(real.parents), real]:
-        try:
-            st = part.stat()
-        except FileNotFoundError:
-            break
-        except OSError as exc:
-            return f"{part}: cannot be examined ({exc.strerror})"
-        problem = _folder_problem(part, st)
-        if problem is not None:
-            return problem
-    return None
-
-
-def _folder_problem(part: Path, st: os.stat_result) -> str | None:
-    if not stat.S_ISDIR(st.st_mode):
-        return None  # the last component may be a file; a non-folder above fails later, clearly
-    if not _owner_ok(st):
-        return f"{part} is not root's ({_describe(st)})"
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o022:
-        sticky_root = mode & stat.S_ISVTX and st.st_uid == 0 and mode & 0o002
-        if not sticky_root:
-            return f"{part} is writable by others than root ({_describe(st)})"
-    return None
-
-
-def check_trusted(folders: dict[str, Path], source: Path) -> list[str]:
-    """A problem line for each configured folder (key -> path) that is not
-    trusted, naming the config file and key."""
-    problems = []
-    for key, folder in folders.items():
-        why = untrusted_part(folder)
-        if why is not None:
-            problems.append(
-                f"{source}: {key}: {folder} is not used: {why}; a folder root writes into "
-                "must be root's and writable only by root (chown root, chmod go-w), "
-                "all the way up"
-            )
-    return problems
 
 
 def make_folder(
@@ -111,9 +35,9 @@ def make_folder(
     when given, both set through its descriptor. An existing `path` keeps
     its mode and owner unless `reset`. `trusted`: every existing folder
     on the way must be root's and writable only by root (as the configured
-    folders are, see :func:`untrusted_part`); off for a folder an operator
-    names on the command line (``restore --to``), where only links are
-    judged.
+    folders are, see config/folder_trust.py); off for a folder an
+    operator names on the command line (``restore --to``), where only
+    links are judged.
 
     Raises UntrustedFolderError naming the component that is refused
     (FileExistsError when `path` exists and not `exist_ok`)."""
@@ -154,7 +78,7 @@ def make_folder(
                     os.fchown(fd, *owner)
                 os.fchmod(fd, want)
             elif trusted:
-                problem = _folder_problem(here, os.fstat(fd))
+                problem = folder_problem(here, os.fstat(fd))
                 if problem is not None:
                     why = problem.removeprefix(f"{here} ")
                     raise UntrustedFolderError(here, f"{why}, so root does not use it; {_REMEDY}")
@@ -177,8 +101,8 @@ _LINK = (
 def _open_step(parent: int, name: str, here: Path, *, may_follow: bool) -> int:
     """Open folder `name` in `parent`; a symbolic link there is followed
     only where `may_follow` (this walk neither made it nor changes it)
-    and root owns it (/var/run -> /run), as :func:`untrusted_part` judges
-    a configured folder."""
+    and root owns it (/var/run -> /run), as config/folder_trust.py judges a configured
+    folder."""
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
     try:
         return os.open(name, flags | os.O_NOFOLLOW, dir_fd=parent)
@@ -236,13 +160,3 @@ def unpassable(folder: Path) -> Path | None:
         if not part.stat().st_mode & 0o001:
             return part
     return None
-
-
-# Kernel pseudo file systems: no backup or image belongs there, and writing
-# one could do harm (/proc/sys, /sys/... are the kernel's switches).
-PSEUDO = (Path("/proc"), Path("/sys"), Path("/dev"))
-
-
-def on_pseudo_fs(path: Path) -> bool:
-    real = path.resolve()
-    return any(real == p or real.is_relative_to(p) for p in PSEUDO)

@@ -13,8 +13,10 @@ from __future__ import annotations
 import ctypes
 import os
 from dataclasses import dataclass
-from enum import StrEnum
 
+# The setting itself (`priority: low|normal`) is a config value; this module
+# carries it out.
+from virtbackupd.config.daemon import Priority as Priority
 from virtbackupd.errors import VirtBackupError
 
 # ioprio_set(2)/ioprio_get(2): no wrapper in glibc or Python.
@@ -23,11 +25,6 @@ _SYS_IOPRIO_GET = 252
 _IOPRIO_WHO_PROCESS = 1
 _CLASS_SHIFT = 13
 _IO_CLASSES = {"none": 0, "realtime": 1, "best-effort": 2, "idle": 3}
-
-
-class Priority(StrEnum):
-    LOW = "low"  # yield to the guests (default)
-    NORMAL = "normal"  # as started
 
 
 @dataclass(frozen=True)

@@ -117,16 +117,16 @@ async def run_tool(argv: Sequence[str], what: str | None = None) -> str:
 async def create(
     path: Path,
     size: int | None = None,
-    fmt: str = "qcow2",
+    *,
     backing: str | None = None,
-    backing_fmt: str = "qcow2",
     options: Sequence[str] = (),
 ) -> None:
-    """Create an image; with `backing`, an overlay whose backing file is
-    stored exactly as given (a relative path stays relative to the overlay)."""
-    argv = [QEMU_IMG, "create", "-q", "-f", fmt]
+    """Create a qcow2 image; with `backing`, an overlay whose backing file
+    (qcow2) is stored exactly as given (a relative path stays relative to
+    the overlay). `options`: qcow2 creation options (-o)."""
+    argv = [QEMU_IMG, "create", "-q", "-f", "qcow2"]
     if backing is not None:
-        argv += ["-b", backing, "-F", backing_fmt]
+        argv += ["-b", backing, "-F", "qcow2"]
     for opt in options:
         argv += ["-o", opt]
     argv.append(str(path))
@@ -263,51 +263,24 @@ async def check(path: Path, fmt: str = "qcow2", *, repair_leaks: bool = False) -
     raise ProcessError(what, first + more)
 
 
-async def bitmap(
-    path: Path,
-    name: str,
-    *,
-    add: bool = False,
-    remove: bool = False,
-    enable: bool = False,
-    disable: bool = False,
-    merge: str | None = None,
-    merge_source: Path | None = None,
-) -> None:
-    """Add, remove, enable, disable or merge into a persistent qcow2 bitmap."""
+async def bitmap(path: Path, name: str, *, add: bool = False, remove: bool = False) -> None:
+    """Add or remove a persistent qcow2 bitmap."""
     argv = [QEMU_IMG, "bitmap", "-f", "qcow2"]
     if add:
         argv.append("--add")
     if remove:
         argv.append("--remove")
-    if enable:
-        argv.append("--enable")
-    if disable:
-        argv.append("--disable")
-    if merge is not None:
-        argv += ["--merge", merge]
-        if merge_source is not None:
-            argv += ["-b", str(merge_source), "-F", "qcow2"]
     argv += [str(path), name]
     await run_tool(argv, f"qemu-img bitmap {path} {name}")
 
 
-async def convert(
-    src: str | Path,
-    dst: Path,
-    *,
-    src_fmt: str | None = None,
-    dst_fmt: str = "qcow2",
-    sparse: bool = True,
-    extra: Sequence[str] = (),
-) -> None:
-    """`qemu-img convert`: a standalone image (no backing file) of `src`."""
-    argv = [QEMU_IMG, "convert", "-O", dst_fmt]
+async def convert(src: str | Path, dst: Path, *, src_fmt: str | None = None) -> None:
+    """`qemu-img convert`: a standalone sparse qcow2 image (no backing
+    file) of `src`."""
+    argv = [QEMU_IMG, "convert", "-O", "qcow2"]
     if src_fmt:
         argv += ["-f", src_fmt]
-    if not sparse:
-        argv += ["-S", "0"]
-    argv += [*extra, str(src), str(dst)]
+    argv += [str(src), str(dst)]
     await run_tool(argv, f"qemu-img convert {src} -> {dst}")
 
 

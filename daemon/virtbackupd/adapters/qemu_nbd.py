@@ -35,34 +35,44 @@ class Export:
         return f"nbd+unix:///{self.name}?socket={self.socket}"
 
 
+@dataclass(frozen=True)
+class ExportOptions:
+    """How qemu-nbd opens and serves an image, beyond what `serve` is
+    asked for (a read-only source with bitmaps, or a writable target)."""
+
+    name: str = "disk"  # the export name
+    fmt: str = "qcow2"
+    connections: int = 4  # -e: clients at once
+    cache: str | None = None  # --cache=MODE (none: O_DIRECT)
+    aio: str | None = None  # --aio=MODE
+    extra: Sequence[str] = ()  # further qemu-nbd flags
+    size: int | None = None  # serve only the first `size` bytes
+    ready_timeout: float = 30.0  # seconds until an NBD handshake must succeed
+
+
 def _argv(
-    image: Path,
-    socket: Path,
-    name: str,
-    fmt: str,
-    readonly: bool,
-    bitmaps: Sequence[str],
-    connections: int,
-    cache: str | None,
-    aio: str | None,
-    extra: Sequence[str],
-    size: int | None = None,
+    image: Path, socket: Path, readonly: bool, bitmaps: Sequence[str], opts: ExportOptions
 ) -> list[str]:
     # -t: serve until stopped (not just the first client); -e: connections.
-    argv = [QEMU_NBD, "-t", "-k", str(socket), "-x", name, "-e", str(connections)]
+    argv = [QEMU_NBD, "-t", "-k", str(socket), "-x", opts.name, "-e", str(opts.connections)]
     if readonly:
         argv.append("-r")
     for b in bitmaps:
         argv += ["-B", b]
-    if cache:
-        argv.append(f"--cache={cache}")
-    if aio:
-        argv.append(f"--aio={aio}")
-    if size is not None:
+    if opts.cache:
+        argv.append(f"--cache={opts.cache}")
+    if opts.aio:
+        argv.append(f"--aio={opts.aio}")
+    if opts.size is not None:
         # Only the first `size` bytes (a block device larger than the disk).
         path = str(image).replace(",", ",,")
-        return [*argv, *extra, "--image-opts", f"driver={fmt},size={size},file.filename={path}"]
-    return [*argv, "-f", fmt, *extra, str(image)]
+        return [
+            *argv,
+            *opts.extra,
+            "--image-opts",
+            f"driver={opts.fmt},size={opts.size},file.filename={path}",
+        ]
+    return [*argv, "-f", opts.fmt, *opts.extra, str(image)]
 
 
 @contextlib.asynccontextmanager
@@ -70,16 +80,9 @@ async def serve(
     image: Path,
     *,
     runtime_dir: Path,
-    name: str = "disk",
-    fmt: str = "qcow2",
     readonly: bool = True,
     bitmaps: Sequence[str] = (),
-    connections: int = 4,
-    cache: str | None = None,
-    aio: str | None = None,
-    extra: Sequence[str] = (),
-    ready_timeout: float = 30.0,
-    size: int | None = None,
+    options: ExportOptions = ExportOptions(),
 ) -> AsyncIterator[Export]:
     """Export `image` with qemu-nbd on a socket in a private directory under
     `runtime_dir`: a read-only source (with `bitmaps` as
@@ -89,17 +92,17 @@ async def serve(
     private = nbd_folders.new_folder(runtime_dir)
     socket = private / nbd_folders.SOCKET
     stderr_path = private / "stderr"
-    argv = _argv(image, socket, name, fmt, readonly, bitmaps, connections, cache, aio, extra, size)
+    argv = _argv(image, socket, readonly, bitmaps, options)
     try:
         proc = await spawn_helper(argv, stderr_path)
     except BaseException:
         nbd_folders.remove_folder(private)
         raise
     nbd_folders.record_helper(private, proc.pid)
-    export = Export(socket, name)
+    export = Export(socket, options.name)
     ready = False
     try:
-        await _wait_ready(proc, export, ready_timeout, stderr_path)
+        await _wait_ready(proc, export, options.ready_timeout, stderr_path)
         ready = True
         yield export
     finally:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -44,17 +44,11 @@ class RawWriter:
         self._check(offset, len(view))
         writes: list[tuple[int, memoryview]] = []
         zeroes: list[tuple[int, int]] = []
-        start, zero = 0, None  # the run being gathered: where, and of what
-        pos = 0
-        while pos < len(view):
-            # Blocks on the image's 64 KiB grid, so that holes are whole.
-            n = min(len(view) - pos, _BLOCK - (offset + pos) % _BLOCK)
-            is_zero = all_zero(view[pos : pos + n])
-            if is_zero is not zero:
-                self._gather(offset, view, start, pos, zero, writes, zeroes)
-                start, zero = pos, is_zero
-            pos += n
-        self._gather(offset, view, start, pos, zero, writes, zeroes)
+        for start, end, zero in _runs(offset, view):
+            if zero:
+                zeroes.append((offset + start, end - start))
+            else:
+                writes.append((offset + start, view[start:end]))
         # Zeroes are holes; only where this writer wrote before is there
         # anything to punch out. A copy writes each range once: one look for
         # data in the whole range (not one per zero run: on a fragmented
@@ -64,23 +58,6 @@ class RawWriter:
                 if self._has_data(at, length):
                     await self.write_zeroes(at, length)
         await self._sink.put(writes)
-
-    @staticmethod
-    def _gather(
-        offset: int,
-        view: memoryview,
-        start: int,
-        end: int,
-        zero: bool | None,
-        writes: list[tuple[int, memoryview]],
-        zeroes: list[tuple[int, int]],
-    ) -> None:
-        if zero is None or start == end:
-            return
-        if zero:
-            zeroes.append((offset + start, end - start))
-        else:
-            writes.append((offset + start, view[start:end]))
 
     def _has_data(self, offset: int, length: int) -> bool:
         try:
@@ -124,3 +101,21 @@ async def new_raw_image(path: Path, size: int, direct: bool = True) -> AsyncIter
         yield writer
     finally:
         await writer.close()
+
+
+def _runs(offset: int, view: memoryview) -> Iterator[tuple[int, int, bool]]:
+    """(start, end, all zero) of each run of `view` (to be written at
+    `offset`) that is all zero or not, cut on the image's 64 KiB grid so
+    that holes are whole."""
+    start, zero = 0, None  # the run being gathered: where, and of what
+    pos = 0
+    while pos < len(view):
+        n = min(len(view) - pos, _BLOCK - (offset + pos) % _BLOCK)
+        is_zero = all_zero(view[pos : pos + n])
+        if is_zero is not zero:
+            if zero is not None and start != pos:
+                yield start, pos, zero
+            start, zero = pos, is_zero
+        pos += n
+    if zero is not None and start != pos:
+        yield start, pos, zero

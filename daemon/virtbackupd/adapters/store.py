@@ -1,4 +1,6 @@
-"""The SQLite state store (aiosqlite). All SQL of the project lives here.
+"""The SQLite state store (aiosqlite). All SQL of the project lives here
+and in its two companions: store_migrations.py (the schema) and
+store_rows.py (records to rows and back).
 
 WAL mode, foreign keys on, schema versioned with PRAGMA user_version and
 applied by ordered migrations. Timestamps are stored as ISO 8601 UTC text.
@@ -20,19 +22,17 @@ naming the file, and a damaged file names the fix (``virtbackup reindex``).
 from __future__ import annotations
 
 import asyncio
-import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import aiosqlite
 
-from virtbackupd.adapters import host_folders
-from virtbackupd.core import extents
-from virtbackupd.core.extents import LazyRanges, Range
+from virtbackupd.adapters import host_folders, store_rows
+from virtbackupd.adapters.store_migrations import MIGRATIONS as MIGRATIONS  # tests read it
 from virtbackupd.core.policy import Level
 from virtbackupd.core.records import (
     BackupRecord,
@@ -41,110 +41,9 @@ from virtbackupd.core.records import (
     CheckpointStatus,
     DiskRecord,
     DomainRecord,
-    LeftOutDisk,
     RunningJob,
 )
 from virtbackupd.errors import VirtBackupError
-
-MIGRATIONS: Sequence[str] = (
-    # 1: the first schema
-    """
-    CREATE TABLE domains (
-        uuid TEXT PRIMARY KEY,
-        name TEXT NOT NULL,
-        first_seen TEXT NOT NULL,
-        last_seen TEXT NOT NULL,
-        undefined_at TEXT
-    );
-    CREATE TABLE checkpoints (
-        domain_uuid TEXT NOT NULL REFERENCES domains(uuid),
-        name TEXT NOT NULL,
-        parent TEXT,
-        created TEXT NOT NULL,
-        status TEXT NOT NULL CHECK (status IN ('active', 'deleted')),
-        xml TEXT NOT NULL,
-        PRIMARY KEY (domain_uuid, name)
-    );
-    CREATE TABLE backups (
-        id TEXT PRIMARY KEY,
-        domain_uuid TEXT NOT NULL REFERENCES domains(uuid),
-        domain_name TEXT NOT NULL,
-        level TEXT NOT NULL CHECK (level IN ('full', 'incremental')),
-        status TEXT NOT NULL CHECK (status IN ('running', 'complete', 'failed')),
-        checkpoint TEXT,
-        parent_id TEXT REFERENCES backups(id),
-        started TEXT NOT NULL,
-        finished TEXT,
-        error TEXT,
-        bytes_read INTEGER NOT NULL DEFAULT 0,
-        bytes_written INTEGER NOT NULL DEFAULT 0,
-        path TEXT
-    );
-    CREATE INDEX backups_by_domain ON backups(domain_uuid, started);
-    CREATE TABLE backup_disks (
-        backup_id TEXT NOT NULL REFERENCES backups(id) ON DELETE CASCADE,
-        disk TEXT NOT NULL,
-        path TEXT NOT NULL,
-        virtual_size INTEGER NOT NULL,
-        bytes_read INTEGER NOT NULL,
-        bytes_written INTEGER NOT NULL,
-        bytes_zeroed INTEGER NOT NULL,
-        digest TEXT NOT NULL,
-        grid INTEGER NOT NULL,
-        ranges TEXT NOT NULL,
-        PRIMARY KEY (backup_id, disk)
-    );
-    CREATE TABLE progress (
-        backup_id TEXT PRIMARY KEY REFERENCES backups(id) ON DELETE CASCADE,
-        done INTEGER NOT NULL,
-        total INTEGER NOT NULL,
-        rate REAL NOT NULL,
-        updated TEXT NOT NULL
-    );
-    """,
-    # 2: disks a backup does not hold, with the reason (nothing silently missing)
-    """
-    CREATE TABLE left_out_disks (
-        backup_id TEXT NOT NULL REFERENCES backups(id) ON DELETE CASCADE,
-        disk TEXT NOT NULL,
-        reason TEXT NOT NULL,
-        PRIMARY KEY (backup_id, disk)
-    );
-    """,
-    # 3: stand-ins for backup folders whose manifest a rebuild could not read
-    # (listed `unreadable`, never dropped: their children's rows point at them)
-    """
-    ALTER TABLE backups ADD COLUMN unreadable TEXT;
-    """,
-    # 4: why a checkpoint went (pruned on purpose, disks restored in place),
-    # so that neither `checkpoints` nor a backup's reason calls it lost or
-    # broken; SQLite changes a CHECK only by rebuilding the table
-    """
-    CREATE TABLE checkpoints_v4 (
-        domain_uuid TEXT NOT NULL REFERENCES domains(uuid),
-        name TEXT NOT NULL,
-        parent TEXT,
-        created TEXT NOT NULL,
-        status TEXT NOT NULL
-            CHECK (status IN ('active', 'deleted', 'pruned', 'overwritten')),
-        xml TEXT NOT NULL,
-        PRIMARY KEY (domain_uuid, name)
-    );
-    INSERT INTO checkpoints_v4 SELECT domain_uuid, name, parent, created, status, xml
-        FROM checkpoints;
-    DROP TABLE checkpoints;
-    ALTER TABLE checkpoints_v4 RENAME TO checkpoints;
-    """,
-    # 5: the repositories (by the id in their .repository.json) the catalogue
-    # describes, with the root each was last seen at: a catalogue copied
-    # beside another repository is told apart
-    """
-    CREATE TABLE repositories (
-        id TEXT PRIMARY KEY,
-        root TEXT NOT NULL
-    );
-    """,
-)
 
 
 class StoreError(VirtBackupError):
@@ -188,41 +87,6 @@ def file_identity(path: Path) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return st.st_dev, st.st_ino
-
-
-def ranges_json(ranges: Sequence[Range]) -> str:
-    return json.dumps(extents.ranges_to_json(ranges))
-
-
-def _lazy_ranges(text: str) -> LazyRanges:
-    """Listings read every backup's rows and need none of its ranges."""
-    return LazyRanges(lambda: ranges_from_json_text(text))
-
-
-def ranges_from_json_text(text: str) -> tuple[Range, ...]:
-    return tuple(extents.ranges_from_json(json.loads(text)))
-
-
-def _left_out_rows(b: BackupRecord) -> list[tuple[str, Sequence[object]]]:
-    return [
-        (
-            "INSERT INTO left_out_disks(backup_id, disk, reason) VALUES (?, ?, ?)",
-            (b.id, d.disk, d.reason),
-        )
-        for d in b.left_out
-    ]
-
-
-def _ts(value: datetime | None) -> str | None:
-    return value.astimezone(UTC).isoformat() if value else None
-
-
-def _dt(value: str | None) -> datetime | None:
-    return datetime.fromisoformat(value) if value else None
-
-
-def _req(value: str) -> datetime:
-    return datetime.fromisoformat(value)
 
 
 class Store:
@@ -391,7 +255,7 @@ class Store:
             """INSERT INTO domains(uuid, name, first_seen, last_seen) VALUES (?, ?, ?, ?)
                ON CONFLICT(uuid) DO UPDATE SET name = excluded.name,
                    last_seen = excluded.last_seen, undefined_at = NULL""",
-            (uuid, name, _ts(now), _ts(now)),
+            (uuid, name, store_rows.ts(now), store_rows.ts(now)),
         )
 
     async def domain(self, uuid: str) -> DomainRecord | None:
@@ -402,9 +266,9 @@ class Store:
         return DomainRecord(
             row["uuid"],
             row["name"],
-            _req(row["first_seen"]),
-            _req(row["last_seen"]),
-            _dt(row["undefined_at"]),
+            store_rows.req(row["first_seen"]),
+            store_rows.req(row["last_seen"]),
+            store_rows.dt(row["undefined_at"]),
         )
 
     async def domain_by_name(self, name: str) -> DomainRecord | None:
@@ -444,7 +308,7 @@ class Store:
                 r["domain_uuid"],
                 r["name"],
                 r["parent"],
-                _req(r["created"]),
+                store_rows.req(r["created"]),
                 CheckpointStatus(r["status"]),
                 r["xml"],
             )
@@ -453,7 +317,7 @@ class Store:
 
     # --- backups -----------------------------------------------------------------------
     async def start_backup(self, b: BackupRecord) -> None:
-        statements: list[tuple[str, Sequence[object]]] = [
+        statements: list[store_rows.Statement] = [
             (
                 """INSERT INTO backups(id, domain_uuid, domain_name, level, status, checkpoint,
                        parent_id, started, path) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
@@ -465,12 +329,12 @@ class Store:
                     BackupStatus.RUNNING.value,
                     b.checkpoint,
                     b.parent,
-                    _ts(b.started),
+                    store_rows.ts(b.started),
                     b.path,
                 ),
             )
         ]
-        statements += _left_out_rows(b)
+        statements += store_rows.left_out_rows(b)
         await self._transaction(statements)
 
     async def record_backup(
@@ -480,82 +344,17 @@ class Store:
         (committed or failed), whatever it said before: the domain, the
         checkpoint, the row, its disks and left-out disks, in one
         transaction. Used at commit, after a crash, and by reindex."""
-        statements: list[tuple[str, Sequence[object]]] = [
-            (
-                """INSERT INTO domains(uuid, name, first_seen, last_seen) VALUES (?, ?, ?, ?)
-                   ON CONFLICT(uuid) DO NOTHING""",
-                (b.domain_uuid, b.domain_name, _ts(b.started), _ts(b.started)),
-            )
-        ]
+        statements = [store_rows.domain_seen(b)]
         if checkpoint is not None:
-            cp = checkpoint
-            statements.append(
-                (
-                    """INSERT OR REPLACE INTO checkpoints(domain_uuid, name, parent, created,
-                           status, xml) VALUES (?, ?, ?, ?, ?, ?)""",
-                    (cp.domain_uuid, cp.name, cp.parent, _ts(cp.created), cp.status.value, cp.xml),
-                )
-            )
+            statements.append(store_rows.checkpoint_row(checkpoint))
         statements += [
             ("DELETE FROM backup_disks WHERE backup_id = ?", (b.id,)),
             ("DELETE FROM left_out_disks WHERE backup_id = ?", (b.id,)),
             ("DELETE FROM progress WHERE backup_id = ?", (b.id,)),
-            (
-                # A parent the catalogue lacks is recorded as none: a failed
-                # attempt's planned parent may have been pruned since, and a
-                # rebuilt catalogue must take every folder the repository
-                # holds (whose manifest still names its parent) rather than
-                # refuse with "FOREIGN KEY constraint failed".
-                """INSERT INTO backups(id, domain_uuid, domain_name, level, status, checkpoint,
-                       parent_id, started, finished, error, bytes_read, bytes_written, path,
-                       unreadable)
-                   VALUES (?, ?, ?, ?, ?, ?, (SELECT id FROM backups WHERE id = ?),
-                       ?, ?, ?, ?, ?, ?, ?)
-                   ON CONFLICT(id) DO UPDATE SET level = excluded.level,
-                       status = excluded.status, checkpoint = excluded.checkpoint,
-                       parent_id = excluded.parent_id, finished = excluded.finished,
-                       error = excluded.error, bytes_read = excluded.bytes_read,
-                       bytes_written = excluded.bytes_written, path = excluded.path,
-                       unreadable = excluded.unreadable""",
-                (
-                    b.id,
-                    b.domain_uuid,
-                    b.domain_name,
-                    b.level.value,
-                    b.status.value,
-                    b.checkpoint,
-                    b.parent,
-                    _ts(b.started),
-                    _ts(b.finished),
-                    b.error,
-                    b.bytes_read,
-                    b.bytes_written,
-                    b.path,
-                    b.unreadable,
-                ),
-            ),
+            store_rows.backup_row(b),
+            *store_rows.disk_rows(b),
+            *store_rows.left_out_rows(b),
         ]
-        statements += [
-            (
-                """INSERT INTO backup_disks(backup_id, disk, path, virtual_size, bytes_read,
-                       bytes_written, bytes_zeroed, digest, grid, ranges)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                (
-                    b.id,
-                    d.disk,
-                    d.path,
-                    d.virtual_size,
-                    d.bytes_read,
-                    d.bytes_written,
-                    d.bytes_zeroed,
-                    d.digest,
-                    d.grid,
-                    ranges_json(d.ranges),
-                ),
-            )
-            for d in b.disks
-        ]
-        statements += _left_out_rows(b)
         await self._transaction(statements)
 
     async def replan_backup(self, backup_id: str, level: Level, parent: str | None) -> None:
@@ -569,14 +368,14 @@ class Store:
         self, backup_id: str, parent: str | None, disks: Sequence[DiskRecord]
     ) -> None:
         """A merge gave the backup another parent and grew its ranges."""
-        statements: list[tuple[str, Sequence[object]]] = [
+        statements: list[store_rows.Statement] = [
             ("UPDATE backups SET parent_id = ? WHERE id = ?", (parent, backup_id))
         ]
         statements += [
             (
                 """UPDATE backup_disks SET digest = ?, grid = ?, ranges = ?
                    WHERE backup_id = ? AND disk = ?""",
-                (d.digest, d.grid, ranges_json(d.ranges), backup_id, d.disk),
+                (d.digest, d.grid, store_rows.ranges_json(d.ranges), backup_id, d.disk),
             )
             for d in disks
         ]
@@ -600,7 +399,7 @@ class Store:
                 (
                     """UPDATE backups SET status = 'failed', finished = ?, error = ?
                        WHERE id = ? AND status = 'running'""",
-                    (_ts(finished), error, backup_id),
+                    (store_rows.ts(finished), error, backup_id),
                 ),
                 ("DELETE FROM progress WHERE backup_id = ?", (backup_id,)),
             ]
@@ -613,7 +412,7 @@ class Store:
             """INSERT INTO progress(backup_id, done, total, rate, updated) VALUES (?, ?, ?, ?, ?)
                ON CONFLICT(backup_id) DO UPDATE SET done = excluded.done,
                    total = excluded.total, rate = excluded.rate, updated = excluded.updated""",
-            (backup_id, done, total, rate, _ts(now)),
+            (backup_id, done, total, rate, store_rows.ts(now)),
         )
 
     async def running_progress(self) -> list[RunningJob]:
@@ -631,11 +430,11 @@ class Store:
                 domain=r["domain_name"],
                 domain_uuid=r["domain_uuid"],
                 level=Level(r["level"]),
-                started=_req(r["started"]),
+                started=store_rows.req(r["started"]),
                 done=r["done"] or 0,
                 total=r["total"] or 0,
                 rate=r["rate"] or 0.0,
-                updated=_dt(r["updated"]),
+                updated=store_rows.dt(r["updated"]),
             )
             for r in rows
         ]
@@ -668,39 +467,7 @@ class Store:
                 "SELECT disk, reason FROM left_out_disks WHERE backup_id = ? ORDER BY disk",
                 (r["id"],),
             )
-            out.append(
-                BackupRecord(
-                    id=r["id"],
-                    domain_uuid=r["domain_uuid"],
-                    domain_name=r["domain_name"],
-                    level=Level(r["level"]),
-                    status=BackupStatus(r["status"]),
-                    checkpoint=r["checkpoint"],
-                    parent=r["parent_id"],
-                    started=_req(r["started"]),
-                    finished=_dt(r["finished"]),
-                    error=r["error"],
-                    bytes_read=r["bytes_read"],
-                    bytes_written=r["bytes_written"],
-                    path=r["path"],
-                    disks=tuple(
-                        DiskRecord(
-                            d["disk"],
-                            d["path"],
-                            d["virtual_size"],
-                            d["bytes_read"],
-                            d["bytes_written"],
-                            d["bytes_zeroed"],
-                            d["digest"],
-                            d["grid"],
-                            _lazy_ranges(d["ranges"]),
-                        )
-                        for d in disks
-                    ),
-                    left_out=tuple(LeftOutDisk(x["disk"], x["reason"]) for x in left_out),
-                    unreadable=r["unreadable"],
-                )
-            )
+            out.append(store_rows.backup_record(r, disks, left_out))
         return out
 
     async def backup(self, backup_id: str) -> BackupRecord | None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from datetime import UTC, tzinfo
+from enum import StrEnum
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from virtbackupd.adapters.host_folders import check_trusted
-from virtbackupd.adapters.priority import Priority
+import yaml
+
+from virtbackupd.config.folder_trust import check_trusted
 from virtbackupd.config.yamlnodes import Source, excerpt
 from virtbackupd.errors import ConfigError
 
@@ -17,6 +19,14 @@ DEFAULT_CONFIG = Path("/etc/virtbackupd/virtbackupd.yaml")
 ENV_CONFIG = "VIRTBACKUPD_CONFIG"
 LOG_FORMATS = ("auto", "journal", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class Priority(StrEnum):
+    """CPU and I/O priority of the daemon, the CLI and their helpers
+    (adapters/priority.py applies it)."""
+
+    LOW = "low"  # yield to the guests (default)
+    NORMAL = "normal"  # as started
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,25 @@ def config_path(cli_value: str | None) -> Path:
     return Path(env) if env else DEFAULT_CONFIG
 
 
+CONFIG_KEYS = (
+    "libvirt_uri",
+    "libvirt_timeout",
+    "state_dir",
+    "backup_root",
+    "runtime_dir",
+    "scratch_dir",
+    "policy_dirs",
+    "max_concurrent_backups",
+    "priority",
+    "log",
+    "schedule",
+)
+
+# What a file sets, by DaemonConfig field; what it leaves out keeps the default.
+_Settings = dict[str, object]
+_Keys = dict[str, yaml.Node]
+
+
 def load_config(path: Path) -> DaemonConfig:
     """Read and validate the daemon config; relative paths resolve against
     the folder of the file, so a repository-local config works anywhere."""
@@ -107,23 +136,18 @@ def load_config(path: Path) -> DaemonConfig:
         raise ConfigError(f"{path}: no such config file (give one with -c PATH or ${ENV_CONFIG})")
     src = Source.read(path)
     base = path.resolve().parent
-    keys = src.mapping(
-        src.root,
-        "",
-        [
-            "libvirt_uri",
-            "libvirt_timeout",
-            "state_dir",
-            "backup_root",
-            "runtime_dir",
-            "scratch_dir",
-            "policy_dirs",
-            "max_concurrent_backups",
-            "priority",
-            "log",
-            "schedule",
-        ],
-    )
+    keys = src.mapping(src.root, "", CONFIG_KEYS)
+    cfg = {"source": path, **_folders(src, keys, base), **_limits(src, keys, base)}
+    _schedule(src, keys, cfg)
+    _log(src, keys, cfg)
+    src.raise_errors()
+    config = DaemonConfig(**cfg)  # type: ignore[arg-type]
+    _refuse_untrusted_folders(config, path)
+    return config
+
+
+def _folders(src: Source, keys: _Keys, base: Path) -> _Settings:
+    """The libvirt URI and the folders (relative ones below `base`)."""
 
     def path_of(key: str, default: Path) -> Path:
         if key not in keys:
@@ -131,8 +155,7 @@ def load_config(path: Path) -> DaemonConfig:
         return base / src.string(keys[key], key)
 
     state_dir = path_of("state_dir", DaemonConfig.state_dir)
-    cfg = {
-        "source": path,
+    return {
         "libvirt_uri": src.string(keys["libvirt_uri"], "libvirt_uri")
         if "libvirt_uri" in keys
         else DaemonConfig.libvirt_uri,
@@ -141,6 +164,11 @@ def load_config(path: Path) -> DaemonConfig:
         "runtime_dir": path_of("runtime_dir", DaemonConfig.runtime_dir),
         "scratch_dir": path_of("scratch_dir", state_dir / "scratch"),
     }
+
+
+def _limits(src: Source, keys: _Keys, base: Path) -> _Settings:
+    """libvirt_timeout, policy_dirs, max_concurrent_backups, priority."""
+    cfg: _Settings = {}
     if "libvirt_timeout" in keys:
         cfg["libvirt_timeout"] = float(
             src.integer(keys["libvirt_timeout"], "libvirt_timeout", minimum=1)
@@ -156,6 +184,10 @@ def load_config(path: Path) -> DaemonConfig:
         cfg["priority"] = Priority(
             src.choice(keys["priority"], "priority", [p.value for p in Priority])
         )
+    return cfg
+
+
+def _schedule(src: Source, keys: _Keys, cfg: _Settings) -> None:
     sched = src.mapping(keys.get("schedule"), "schedule", ["jitter", "busy_retry", "timezone"])
     if "timezone" in sched:
         with src.collecting():
@@ -179,13 +211,18 @@ def load_config(path: Path) -> DaemonConfig:
         cfg["schedule_jitter"] = jitter
     if "busy_retry" in sched:
         cfg["busy_retry"] = src.integer(sched["busy_retry"], "schedule.busy_retry", minimum=1)
+
+
+def _log(src: Source, keys: _Keys, cfg: _Settings) -> None:
     log = src.mapping(keys.get("log"), "log", ["format", "level"])
     if "format" in log:
         cfg["log_format"] = src.choice(log["format"], "log.format", LOG_FORMATS)
     if "level" in log:
         cfg["log_level"] = src.choice(log["level"], "log.level", LOG_LEVELS)
-    src.raise_errors()
-    config = DaemonConfig(**cfg)  # type: ignore[arg-type]
+
+
+def _refuse_untrusted_folders(config: DaemonConfig, path: Path) -> None:
+    """ConfigError naming the first configured folder another user controls."""
     folders = {
         "state_dir": config.state_dir,
         "backup_root": config.backup_root,
@@ -197,4 +234,3 @@ def load_config(path: Path) -> DaemonConfig:
     problems = check_trusted(folders, path)
     if problems:  # the first: the others are often the same folder seen again
         raise ConfigError(problems[0])
-    return config

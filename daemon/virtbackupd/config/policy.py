@@ -9,7 +9,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from virtbackupd.adapters.host_folders import on_pseudo_fs, untrusted_part
+import yaml
+
+from virtbackupd.config.folder_trust import on_pseudo_fs, untrusted_part
 from virtbackupd.config.yamlnodes import FileProblemsError, Source, read_untrusted
 from virtbackupd.core.backup_documents import RawDisks
 from virtbackupd.core.cron import parse_cron
@@ -65,6 +67,11 @@ def _uuid(text: str) -> str:
     return str(uuidlib.UUID(text))
 
 
+# What a policy file sets, by Policy field; what it leaves out keeps the default.
+_Settings = dict[str, object]
+_Keys = dict[str, yaml.Node]
+
+
 def load_policy(path: Path) -> Policy:
     """Read one policy file; every problem in it is reported at once
     (FileProblemsError), in line order."""
@@ -72,7 +79,26 @@ def load_policy(path: Path) -> Policy:
     keys = src.mapping(src.root, "", TOP_KEYS)
     if src.root is None or (not keys and not src.errors):
         raise ConfigError(f"{path}: empty policy (it needs at least `domains:` or `uuids:`)")
-    kw: dict[str, object] = {"source": path}
+    kw: _Settings = {"source": path}
+    _names(src, keys, kw)
+    # Each section is read on its own: a problem in one does not hide the next's.
+    for part in (_disks, _schedules, _chain, _retention, _events):
+        with src.collecting():
+            part(src, keys, kw)
+    _quiesce_and_bandwidth(src, keys, kw)
+    if "target" in keys:
+        with src.collecting():
+            target = path.resolve().parent / src.string(keys["target"], "target")
+            why = _untrusted_target(target)
+            if why is not None:
+                raise src.error(keys["target"], "target", f"{target} is not used: {why}")
+            kw["target"] = target
+    src.raise_errors()
+    return Policy(**kw)  # type: ignore[arg-type]
+
+
+def _names(src: Source, keys: _Keys, kw: _Settings) -> None:
+    """domains, exclude_domains, uuids: and that some domain is named."""
     for key in ("domains", "exclude_domains"):
         if key in keys:
             with src.collecting():
@@ -94,56 +120,60 @@ def load_policy(path: Path) -> Policy:
             src.error(src.root, "domains", "a policy must name domains (`domains:` or `uuids:`)")
         )
 
-    with src.collecting():
-        disks = src.mapping(keys.get("disks"), "disks", ["include", "exclude", "raw"])
-        if "include" in disks:
-            with src.collecting():
-                kw["include_disks"] = frozenset(src.string_list(disks["include"], "disks.include"))
-        if "exclude" in disks:
-            with src.collecting():
-                kw["exclude_disks"] = frozenset(src.string_list(disks["exclude"], "disks.exclude"))
-        if "raw" in disks:
-            with src.collecting():
-                kw["raw"] = RawDisks(
-                    src.choice(disks["raw"], "disks.raw", [r.value for r in RawDisks])
+
+def _disks(src: Source, keys: _Keys, kw: _Settings) -> None:
+    disks = src.mapping(keys.get("disks"), "disks", ["include", "exclude", "raw"])
+    if "include" in disks:
+        with src.collecting():
+            kw["include_disks"] = frozenset(src.string_list(disks["include"], "disks.include"))
+    if "exclude" in disks:
+        with src.collecting():
+            kw["exclude_disks"] = frozenset(src.string_list(disks["exclude"], "disks.exclude"))
+    if "raw" in disks:
+        with src.collecting():
+            kw["raw"] = RawDisks(src.choice(disks["raw"], "disks.raw", [r.value for r in RawDisks]))
+
+
+def _schedules(src: Source, keys: _Keys, kw: _Settings) -> None:
+    kinds = ["full", "incremental", "verify", "verify_filesystems"]
+    schedule = src.mapping(keys.get("schedule"), "schedule", kinds)
+    for level in kinds:
+        with src.collecting():
+            if level in schedule and src.scalar(schedule[level], f"schedule.{level}"):
+                kw[f"{level}_schedule"] = src.checked(
+                    schedule[level],
+                    f"schedule.{level}",
+                    _cron,
+                    "a crontab(5) expression: minute hour day-of-month month day-of-week",
                 )
 
-    with src.collecting():
-        kinds = ["full", "incremental", "verify", "verify_filesystems"]
-        schedule = src.mapping(keys.get("schedule"), "schedule", kinds)
-        for level in kinds:
+
+def _chain(src: Source, keys: _Keys, kw: _Settings) -> None:
+    chain = src.mapping(keys.get("chain"), "chain", ["max_incrementals"])
+    if "max_incrementals" in chain:
+        kw["max_incrementals"] = src.integer(chain["max_incrementals"], "chain.max_incrementals")
+
+
+def _retention(src: Source, keys: _Keys, kw: _Settings) -> None:
+    retention = src.mapping(keys.get("retention"), "retention", RETENTION_KEYS)
+    kept: dict[str, int] = {}
+    for k, v in retention.items():
+        with src.collecting():
+            kept[k] = src.integer(v, f"retention.{k}")
+    kw["retention"] = Retention(**kept)
+
+
+def _events(src: Source, keys: _Keys, kw: _Settings) -> None:
+    events = src.mapping(keys.get("events"), "events", ["on_shutdown", "on_define"])
+    for ev in ("on_shutdown", "on_define"):
+        if ev in events:
             with src.collecting():
-                if level in schedule and src.scalar(schedule[level], f"schedule.{level}"):
-                    kw[f"{level}_schedule"] = src.checked(
-                        schedule[level],
-                        f"schedule.{level}",
-                        _cron,
-                        "a crontab(5) expression: minute hour day-of-month month day-of-week",
-                    )
+                kw[ev] = EventAction(
+                    src.choice(events[ev], f"events.{ev}", [a.value for a in EventAction])
+                )
 
-    with src.collecting():
-        chain = src.mapping(keys.get("chain"), "chain", ["max_incrementals"])
-        if "max_incrementals" in chain:
-            kw["max_incrementals"] = src.integer(
-                chain["max_incrementals"], "chain.max_incrementals"
-            )
 
-    with src.collecting():
-        retention = src.mapping(keys.get("retention"), "retention", RETENTION_KEYS)
-        kept: dict[str, int] = {}
-        for k, v in retention.items():
-            with src.collecting():
-                kept[k] = src.integer(v, f"retention.{k}")
-        kw["retention"] = Retention(**kept)
-
-    with src.collecting():
-        events = src.mapping(keys.get("events"), "events", ["on_shutdown", "on_define"])
-        for ev in ("on_shutdown", "on_define"):
-            if ev in events:
-                with src.collecting():
-                    kw[ev] = EventAction(
-                        src.choice(events[ev], f"events.{ev}", [a.value for a in EventAction])
-                    )
+def _quiesce_and_bandwidth(src: Source, keys: _Keys, kw: _Settings) -> None:
     if "quiesce" in keys:
         with src.collecting():
             kw["quiesce"] = Quiesce(
@@ -155,15 +185,6 @@ def load_policy(path: Path) -> Policy:
                 kw["bandwidth"] = src.checked(
                     keys["bandwidth"], "bandwidth", parse_rate, "a rate such as 200MiB (per second)"
                 )
-    if "target" in keys:
-        with src.collecting():
-            target = path.resolve().parent / src.string(keys["target"], "target")
-            why = _untrusted_target(target)
-            if why is not None:
-                raise src.error(keys["target"], "target", f"{target} is not used: {why}")
-            kw["target"] = target
-    src.raise_errors()
-    return Policy(**kw)  # type: ignore[arg-type]
 
 
 def _untrusted_target(target: Path) -> str | None:

@@ -25,7 +25,24 @@ from typing import Protocol, overload
 
 import xxhash
 
-from virtbackupd.adapters.nbd.protocol import STATE_DIRTY, STATE_ZERO, Extent
+# Block-status flags as NBD reports them (the values are the protocol's):
+# base:allocation sets HOLE and ZERO, qemu:dirty-bitmap:NAME sets DIRTY.
+STATE_HOLE = 1 << 0  # base:allocation: not allocated
+STATE_ZERO = 1 << 1  # base:allocation: reads as zeroes
+STATE_DIRTY = 1 << 0  # qemu:dirty-bitmap:NAME: changed since the bitmap started
+
+
+@dataclass(frozen=True)
+class Extent:
+    """One block-status extent: a byte range and its flags (STATE_*)."""
+
+    offset: int
+    length: int
+    flags: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
 
 
 class Kind(StrEnum):

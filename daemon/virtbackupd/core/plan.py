@@ -84,27 +84,13 @@ def plan_backup(
 
     if want is Level.FULL:
         return full("full backup requested")
-    if last is None:
-        return full("no earlier complete backup")
-    if last.checkpoint is None:
-        return full(f"backup {last.id} left no checkpoint")
-    if last_unrestorable is not None:
-        return full(f"the last backup {last.id} cannot be restored ({last_unrestorable})")
+    why = _why_not_on_last(last, view, policy, repository, last_unrestorable)
+    if why is not None:
+        return full(why)
+    # _why_not_on_last said why had there been no last backup or checkpoint.
+    assert last is not None
+    assert last.checkpoint is not None
     parent = last.checkpoint
-    if repository is not None and last.path and not _inside(last.path, repository):
-        return full(
-            f"the last backup {last.id} is in another repository ({last.path}): "
-            f"the target is now {repository}"
-        )
-    if parent in view.overwritten:
-        return full(
-            f"the disks were restored in place after checkpoint {parent} (backup {last.id}): "
-            "no bitmap describes them now"
-        )
-    if parent in view.broken:
-        return full(f"checkpoint {parent} has inconsistent or missing bitmaps (crash?)")
-    if policy.max_incrementals == 0:
-        return full("chain.max_incrementals is 0: every backup is full")
     # A chain longer than max_incrementals is not a reason for a full read
     # of the domain: pruning merges it shorter (core.merge_plan).
     incremental = _with_disks(
@@ -120,33 +106,18 @@ def plan_backup(
         disks,
         policy,
     )
-    previous = {d.disk: d for d in last.disks}
-    grown = []
-    for c in incremental.choices:
-        if c.included and c.target not in previous:
-            return full(f"disk {c.target} is not in backup {last.id}")
-        now = (sizes or {}).get(c.target)
-        if c.included and c.checkpoint and now is not None:
-            was = previous[c.target].virtual_size
-            if now < was:
-                # QEMU's bitmaps follow a grown disk, but nothing we can trust
-                # says what a shrink kept: read the disk whole.
-                return full(
-                    f"disk {c.target} shrank from {was} to {now} bytes since backup {last.id}"
-                )
-            if now > was:
-                grown.append(f"disk {c.target} grew from {was} to {now} bytes")
+    why, grown = _size_changes(incremental, last, sizes or {})
+    if why is not None:
+        return full(why)
     if grown:
         # Sound: QEMU grew the checkpoint's bitmap with the disk, and the new
         # area reads as zeroes through an overlay larger than its backing file.
         incremental = _replace(
             incremental, reason=f"{incremental.reason}; {', '.join(grown)}: overlay of the new size"
         )
-    for c in incremental.choices:
-        if c.included and c.checkpoint:
-            bitmaps = view.bitmaps.get(c.target)
-            if bitmaps is not None and parent not in bitmaps:
-                return full(f"disk {c.target} has no bitmap {parent}")
+    why = _missing_bitmap(incremental, view)
+    if why is not None:
+        return full(why)
     if parent not in view.known:
         stored = {cp.name: cp for cp in stored_checkpoints}
         chain = _lineage(parent, stored)
@@ -159,6 +130,76 @@ def plan_backup(
             redefine=missing,
         )
     return incremental
+
+
+def _why_not_on_last(
+    last: BackupRecord | None,
+    view: CheckpointView,
+    policy: Policy,
+    repository: str | None,
+    last_unrestorable: str | None,
+) -> str | None:
+    """Why no incremental can build on the last complete backup (the
+    reason of the full backup instead), None if one may."""
+    if last is None:
+        return "no earlier complete backup"
+    if last.checkpoint is None:
+        return f"backup {last.id} left no checkpoint"
+    if last_unrestorable is not None:
+        return f"the last backup {last.id} cannot be restored ({last_unrestorable})"
+    parent = last.checkpoint
+    if repository is not None and last.path and not _inside(last.path, repository):
+        return (
+            f"the last backup {last.id} is in another repository ({last.path}): "
+            f"the target is now {repository}"
+        )
+    if parent in view.overwritten:
+        return (
+            f"the disks were restored in place after checkpoint {parent} (backup {last.id}): "
+            "no bitmap describes them now"
+        )
+    if parent in view.broken:
+        return f"checkpoint {parent} has inconsistent or missing bitmaps (crash?)"
+    if policy.max_incrementals == 0:
+        return "chain.max_incrementals is 0: every backup is full"
+    return None
+
+
+def _missing_bitmap(incremental: Plan, view: CheckpointView) -> str | None:
+    """A disk to back up whose image lacks the parent checkpoint's bitmap."""
+    parent = incremental.parent_checkpoint
+    for c in incremental.choices:
+        if c.included and c.checkpoint:
+            bitmaps = view.bitmaps.get(c.target)
+            if bitmaps is not None and parent not in bitmaps:
+                return f"disk {c.target} has no bitmap {parent}"
+    return None
+
+
+def _size_changes(
+    incremental: Plan, last: BackupRecord, sizes: Mapping[str, int]
+) -> tuple[str | None, list[str]]:
+    """Why the incremental's disks cannot build on `last` (a disk new
+    since, or shrunk: the reason of a full backup instead), and the disks
+    that grew (an incremental follows them)."""
+    previous = {d.disk: d for d in last.disks}
+    grown: list[str] = []
+    for c in incremental.choices:
+        if c.included and c.target not in previous:
+            return f"disk {c.target} is not in backup {last.id}", grown
+        now = sizes.get(c.target)
+        if c.included and c.checkpoint and now is not None:
+            was = previous[c.target].virtual_size
+            if now < was:
+                # QEMU's bitmaps follow a grown disk, but nothing we can trust
+                # says what a shrink kept: read the disk whole.
+                return (
+                    f"disk {c.target} shrank from {was} to {now} bytes since backup {last.id}",
+                    grown,
+                )
+            if now > was:
+                grown.append(f"disk {c.target} grew from {was} to {now} bytes")
+    return None, grown
 
 
 def nothing_to_back_up(disks: Sequence[DomainDisk], policy: Policy) -> str | None:

@@ -257,9 +257,9 @@ class OfflineExport:
                     qemu_nbd.serve(
                         Path(dd.source or ""),
                         runtime_dir=self.job.job_dir,
-                        fmt=dd.driver_type or "raw",
                         readonly=True,
                         bitmaps=[bitmap] if bitmap else [],
+                        options=qemu_nbd.ExportOptions(fmt=dd.driver_type or "raw"),
                     )
                 )
                 sources[c.target] = (export.address, export.name, bitmap)

@@ -32,7 +32,7 @@ async def open_view(image: Path, runtime_dir: Path) -> AsyncIterator[NbdClient]:
     """A read-only NBD connection to `image` and its backing chain."""
     await asyncio.to_thread(check_backing_names, image)  # before qemu-nbd opens them
     async with qemu_nbd.serve(
-        image, runtime_dir=runtime_dir, readonly=True, connections=1
+        image, runtime_dir=runtime_dir, readonly=True, options=qemu_nbd.ExportOptions(connections=1)
     ) as export:
         client = await connect(export.address, export.name, meta_contexts=[CONTEXT_BASE_ALLOCATION])
         try:

@@ -183,12 +183,7 @@ async def mount_backup(
     `<disk>[/part<N>]/<vg>/<lv>/` for LVM volumes. The caller holds the
     domain's lock until this returns."""
     mountpoint = mountpoint.absolute()
-    if not mountpoint.is_dir():
-        raise InputError(f"{mountpoint}: no such folder (create it, empty, to mount on)")
-    if kernel_mounts.is_mount_point(mountpoint):
-        raise InputError(f"{mountpoint} is already a mount point; `virtbackup umount` it first")
-    if any(mountpoint.iterdir()):
-        raise InputError(f"{mountpoint} is not empty; mount on an empty folder")
+    _check_mountpoint(mountpoint)
     hold_id = f"mount-{secrets.token_hex(6)}"
     state_dir = runtime_dir / "mounts" / hold_id
     host_folders.make_folder(runtime_dir / "mounts")
@@ -209,30 +204,8 @@ async def mount_backup(
         view = await open_view(folder, disks, state_dir, set(kernel_mounts.MOUNT_OPTIONS))
         hold = replace(hold, helper_pid=view.pid, devices=tuple(view.devices))
         repo.add_hold(hold)
-        await kernel_mounts.mount_tmpfs(mountpoint)
-        mounted = []
         notes = list(view.notes)
-        for disk in disks:
-            (mountpoint / disk).mkdir(exist_ok=True)
-        shown = []
-        for v in view.volumes:
-            if v.device is None or v.fstype is None:
-                what = v.fstype or "no filesystem this host knows"
-                notes.append(f"{v.region.label}: not mounted: {what}")
-                continue
-            (mountpoint / v.region.label).mkdir(parents=True, exist_ok=True)
-            shown.append(v)
-        await kernel_mounts.remount_read_only(mountpoint)  # the folders too
-        for v in shown:
-            assert v.device is not None
-            assert v.fstype is not None
-            target = mountpoint / v.region.label
-            try:
-                await kernel_mounts.mount(v.device, v.fstype, target)
-            except ProcessError as exc:
-                notes.append(f"{v.region.label}: not mounted: {exc}")
-                continue
-            mounted.append(Mounted(v.region.label, v.fstype, target))
+        mounted = await _mount_volumes(view, disks, mountpoint, notes)
         if not mounted:
             # A hold on nothing to look at would keep prune off the chain
             # until someone thinks of `umount`: undone below, and said so.
@@ -252,6 +225,47 @@ async def mount_backup(
         volumes=len(mounted),
     )
     return MountResult(hold, tuple(mounted), tuple(notes))
+
+
+def _check_mountpoint(mountpoint: Path) -> None:
+    if not mountpoint.is_dir():
+        raise InputError(f"{mountpoint}: no such folder (create it, empty, to mount on)")
+    if kernel_mounts.is_mount_point(mountpoint):
+        raise InputError(f"{mountpoint} is already a mount point; `virtbackup umount` it first")
+    if any(mountpoint.iterdir()):
+        raise InputError(f"{mountpoint} is not empty; mount on an empty folder")
+
+
+async def _mount_volumes(
+    view: GuestView, disks: Sequence[str], mountpoint: Path, notes: list[str]
+) -> list[Mounted]:
+    """Mount each volume of `view` with a filesystem this host knows
+    below `mountpoint` (a tmpfs, read-only once its folders are made);
+    what is not mounted, and why, is added to `notes`."""
+    await kernel_mounts.mount_tmpfs(mountpoint)
+    mounted = []
+    for disk in disks:
+        (mountpoint / disk).mkdir(exist_ok=True)
+    shown = []
+    for v in view.volumes:
+        if v.device is None or v.fstype is None:
+            what = v.fstype or "no filesystem this host knows"
+            notes.append(f"{v.region.label}: not mounted: {what}")
+            continue
+        (mountpoint / v.region.label).mkdir(parents=True, exist_ok=True)
+        shown.append(v)
+    await kernel_mounts.remount_read_only(mountpoint)  # the folders too
+    for v in shown:
+        assert v.device is not None
+        assert v.fstype is not None
+        target = mountpoint / v.region.label
+        try:
+            await kernel_mounts.mount(v.device, v.fstype, target)
+        except ProcessError as exc:
+            notes.append(f"{v.region.label}: not mounted: {exc}")
+            continue
+        mounted.append(Mounted(v.region.label, v.fstype, target))
+    return mounted
 
 
 def _nothing_mounted(backup_id: str, notes: Sequence[str]) -> None:

@@ -269,11 +269,13 @@ async def restore_to_device(
     dst = qemu_nbd.serve(
         device,
         runtime_dir=runtime_dir,
-        fmt="raw",
         readonly=False,
-        cache="none",
-        extra=["--discard=unmap"],
-        size=size if have > size else None,
+        options=qemu_nbd.ExportOptions(
+            fmt="raw",
+            cache="none",
+            extra=["--discard=unmap"],
+            size=size if have > size else None,
+        ),
     )
 
     async def copy(sources: Sequence[Source], options: CopyOptions) -> CopyResult:
@@ -389,8 +391,9 @@ async def _copy_through_qemu_nbd(
             source,
             runtime_dir=runtime_dir,
             readonly=True,
-            cache="none" if direct else None,
-            aio="native" if direct else None,
+            options=qemu_nbd.ExportOptions(
+                cache="none" if direct else None, aio="native" if direct else None
+            ),
         ) as src,
         nbd_sources(src.address, src.name, connections=4) as sources,
     ):

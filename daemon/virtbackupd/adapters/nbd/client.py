@@ -15,8 +15,13 @@ from typing import Any
 
 from virtbackupd.adapters.nbd import protocol as p
 from virtbackupd.adapters.nbd.addresses import Address, TcpAddress, UnixAddress
-from virtbackupd.adapters.nbd.handshake import handshake, list_meta_contexts, open_connection
-from virtbackupd.adapters.nbd.protocol import BlockSize, Extent, WireError
+from virtbackupd.adapters.nbd.handshake import (
+    ExportInfo,
+    handshake,
+    list_meta_contexts,
+    open_connection,
+)
+from virtbackupd.adapters.nbd.protocol import Extent, WireError
 from virtbackupd.adapters.nbd.receiver import Connection, PendingRequest
 from virtbackupd.errors import (
     NbdConnectionError,
@@ -41,22 +46,13 @@ class NbdClient:
     Use :func:`connect`; close with :meth:`close` (or ``async with``).
     """
 
-    def __init__(
-        self,
-        proto: Connection,
-        export: str,
-        size: int,
-        flags: int,
-        block_size: BlockSize,
-        contexts: dict[str, int],
-        timeout: float,
-    ) -> None:
+    def __init__(self, proto: Connection, export: str, info: ExportInfo, timeout: float) -> None:
         self._proto = proto
         self.export = export
-        self.size = size
-        self.flags = flags
-        self.block_size = block_size
-        self.contexts = contexts
+        self.size = info.size
+        self.flags = info.flags
+        self.block_size = info.block_size
+        self.contexts = info.contexts
         self._handles = itertools.count(1)
         self._timeout = timeout
         self._watchdog = asyncio.get_running_loop().create_task(self._watch())
@@ -240,4 +236,4 @@ async def connect(
     proto.contexts_by_id = {v: k for k, v in ex.contexts.items()}
     proto.transmission = True
     proto.buffer_updated(0)  # parse anything that arrived with the last handshake reply
-    return NbdClient(proto, export, ex.size, ex.flags, ex.block_size, ex.contexts, timeout)
+    return NbdClient(proto, export, ex, timeout)

@@ -9,6 +9,13 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+# Extent and the block-status flags are core types (the copy plans over
+# them); they are the protocol's too, so they are importable from here.
+from virtbackupd.core.extents import STATE_DIRTY as STATE_DIRTY
+from virtbackupd.core.extents import STATE_HOLE as STATE_HOLE
+from virtbackupd.core.extents import STATE_ZERO as STATE_ZERO
+from virtbackupd.core.extents import Extent as Extent
+
 # --- magics -------------------------------------------------------------------
 NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
@@ -117,9 +124,6 @@ ERRNO_NAMES = {
 
 # --- metadata contexts ------------------------------------------------------------
 CONTEXT_BASE_ALLOCATION = "base:allocation"
-STATE_HOLE = 1 << 0  # base:allocation: not allocated
-STATE_ZERO = 1 << 1  # base:allocation: reads as zeroes
-STATE_DIRTY = 1 << 0  # qemu:dirty-bitmap:NAME: changed since the bitmap started
 
 
 def dirty_bitmap_context(bitmap: str) -> str:
@@ -238,17 +242,6 @@ def parse_error_chunk(payload: bytes, with_offset: bool) -> tuple[int, str, int 
     message = payload[6 : 6 + msglen].decode("utf-8", errors="replace")
     offset = struct.unpack(">Q", payload[6 + msglen :])[0] if with_offset else None
     return error, message, offset
-
-
-@dataclass(frozen=True)
-class Extent:
-    offset: int
-    length: int
-    flags: int
-
-    @property
-    def end(self) -> int:
-        return self.offset + self.length
 
 
 def parse_block_status(
