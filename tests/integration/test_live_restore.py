@@ -350,7 +350,7 @@ async def test_a_killed_new_domain_is_reported_and_its_backup_stays_held_until_c
     rnd = random.Random(seed)
     td, repo, _full, refs = await _restore_live_of(domains, config, [64 * MiB] * 3)
     targets = sorted(refs)
-    outcomes = []
+    outcomes: list[str] = []
     daemon = Daemon(config, tmp_path)  # the journal's side: it notices the crash too
     await daemon.start()
     try:

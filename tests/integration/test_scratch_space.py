@@ -121,7 +121,7 @@ async def _copying_or_done(ctx: BackupContext, task: asyncio.Task[BackupRecord])
         if task.done():
             return
         running = await ctx.store.backups(status=BackupStatus.RUNNING)
-        if running and list((ctx.config.runtime_dir / "jobs").glob("*/nbd.sock")):
+        if running and any((ctx.config.runtime_dir / "jobs").glob("*/nbd.sock")):
             return
         await asyncio.sleep(0.05)
     raise AssertionError("the backup neither began copying nor ended")
