@@ -21,6 +21,7 @@ import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import libvirt
 import libvirt_qemu
@@ -239,8 +240,8 @@ async def test_a_disk_resized_before_the_job_starts_fails_the_backup_cleanly(
     guest.write("vda", 0, 8 * MiB, 0x0E)
     real = scratch.reserve
 
-    async def reserve_then_resize(*args: object, **kwargs: object) -> int:
-        reserved = await real(*args, **kwargs)  # type: ignore[arg-type]
+    async def reserve_then_resize(*args: Any, **kwargs: Any) -> int:
+        reserved = await real(*args, **kwargs)
         await asyncio.to_thread(
             td.dom.blockResize, "vda", 24 * MiB, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES
         )
