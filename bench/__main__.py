@@ -37,14 +37,8 @@ GiB = 1024 * MiB
 REPO = Path(__file__).resolve().parents[1]
 
 
-def sh(*args: str | Path, **kw: object) -> str:
-    return subprocess.run(
-        [str(a) for a in args],
-        check=True,
-        capture_output=True,
-        text=True,
-        **kw,  # type: ignore[call-overload]
-    ).stdout
+def sh(*args: str | Path) -> str:
+    return subprocess.run([str(a) for a in args], check=True, capture_output=True, text=True).stdout
 
 
 @dataclass
@@ -62,7 +56,8 @@ class Row:
     samples: list[Sample] = field(default_factory=list)
 
     def median(self, attr: str) -> float:
-        return statistics.median(getattr(s, attr) for s in self.samples)
+        values: list[float] = [getattr(s, attr) for s in self.samples]
+        return statistics.median(values)
 
 
 def wait_cpu(proc: subprocess.Popen[bytes]) -> tuple[float, float]:
@@ -162,10 +157,12 @@ def one_copy(
     t = Server(dst, work / "t.sock", False, target_opts) if tool != "convert" else None
     start = time.monotonic()
     if tool == "nbdcopy":
-        proc = subprocess.Popen(["nbdcopy", *extra, s.uri, t.uri], stdout=subprocess.DEVNULL)  # type: ignore[union-attr]
+        assert t is not None
+        proc = subprocess.Popen(["nbdcopy", *extra, s.uri, t.uri], stdout=subprocess.DEVNULL)
     elif tool == "engine":
+        assert t is not None
         proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.engine_copy", str(s.sock), str(t.sock), *extra],  # type: ignore[union-attr]
+            [sys.executable, "-m", "bench.engine_copy", str(s.sock), str(t.sock), *extra],
             stdout=subprocess.PIPE,
         )
     else:  # qemu-img convert straight into a qcow2 file

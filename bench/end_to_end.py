@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,11 +99,12 @@ class Ways:
             _run("qemu-img", "check", "-q", image)  # our own writer's image: no error, no leak
             _compare(image, self.source)
 
+        def cleanup() -> None:
+            _run(VIRTBACKUP, "-c", cfg, "forget-checkpoints", self.td.name)
+            shutil.rmtree(d)
+
         self.check = check
-        self.cleanup = lambda: (
-            _run(VIRTBACKUP, "-c", cfg, "forget-checkpoints", self.td.name),
-            shutil.rmtree(d),
-        )
+        self.cleanup = cleanup
 
     def _pull(self, d: Path) -> Path:
         sock = d / "nbd.sock"
@@ -170,10 +172,13 @@ class Ways:
     source: Path
     size: int
     peaks: list[int]  # peak RSS of each `virtbackup backup --full`
+    # Set by the way that ran last: checks its copy, then removes it.
+    check: Callable[[], None]
+    cleanup: Callable[[], None]
 
 
 def restores(
-    work: Path, td: GuestDomain, drop: object, peaks: list[int]
+    work: Path, td: GuestDomain, drop: Callable[[], bool], peaks: list[int]
 ) -> dict[str, tuple[float, float]]:
     """A chain of three (a full, then two incrementals after 64 MiB of
     guest writes each), restored to a standalone image by `virtbackup
@@ -209,7 +214,7 @@ def restores(
                 ),
                 (f"qemu-img convert ({fmt})", ["qemu-img", "convert", "-O", fmt, top, theirs]),
             ):
-                drop()  # type: ignore[operator]
+                drop()
                 cpu0, t0 = _children_cpu(), time.monotonic()
                 if argv[0] == VIRTBACKUP:
                     peaks.append(_run_peak(*argv))
@@ -229,7 +234,12 @@ def restores(
 
 
 def full_backups_end_to_end(
-    work: Path, size: int, fills: list[str], runs: int, make_source: object, drop: object
+    work: Path,
+    size: int,
+    fills: list[str],
+    runs: int,
+    make_source: Callable[[Path, str, int], int],
+    drop: Callable[[], bool],
 ) -> str:
     """`make_source(path, kind, size) -> data bytes` and `drop() -> bool`
     come from bench.__main__ (no import loop)."""
@@ -261,7 +271,7 @@ def full_backups_end_to_end(
             td = factory.create(qcow2_sizes=[size], start=False)
             image = td.disk("vda").path
             image.unlink()
-            data = make_source(image, fill, size)  # type: ignore[operator]
+            data = make_source(image, fill, size)
             image.chmod(0o644)
             td.start()
             ways = Ways(work, td)
@@ -270,7 +280,7 @@ def full_backups_end_to_end(
             cpus: dict[str, list[float]] = {}
             for _ in range(runs):
                 for name in ("qemu_img_convert", "virtbackup", "nbdcopy", "virtnbdbackup"):
-                    drop()  # type: ignore[operator]
+                    drop()
                     cpu0, t0 = _children_cpu(), time.monotonic()
                     getattr(ways, name)()
                     times.setdefault(name, []).append(time.monotonic() - t0)
@@ -311,10 +321,10 @@ def full_backups_end_to_end(
         "| fill | way | seconds | CPU s/GiB | vs qemu-img convert |",
         "| --- | --- | ---: | ---: | ---: |",
     ]
-    for fill, (data, times) in restored.items():
-        for name, (secs, cpu) in times.items():
+    for fill, (data, restore_times) in restored.items():
+        for name, (secs, cpu) in restore_times.items():
             fmt = name.rsplit("(", 1)[1].rstrip(")")
-            peer = times[f"qemu-img convert ({fmt})"][0]
+            peer = restore_times[f"qemu-img convert ({fmt})"][0]
             out.append(
                 f"| {fill} ({data / MiB:.0f} MiB) | {name} | {secs:.2f} | "
                 f"{cpu / (data / GiB):.2f} | {peer / secs:.2f}x |"

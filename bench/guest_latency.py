@@ -92,7 +92,8 @@ def guest_write_latency(work: Path, runs: int) -> str:
             "backup, priority: low": ("low", None),
             "backup, priority: low, bandwidth: 64MiB": ("low", "64MiB"),
         }
-        rows: dict[str, list[float]] = {"no backup": []} | {name: [] for name in scenarios}
+        rows: dict[str, list[float]] = {"no backup": []}
+        rows |= {name: [] for name in scenarios}
         offset = 0
         for _ in range(runs):
             rows["no backup"] += _probe(td, offset, 100, None)

@@ -14,6 +14,7 @@ import asyncio
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,7 +31,7 @@ GiB = 1 << 30
 INCREMENT = 16 * MiB
 
 
-async def _one(work: Path, full: int, depth: int, drop: object) -> float:
+async def _one(work: Path, full: int, depth: int, drop: Callable[[], bool]) -> float:
     b = BuiltDomain(work, {"vda": 4 * GiB}, keep_references=False)
     async with Store.open(b.state_db) as store:
         for offset in range(0, full, 512 * MiB):  # qemu-io writes under 2 GiB at a time
@@ -40,7 +41,7 @@ async def _one(work: Path, full: int, depth: int, drop: object) -> float:
             # New data beyond the full's, a different place each time.
             b.write("vda", 3 * GiB + (i % 60) * INCREMENT, INCREMENT, 0x50 + i % 100)
             await b.backup(store)
-        drop()  # type: ignore[operator]
+        drop()
         t0 = time.monotonic()
         await prune_domain(
             store, b.repo.domain_dir(b.uuid), Retention(keep_last=depth - 2), None, b.runtime
@@ -53,7 +54,7 @@ async def _one(work: Path, full: int, depth: int, drop: object) -> float:
     return seconds
 
 
-def prune_costs(work: Path, drop: object) -> str:
+def prune_costs(work: Path, drop: Callable[[], bool]) -> str:
     out = [
         "### Prune: merging the two oldest backups of a chain away",
         "",

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -36,7 +37,7 @@ GiB = 1 << 30
 VIRTBACKUP = str(REPO / ".venv" / "bin" / "virtbackup")
 
 
-def _vb(config: Path, *args: str) -> dict:  # type: ignore[type-arg]
+def _vb(config: Path, *args: str) -> dict[str, Any]:
     proc = subprocess.run(
         [VIRTBACKUP, "-c", str(config), "--json", *args], capture_output=True, text=True
     )

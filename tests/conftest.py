@@ -64,7 +64,7 @@ def libvirt_conn(_libvirt_session: _Connection) -> object:
 def domains(libvirt_conn: object) -> Iterator[DomainFactory]:
     """Factory of throw-away domains, all removed (with checkpoints and
     images) when the test ends."""
-    factory = DomainFactory(libvirt_conn)  # type: ignore[arg-type]
+    factory = DomainFactory(libvirt_conn)
     try:
         yield factory
     finally:

@@ -24,9 +24,20 @@ def canonical(data: str | bytes) -> bytes:
     """C14N 2.0 with whitespace-only text and comments dropped."""
     raw = data.encode() if isinstance(data, str) else data
     parser = etree.XMLParser(remove_blank_text=True, remove_comments=True)
-    return etree.tostring(
-        etree.fromstring(raw, parser), method="c14n2", strip_text=True, with_comments=False
+    tree = etree.fromstring(raw, parser)
+    # lxml-stubs 0.5 predates C14N 2.0's options (strip_text): lxml takes them.
+    out: bytes = etree.tostring(  # type: ignore[call-overload]
+        tree, method="c14n2", strip_text=True, with_comments=False
     )
+    return out
+
+
+def child(el: etree._Element, path: str) -> etree._Element:
+    """`el.find(path)`, which must be there (a test failing on a missing
+    element names its path, not None's missing attribute)."""
+    found = el.find(path)
+    assert found is not None, f"no {path} under <{el.tag}>"
+    return found
 
 
 @functools.cache

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from testbed.cli import cli_in_process
 from testbed.repo_builder import BuiltDomain, MiB
 from virtbackupd.adapters.repository import IDENTITY
 from virtbackupd.adapters.store import Store
-from virtbackupd.cli.main import main
 
 
 @pytest.fixture
@@ -40,27 +40,19 @@ def _config(path: Path, state: Path, root: Path, runtime: Path) -> Path:
     return path
 
 
-def _cli(capsys: pytest.CaptureFixture[str], config: Path, *args: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = main(["-c", str(config), *args])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err, out + err
-    return rc, out, err
-
-
 def test_the_recorded_root_found_empty_and_a_new_catalogue_are_left_alone(
     built: BuiltDomain, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     b = built
     config = _config(tmp_path / "vb.yaml", b.state_db.parent, b.root, b.runtime)
-    assert _cli(capsys, config, "list")[0] == 0
+    assert cli_in_process(capsys, config, "list")[0] == 0
     b.root.rename(tmp_path / "away")  # the share not mounted: the same path, empty
     b.root.mkdir()
-    rc, _, err = _cli(capsys, config, "list")
+    rc, _, err = cli_in_process(capsys, config, "list")
     assert rc == 0, err
     fresh = _config(tmp_path / "fresh.yaml", tmp_path / "s3", tmp_path / "b3", tmp_path / "r3")
     (tmp_path / "b3").mkdir()
-    rc, _, err = _cli(capsys, fresh, "list")
+    rc, _, err = cli_in_process(capsys, fresh, "list")
     assert rc == 0, err
 
 
@@ -71,7 +63,7 @@ def test_a_repository_id_that_is_a_folder_is_named_by_path(
     (b.root / IDENTITY).unlink(missing_ok=True)
     (b.root / IDENTITY).mkdir()
     config = _config(tmp_path / "vb.yaml", b.state_db.parent, b.root, b.runtime)
-    rc, _, err = _cli(capsys, config, "list")
+    rc, _, err = cli_in_process(capsys, config, "list")
     assert rc == 1, err
     assert f"{b.root / IDENTITY}: is not a regular file" in err, err
     assert len(err.strip().splitlines()) == 1, err

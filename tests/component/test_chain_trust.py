@@ -7,6 +7,7 @@ every point restores byte-identical; format-1 backups still read."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -46,8 +47,12 @@ async def two_points(tmp: Path) -> BuiltDomain:
     return b
 
 
-async def restore(b: BuiltDomain, backup_id: str, out: Path, **kw: bool) -> list[Path]:
-    done = await restore_to_dir(b.folder(backup_id), ["vda", "vdb"], out, "raw", b.runtime, **kw)
+async def restore(
+    b: BuiltDomain, backup_id: str, out: Path, allow_damaged: bool = False
+) -> list[Path]:
+    done = await restore_to_dir(
+        b.folder(backup_id), ["vda", "vdb"], out, "raw", b.runtime, allow_damaged=allow_damaged
+    )
     return [d.path for d in done]
 
 
@@ -104,12 +109,17 @@ async def test_damage_only_counts_where_the_restore_reads(tmp_path: Path) -> Non
 
 async def test_every_point_restores_byte_identical(tmp_path: Path) -> None:
     b = BuiltDomain(tmp_path, {"vda": 12 * MiB})
+
+    def zero_then_write() -> None:
+        b.zero("vda", 0, 64 * 1024)
+        b.write("vda", 6 * MiB, 4096, 0x33)
+
     async with Store.open(b.state_db) as store:
-        steps = [
+        steps: list[Callable[[], None]] = [
             lambda: b.write("vda", 0, 3 * MiB, 0x31),
             lambda: b.zero("vda", MiB, 512 * 1024),
             lambda: b.write("vda", 10 * MiB, 2 * MiB, 0x32),
-            lambda: (b.zero("vda", 0, 64 * 1024), b.write("vda", 6 * MiB, 4096, 0x33)),
+            zero_then_write,
         ]
         for step in steps:
             step()
@@ -147,7 +157,8 @@ async def test_a_chain_of_mixed_grids_restores_verifies_and_merges(tmp_path: Pat
         # A chain limit of 1: the 2 MiB layer is merged into the 4 MiB full.
         await prune_domain(store, b.repo.domain_dir(b.uuid), Retention(), 1, b.runtime)
         parents = {r.id: r.parent for r in await store.backups(b.uuid)}
-    assert parents[b.ids[2]] is not None and parents[parents[b.ids[2]]] is None, parents
+    parent = parents[b.ids[2]]
+    assert parent is not None and parents[parent] is None, parents
     for backup_id in b.ids:
         out = tmp_path / f"merged-{backup_id}"
         await restore_to_dir(b.folder(backup_id), ["vda"], out, "raw", b.runtime)

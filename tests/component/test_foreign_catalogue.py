@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
+from testbed.cli import cli_in_process
 from testbed.repo_builder import BuiltDomain, MiB
 from virtbackupd.adapters.repository import IDENTITY
 from virtbackupd.adapters.store import Store
-from virtbackupd.cli.main import main
 
 
 async def _built(tmp: Path, pattern: int) -> BuiltDomain:
@@ -45,13 +45,6 @@ def _config(b: BuiltDomain) -> Path:
         "priority: normal\n"
     )
     return config
-
-
-def _cli(capsys: pytest.CaptureFixture[str], config: Path, *args: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = main(["-c", str(config), *args])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def _recorded(b: BuiltDomain) -> dict[str, str]:
@@ -78,7 +71,7 @@ def test_a_catalogue_copied_beside_another_repository_is_refused_until_reindexed
     config_a, config_b = _config(a), _config(b)
     # First use: each catalogue adopts its repository, which gets an id.
     for built, config in ((a, config_a), (b, config_b)):
-        rc, _, err = _cli(capsys, config, "list")
+        rc, _, err = cli_in_process(capsys, config, "list")
         assert rc == 0, err
         assert _recorded(built) == {str(built.root): _identity(built.root)}
     id_a, id_b = _identity(a.root), _identity(b.root)
@@ -99,7 +92,7 @@ def test_a_catalogue_copied_beside_another_repository_is_refused_until_reindexed
         ["prune", a.name, "--dry-run"],
         ["cancel", a.name],
     ):
-        rc, out, err = _cli(capsys, config_b, *args)
+        rc, out, err = cli_in_process(capsys, config_b, *args)
         assert rc == 1 and "Traceback" not in err, (args, rc, err)
         lines = err.strip().splitlines()
         assert len(lines) == 1, (args, err)
@@ -110,12 +103,12 @@ def test_a_catalogue_copied_beside_another_repository_is_refused_until_reindexed
     assert not to.exists()
 
     # reindex moves the foreign catalogue aside and builds B's.
-    rc, out, err = _cli(capsys, config_b, "reindex")
+    rc, out, err = cli_in_process(capsys, config_b, "reindex")
     assert rc == 0, err
     assert "moved aside to" in err and id_a in err, err
     assert len(list(b.state_db.parent.glob("state.db.foreign-*"))) == 1
     assert _recorded(b) == {str(b.root): id_b}
-    rc, out, err = _cli(capsys, config_b, "--json", "list")
+    rc, out, err = cli_in_process(capsys, config_b, "--json", "list")
     assert rc == 0, err
     listed = {x["id"] for x in json.loads(out)}
     assert listed == set(b.ids), listed
@@ -127,13 +120,13 @@ def test_a_repository_without_an_id_under_a_recorded_catalogue_is_refused(
     """A catalogue that recorded A, beside a root of backups without any
     id (written by a version before identities, or its id file removed)."""
     a, b = two
-    assert _cli(capsys, _config(a), "list")[0] == 0
+    assert cli_in_process(capsys, _config(a), "list")[0] == 0
     for f in b.state_db.parent.glob("state.db*"):
         f.unlink()
     for f in a.state_db.parent.glob("state.db*"):
         shutil.copy2(f, b.state_db.parent / f.name)
     (b.root / IDENTITY).unlink()  # as a version before identities wrote it
-    rc, _, err = _cli(capsys, _config(b), "list")
+    rc, _, err = cli_in_process(capsys, _config(b), "list")
     assert rc == 1 and f"but no {IDENTITY}" in err and _identity(a.root) in err, err
 
 
@@ -149,7 +142,7 @@ def test_a_catalogue_from_before_identities_adopts_its_repository_silently(
         db.execute("DROP TABLE repositories")
         db.execute("PRAGMA user_version = 4")
         db.commit()
-    rc, out, err = _cli(capsys, _config(a), "--json", "list")
+    rc, out, err = cli_in_process(capsys, _config(a), "--json", "list")
     assert rc == 0 and err == "", err
     assert {x["id"] for x in json.loads(out)} == set(a.ids)
     assert _recorded(a) == {str(a.root): _identity(a.root)}
@@ -168,7 +161,7 @@ def test_an_empty_root_is_not_given_an_id(
         f"state_dir: {tmp_path / 'state'}\nbackup_root: {root}\nruntime_dir: {tmp_path / 'run'}\n"
         "priority: normal\n"
     )
-    rc, _, err = _cli(capsys, config, "list")
+    rc, _, err = cli_in_process(capsys, config, "list")
     assert rc == 0, err
     assert not (root / IDENTITY).exists()
 
@@ -181,7 +174,7 @@ def test_the_daemon_refuses_to_start_on_another_repositorys_catalogue(
     in-process test driver stands in for libvirtd: the refusal comes
     before anything is asked of it."""
     a, b = two
-    assert _cli(capsys, _config(a), "list")[0] == 0
+    assert cli_in_process(capsys, _config(a), "list")[0] == 0
     for f in b.state_db.parent.glob("state.db*"):
         f.unlink()
     for f in a.state_db.parent.glob("state.db*"):

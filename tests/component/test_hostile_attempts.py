@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
+from testbed.cli import cli_in_process
 from testbed.repo_builder import BuiltDomain, build_chain, copy_built, write_cli_config
 from virtbackupd.adapters.repository import ATTEMPTS_DIR, RepositoryFormatError
-from virtbackupd.cli.main import main
 
 Edit = Callable[[dict[str, Any]], None]
 ATTEMPT_ID = "20261207T120000.000Z-abcd"
@@ -81,13 +81,6 @@ def _attempt(b: BuiltDomain) -> dict[str, Any]:
     }
 
 
-def _cli(capsys: pytest.CaptureFixture[str], config: Path, *args: str) -> tuple[int, str]:
-    capsys.readouterr()
-    rc = main(["-c", str(config), *args])
-    out, err = capsys.readouterr()
-    return rc, out + err
-
-
 def _catalogued(b: BuiltDomain) -> set[str]:
     with contextlib.closing(sqlite3.connect(b.state_db)) as db:
         return {str(r[0]) for r in db.execute("SELECT id FROM backups")}
@@ -103,7 +96,7 @@ def test_a_well_formed_attempt_is_recorded(
     (folder / f"{ATTEMPT_ID}.json").write_text(json.dumps(_attempt(b)))
     assert [a.backup_id for a in b.repo.attempts(b.uuid)] == [ATTEMPT_ID]
     config = write_cli_config(b, tmp_path)
-    rc, text = _cli(capsys, config, "reindex")
+    rc, text = cli_in_process(capsys, config, "reindex").joined()
     assert rc == 0 and "warning" not in text, text
     assert ATTEMPT_ID in _catalogued(b)
 
@@ -133,13 +126,13 @@ def test_a_hostile_attempt_field_is_refused_where_it_is_read(
     config = write_cli_config(b, tmp_path)
     before = _catalogued(b)
     runs = {
-        "list": _cli(capsys, config, "list", b.name),
-        "status": _cli(capsys, config, "status"),
-        "verify": _cli(capsys, config, "verify", b.name, "--backup", b.ids[1]),
-        "restore": _cli(capsys, config, "restore", b.name, "--backup", b.ids[1],
-                        "--to", str(tmp_path / "r")),
-        "prune": _cli(capsys, config, "prune", b.name, "--dry-run"),
-        "reindex": _cli(capsys, config, "reindex"),
+        "list": cli_in_process(capsys, config, "list", b.name).joined(),
+        "status": cli_in_process(capsys, config, "status").joined(),
+        "verify": cli_in_process(capsys, config, "verify", b.name, "--backup", b.ids[1]).joined(),
+        "restore": cli_in_process(capsys, config, "restore", b.name, "--backup", b.ids[1],
+                                  "--to", str(tmp_path / "r")).joined(),
+        "prune": cli_in_process(capsys, config, "prune", b.name, "--dry-run").joined(),
+        "reindex": cli_in_process(capsys, config, "reindex").joined(),
     }  # fmt: skip
     for name, (rc, text) in runs.items():
         assert "Traceback" not in text, (name, text)
@@ -150,6 +143,6 @@ def test_a_hostile_attempt_field_is_refused_where_it_is_read(
     assert _catalogued(b) == before
     for f in b.state_db.parent.glob("state.db*"):
         f.unlink()
-    rc, text = _cli(capsys, config, "reindex")
+    rc, text = cli_in_process(capsys, config, "reindex").joined()
     assert rc == 0 and f"{path}: {field}" in text, text
     assert _catalogued(b) == set(b.ids)

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
+from testbed.cli import cli_in_process
 from testbed.repo_builder import BuiltDomain, MiB, build_chain, copy_built, write_cli_config
 from virtbackupd.adapters.repository import MANIFEST, RepositoryFormatError, read_manifest
-from virtbackupd.cli.main import main
 
 Edit = Callable[[dict[str, Any]], None]
 
@@ -71,20 +71,6 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, BuiltDomai
     return tmp, asyncio.run(build_chain(tmp, 3))
 
 
-class Ran:
-    def __init__(self, rc: int, out: str, err: str) -> None:
-        self.returncode, self.stdout, self.stderr = rc, out, err
-
-
-def _cli(capsys: pytest.CaptureFixture[str], config: Path, *args: str) -> Ran:
-    """The CLI in this process (an exception other than the CLI's own
-    would fail the test here, as a traceback would show to an operator)."""
-    capsys.readouterr()
-    rc = main(["-c", str(config), *args])
-    out, err = capsys.readouterr()
-    return Ran(rc, out, err)
-
-
 @pytest.mark.parametrize(("edit", "field"), [c[1:] for c in HOSTILE], ids=[c[0] for c in HOSTILE])
 def test_a_hostile_manifest_field_is_refused_where_it_is_read(
     template: tuple[Path, BuiltDomain],
@@ -108,11 +94,12 @@ def test_a_hostile_manifest_field_is_refused_where_it_is_read(
     passwd = Path("/etc/passwd").read_bytes()
     to = str(tmp_path / "r")
     runs = {
-        "list": _cli(capsys, config, "list", b.name),
-        "verify": _cli(capsys, config, "verify", b.name, "--backup", b.ids[1]),
-        "restore": _cli(capsys, config, "restore", b.name, "--backup", b.ids[1], "--to", to),
-        "prune": _cli(capsys, config, "prune", b.name),
-        "reindex": _cli(capsys, config, "reindex"),
+        "list": cli_in_process(capsys, config, "list", b.name),
+        "verify": cli_in_process(capsys, config, "verify", b.name, "--backup", b.ids[1]),
+        "restore": cli_in_process(capsys, config, "restore", b.name, "--backup", b.ids[1],
+                                  "--to", to),
+        "prune": cli_in_process(capsys, config, "prune", b.name),
+        "reindex": cli_in_process(capsys, config, "reindex"),
     }  # fmt: skip
     for name, run in runs.items():
         assert "Traceback" not in run.stderr, (name, run.stderr)
@@ -165,13 +152,15 @@ def test_a_manifest_that_is_no_file_of_ours_blocks_nothing(
         "priority: normal\n"
     )
     for args in (["list", b.name], ["verify", b.name]):
-        ran = _cli(capsys, config, *args)
+        ran = cli_in_process(capsys, config, *args)
         assert str(path) in ran.stderr + ran.stdout, (args, ran.stderr)
     for f in b.state_db.parent.glob("state.db*"):
         f.unlink()  # the catalogue lost: reindex names the file and goes on
-    ran = _cli(capsys, config, "reindex")
+    ran = cli_in_process(capsys, config, "reindex")
     assert ran.returncode == 0 and str(path) in ran.stderr, ran.stderr
-    ran = _cli(capsys, config, "restore", b.name, "--backup", b.ids[1], "--to", str(tmp_path / "r"))
+    ran = cli_in_process(
+        capsys, config, "restore", b.name, "--backup", b.ids[1], "--to", str(tmp_path / "r")
+    )
     assert ran.returncode == 0, ran.stderr
 
 
@@ -184,9 +173,9 @@ def test_a_chain_with_a_folder_deleted_by_hand_is_one_line_from_prune(
     shutil.rmtree(b.folder(b.ids[0]))
     (b.state_db.parent / "state.db").unlink()
     config = write_cli_config(b, tmp_path)
-    assert _cli(capsys, config, "reindex").returncode == 0
+    assert cli_in_process(capsys, config, "reindex").returncode == 0
     for extra in (["--dry-run"], []):
-        ran = _cli(capsys, config, "prune", b.name, *extra)
+        ran = cli_in_process(capsys, config, "prune", b.name, *extra)
         assert ran.returncode == 1, ran.stderr
         last = ran.stderr.strip().splitlines()[-1]
         assert "which is not in the repository" in last and "nothing was pruned" in last, last
@@ -232,7 +221,7 @@ def test_an_undo_log_never_deletes_what_is_not_its_backups_own(
         "priority: normal\n"
     )
     to = str(tmp_path / "r")
-    ran = _cli(capsys, config, "restore", b.name, "--backup", b.ids[1], "--to", to)
+    ran = cli_in_process(capsys, config, "restore", b.name, "--backup", b.ids[1], "--to", to)
     assert ran.returncode == 0, ran.stderr
     assert (victim / "precious").read_text() == "keep me\n"
     assert "undo log refused" in ran.stderr and f"{backup_id}.json" in ran.stderr, ran.stderr
@@ -260,7 +249,7 @@ def test_a_prune_journal_never_names_a_path(
         )
     )
     config = write_cli_config(b, tmp_path)
-    ran = _cli(capsys, config, "prune", b.name)
+    ran = cli_in_process(capsys, config, "prune", b.name)
     assert ran.returncode == 1, ran.stderr
     assert f"{journal}: field ops[0].id:" in ran.stderr, ran.stderr
     assert (victim / "precious").read_text() == "keep me\n"
@@ -307,7 +296,7 @@ def test_a_planted_hold_is_never_acted_on(
         f"state_dir: {b.state_db.parent}\nbackup_root: {b.root}\nruntime_dir: {b.runtime}\n"
         "priority: normal\n"
     )
-    ran = _cli(capsys, config, "status")
+    ran = cli_in_process(capsys, config, "status")
     assert ran.returncode == 0, ran.stderr
     assert (victim / "precious").read_text() == "keep me\n"
     assert stat.S_IMODE(victim.stat().st_mode) == 0o700

@@ -9,17 +9,16 @@ nothing left behind (no helper process, mount, hold or loop device)."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from testbed.cli import cli_in_thread
 from testbed.repo_builder import BuiltDomain, write_cli_config
 from testbed.tools import run
 from virtbackupd.adapters.store import Store
-from virtbackupd.cli.main import main
 
 MiB = 1024 * 1024
 
@@ -33,14 +32,6 @@ async def _built(tmp_path: Path) -> tuple[BuiltDomain, Path]:
         await b.backup(store)
     config = write_cli_config(b, tmp_path)
     return b, config
-
-
-async def _cli(capsys: pytest.CaptureFixture[str], config: Path, *args: str) -> tuple[int, str]:
-    capsys.readouterr()
-    rc = await asyncio.to_thread(main, ["-c", str(config), *args])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err, out + err
-    return rc, out + err
 
 
 def _loop_devices() -> str:
@@ -79,7 +70,7 @@ async def test_mount_refuses_a_backing_name_out_of_the_chain(
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
     loops = _loop_devices()
-    rc, text = await _cli(capsys, config, "mount", b.name, str(mountpoint))
+    rc, text = (await cli_in_thread(capsys, config, "mount", b.name, str(mountpoint))).joined()
     assert rc == 1, text
     assert f"{image}: backing file name {name!r}" in text, text
     assert len(text.strip().splitlines()) == 1, text
@@ -110,7 +101,7 @@ async def test_a_top_image_that_is_a_link_is_refused(
         "mount": ["mount", b.name, str(mountpoint), "--backup", b.ids[1]],
         "prune": ["prune", b.name],
     }[command]
-    rc, text = await _cli(capsys, config, *args)
+    rc, text = (await cli_in_thread(capsys, config, *args)).joined()
     assert rc in (1, 2), text
     assert f"{image}: is a symbolic link; a backup's images are never followed" in text, text
     assert image.is_symlink() and outside.is_file()

@@ -95,7 +95,8 @@ def test_a_backup_owner_is_alive_while_its_process_runs_and_dead_once_it_died(
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-        holder.stdout.close()
+        if holder.stdout is not None:
+            holder.stdout.close()
     assert not backup_owner_alive(tmp_path, "u1")
 
     lock = tmp_path / "locks" / "u1.lock"

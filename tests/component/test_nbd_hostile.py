@@ -12,6 +12,7 @@ import pytest
 from fake_nbd_server import (
     CONTEXT_ID,
     Request,
+    Scenario,
     chunk,
     data_chunk,
     error_chunk,
@@ -41,7 +42,9 @@ async def honest(req: Request, w: W) -> None:
         w.write(simple(req.handle))
 
 
-async def _read_with(tmp_path: Path, scenario, length: int = 4096, timeout: float = 30):  # type: ignore[no-untyped-def]
+async def _read_with(
+    tmp_path: Path, scenario: Scenario, length: int = 4096, timeout: float = 30
+) -> bytes:
     async with fake_server(tmp_path / "s", scenario) as sock:
         client = await connect(UnixAddress(str(sock)), "x", timeout=timeout)
         buf = bytearray(b"\x11" * length)
@@ -124,9 +127,9 @@ async def _silent(req: Request, w: W) -> None:
 )
 async def test_misbehaving_server_gets_a_clean_error(
     tmp_path: Path,
-    scenario,
+    scenario: Scenario,
     error: type[Exception],
-    match: str,  # type: ignore[no-untyped-def]
+    match: str,
 ) -> None:
     with pytest.raises(error, match=match):
         await _read_with(tmp_path, scenario)

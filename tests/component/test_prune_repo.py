@@ -107,8 +107,8 @@ async def test_chain_limit_is_met_by_merging_not_by_a_new_full(tmp_path: Path) -
         await prune_domain(store, b.repo.domain_dir(b.uuid), Retention(), 2, b.runtime)
         parents = {r.id: r.parent for r in await store.backups(b.uuid)}
     depth, cur = 0, b.ids[-1]
-    while parents[cur] is not None:
-        depth, cur = depth + 1, parents[cur]
+    while (up := parents[cur]) is not None:
+        depth, cur = depth + 1, up
     assert depth == 2
     assert_points_restore(b, b.ids)  # nothing was lost
     for backup_id in b.ids:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from testbed.cli import cli_in_process
 from testbed.repo_builder import BuiltDomain, MiB
 from virtbackupd.adapters.repository import PRUNE_JOURNAL, UNDO_DIR
 from virtbackupd.adapters.store import Store
-from virtbackupd.cli.main import main
 
 ADVICE = "inspect it and move it out of the repository"
 
@@ -31,13 +31,6 @@ async def _two(tmp: Path) -> tuple[BuiltDomain, BuiltDomain]:
             d.write(disk, MiB, MiB, 0x22)
             await d.backup(store)
     return a, b
-
-
-def _cli(capsys: pytest.CaptureFixture[str], config: Path, *args: str) -> tuple[int, str]:
-    capsys.readouterr()
-    rc = main(["-c", str(config), *args])
-    out, err = capsys.readouterr()
-    return rc, out + err
 
 
 def _config(tmp: Path, a: BuiltDomain) -> Path:
@@ -119,7 +112,7 @@ def test_a_refused_file_blocks_only_its_domains_prunes_and_says_what_to_do(
         ["restore", "vm-b", "--to", str(tmp_path / "rb")],
         ["prune", "vm-b"],
     ):
-        rc, text = _cli(capsys, config, *args)
+        rc, text = cli_in_process(capsys, config, *args).joined()
         assert rc == 0 and "Traceback" not in text, (args, text)
         if args[0] in ("list", "status"):
             assert all(i in text for i in a.ids[-1:]), (args, text)
@@ -132,7 +125,7 @@ def test_a_refused_file_blocks_only_its_domains_prunes_and_says_what_to_do(
         ["verify", "vm-a"],
         ["restore", "vm-a", "--to", str(tmp_path / "ra")],
     ):
-        rc, text = _cli(capsys, config, *args)
+        rc, text = cli_in_process(capsys, config, *args).joined()
         assert "Traceback" not in text, (args, text)
         assert rc == (1 if journal is not None else 0), (args, text)
         if journal is not None:

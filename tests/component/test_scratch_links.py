@@ -16,6 +16,7 @@ import stat
 import tempfile
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -132,10 +133,10 @@ async def test_the_folder_is_roots_whenever_qemu_img_runs(
     seen: list[tuple[int, int]] = []
     real_create = qemu_img.create
 
-    async def spy(path: Path, *args: object, **kwargs: object) -> None:
+    async def spy(path: Path, *args: Any, **kwargs: Any) -> None:
         st = path.parent.stat()
         seen.append((st.st_uid, stat.S_IMODE(st.st_mode)))
-        await real_create(path, *args, **kwargs)  # type: ignore[arg-type]
+        await real_create(path, *args, **kwargs)
 
     monkeypatch.setattr(qemu_img, "create", spy)
     scratch.prepare(folder, QEMU)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from virtbackupd.adapters import host_folders
+from virtbackupd.errors import UntrustedFolderError
 
 READ_AND_CLOSE = """
 import sqlite3, sys
@@ -57,7 +58,7 @@ def test_set_owner_refuses_a_link(tmp_path: Path) -> None:
     target.chmod(0o644)
     link = tmp_path / "link"
     link.symlink_to(target)
-    with pytest.raises(host_folders.UntrustedFolderError, match="symbolic link"):
+    with pytest.raises(UntrustedFolderError, match="symbolic link"):
         host_folders.set_owner(link, (65534, 65534), 0o600)
     st = target.stat()
     assert (st.st_uid, oct(st.st_mode & 0o777)) == (0, "0o644")

@@ -67,7 +67,8 @@ async def test_backup_lifecycle(tmp_path: Path) -> None:
         ]
         assert got[0].disks == (disk,)
         assert got[0].bytes_written == 10
-        assert (await store.domain_by_name("web")).uuid == "u1"  # type: ignore[union-attr]
+        web = await store.domain_by_name("web")
+        assert web is not None and web.uuid == "u1"
 
 
 async def test_foreign_keys_are_enforced(tmp_path: Path) -> None:
@@ -156,7 +157,8 @@ async def test_a_cancelled_transaction_leaves_the_connection_usable(tmp_path: Pa
             await task
         await store.start_backup(backup("b"))
         await complete(store, "b", "/r/b", [disk("vda")])
-        assert (await store.backup("b")).status is BackupStatus.COMPLETE  # type: ignore[union-attr]
+        record = await store.backup("b")
+        assert record is not None and record.status is BackupStatus.COMPLETE
 
 
 async def test_a_damaged_file_is_named_with_its_fix(tmp_path: Path) -> None:

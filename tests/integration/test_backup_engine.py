@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,15 +16,18 @@ from testbed.tools import assert_restores, qemu_img_info
 from virtbackupd.cli.main import main as cli
 
 
-def backup(config: Path, capsys: pytest.CaptureFixture[str], domain: str, *extra: str) -> dict:  # type: ignore[type-arg]
+def backup(
+    config: Path, capsys: pytest.CaptureFixture[str], domain: str, *extra: str
+) -> dict[str, Any]:
     capsys.readouterr()
     rc = cli(["-c", str(config), "--json", "backup", domain, *extra])
     out, err = capsys.readouterr()
     assert rc == 0, err
-    return json.loads(out)  # type: ignore[no-any-return]
+    doc: dict[str, Any] = json.loads(out)
+    return doc
 
 
-def restore_matches(record: dict, td: GuestDomain, tmp: Path) -> None:  # type: ignore[type-arg]
+def restore_matches(record: dict[str, Any], td: GuestDomain, tmp: Path) -> None:
     assert_restores(
         Path(record["path"]), [(d["name"], d["path"]) for d in record["disks"]], td, tmp
     )

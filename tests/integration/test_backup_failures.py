@@ -56,7 +56,7 @@ def own_checkpoints(td: GuestDomain) -> set[str]:
 async def _wait_copying(ctx: BackupContext) -> None:
     for _ in range(400):
         running = await ctx.store.backups(status=BackupStatus.RUNNING)
-        if running and list((ctx.config.runtime_dir / "jobs").glob("*/nbd.sock")):
+        if running and any((ctx.config.runtime_dir / "jobs").glob("*/nbd.sock")):
             await asyncio.sleep(0.5)
             return
         await asyncio.sleep(0.05)

@@ -190,7 +190,7 @@ async def test_scheduled_backups_continue_after_a_libvirtd_restart(
             Path(inc["path"]), [(x["name"], x["path"]) for x in inc["disks"]], td, tmp_path
         )
         status = await cli_json(config, "status")
-        assert status["daemon"]["pid"] == d.proc.pid  # type: ignore[union-attr]
+        assert d.proc is not None and status["daemon"]["pid"] == d.proc.pid
         assert status["daemon"]["libvirt_connected"] is True
         row = next(x for x in status["domains"] if x["domain"] == td.name)
         assert row["last_good"] == inc["id"]

@@ -13,6 +13,7 @@ import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from testbed.daemon import (
     Daemon,
@@ -38,10 +39,11 @@ def policy(config: Path, text: str, name: str = "p.yaml") -> Path:
     return path
 
 
-async def status(config: Path) -> dict:  # type: ignore[type-arg]
+async def status(config: Path) -> dict[str, Any]:
     rc, out, err = await cli(config, "--json", "status")
     assert rc == 0, err
-    return json.loads(out)  # type: ignore[no-any-return]
+    doc: dict[str, Any] = json.loads(out)
+    return doc
 
 
 async def test_daemon_starts_on_a_host_whose_domains_already_exist(
@@ -58,7 +60,7 @@ async def test_daemon_starts_on_a_host_whose_domains_already_exist(
     try:
         await d.start()
         st = await status(config)
-        assert st["daemon"]["pid"] == d.proc.pid  # type: ignore[union-attr]
+        assert d.proc is not None and st["daemon"]["pid"] == d.proc.pid
         row = next(r for r in st["domains"] if r["domain"] == governed.name)
         assert row["last_good"] is None
         assert row["policy"].endswith("p.yaml")
@@ -188,8 +190,8 @@ async def test_status_shows_running_jobs_and_cancel_ends_one_cleanly(
     except AssertionError:
         if proc.returncode is None:
             proc.kill()
-        _, err = await proc.communicate()
-        raise AssertionError(f"the CLI backup said: {err.decode()[-3000:]}") from None
+        _, said = await proc.communicate()
+        raise AssertionError(f"the CLI backup said: {said.decode()[-3000:]}") from None
     deadline = time.monotonic() + 20
     while True:
         running = (await status(config))["running"]
@@ -206,7 +208,8 @@ async def test_status_shows_running_jobs_and_cancel_ends_one_cleanly(
     assert rc == 0, err
     assert "cancelled backup" in out
     cli_rc = await proc.wait()
-    cli_err = (await proc.stderr.read()).decode()  # type: ignore[union-attr]
+    assert proc.stderr is not None  # spawned with stderr=PIPE
+    cli_err = (await proc.stderr.read()).decode()
     assert cli_rc == 1
     ends_in_one_error_line(cli_err)
     assert "cancelled by the operator" in cli_err

@@ -19,6 +19,7 @@ import signal
 import stat
 import time
 from pathlib import Path
+from typing import Any
 
 import libvirt
 
@@ -39,11 +40,11 @@ from testbed.tools import qemu_img_compare, qemu_img_info, run
 GiB = 1024 * MiB
 
 
-async def cli(config: Path, *args: str) -> dict:  # type: ignore[type-arg]
+async def cli(config: Path, *args: str) -> Any:
     proc = await spawn_cli(config, "--json", *args)
     out, err = await proc.communicate()
     assert proc.returncode == 0, f"virtbackup {' '.join(args)}: {err.decode()}"
-    return json.loads(out)  # type: ignore[no-any-return]
+    return json.loads(out)  # an object or a list, as the command prints
 
 
 async def refused(config: Path, *args: str) -> tuple[int, str]:
@@ -54,7 +55,7 @@ async def refused(config: Path, *args: str) -> tuple[int, str]:
     return proc.returncode, err.decode()
 
 
-async def live_holds(config: Path) -> list[dict]:  # type: ignore[type-arg]
+async def live_holds(config: Path) -> list[dict[str, Any]]:
     return [h for h in (await cli(config, "status"))["holds"] if h["kind"] == "live-restore"]
 
 
@@ -252,7 +253,7 @@ def _crash_lines(name: str, pid: int) -> list[str]:
 
 async def _restore_live_of(
     domains: DomainFactory, config: Path, sizes: list[int]
-) -> tuple[GuestDomain, Path, dict, dict[str, Path]]:  # type: ignore[type-arg]
+) -> tuple[GuestDomain, Path, dict[str, Any], dict[str, Path]]:
     """A domain of `sizes` disks with a few MiB written to each (spread
     over the disk), backed up full: the domain, the repository, the
     backup, and each disk's reference copy of the backup's content."""
@@ -350,7 +351,7 @@ async def test_a_killed_new_domain_is_reported_and_its_backup_stays_held_until_c
     rnd = random.Random(seed)
     td, repo, _full, refs = await _restore_live_of(domains, config, [64 * MiB] * 3)
     targets = sorted(refs)
-    outcomes = []
+    outcomes: list[str] = []
     daemon = Daemon(config, tmp_path)  # the journal's side: it notices the crash too
     await daemon.start()
     try:

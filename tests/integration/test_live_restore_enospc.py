@@ -14,6 +14,7 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import libvirt
 
@@ -23,14 +24,14 @@ from testbed.guest import GuestWriter
 from testbed.tools import run
 
 
-async def cli(config: Path, *args: str) -> dict:  # type: ignore[type-arg]
+async def cli(config: Path, *args: str) -> Any:
     proc = await spawn_cli(config, "--json", *args)
     out, err = await proc.communicate()
     assert proc.returncode == 0, f"virtbackup {' '.join(args)}: {err.decode()}"
-    return json.loads(out)  # type: ignore[no-any-return]
+    return json.loads(out)  # an object or a list, as the command prints
 
 
-async def live_holds(config: Path) -> list[dict]:  # type: ignore[type-arg]
+async def live_holds(config: Path) -> list[dict[str, Any]]:
     return [h for h in (await cli(config, "status"))["holds"] if h["kind"] == "live-restore"]
 
 

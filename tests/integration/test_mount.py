@@ -14,6 +14,7 @@ import errno
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,7 +54,7 @@ def mounts_below(top: Path) -> list[tuple[str, str]]:
     return out
 
 
-def holds(config: Path) -> list[dict]:  # type: ignore[type-arg]
+def holds(config: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in (config.parent / "backups").glob("*/.holds/*.json")]
 
 

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import libvirt
 
@@ -25,13 +26,14 @@ def policy(config: Path, text: str) -> None:
     (config.parent / "policies" / "p.yaml").write_text(text)
 
 
-async def backup(config: Path, td: GuestDomain, *extra: str) -> dict:  # type: ignore[type-arg]
+async def backup(config: Path, td: GuestDomain, *extra: str) -> dict[str, Any]:
     rc, out, err = await cli(config, "--json", "backup", td.name, *extra)
     assert rc == 0, err
-    return json.loads(out)  # type: ignore[no-any-return]
+    doc: dict[str, Any] = json.loads(out)
+    return doc
 
 
-def restores(rec: dict, td: GuestDomain, tmp: Path) -> None:  # type: ignore[type-arg]
+def restores(rec: dict[str, Any], td: GuestDomain, tmp: Path) -> None:
     assert_restores(Path(rec["path"]), [(d["name"], d["path"]) for d in rec["disks"]], td, tmp)
 
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,11 +29,12 @@ Refs = dict[str, dict[str, Path]]
 
 def build_chain(
     td: GuestDomain, config: Path, capsys: pytest.CaptureFixture[str], tmp: Path, n: int
-) -> tuple[list[dict], Refs]:  # type: ignore[type-arg]
+) -> tuple[list[dict[str, Any]], Refs]:
     """A full and n-1 incrementals, each after different guest writes, and
     a copy of the reference images at each point."""
     guest = GuestWriter(td)
-    records, refs = [], {}
+    records: list[dict[str, Any]] = []
+    refs: Refs = {}
     for i in range(n):
         guest.write("vda", (i % 4) * 4 * MiB, MiB + i * 64 * 1024, 0x30 + i)
         if i % 2:

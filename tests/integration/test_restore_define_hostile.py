@@ -49,7 +49,8 @@ def make_hostile(domain_xml: Path, evil: Path) -> None:
     repository would."""
     root = etree.fromstring(domain_xml.read_bytes())
     # A namespace can only be declared on a new element: rebuild the root.
-    hostile = etree.Element(root.tag, dict(root.attrib), nsmap={"qemu": QEMU_NS})
+    hostile = etree.Element(root.tag, nsmap={"qemu": QEMU_NS})
+    hostile.attrib.update(root.attrib)
     hostile.extend(list(root))
     devices = hostile.find("devices")
     assert devices is not None

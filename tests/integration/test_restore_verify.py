@@ -6,7 +6,9 @@ flipped byte is named by verify, `--define` makes a domain that starts, and
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import libvirt
 import pytest
@@ -29,10 +31,12 @@ def snapshot(td: GuestDomain, backup_id: str, tmp: Path, refs: Snapshots) -> Non
         refs[backup_id][d.target] = copy
 
 
-def take(config: Path, capsys: pytest.CaptureFixture[str], td: GuestDomain, *extra: str) -> dict:  # type: ignore[type-arg]
-    record = run_cli(config, capsys, "backup", td.name, *extra)
+def take(
+    config: Path, capsys: pytest.CaptureFixture[str], td: GuestDomain, *extra: str
+) -> dict[str, Any]:
+    record: dict[str, Any] = run_cli(config, capsys, "backup", td.name, *extra)
     assert record["status"] == "complete"
-    return record  # type: ignore[no-any-return]
+    return record
 
 
 def test_every_point_of_a_chain_restores_and_verify_names_a_flipped_byte(
@@ -43,16 +47,21 @@ def test_every_point_of_a_chain_restores_and_verify_names_a_flipped_byte(
     guest = GuestWriter(td)
     refs: Snapshots = {}
     ids = []
-    writes = [
-        lambda: (guest.write("vda", 0, 2 * MiB, 0x10), guest.write("vdb", MiB, MiB, 0x11)),
-        lambda: guest.write("vda", MiB, 128 * 1024, 0x20),
-        lambda: (guest.zero("vda", 0, 512 * 1024), guest.write("vdb", 4 * MiB, MiB, 0x31)),
-        lambda: guest.discard("vdb", MiB, 512 * 1024),
-        lambda: guest.write("vda", 20 * MiB, 4 * MiB, 0x50),
-        lambda: (guest.write("vda", 0, 64 * 1024, 0x60), guest.write("vdb", 7 * MiB, MiB, 0x61)),
+    # Before each backup: the guest's writes, in order.
+    writes: list[list[Callable[[], None]]] = [
+        [lambda: guest.write("vda", 0, 2 * MiB, 0x10), lambda: guest.write("vdb", MiB, MiB, 0x11)],
+        [lambda: guest.write("vda", MiB, 128 * 1024, 0x20)],
+        [lambda: guest.zero("vda", 0, 512 * 1024), lambda: guest.write("vdb", 4 * MiB, MiB, 0x31)],
+        [lambda: guest.discard("vdb", MiB, 512 * 1024)],
+        [lambda: guest.write("vda", 20 * MiB, 4 * MiB, 0x50)],
+        [
+            lambda: guest.write("vda", 0, 64 * 1024, 0x60),
+            lambda: guest.write("vdb", 7 * MiB, MiB, 0x61),
+        ],
     ]
-    for i, write in enumerate(writes):
-        write()
+    for i, step in enumerate(writes):
+        for write in step:
+            write()
         record = take(config, capsys, td)
         assert record["level"] == ("full" if i == 0 else "incremental")
         ids.append(record["id"])

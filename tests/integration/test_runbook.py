@@ -25,6 +25,7 @@ from lxml import etree
 from testbed.cli import run_cli
 from testbed.domains import Disk, DomainFactory, GuestDomain, MiB, remove_domain
 from testbed.tools import qemu_img_compare, qemu_img_info, qemu_io, run
+from xmltools import child
 
 RESTORE_MD = Path(__file__).resolve().parents[2] / "docs" / "restore.md"
 SETTINGS = ("BACKUPS", "OUT", "NEW_NAME", "DISK", "DEVICE")
@@ -80,10 +81,12 @@ def add_block_disk(td: GuestDomain, dev: str, target: str, size: int) -> None:
 def file_disks(td: GuestDomain, name: str) -> dict[str, str]:
     """target -> source file of the named domain's disks (all must be files)."""
     dom = etree.fromstring(td.conn.lookupByName(name).XMLDesc(0).encode())
-    out = {}
+    out: dict[str, str] = {}
     for disk in dom.iter("disk"):
         assert disk.get("type") == "file", etree.tostring(disk, encoding="unicode")
-        out[disk.find("target").get("dev")] = disk.find("source").get("file")  # type: ignore[union-attr]
+        dev, file = child(disk, "target").get("dev"), child(disk, "source").get("file")
+        assert dev is not None and file is not None, etree.tostring(disk, encoding="unicode")
+        out[dev] = file
     return out
 
 

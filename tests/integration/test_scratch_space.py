@@ -21,6 +21,7 @@ import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import libvirt
 import libvirt_qemu
@@ -121,7 +122,7 @@ async def _copying_or_done(ctx: BackupContext, task: asyncio.Task[BackupRecord])
         if task.done():
             return
         running = await ctx.store.backups(status=BackupStatus.RUNNING)
-        if running and list((ctx.config.runtime_dir / "jobs").glob("*/nbd.sock")):
+        if running and any((ctx.config.runtime_dir / "jobs").glob("*/nbd.sock")):
             return
         await asyncio.sleep(0.05)
     raise AssertionError("the backup neither began copying nor ended")
@@ -239,8 +240,8 @@ async def test_a_disk_resized_before_the_job_starts_fails_the_backup_cleanly(
     guest.write("vda", 0, 8 * MiB, 0x0E)
     real = scratch.reserve
 
-    async def reserve_then_resize(*args: object, **kwargs: object) -> int:
-        reserved = await real(*args, **kwargs)  # type: ignore[arg-type]
+    async def reserve_then_resize(*args: Any, **kwargs: Any) -> int:
+        reserved = await real(*args, **kwargs)
         await asyncio.to_thread(
             td.dom.blockResize, "vda", 24 * MiB, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES
         )

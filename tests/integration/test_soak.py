@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -76,7 +77,7 @@ async def _until_second(second: int) -> None:
     await asyncio.sleep((target - now).total_seconds())
 
 
-def _restored_matches(backup: dict, history: History, tmp: Path) -> bool:  # type: ignore[type-arg]
+def _restored_matches(backup: dict[str, Any], history: History, tmp: Path) -> bool:
     """Restore with plain qemu-img (the whole chain) and compare."""
     disk = next(d for d in backup["disks"] if d["name"] == "vda")
     out = tmp / f"restored-{backup['id']}.raw"
@@ -156,7 +157,7 @@ async def test_daemon_soak_with_schedules_several_domains_and_a_libvirtd_restart
     assert "Traceback" not in log, log[-5000:]
     assert "task died" not in log and "crashed" not in log
     records = await backups(config)
-    by_domain: dict[str, list[dict]] = {}  # type: ignore[type-arg]
+    by_domain: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         by_domain.setdefault(r["domain"], []).append(r)
     problems = []

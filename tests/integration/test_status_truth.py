@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from pathlib import Path
+from typing import Any
 
 from testbed.daemon import Daemon, cli, cli_json
 from testbed.domains import DomainFactory, MiB
@@ -54,6 +55,7 @@ async def test_status_shows_the_enforced_policy_and_flags_the_file_on_disk(
         d.close()
 
 
-async def _row(config: Path, name: str) -> dict:  # type: ignore[type-arg]
+async def _row(config: Path, name: str) -> dict[str, Any]:
     status = await cli_json(config, "status")
-    return next(r for r in status["domains"] if r["domain"] == name)  # type: ignore[no-any-return]
+    row: dict[str, Any] = next(r for r in status["domains"] if r["domain"] == name)
+    return row

@@ -18,8 +18,9 @@ import json
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -125,9 +126,9 @@ def state_dir() -> Iterator[Path]:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def _wait(predicate: object, timeout: float, what: str) -> None:
+def _wait(predicate: Callable[[], object], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
+    while not predicate():
         assert time.monotonic() < deadline, what
         time.sleep(0.5)
 
@@ -198,10 +199,11 @@ async def test_the_shipped_unit_runs_the_daemon_and_backs_up_under_its_sandbox(
         await asyncio.to_thread(td.dom.destroy)
         env_cfg = config
 
-        async def listed() -> list[dict]:  # type: ignore[type-arg]
+        async def listed() -> list[dict[str, Any]]:
             rc, out, err = await cli(env_cfg, "--json", "list")
             assert rc == 0, err
-            return json.loads(out)  # type: ignore[no-any-return]
+            doc: list[dict[str, Any]] = json.loads(out)
+            return doc
 
         deadline = time.monotonic() + 90
         while not [b for b in await listed() if b["status"] != "running"]:

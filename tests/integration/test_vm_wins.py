@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import libvirt_qemu
 
@@ -39,7 +41,10 @@ def timed_start(td: GuestDomain) -> float:
     return time.monotonic() - t0
 
 
-async def until(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
+T = TypeVar("T")
+
+
+async def until(predicate: Callable[[], Awaitable[T | None]], timeout: float, what: str) -> T:
     deadline = time.monotonic() + timeout
     while True:
         value = await predicate()
@@ -74,7 +79,7 @@ async def test_a_vm_start_wins_over_an_offline_backup(
         print(f"start during the offline backup: {took:.2f}s, without a backup: {baseline:.2f}s")
         assert took < baseline + 5, f"start took {took:.1f}s (without a backup {baseline:.1f}s)"
 
-        async def ended() -> dict | None:  # type: ignore[type-arg]
+        async def ended() -> dict[str, Any] | None:
             rec = next(b for b in await backups(config) if b["id"] == offline["id"])
             return rec if rec["status"] != "running" else None
 
@@ -85,7 +90,7 @@ async def test_a_vm_start_wins_over_an_offline_backup(
         assert not list(Path(first["path"]).parent.glob("*.partial"))
         assert first["checkpoint"] not in [c.getName() for c in td.dom.listAllCheckpoints()]
 
-        async def online() -> dict | None:  # type: ignore[type-arg]
+        async def online() -> dict[str, Any] | None:
             done = [b for b in await backups(config) if b["status"] == "complete"]
             return done[0] if done else None
 
@@ -121,7 +126,7 @@ async def test_define_then_start_at_once_gets_its_first_backup(
             await asyncio.to_thread(td.start)  # raises if QEMU could not lock an image
             tds.append(td)
 
-        async def all_backed_up() -> list[dict] | None:  # type: ignore[type-arg]
+        async def all_backed_up() -> list[dict[str, Any]] | None:
             done = [b for b in await backups(config) if b["status"] == "complete"]
             names = {b["domain"] for b in done}
             return done if names >= {t.name for t in tds} else None

@@ -50,7 +50,8 @@ def test_pull_backup_from_built_xml_exports_expected_disks(domains: DomainFactor
     live_xml = td.dom.backupGetXMLDesc(0)
     live = Backup.from_xml(live_xml, "backupGetXMLDesc", internal=True)
     assert live.to_xml() == live_xml
-    assert live.disk("vda").index is not None  # type: ignore[union-attr]
+    live_vda = live.disk("vda")
+    assert live_vda is not None and live_vda.index is not None
     assert live.mode is BackupMode.PULL
     assert {d.name for d in live.disks if d.backup} == {"vda", "vdb", "vdc"}
     vdc = td.disk("vdc")

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from testbed.tools import qemu_img_info
 
@@ -46,20 +46,23 @@ async def spawn_cli(
     )
 
 
-async def cli_json(config: Path, *args: str) -> dict:  # type: ignore[type-arg]
+async def cli_json(config: Path, *args: str) -> Any:
+    """`virtbackup --json ARGS...` as a process, which must succeed: its
+    output parsed (an object or a list, as the command prints)."""
     proc = await spawn_cli(config, "--json", *args, stderr=asyncio.subprocess.DEVNULL)
     out, _ = await proc.communicate()
     assert proc.returncode == 0
-    return json.loads(out)  # type: ignore[no-any-return]
+    return json.loads(out)
 
 
-async def backups(config: Path) -> list[dict]:  # type: ignore[type-arg]
+async def backups(config: Path) -> list[dict[str, Any]]:
     proc = await spawn_cli(config, "--json", "list", "--all", stderr=asyncio.subprocess.DEVNULL)
     out, _ = await proc.communicate()
-    return json.loads(out) if proc.returncode == 0 else []  # type: ignore[no-any-return]
+    records: list[dict[str, Any]] = json.loads(out) if proc.returncode == 0 else []
+    return records
 
 
-async def wait_backups(config: Path, n: int, timeout: float = 60) -> list[dict]:  # type: ignore[type-arg]
+async def wait_backups(config: Path, n: int, timeout: float = 60) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         done = [b for b in await backups(config) if b["status"] != "running"]
@@ -175,7 +178,7 @@ class Daemon:
             self._log_file.close()
 
 
-async def wait_running(config: Path, timeout: float = 30) -> dict:  # type: ignore[type-arg]
+async def wait_running(config: Path, timeout: float = 30) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         running = [b for b in await backups(config) if b["status"] == "running"]
@@ -223,7 +226,7 @@ def ends_in_one_error_line(err: str) -> None:
     assert last.startswith("virtbackup: "), err
 
 
-def most_at_once(records: list[dict]) -> int:  # type: ignore[type-arg]
+def most_at_once(records: list[dict[str, Any]]) -> int:
     """The largest number of the given backup records whose [started,
     finished] spans overlap at one instant."""
     edges = []

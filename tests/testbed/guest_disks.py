@@ -46,7 +46,9 @@ def run(*args: str | Path, env: dict[str, str] | None = None, input: str | None 
 
 @contextlib.contextmanager
 def loop(file: Path, offset: int, size: int) -> Iterator[str]:
-    dev = run("losetup", "--find", "--show", "--offset", offset, "--sizelimit", size, file).strip()
+    dev = run(
+        "losetup", "--find", "--show", "--offset", str(offset), "--sizelimit", str(size), file
+    ).strip()
     try:
         yield dev
     finally:

@@ -27,7 +27,7 @@ def run(*args: str | Path, timeout: float = 120, check: bool = True) -> str:
     return proc.stdout
 
 
-def nbd_unix_uri(socket: Path, export: str = "") -> str:
+def nbd_unix_uri(socket: str | Path, export: str = "") -> str:
     return f"nbd+unix:///{export}?socket={socket}"
 
 

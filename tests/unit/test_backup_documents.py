@@ -52,6 +52,7 @@ def request(**kw: object) -> BackupRequest:
         "scratch_dir": "/run/virtbackupd/web01",
     }
     base.update(kw)
+    # The tests pass BackupRequest's own fields; a wrong one fails at the call.
     return BackupRequest(**base)  # type: ignore[arg-type]
 
 
@@ -88,8 +89,9 @@ def test_domain_disks_are_read_with_their_properties() -> None:
         "virtio",
         alias="virtio-disk0",
     )
-    assert info.disk("vdb").source == "/dev/vg0/web01-data"  # type: ignore[union-attr]
-    assert info.disk("hdc").source is None  # type: ignore[union-attr]
+    vdb, hdc = info.disk("vdb"), info.disk("hdc")
+    assert vdb is not None and vdb.source == "/dev/vg0/web01-data"
+    assert hdc is not None and hdc.source is None
 
 
 def test_every_exclusion_carries_its_reason() -> None:
@@ -115,7 +117,8 @@ def test_raw_disks_are_backed_up_by_default_in_full_without_bitmap() -> None:
     vdc = docs.backup.disk("vdc")
     assert vdc is not None and vdc.backup and vdc.backupmode is DiskBackupMode.FULL
     assert vdc.incremental is None and vdc.exportbitmap is None
-    assert docs.checkpoint.disk("vdc").checkpoint == "no"  # type: ignore[union-attr]
+    vdc_checkpoint = docs.checkpoint.disk("vdc")
+    assert vdc_checkpoint is not None and vdc_checkpoint.checkpoint == "no"
     vda = docs.backup.disk("vda")
     assert vda is not None and vda.backupmode is DiskBackupMode.INCREMENTAL
     assert vda.incremental == "virtbackupd-x" and vda.exportbitmap == "backup-vda"
@@ -126,7 +129,8 @@ def test_include_and_exclude_lists() -> None:
     assert [c.target for c in docs.included] == ["vda"]
     docs = build_documents(DISKS, request(include=frozenset({"vda"}), raw=RawDisks.SKIP))
     assert [c.target for c in docs.included] == ["vda"]
-    assert docs.backup.disk("vdb").backup is False  # type: ignore[union-attr]
+    vdb = docs.backup.disk("vdb")
+    assert vdb is not None and vdb.backup is False
     docs = build_documents(DISKS, request(exclude=frozenset({"vda"})))
     assert [c.target for c in docs.included] == ["vdb", "vdc"]
     # One policy serves VMs with different disks: excluding a disk this VM

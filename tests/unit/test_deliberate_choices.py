@@ -26,6 +26,7 @@ DISKS = parse_domain(DOMAIN_XML).disks
 
 
 def choices(**kw: object) -> dict[str, tuple[bool, bool, str]]:
+    # The tests pass BackupRequest's own fields; a wrong one fails at the call.
     req = BackupRequest("virtbackupd-c", None, "/s", "/s", **kw)  # type: ignore[arg-type]
     return {c.target: (c.included, c.by_policy, c.reason) for c in choose_disks(DISKS, req)}
 

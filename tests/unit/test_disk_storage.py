@@ -59,7 +59,9 @@ def test_the_field_is_written_when_known_and_read_back() -> None:
     for standalone in (True, False, None):
         m = manifest(P, WHOLE, standalone)
         data = m.to_json()
-        disk = data["disks"][0]  # type: ignore[index]
+        disks = data["disks"]
+        assert isinstance(disks, list)
+        disk = disks[0]
         assert disk.get("standalone") is standalone
         again = Manifest.from_json(json.loads(json.dumps(data)), Path("manifest.json"))
         assert again.disks[0].standalone is standalone

@@ -228,7 +228,8 @@ def test_reads_join_data_across_short_zero_ranges(
 @pytest.mark.parametrize("seed", range(20))
 def test_joined_reads_cover_every_data_byte_once_and_stay_in_the_grid(seed: int) -> None:
     rnd = random.Random(seed)
-    ranges, pos = [], 0
+    ranges: list[Range] = []
+    pos = 0
     for _ in range(60):
         n = rnd.choice([1, 1, 2, 3, 9]) * K
         kind = rnd.choice([D, Z])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from virtbackupd.core.domain_xml import DomainDisk
-from virtbackupd.core.plan import CheckpointView, plan_backup
+from virtbackupd.core.plan import CheckpointView, Plan, plan_backup
 from virtbackupd.core.policy import Level, Policy
 from virtbackupd.core.records import (
     BackupRecord,
@@ -40,7 +40,7 @@ def rec(
         checkpoint=f"virtbackupd-b{n}",
         parent=None if parent is None else f"b{parent}",
         started=T0 + timedelta(hours=n),
-        disks=tuple(DiskRecord(d, f"{d}.qcow2", 1, 0, 0, 0, "", 1, "[]") for d in disks),
+        disks=tuple(DiskRecord(d, f"{d}.qcow2", 1, 0, 0, 0, "", 1, ()) for d in disks),
     )
 
 
@@ -68,7 +68,7 @@ def plan(
     stored: list[CheckpointRecord] = [],  # noqa: B006
     want: Level | None = None,
     disks: tuple[DomainDisk, ...] = DISKS,
-):  # type: ignore[no-untyped-def]
+) -> Plan:
     return plan_backup(
         checkpoint="virtbackupd-new",
         disks=disks,

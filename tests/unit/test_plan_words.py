@@ -22,7 +22,7 @@ LAST = BackupRecord(
     checkpoint="virtbackupd-b1",
     parent=None,
     started=T0,
-    disks=(DiskRecord("vda", "vda.qcow2", 1, 0, 0, 0, "", 1, "[]"),),
+    disks=(DiskRecord("vda", "vda.qcow2", 1, 0, 0, 0, "", 1, ()),),
 )
 
 

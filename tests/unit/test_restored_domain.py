@@ -12,6 +12,7 @@ from virtbackupd.core.checkpoint_xml import Checkpoint, for_redefinition
 from virtbackupd.core.restored_domain import RestoredImage, restored_domain_xml
 from virtbackupd.core.untrusted_domain import HostOffer, guest_target, host_offer
 from virtbackupd.errors import XMLError
+from xmltools import child
 
 HOST = HostOffer("/usr/bin/qemu-system-x86_64", frozenset({"/usr/share/OVMF/OVMF_CODE.fd"}))
 VDA = {"vda": RestoredImage(Path("/r/vda.qcow2"), "qcow2")}
@@ -53,19 +54,19 @@ def test_new_name_no_uuid_macs_or_nvram_and_disks_on_the_restored_images() -> No
     assert root.find("os/nvram") is None
     assert root.findtext("os/loader") == "/usr/share/OVMF/OVMF_CODE.fd"  # the host's own
     assert root.find("devices/interface/mac") is None
-    assert root.find("devices/interface/source").get("network") == "default"
+    assert child(root, "devices/interface/source").get("network") == "default"
     assert root.findtext("description") == "the <web> server"
     disks = root.findall("devices/disk")
     vda = disks[0]
     assert vda.get("type") == "file"
-    assert vda.find("source").attrib == {"file": "/r/vda.qcow2"}
-    assert vda.find("driver").get("type") == "qcow2"
-    assert vda.find("driver").get("cache") == "none"
+    assert dict(child(vda, "source").items()) == {"file": "/r/vda.qcow2"}
+    assert child(vda, "driver").get("type") == "qcow2"
+    assert child(vda, "driver").get("cache") == "none"
     assert vda.find("backingStore") is None
     # vdb was not restored: a copy must not write to the original's image.
     assert out.dropped_disks == ("vdb",)
     # The cdrom's medium is a host file outside the restore: the drive stays, empty.
-    assert [d.find("target").get("dev") for d in disks] == ["vda", "hdc"]
+    assert [child(d, "target").get("dev") for d in disks] == ["vda", "hdc"]
     assert disks[1].find("source") is None
     assert [d.what for d in out.dropped] == ["<disk device='cdrom'> hdc /iso/install.iso"]
     assert root.findtext("devices/emulator") == HOST.emulator
@@ -441,7 +442,7 @@ def test_what_could_reach_the_host_is_dropped_and_reported(
     assert "evil.sh" not in out.xml  # the stored emulator never survives
     root = etree.fromstring(out.xml.encode())
     assert root.findtext("devices/emulator") == HOST.emulator
-    assert root.find("devices/disk/source").get("file") == "/r/vda.qcow2"
+    assert child(root, "devices/disk/source").get("file") == "/r/vda.qcow2"
     assert root.find("metadata") is not None  # opaque, kept
     if reported is not None:
         # Dropped, or (a file, socket or port the copy may have) made its own.
@@ -487,10 +488,10 @@ def test_an_ordinary_guest_keeps_all_its_hardware_and_nothing_is_reported() -> N
     root = etree.fromstring(out.xml.encode())
     assert root.findtext("devices/emulator") == HOST.emulator
     assert root.findtext("os/loader") == "/usr/share/OVMF/OVMF_CODE.fd"
-    kept = [el.tag for el in root.find("devices")]
-    before = [el.tag for el in etree.fromstring(BENIGN.encode()).find("devices")]
+    kept = [el.tag for el in child(root, "devices")]
+    before = [el.tag for el in child(etree.fromstring(BENIGN.encode()), "devices")]
     assert kept == before
-    assert root.find("devices/rng/backend").text == "/dev/urandom"
+    assert child(root, "devices/rng/backend").text == "/dev/urandom"
     agent = root.find("devices/channel/source")
     assert agent is not None and agent.get("path") is None
     # The plain dynamic label is what libvirt gives every domain anyway.
@@ -511,8 +512,8 @@ def test_a_dropped_audio_back_end_becomes_none_so_sound_cards_keep_their_referen
         "<audio id='1' type='alsa'><input dev='/dev/snd/x'/></audio>"
     )
     out = restored_domain_xml(saved, "copy", VDA, "domain.xml", HOST)
-    audio = etree.fromstring(out.xml.encode()).find("devices/audio")
-    assert dict(audio.attrib) == {"id": "1", "type": "none"} and len(audio) == 0
+    audio = child(etree.fromstring(out.xml.encode()), "devices/audio")
+    assert dict(audio.items()) == {"id": "1", "type": "none"} and len(audio) == 0
 
 
 def test_the_guest_target_is_read_to_ask_the_host_for_its_emulator() -> None:

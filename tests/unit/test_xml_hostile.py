@@ -18,6 +18,7 @@ from virtbackupd.core.backup_xml import (
 )
 from virtbackupd.core.checkpoint_xml import Checkpoint
 from virtbackupd.errors import XMLError
+from xmltools import child
 
 AWKWARD = '/srv/a b/it\'s "q" & <x> é ü 日本.sock'
 
@@ -121,7 +122,7 @@ def test_awkward_names_and_paths_are_escaped_and_round_trip() -> None:
     assert "&apos;" in text and "&amp;" in text and "&lt;x&gt;" in text and "日本" in text
     # Any standard parser reads back the exact values.
     el = etree.fromstring(text.encode())
-    assert el.find("server").get("socket") == AWKWARD  # type: ignore[union-attr]
+    assert child(el, "server").get("socket") == AWKWARD
     assert Backup.from_xml(text) == backup
 
 
