@@ -283,8 +283,8 @@ class Service:
                 await self._backup(store, uuid, level)
             except VirtBackupError as exc:
                 error = exc
-            except Exception as exc:  # a bug: logged with its traceback, the worker lives on
-                log.error("backup crashed", domain=name, backup_level=level.value, exc_info=exc)
+            except Exception as exc:  # noqa: BLE001 (a bug: logs.failure gives its traceback; the worker lives on)
+                logs.failure(log, "backup crashed", exc, domain=name, backup_level=level.value)
                 error = exc
             finally:
                 self.running.discard(uuid)
@@ -306,7 +306,7 @@ class Service:
                 if isinstance(error, VirtBackupError) and not (
                     isinstance(error, BackupFailedError) and error.backup_id
                 ):
-                    log.error("backup failed", domain=name, error=outcome.reason)
+                    logs.failure(log, "backup failed", error, domain=name, error=outcome.reason)
                 self.failures[uuid] = (datetime.now(UTC).isoformat(), outcome.reason)
             self._status()
 
