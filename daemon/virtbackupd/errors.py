@@ -1,27 +1,110 @@
-"""The project's error hierarchy.
+"""The project's error hierarchy: each class a contract.
 
-Every error an operator can see derives from :class:`VirtBackupError`. Adapters
-translate foreign exceptions into these (``raise ... from exc``); only the CLI
-and the daemon turn them into exit codes and log lines.
+Every error an operator can see derives from :class:`VirtBackupError`. Its
+class says what went wrong and decides the exit code (``exit_code``, as
+borg's error classes do); the instance carries its context (domain,
+backup id, disk, path, libvirt error code: ``context``), which the daemon
+logs as journal fields. Adapters translate foreign exceptions into these
+(``raise ... from exc``); only the CLI and the daemon turn them into exit
+codes and log lines (``logs.exit_status``, ``logs.failure``).
+
+A bug in virtbackupd itself (an illegal state move, a broken invariant) is
+an :class:`InternalError`, deliberately *not* a VirtBackupError: no
+``except VirtBackupError`` takes it for an operator's error and shows it as
+one line; it is logged with its traceback and a request to report it.
 """
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import ClassVar
 
 
 class VirtBackupError(Exception):
-    """Root of every error virtbackupd raises on purpose."""
+    """Root of every error virtbackupd raises on purpose (an operator's to
+    act on). Context fields left out stay None; a subclass may also set
+    one itself (``self.path = path``): ``context`` reads the attributes."""
+
+    #: The exit code of a command this error ends: 1, an operation failed.
+    exit_code: ClassVar[int] = 1
+
+    domain: str | None = None
+    backup_id: str | None = None
+    disk: str | None = None
+    path: Path | str | None = None
+    libvirt_code: int | None = None
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        domain: str | None = None,
+        backup_id: str | None = None,
+        disk: str | None = None,
+        path: Path | str | None = None,
+        libvirt_code: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        # Only what is given: a subclass may have set a field before.
+        given = {
+            "domain": domain,
+            "backup_id": backup_id,
+            "disk": disk,
+            "path": path,
+            "libvirt_code": libvirt_code,
+        }
+        for name, value in given.items():
+            if value is not None:
+                setattr(self, name, value)
+
+    @property
+    def context(self) -> dict[str, str | int]:
+        """The context fields that are set, as log keys (journal fields
+        DOMAIN, BACKUP_ID, DISK, PATH, LIBVIRT_CODE); a path as text."""
+        fields: dict[str, str | int] = {}
+        for name in CONTEXT_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                fields[name] = value if isinstance(value, int | str) else str(value)
+        return fields
+
+
+#: The context every VirtBackupError may carry, in log order.
+CONTEXT_FIELDS = ("domain", "backup_id", "disk", "path", "libvirt_code")
+
+
+class InternalError(Exception):
+    """A bug in virtbackupd: an invariant broke. Not an operator's error
+    (not a VirtBackupError): logged with its traceback and a line asking
+    for a report; a command it ends exits 1."""
+
+    exit_code: ClassVar[int] = 1
+
+
+#: What follows a bug's traceback (CLI, daemon).
+REPORT_BUG = "this is a bug in virtbackupd: please report it with the traceback above"
 
 
 class InputError(VirtBackupError):
     """The operator asked for something malformed or that does not exist
     (an unknown domain, backup id, disk, or a bad time): exit code 2."""
 
+    exit_code: ClassVar[int] = 2
+
 
 class ConfigError(InputError):
-    """A configuration or policy file is invalid."""
+    """A configuration or policy file is invalid. ``path`` names the file
+    and ``line`` its line (1-based) when the problem has one: a file's
+    problems are reported in line order."""
+
+    line: int | None = None
+
+    def __init__(
+        self, message: str, *, path: Path | str | None = None, line: int | None = None
+    ) -> None:
+        super().__init__(message, path=path)
+        self.line = line
 
 
 class XMLError(VirtBackupError):
@@ -89,11 +172,15 @@ class ProcessError(VirtBackupError):
 
 
 class LibvirtError(VirtBackupError):
-    """A libvirt call failed; ``code`` is libvirt's error code."""
+    """A libvirt call failed; ``code`` is libvirt's error code (0: none,
+    the error is ours, such as a job that did not end in time)."""
 
-    def __init__(self, message: str, code: int = 0) -> None:
-        super().__init__(message)
-        self.code = code
+    def __init__(self, message: str, code: int = 0, *, domain: str | None = None) -> None:
+        super().__init__(message, domain=domain, libvirt_code=code or None)
+
+    @property
+    def code(self) -> int:
+        return self.libvirt_code or 0
 
 
 class LibvirtTimeoutError(LibvirtError):
@@ -101,9 +188,8 @@ class LibvirtTimeoutError(LibvirtError):
     dead peer the keepalive has not caught yet); ``call`` names it."""
 
     def __init__(self, message: str, call: str, domain: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__(message, domain=domain)
         self.call = call
-        self.domain = domain
 
 
 class DomainNotFoundError(LibvirtError, InputError):
@@ -131,11 +217,14 @@ class DaemonRunningError(VirtBackupError):
     exit code 2, before anything is touched. ``pid`` is None when that
     process has taken the lock and not yet written its pid."""
 
+    exit_code: ClassVar[int] = 2
+
     def __init__(self, lock: Path, pid: int | None) -> None:
         who = f"pid {pid}" if pid is not None else "a process just starting"
         super().__init__(
             f"another virtbackupd runs on this config ({who}, holding {lock}); "
-            "one daemon per config: stop that one first (`systemctl stop virtbackupd`)"
+            "one daemon per config: stop that one first (`systemctl stop virtbackupd`)",
+            path=lock,
         )
         self.lock = lock
         self.pid = pid
@@ -149,7 +238,8 @@ class DaemonLockFileError(InputError):
     def __init__(self, lock: Path, problem: str) -> None:
         super().__init__(
             f"{lock}: {problem}; the daemon lock must be a regular file (or absent): "
-            "remove it and start the daemon again"
+            "remove it and start the daemon again",
+            path=lock,
         )
         self.lock = lock
 
@@ -165,9 +255,10 @@ class BackupFailedError(VirtBackupError):
     `backup_id`: the attempt's, once it had one (its outcome line, with
     the id, is then already logged)."""
 
-    def __init__(self, message: str, backup_id: str | None = None) -> None:
-        super().__init__(message)
-        self.backup_id = backup_id
+    def __init__(
+        self, message: str, backup_id: str | None = None, *, domain: str | None = None
+    ) -> None:
+        super().__init__(message, backup_id=backup_id, domain=domain)
 
 
 class RestoreError(VirtBackupError):
@@ -202,9 +293,8 @@ class ImageWriteError(VirtBackupError):
     """Writing a backup image failed: the file system refused (no space,
     I/O error) or a write the image cannot take; the backup fails."""
 
-    def __init__(self, path: object, message: str) -> None:
-        super().__init__(f"{path}: {message}")
-        self.path = path
+    def __init__(self, path: Path | str, message: str) -> None:
+        super().__init__(f"{path}: {message}", path=path)
 
 
 class UntrustedFolderError(InputError):
@@ -213,6 +303,5 @@ class UntrustedFolderError(InputError):
     others: another user could redirect root's writes. Nothing was made
     inside it."""
 
-    def __init__(self, path: object, problem: str) -> None:
-        super().__init__(f"{path}: {problem}")
-        self.path = path
+    def __init__(self, path: Path | str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}", path=path)

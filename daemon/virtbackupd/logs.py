@@ -6,10 +6,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
 import structlog
+
+from virtbackupd.errors import REPORT_BUG, ConfigError, InternalError, VirtBackupError
 
 #: syslog's NOTICE, between info and warning: normal but significant (an
 #: operator's cancel). structlog has no such level; our loggers get a
@@ -78,7 +81,6 @@ def configure(level: str = "info", fmt: str = "console") -> None:
     renderer: structlog.typing.Processor
     if fmt == "journal":
         from virtbackupd.adapters.journald import JOURNAL_SOCKET, JournaldRenderer, JournalSender
-        from virtbackupd.errors import ConfigError
 
         if not os.path.exists(JOURNAL_SOCKET):  # noqa: PTH110 (a socket path, not a file we read)
             raise ConfigError(
@@ -106,3 +108,49 @@ def configure(level: str = "info", fmt: str = "console") -> None:
         logger_factory=lambda *_: _StderrLogger(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+def is_bug(exc: BaseException) -> bool:
+    """Not an error of ours for an operator (an InternalError, or anything
+    no adapter translated): logged with its traceback. An interruption
+    (KeyboardInterrupt, SystemExit) is none."""
+    return isinstance(exc, Exception) and not isinstance(exc, VirtBackupError)
+
+
+def bug_text(exc: BaseException) -> str:
+    """A bug in one line: its type and words."""
+    return f"internal error: {type(exc).__name__}: {exc}"
+
+
+def failure(logger: Any, event: str, exc: BaseException, /, **fields: Any) -> None:
+    """Log `event` at error level for `exc`. An operator's error is one line
+    whose keys include the error's context (domain, backup_id, disk, path,
+    libvirt_code: journal fields DOMAIN=, PATH=, LIBVIRT_CODE=, ...) and
+    `error` (its words, unless given); `fields`, and the keys bound to
+    `logger` (a job's domain and backup id), win over the context. A bug
+    comes with its traceback and a `bug` key asking for a report."""
+    bound = structlog.get_context(logger)
+    context: dict[str, Any] = {}
+    if isinstance(exc, VirtBackupError):
+        context = {k: v for k, v in exc.context.items() if k not in bound}
+    context.update(fields)
+    if is_bug(exc):
+        context.setdefault("error", bug_text(exc))
+        context["bug"] = "a bug in virtbackupd: please report it with this traceback"
+        context["exc_info"] = exc
+    else:
+        context.setdefault("error", str(exc) or type(exc).__name__)
+    logger.error(event, **context)
+
+
+def exit_status(prog: str, exc: Exception) -> int:
+    """What a command (`prog`: virtbackup, virtbackupd) says on stderr when
+    `exc` ends it, and its exit code: an operator's error is one line and
+    its class's `exit_code`; a bug is its traceback, a line asking for a
+    report, and InternalError's exit code (1)."""
+    if isinstance(exc, VirtBackupError):
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    traceback.print_exception(exc, file=sys.stderr)
+    print(f"{prog}: {bug_text(exc)}; {REPORT_BUG}", file=sys.stderr)
+    return InternalError.exit_code

@@ -201,7 +201,9 @@ class Libvirt:
             )
         except libvirt.libvirtError as exc:
             executor.shutdown(wait=False)
-            raise LibvirtError(f"cannot connect to {uri}: {exc.get_error_message()}") from exc
+            raise LibvirtError(
+                f"cannot connect to {uri}: {exc.get_error_message()}", exc.get_error_code() or 0
+            ) from exc
         except LibvirtError:
             executor.shutdown(wait=False)
             raise
@@ -228,10 +230,15 @@ class Libvirt:
                 await self._call(self._conn.close, what="close")
         self._executor.shutdown(wait=False)
 
-    async def _call(self, fn: Callable[..., T], *args: Any, what: str | None = None) -> T:
+    async def _call(
+        self, fn: Callable[..., T], *args: Any, what: str | None = None, domain: str | None = None
+    ) -> T:
+        """`domain`: the domain a call that is not a virDomain method is
+        about (its errors carry it)."""
         owner = getattr(fn, "__self__", None)
         # virDomainGetName answers from the client's copy: no round trip.
-        domain = owner.name() if isinstance(owner, libvirt.virDomain) else None
+        if isinstance(owner, libvirt.virDomain):
+            domain = owner.name()
         call = what or str(getattr(fn, "__name__", "a call"))
         if self._hung is not None:
             raise LibvirtError(
@@ -246,7 +253,7 @@ class Libvirt:
             self._hung = exc
             raise
         except libvirt.libvirtError as exc:
-            raise _translate(exc) from exc
+            raise translate(exc, domain) from exc
 
     def alive(self) -> bool:
         """Whether the connection is up (libvirt's own view: no round trip;
@@ -256,6 +263,7 @@ class Libvirt:
     # --- domains -------------------------------------------------------------------
     async def _lookup(self, ref: DomainRef | str) -> Any:
         key = ref.uuid if isinstance(ref, DomainRef) else ref
+        name = ref.name if isinstance(ref, DomainRef) else key
 
         def find() -> Any:
             try:
@@ -266,10 +274,14 @@ class Libvirt:
                 return self._conn.lookupByName(key)
             except libvirt.libvirtError as exc:
                 if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                    raise DomainNotFoundError(f"no domain named or with UUID '{key}'") from exc
+                    raise DomainNotFoundError(
+                        f"no domain named or with UUID '{key}'",
+                        libvirt.VIR_ERR_NO_DOMAIN,
+                        domain=name,
+                    ) from exc
                 raise
 
-        return await self._call(find, what=f"the lookup of domain {key}")
+        return await self._call(find, what=f"the lookup of domain {key}", domain=name)
 
     async def domain(self, name_or_uuid: str) -> DomainRef:
         dom = await self._lookup(name_or_uuid)
@@ -402,7 +414,9 @@ class Libvirt:
                 out.append(StoredCheckpoint(cp.getName(), parent_of(xml), xml))
             return out
 
-        return await self._call(collect, what=f"the checkpoint listing of {ref.name}")
+        return await self._call(
+            collect, what=f"the checkpoint listing of {ref.name}", domain=ref.name
+        )
 
     async def checkpoint_xml(self, ref: DomainRef, name: str) -> str:
         dom = await self._lookup(ref)
@@ -410,6 +424,7 @@ class Libvirt:
             await self._call(
                 lambda: dom.checkpointLookupByName(name).getXMLDesc(0),
                 what=f"the XML of checkpoint {name} of {ref.name}",
+                domain=ref.name,
             )
         )
 
@@ -428,7 +443,9 @@ class Libvirt:
                 raise
             cp.delete(flags)
 
-        await self._call(delete, what=f"the deletion of checkpoint {name} of {ref.name}")
+        await self._call(
+            delete, what=f"the deletion of checkpoint {name} of {ref.name}", domain=ref.name
+        )
 
     async def redefine_checkpoint(self, ref: DomainRef, xml: str) -> None:
         dom = await self._lookup(ref)
@@ -489,7 +506,9 @@ class Libvirt:
         deadline = loop.time() + timeout
         while await self.job_active(ref):
             if loop.time() > deadline:
-                raise LibvirtError(f"backup job of {ref.name} did not end within {timeout}s")
+                raise LibvirtError(
+                    f"backup job of {ref.name} did not end within {timeout}s", domain=ref.name
+                )
             await asyncio.sleep(0.05)
 
     async def completed_job_failed(self, ref: DomainRef) -> str | None:
@@ -506,11 +525,21 @@ class Libvirt:
         return None
 
 
-def _translate(exc: libvirt.libvirtError) -> LibvirtError:
+#: libvirt error codes that are errors of their own kind here, told apart
+#: by code alone: libvirt's message text is translated (LANG) and reworded
+#: between versions. VIR_ERR_CHECKPOINT_INCONSISTENT (109) is what
+#: backupBegin and a checkpoint's redefinition report for a missing or
+#: broken bitmap (libvirt's qemu_backup.c and qemu_checkpoint.c).
+BY_CODE: dict[int, type[LibvirtError]] = {
+    libvirt.VIR_ERR_CHECKPOINT_INCONSISTENT: CheckpointInconsistentError,
+    libvirt.VIR_ERR_NO_DOMAIN: DomainNotFoundError,
+}
+
+
+def translate(exc: libvirt.libvirtError, domain: str | None = None) -> LibvirtError:
+    """Our error for a libvirt error: its class chosen by libvirt's error
+    code, with that code and the domain (when the call was about one) as
+    its context."""
     msg = exc.get_error_message() or str(exc)
     code = exc.get_error_code() or 0
-    if "checkpoint inconsistent" in msg or "missing or broken bitmap" in msg:
-        return CheckpointInconsistentError(msg, code)
-    if code == libvirt.VIR_ERR_NO_DOMAIN:
-        return DomainNotFoundError(msg, code)
-    return LibvirtError(msg, code)
+    return BY_CODE.get(code, LibvirtError)(msg, code, domain=domain)

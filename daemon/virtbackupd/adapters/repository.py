@@ -70,6 +70,8 @@ _E = TypeVar("_E", bound=StrEnum)
 class RepositoryFormatError(VirtBackupError):
     """A repository file this version cannot read: damaged, or newer."""
 
+    path: Path  # always a file's (the root's context field allows text too)
+
     def __init__(self, path: Path, problem: str) -> None:
         self.path = path
         self.problem = problem

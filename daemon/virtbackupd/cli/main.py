@@ -268,12 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return asyncio.run(_run(args))
-    except InputError as exc:
-        print(f"virtbackup: {exc}", file=sys.stderr)
-        return 2
     except VirtBackupError as exc:
-        print(f"virtbackup: {exc}", file=sys.stderr)
-        return 1
+        # One line; the code is the class's (InputError and kin: 2).
+        return logs.exit_status("virtbackup", exc)
     except KeyboardInterrupt:
         print("virtbackup: interrupted", file=sys.stderr)
         return 130
@@ -289,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"virtbackup: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # noqa: BLE001 (a bug: its traceback and a request to report it)
+        return logs.exit_status("virtbackup", exc)
 
 
 async def _run(args: argparse.Namespace) -> int:

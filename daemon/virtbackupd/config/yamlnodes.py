@@ -34,7 +34,7 @@ class FileProblemsError(ConfigError):
     """Every problem found in one file, in line order (``errors``)."""
 
     def __init__(self, errors: list[ConfigError]) -> None:
-        super().__init__("\n".join(str(e) for e in errors))
+        super().__init__("\n".join(str(e) for e in errors), path=errors[0].path if errors else None)
         self.errors = errors
 
 
@@ -58,7 +58,9 @@ class Source:
                 if x
             )
             raise ConfigError(
-                f"{path}{line}: not valid YAML: {what or type(exc).__name__}"
+                f"{path}{line}: not valid YAML: {what or type(exc).__name__}",
+                path=path,
+                line=mark.line + 1 if mark is not None else None,
             ) from exc
         except RecursionError as exc:  # block-style nesting deeper than the flow check sees
             raise ConfigError(f"{path}: nested too deeply to be a config file") from exc
@@ -74,12 +76,10 @@ class Source:
             raise ConfigError(f"{path}: not UTF-8 text") from exc
 
     def error(self, node: yaml.Node | None, key: str, problem: str) -> ConfigError:
-        number = node.start_mark.line + 1 if node is not None else 0
-        line = f":{number}" if node is not None else ""
+        number = node.start_mark.line + 1 if node is not None else None
+        line = f":{number}" if number is not None else ""
         where = f" {excerpt(key)}:" if key else ""
-        err = ConfigError(f"{self.path}{line}:{where} {problem}")
-        err.line = number  # type: ignore[attr-defined]
-        return err
+        return ConfigError(f"{self.path}{line}:{where} {problem}", path=self.path, line=number)
 
     @contextmanager
     def collecting(self) -> Iterator[None]:
@@ -94,7 +94,7 @@ class Source:
     def raise_errors(self) -> None:
         """Raise every collected problem at once, in line order."""
         if self.errors:
-            ordered = sorted(self.errors, key=lambda e: getattr(e, "line", 0))
+            ordered = sorted(self.errors, key=lambda e: e.line or 0)
             raise FileProblemsError(ordered) if len(ordered) > 1 else ordered[0]
 
     def mapping(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from virtbackupd.errors import VirtBackupError
+from virtbackupd.errors import InternalError
 
 
 class JobState(StrEnum):
@@ -58,8 +58,9 @@ CLEANUP: dict[JobState, Cleanup] = {
 }
 
 
-class IllegalTransitionError(VirtBackupError):
-    """A bug: the job tried a move the table does not allow."""
+class IllegalTransitionError(InternalError):
+    """A bug: the job tried a move the table does not allow (logged with
+    its traceback, never shown as an operator's one-line error)."""
 
 
 class JobMachine:

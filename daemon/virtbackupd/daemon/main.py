@@ -34,19 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from virtbackupd import logs
     from virtbackupd.config.daemon import config_path
     from virtbackupd.daemon.service import Service
-    from virtbackupd.errors import DaemonRunningError, InputError, VirtBackupError
 
     try:
         return _serve(Service(config_path(args.config)))
-    except (InputError, DaemonRunningError) as exc:
-        # The operator's to fix (config, folders, lock file): 2, as a refusal.
-        print(f"virtbackupd: {exc}", file=sys.stderr)
-        return 2
-    except VirtBackupError as exc:
-        print(f"virtbackupd: {exc}", file=sys.stderr)
-        return 1
+    except Exception as exc:  # noqa: BLE001 (a bug: its traceback and a request to report it)
+        # The operator's to fix (config, folders, lock file: InputError,
+        # DaemonRunningError) exits 2, as a refusal; see errors.py.
+        return logs.exit_status("virtbackupd", exc)
 
 
 def _serve(service: Service) -> int:

@@ -210,8 +210,8 @@ class Service:
                 await self._backup(store, uuid, level)
             except VirtBackupError as exc:
                 error = exc
-            except Exception as exc:  # a bug: logged with its traceback, the worker lives on
-                log.error("backup crashed", domain=name, backup_level=level.value, exc_info=exc)
+            except Exception as exc:  # noqa: BLE001 (a bug: logs.failure gives its traceback; the worker lives on)
+                logs.failure(log, "backup crashed", exc, domain=name, backup_level=level.value)
                 error = exc
             except asyncio.CancelledError:
                 # The daemon stops: the engine cleaned up (or the stop's bound
@@ -232,7 +232,7 @@ class Service:
             elif isinstance(error, VirtBackupError) and not (
                 isinstance(error, BackupFailedError) and error.backup_id
             ):
-                log.error("backup failed", domain=name, error=outcome.reason)
+                logs.failure(log, "backup failed", error, domain=name, error=outcome.reason)
             self._carry_out(uuid, slot.finish(outcome, _now()))
             self._status()
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import structlog
 
+from virtbackupd import logs
 from virtbackupd.adapters import host_folders, qcow2_writer, repository
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
 from virtbackupd.adapters.nbd.client import UnixAddress
@@ -602,11 +603,12 @@ class Job:
             # stopping): the outcome is a notice, not an error.
             reason = self.cancelled.value if self.cancelled is not None else "cancelled"
             self.log.notice("backup cancelled", state=self.state.value, reason=reason)
-        elif isinstance(exc, Exception) and not isinstance(exc, VirtBackupError):
-            reason = f"internal error: {type(exc).__name__}: {exc}"
-            self.log.error("backup failed", state=self.state.value, error=reason, exc_info=exc)
         else:
-            self.log.error("backup failed", state=self.state.value, error=reason)
+            # A bug with its traceback; an error of ours in one line, with
+            # its context (disk, path, libvirt code) as journal fields.
+            if logs.is_bug(exc):
+                reason = logs.bug_text(exc)
+            logs.failure(self.log, "backup failed", exc, state=self.state.value, error=reason)
         cleanup = self.machine.fail()
         if cleanup is Cleanup.KEEP:
             self.log.error(

@@ -31,7 +31,9 @@ def domain_lock(runtime_dir: Path, uuid: str, name: str, what: str = "backup") -
             pid = held[0] if held else "unknown"
             activity = held[1] if len(held) > 1 else "backup"
             raise BackupBusyError(
-                f"another {activity} of {name} is running (process {pid}; lock {path})"
+                f"another {activity} of {name} is running (process {pid}; lock {path})",
+                domain=name,
+                path=path,
             ) from None
         os.ftruncate(fd, 0)
         me = os.getpid()

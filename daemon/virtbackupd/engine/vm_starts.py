@@ -64,7 +64,8 @@ def hold_images(uuid: str, name: str, hook_dir: Path = HOOK_DIR) -> Iterator[Non
         if starting(uuid, hook_dir):
             raise DomainStartingError(
                 f"{name} is being started; an offline backup does not take its images now "
-                "(the backup is taken once it runs)"
+                "(the backup is taken once it runs)",
+                domain=name,
             )
         try:
             held = _flock(hook_dir / f"{uuid}.offline", blocking=False)
@@ -74,7 +75,8 @@ def hold_images(uuid: str, name: str, hook_dir: Path = HOOK_DIR) -> Iterator[Non
             # retried like any busy domain, never an OS error.
             raise DomainStartingError(
                 f"{name}'s images are held by a VM start or another offline backup; "
-                "not taking them now"
+                "not taking them now",
+                domain=name,
             ) from None
     finally:
         os.close(guard)
