@@ -28,7 +28,7 @@ from virtbackupd import logs
 from virtbackupd.adapters import host_folders, libvirt_conn, priority
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
 from virtbackupd.adapters.libvirt_events import DomainEvent, EventKind, EventSource
-from virtbackupd.adapters.repository import HoldKind, Repository
+from virtbackupd.adapters.repository import Repository
 from virtbackupd.adapters.scheduler import Schedules
 from virtbackupd.adapters.sd_notify import Notifier, watchdog_interval
 from virtbackupd.adapters.store import Store
@@ -43,6 +43,7 @@ from virtbackupd.config.policy import (
 from virtbackupd.core.domain_xml import parse_domain
 from virtbackupd.core.policy import Level, Policy, policy_for
 from virtbackupd.core.records import BackupRecord, BackupStatus
+from virtbackupd.core.repository_format.holds import HoldKind
 from virtbackupd.daemon import decisions
 from virtbackupd.daemon.decisions import Trigger
 from virtbackupd.daemon.single import hold_daemon_lock

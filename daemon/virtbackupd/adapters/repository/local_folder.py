@@ -60,6 +60,7 @@ from virtbackupd.core.repository_format.pieces import checked_pieces
 from virtbackupd.core.repository_format.prune_journal import PruneJournal
 from virtbackupd.core.repository_format.storage import StepHook, StoredBackup
 from virtbackupd.core.repository_format.undo import UndoLog
+from virtbackupd.core.repository_format.versions import Operation
 from virtbackupd.errors import VirtBackupError
 
 if TYPE_CHECKING:
@@ -199,11 +200,17 @@ class Repository:
     # --- backups ---
 
     def backups(
-        self, uuid: str, problems: list[str] | None = None, *, hidden: bool = False
+        self,
+        uuid: str,
+        problems: list[str] | None = None,
+        *,
+        hidden: bool = False,
+        operation: Operation = Operation.READ,
     ) -> list[StoredBackup]:
         """The committed backups of one domain, oldest first (ids sort by
-        time). Those an unfinished prune is removing are left out unless
-        `hidden`. An unreadable manifest raises, or, given `problems`, is
+        time), for `operation`. Those an unfinished prune is removing are
+        left out unless `hidden`. An unreadable manifest, or one of a format
+        version `operation` does not take, raises, or, given `problems`, is
         reported there and skipped."""
         domain_dir = self.domain_dir(uuid)
         if not domain_dir.is_dir():
@@ -214,7 +221,7 @@ class Repository:
             if not _is_backup_folder(folder) or folder.name in gone:
                 continue
             try:
-                out.append(StoredBackup(folder, read_manifest(folder)))
+                out.append(StoredBackup(folder, read_manifest(folder, operation=operation)))
             except VirtBackupError as exc:
                 if problems is None:
                     raise
@@ -225,14 +232,16 @@ class Repository:
         folder = self.final_dir(uuid, backup_id)
         return StoredBackup(folder, read_manifest(folder))
 
-    def chain(self, folder: Path) -> list[StoredBackup]:
+    def chain(self, folder: Path, operation: Operation = Operation.READ) -> list[StoredBackup]:
         """The backup in `folder` and every backup it restores through,
-        newest first (its parent, the parent's parent, ... the standalone)."""
-        out = [StoredBackup(folder, read_manifest(folder))]
+        newest first (its parent, the parent's parent, ... the standalone),
+        each of a format version `operation` takes."""
+        out = [StoredBackup(folder, read_manifest(folder, operation=operation))]
         while (parent := out[-1].manifest.parent) is not None:
             if any(b.manifest.id == parent for b in out):
                 raise RepositoryFormatError(folder / MANIFEST, f"the chain loops at {parent}")
-            out.append(StoredBackup(folder.parent / parent, read_manifest(folder.parent / parent)))
+            above = folder.parent / parent
+            out.append(StoredBackup(above, read_manifest(above, operation=operation)))
         return out
 
     def count_backup_folders(self) -> int:
@@ -381,10 +390,13 @@ def _is_backup_folder(folder: Path) -> bool:
     return folder.is_dir() and not folder.name.endswith(".partial") and folder.name[0] != "."
 
 
-def read_manifest(folder: Path, lazy_ranges: bool = False) -> Manifest:
+def read_manifest(
+    folder: Path, lazy_ranges: bool = False, *, operation: Operation = Operation.READ
+) -> Manifest:
     """`lazy_ranges`: for a listing; the disks' range lists (100 000
     entries in a fragmented backup) are neither decoded nor checked until
-    something reads them."""
+    something reads them. `operation`: what the caller does with the
+    backup; a format version it does not take is refused by name."""
     path = folder / MANIFEST
     cuts: list[str] | None = [] if lazy_ranges else None
     data = read_json(path, cuts=cuts)
@@ -396,6 +408,7 @@ def read_manifest(folder: Path, lazy_ranges: bool = False) -> Manifest:
         raise RepositoryFormatError(
             path, f"field id: {manifest.id!r} is not the name of its folder {folder.name!r}"
         )
+    manifest.check_version(path, operation)
     return manifest
 
 

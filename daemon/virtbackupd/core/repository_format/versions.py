@@ -36,6 +36,13 @@ class Operation(StrEnum):
     PRUNE = "prune"  # rewrite its manifest, merge or remove it
 
 
+_VERBS = {
+    Operation.READ: "read",
+    Operation.RESTORE: "restore from",
+    Operation.APPEND: "take incrementals on",
+    Operation.PRUNE: "prune",
+}
+
 #: The manifest versions each operation accepts. Format 1 (no piece
 #: files) is read and restored through a digest pass over its images;
 #: prunes merge it the same way.
@@ -51,11 +58,12 @@ def check_manifest_version(
     path: Path,
     version: int,
     operation: Operation,
-    accepted: Mapping[Operation, frozenset[int]] = MANIFEST_VERSIONS,
+    accepted: Mapping[Operation, frozenset[int]] | None = None,
 ) -> None:
     """Raise RepositoryFormatError, naming the file, its version and what
-    this virtbackupd accepts for `operation`, unless it accepts `version`."""
-    allowed = accepted[operation]
+    this virtbackupd accepts for `operation` (`accepted`, by default
+    MANIFEST_VERSIONS), unless it accepts `version`."""
+    allowed = (MANIFEST_VERSIONS if accepted is None else accepted)[operation]
     if version in allowed:
         return
     newest = max(allowed)
@@ -70,7 +78,7 @@ def check_manifest_version(
     formats = ", ".join(str(v) for v in sorted(allowed))
     raise RepositoryFormatError(
         path,
-        f"written in repository format {version}; this virtbackupd can {operation.value} "
+        f"written in repository format {version}; this virtbackupd can {_VERBS[operation]} "
         f"backups of format {formats} only"
         + ("; upgrade virtbackupd to do it" if version > newest else ""),
     )
