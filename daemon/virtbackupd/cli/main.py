@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from virtbackupd import __version__, logs
 from virtbackupd.adapters import host_folders, libvirt_conn, priority
 from virtbackupd.adapters.libvirt_conn import Libvirt
-from virtbackupd.adapters.repository import Repository, escaped, is_unsafe_char
+from virtbackupd.adapters.repository import Repository
 from virtbackupd.adapters.store import Store
 from virtbackupd.cli import listing
 from virtbackupd.cli.catalogue import (
@@ -47,6 +47,7 @@ from virtbackupd.config.daemon import DaemonConfig, config_path, load_config
 from virtbackupd.config.policy import file_digests, policy_files
 from virtbackupd.core.policy import Level, Policy, policy_for
 from virtbackupd.core.records import BackupRecord, BackupStatus, CheckpointStatus, DomainRecord
+from virtbackupd.core.repository_format.names import escaped, is_unsafe_char
 from virtbackupd.engine.backup import BackupContext, JobProgress, backup_domain
 from virtbackupd.engine.catalogue import Standing, standing
 from virtbackupd.engine.domain_job import domain_job

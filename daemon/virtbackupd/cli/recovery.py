@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from virtbackupd.adapters.libvirt_conn import Libvirt
-from virtbackupd.adapters.repository import Hold, HoldKind, Repository
+from virtbackupd.adapters.repository import Repository
 from virtbackupd.adapters.store import Store
 from virtbackupd.cli.catalogue import policies, roots
 from virtbackupd.cli.domains import the_domain
 from virtbackupd.config.daemon import DaemonConfig
 from virtbackupd.core.points import parse_time, pick_backup
 from virtbackupd.core.records import BackupRecord, BackupStatus, DomainRecord
+from virtbackupd.core.repository_format.holds import Hold, HoldKind
 from virtbackupd.engine import define, guest_view, live_restore, restore
 from virtbackupd.engine.catalogue import Standing, standing
 from virtbackupd.engine.domain_job import domain_job

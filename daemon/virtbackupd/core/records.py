@@ -59,7 +59,7 @@ class DiskRecord:
     pieces: str | None = None
     # The image stands alone (True) or is an overlay on the parent's image
     # of this disk (False), as the manifest says; None: a manifest written
-    # before the field existed (see adapters.repository.allowed_backings).
+    # before the field existed (see repository_format.manifest.allowed_backings).
     standalone: bool | None = None
 
 

@@ -33,12 +33,13 @@ from virtbackupd import logs
 from virtbackupd.adapters import host_folders, libvirt_conn, priority
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
 from virtbackupd.adapters.libvirt_events import DomainEvent, EventSource
-from virtbackupd.adapters.repository import HoldKind, Repository
+from virtbackupd.adapters.repository import Repository
 from virtbackupd.adapters.scheduler import Schedules
 from virtbackupd.adapters.sd_notify import Notifier, watchdog_interval
 from virtbackupd.adapters.store import Store
 from virtbackupd.config.daemon import DaemonConfig, load_config, zone_name
 from virtbackupd.core.policy import Level, Policy
+from virtbackupd.core.repository_format.holds import HoldKind
 from virtbackupd.daemon import decisions, recovery
 from virtbackupd.daemon.decisions import Trigger
 from virtbackupd.daemon.policies import PolicyBook

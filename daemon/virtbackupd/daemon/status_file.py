@@ -1,20 +1,29 @@
 """``<runtime_dir>/daemon.json``: what the running daemon does, for
 `virtbackup status`. Written atomically by the daemon on every change,
-read by the CLI; a typed value on both sides."""
+read by the CLI; a typed value on both sides, through the repository
+format's codec (core.repository_format.codec), its version checked where
+it is read."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from virtbackupd.adapters import host_folders
+from virtbackupd.core.repository_format.codec import Fields, FormatError, decode_json, json_text
 
 STATUS_FILE = "daemon.json"
-FORMAT = 1
+FORMAT = 1  # the version written; a file without it was written as version 1
+#: A daemon.json is a few KiB per hundred domains.
+MAX_STATUS_BYTES = 16 * 1024 * 1024
+
+
+class StatusFileError(FormatError):
+    """A daemon.json this virtbackup cannot read: damaged, or written by a
+    newer daemon."""
 
 
 @dataclass(frozen=True)
@@ -119,7 +128,7 @@ def write_status(runtime_dir: Path, status: DaemonStatus) -> None:
         tmp.unlink()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(status.as_json(), indent=2))
+        f.write(json_text(status.as_json()))
     tmp.replace(path)
 
 
@@ -141,12 +150,15 @@ def probe_status(runtime_dir: Path) -> tuple[DaemonStatus | None, str | None]:
     so whether a daemon runs is not known."""
     path = runtime_dir / STATUS_FILE
     try:
-        data = json.loads(path.read_text())
-        status = DaemonStatus.from_json(data)
+        with path.open("rb") as f:
+            data = f.read(MAX_STATUS_BYTES + 1)
+        status = decode_status(path, data)
     except FileNotFoundError:
         return None, None
     except OSError as exc:
         return None, f"{path}: {exc.strerror or exc}"
+    except StatusFileError as exc:
+        return None, str(exc)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         return None, f"{path}: not a status file this version reads ({exc!r})"
     try:
@@ -156,6 +168,26 @@ def probe_status(runtime_dir: Path) -> tuple[DaemonStatus | None, str | None]:
     except OSError:
         pass  # it exists (EPERM): a daemon runs
     return status, None
+
+
+def decode_status(path: Path, data: bytes) -> DaemonStatus:
+    """The bytes of a status file: JSON through the codec, its version
+    checked (StatusFileError names the file, the version and the one this
+    virtbackup reads), then the fields."""
+    if len(data) > MAX_STATUS_BYTES:
+        raise StatusFileError(path, f"is larger than {MAX_STATUS_BYTES} bytes")
+    raw = decode_json(path, data, error=StatusFileError)
+    version = Fields(raw, path, error=StatusFileError).integer("format", default=FORMAT)
+    if version > FORMAT:
+        raise StatusFileError(
+            path,
+            f"written in status file format {version}, newer than this virtbackup reads "
+            f"(up to {FORMAT}); run the virtbackup of the daemon's version",
+        )
+    if version < 1:
+        raise StatusFileError(path, f"unknown status file format {version}")
+    assert isinstance(raw, dict)  # Fields checked it
+    return DaemonStatus.from_json(raw)
 
 
 def _pair(value: Any) -> tuple[str, str] | None:

@@ -26,16 +26,7 @@ from virtbackupd import logs
 from virtbackupd.adapters import host_folders, qcow2_writer, repository
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
 from virtbackupd.adapters.nbd.client import UnixAddress
-from virtbackupd.adapters.repository import (
-    CHECKPOINT_XML,
-    DOMAIN_XML,
-    Manifest,
-    Repository,
-    StepHook,
-    UndoKind,
-    UndoLog,
-    document_digests,
-)
+from virtbackupd.adapters.repository import Repository
 from virtbackupd.adapters.store import Store
 from virtbackupd.config.daemon import DaemonConfig
 from virtbackupd.core.backup_documents import (
@@ -52,6 +43,14 @@ from virtbackupd.core.records import (
     CheckpointStatus,
     DiskRecord,
 )
+from virtbackupd.core.repository_format.documents import (
+    CHECKPOINT_XML,
+    DOMAIN_XML,
+    document_digests,
+)
+from virtbackupd.core.repository_format.manifest import Manifest
+from virtbackupd.core.repository_format.storage import StepHook
+from virtbackupd.core.repository_format.undo import UndoKind, UndoLog
 from virtbackupd.engine import own_checkpoints, scratch, vm_starts
 from virtbackupd.engine.backup_export import Export, OfflineExport, OnlineExport
 from virtbackupd.engine.catalogue import commit_backup, standing

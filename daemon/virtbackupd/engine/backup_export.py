@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Protocol
 
 from virtbackupd.adapters import qemu_img, qemu_nbd
 from virtbackupd.adapters.nbd.client import UnixAddress
-from virtbackupd.adapters.repository import UndoKind
 from virtbackupd.core.backup_documents import (
     BackupRequest,
     DiskChoice,
@@ -36,6 +35,7 @@ from virtbackupd.core.domain_xml import DomainInfo
 from virtbackupd.core.job_state import JobState
 from virtbackupd.core.plan import Plan
 from virtbackupd.core.policy import Level, Quiesce
+from virtbackupd.core.repository_format.undo import UndoKind
 from virtbackupd.engine import scratch
 from virtbackupd.engine.copy import CopyResult
 from virtbackupd.engine.locks import clear_freeze, note_freeze

@@ -21,13 +21,11 @@ from pathlib import Path
 import structlog
 
 from virtbackupd.adapters.repository import (
-    CHECKPOINT_XML,
     IDENTITY,
     MANIFEST,
-    Manifest,
     Repository,
-    StepHook,
-    StoredBackup,
+    document_path,
+    has_document,
     read_document,
     read_manifest,
 )
@@ -40,6 +38,9 @@ from virtbackupd.core.records import (
     CheckpointRecord,
     CheckpointStatus,
 )
+from virtbackupd.core.repository_format.documents import CHECKPOINT_XML
+from virtbackupd.core.repository_format.manifest import Manifest
+from virtbackupd.core.repository_format.storage import StepHook, StoredBackup
 from virtbackupd.engine.undo import Undo
 from virtbackupd.errors import VirtBackupError
 
@@ -91,15 +92,15 @@ async def check_identity(store: Store, repos: Sequence[Repository]) -> None:
 def checkpoint_record(stored: StoredBackup) -> CheckpointRecord | None:
     """The checkpoint a committed backup vouches for (its checkpoint.xml)."""
     m = stored.manifest
-    path = stored.folder / CHECKPOINT_XML
-    if m.checkpoint is None or not path.is_file():
+    if m.checkpoint is None or not has_document(stored.folder, CHECKPOINT_XML):
         return None
     # Its XML is what a later backup hands libvirt to redefine the
     # checkpoint: one edited since the backup (DocumentDigestError) or torn
     # is not trusted; reindex and crash recovery record the backup without
     # it (record_committed), so the domain's next backup is full.
-    xml = read_document(stored.folder, m, CHECKPOINT_XML).text
-    cp = Checkpoint.from_xml(xml, str(path))
+    doc = read_document(stored.folder, m, CHECKPOINT_XML)
+    xml = doc.text
+    cp = Checkpoint.from_xml(xml, str(doc.path))
     return CheckpointRecord(
         m.domain_uuid, m.checkpoint, cp.parent, m.started, CheckpointStatus.ACTIVE, xml
     )
@@ -145,7 +146,7 @@ async def record_committed(
             problems.append(
                 f"{exc}; backup {m.id} is recorded without its checkpoint"
                 if isinstance(exc, VirtBackupError)
-                else f"{stored.folder / 'checkpoint.xml'}: cannot read: {exc}"
+                else f"{document_path(stored.folder, CHECKPOINT_XML)}: cannot read: {exc}"
             )
     await store.record_backup(m.as_record(stored.folder), cp)
 

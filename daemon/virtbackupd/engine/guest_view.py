@@ -38,7 +38,9 @@ from virtbackupd.adapters import (
     procfs,
 )
 from virtbackupd.adapters.qcow2_reader import check_backing_names
-from virtbackupd.adapters.repository import Hold, HoldKind, Repository, disk_file
+from virtbackupd.adapters.repository import Repository
+from virtbackupd.core.repository_format.holds import Hold, HoldKind
+from virtbackupd.core.repository_format.names import disk_file
 from virtbackupd.core.volumes import Region, VolumeReadError, logical_volumes, partitions
 from virtbackupd.errors import InputError, ProcessError, VirtBackupError
 

@@ -49,12 +49,7 @@ import structlog
 from virtbackupd.adapters import host_folders, qemu_img
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
 from virtbackupd.adapters.qcow2_reader import check_backing_names
-from virtbackupd.adapters.repository import (
-    Hold,
-    HoldKind,
-    Repository,
-    disk_file,
-)
+from virtbackupd.adapters.repository import Repository
 from virtbackupd.config.daemon import DaemonConfig
 from virtbackupd.core.checkpoint_xml import Checkpoint, CheckpointDisk, CheckpointDiskMode
 from virtbackupd.core.live_move import (
@@ -66,6 +61,9 @@ from virtbackupd.core.live_move import (
     next_step,
     pull_verdict,
 )
+from virtbackupd.core.repository_format.holds import Hold, HoldKind
+from virtbackupd.core.repository_format.names import disk_file
+from virtbackupd.core.repository_format.versions import Operation
 from virtbackupd.core.restored_domain import RestoredImage
 from virtbackupd.engine import live_check
 from virtbackupd.engine.define import Defined, SavedDefinition, define_planned, plan_definition
@@ -569,7 +567,7 @@ def release(repo: Repository, hold: Hold) -> None:
 def _chain_dirs(repo: Repository, folder: Path) -> list[Path]:
     """The folders QEMU passes through to read `folder`'s chain, outermost
     first."""
-    chain = repo.chain(folder)
+    chain = repo.chain(folder, Operation.RESTORE)
     dirs = [repo.root, folder.parent]
     return [*dirs, *(b.folder for b in chain)]
 

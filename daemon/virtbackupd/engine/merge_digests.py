@@ -24,18 +24,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from virtbackupd.adapters.repository import (
-    Manifest,
-    RepositoryFormatError,
-    next_pieces_name,
-    read_manifest,
-    read_pieces,
-)
+from virtbackupd.adapters.repository import read_manifest, read_pieces
 from virtbackupd.core import extents
 from virtbackupd.core.extents import Kind, Piece, Range
 from virtbackupd.core.merge_plan import Consolidate, Op, Rebase, Remove
 from virtbackupd.core.piece_merge import ChainLayer, plan_pieces, sources
 from virtbackupd.core.records import DiskRecord
+from virtbackupd.core.repository_format.codec import RepositoryFormatError
+from virtbackupd.core.repository_format.manifest import Manifest, next_pieces_name
 from virtbackupd.engine.content import digest_image, hashes_at, non_zero, open_view
 from virtbackupd.errors import PruneError
 

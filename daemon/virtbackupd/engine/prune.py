@@ -38,14 +38,10 @@ from virtbackupd.adapters import host_folders, qemu_img
 from virtbackupd.adapters.libvirt_conn import Libvirt
 from virtbackupd.adapters.qcow2_reader import check_backing_names
 from virtbackupd.adapters.repository import (
-    Hold,
-    Manifest,
-    PruneJournal,
     Repository,
-    allowed_backings,
-    backing_of,
     fsync_path,
     read_manifest,
+    remove_backup,
     write_manifest,
 )
 from virtbackupd.adapters.store import Store
@@ -63,6 +59,11 @@ from virtbackupd.core.merge_plan import (
 )
 from virtbackupd.core.policy import Policy, Retention
 from virtbackupd.core.records import CheckpointStatus
+from virtbackupd.core.repository_format.holds import Hold
+from virtbackupd.core.repository_format.manifest import Manifest, allowed_backings
+from virtbackupd.core.repository_format.names import backing_of
+from virtbackupd.core.repository_format.prune_journal import PruneJournal
+from virtbackupd.core.repository_format.versions import Operation
 from virtbackupd.core.retention import Point, Verdict, decide
 from virtbackupd.engine import own_checkpoints, vm_starts
 from virtbackupd.engine.domain_job import domain_job
@@ -139,7 +140,7 @@ async def prune_domain(
             or ()
         )
         replayed = True
-    found = [b.manifest for b in repo.backups(uuid)]
+    found = [b.manifest for b in repo.backups(uuid, operation=Operation.PRUNE)]
     layers = [_layer(m) for m in found]
     points = [Point(m.id, m.started) for m in found]
     held = repo.held(uuid)
@@ -291,7 +292,7 @@ async def _run_journal(
     removed_ids = {op.id for op in ops if isinstance(op, Remove)}
     for op in ops:
         if isinstance(op, Remove):
-            _remove(domain_dir, op.id, hook)
+            remove_backup(domain_dir, op.id, hook)
             continue
         subject = op.child if isinstance(op, Rebase) else op.heir
         if subject in removed_ids and not (domain_dir / subject).is_dir():
@@ -460,18 +461,6 @@ async def _replace(jobs: Sequence[tuple[Path, Maker, str]]) -> None:
         whole.replace(image)
     for folder in {image.parent for image in staged}:
         fsync_path(folder)
-
-
-def _remove(domain_dir: Path, backup_id: str, hook: StepHook) -> None:
-    folder, doomed = domain_dir / backup_id, domain_dir / f".{backup_id}.removing"
-    if folder.exists():
-        folder.rename(doomed)
-        fsync_path(domain_dir)
-        hook(f"hid {backup_id}")
-    if doomed.exists():
-        shutil.rmtree(doomed)
-        fsync_path(domain_dir)
-        hook(f"removed {backup_id}")
 
 
 async def _sync_store(store: Store, domain_dir: Path, ops: Sequence[Op]) -> None:

@@ -32,15 +32,7 @@ from virtbackupd.adapters.qcow2_reader import (
 )
 from virtbackupd.adapters.qcow2_writer import new_image
 from virtbackupd.adapters.raw_writer import new_raw_image
-from virtbackupd.adapters.repository import (
-    Manifest,
-    Repository,
-    RepositoryFormatError,
-    StoredBackup,
-    disk_file,
-    fsync_path,
-    read_pieces,
-)
+from virtbackupd.adapters.repository import Repository, fsync_path, read_pieces
 from virtbackupd.adapters.store import Store
 from virtbackupd.core.chain_check import (
     ChainCheck,
@@ -53,6 +45,11 @@ from virtbackupd.core.chain_check import (
 from virtbackupd.core.domain_xml import DomainDisk, parse_domain
 from virtbackupd.core.extents import Kind, content_hash
 from virtbackupd.core.records import CheckpointStatus, DiskRecord
+from virtbackupd.core.repository_format.codec import RepositoryFormatError
+from virtbackupd.core.repository_format.manifest import Manifest
+from virtbackupd.core.repository_format.names import disk_file
+from virtbackupd.core.repository_format.storage import StoredBackup
+from virtbackupd.core.repository_format.versions import Operation
 from virtbackupd.engine.content import chunks, digest_image, non_zero, open_view
 from virtbackupd.engine.copy import (
     CopyOptions,
@@ -126,7 +123,7 @@ class _Chain:
         self.size = 0  # the newest image's virtual size: the restored disk's
 
     async def load(self, runtime_dir: Path) -> None:
-        chain = Repository.of_backup(self.folder).chain(self.folder)
+        chain = Repository.of_backup(self.folder).chain(self.folder, Operation.RESTORE)
         top = self.folder / disk_file(self.disk)
         try:
             # Before qemu-img opens what the images name (a host file, a FIFO).

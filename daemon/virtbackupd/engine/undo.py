@@ -29,16 +29,12 @@ from structlog.typing import FilteringBoundLogger
 
 from virtbackupd.adapters import qemu_img
 from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
-from virtbackupd.adapters.repository import (
-    FailedAttempt,
-    Repository,
-    UndoKind,
-    UndoLog,
-    UndoStep,
-)
+from virtbackupd.adapters.repository import Repository
 from virtbackupd.adapters.store import Store
 from virtbackupd.core.backup_xml import Backup
 from virtbackupd.core.domain_xml import parse_domain
+from virtbackupd.core.repository_format.attempts import FailedAttempt
+from virtbackupd.core.repository_format.undo import UndoKind, UndoLog, UndoStep
 from virtbackupd.engine import own_checkpoints, scratch, vm_starts
 from virtbackupd.errors import DomainStartingError, VirtBackupError
 

@@ -34,19 +34,13 @@ from pathlib import Path
 
 from virtbackupd.adapters import qemu_img
 from virtbackupd.adapters.qcow2_reader import Qcow2ReadError, check_backing_names
-from virtbackupd.adapters.repository import (
-    PRUNE_JOURNAL,
-    Manifest,
-    Repository,
-    RepositoryFormatError,
-    allowed_backings,
-    read_manifest,
-    read_pieces,
-)
+from virtbackupd.adapters.repository import PRUNE_JOURNAL, Repository, read_manifest, read_pieces
 from virtbackupd.adapters.store import Store
 from virtbackupd.config.daemon import DaemonConfig
 from virtbackupd.core import extents
 from virtbackupd.core.records import BackupRecord, DiskRecord
+from virtbackupd.core.repository_format.codec import RepositoryFormatError
+from virtbackupd.core.repository_format.manifest import Manifest, allowed_backings
 from virtbackupd.engine.content import allocated_here, differing, digest_view, open_view
 from virtbackupd.engine.domain_job import domain_job
 from virtbackupd.engine.guest_view import FsVerdict, check_filesystems
