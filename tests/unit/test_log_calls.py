@@ -47,8 +47,14 @@ def _log_calls() -> list[tuple[Path, ast.Call]]:
 #: prunes and cleans: each such line must reach `journalctl DOMAIN=NAME`.
 DAEMON_PATHS = {
     "daemon/service.py",
-    "engine/backup.py",
-    "engine/backup_export.py",
+    "engine/backup/driver.py",
+    "engine/backup/entry.py",
+    "engine/backup/planning.py",
+    "engine/backup/online.py",
+    "engine/backup/offline.py",
+    "engine/backup/folders.py",
+    "engine/backup/commit.py",
+    "engine/backup/copying.py",
     "engine/prune.py",
     "engine/leftovers.py",
     "engine/own_checkpoints.py",
