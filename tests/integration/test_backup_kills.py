@@ -57,7 +57,11 @@ async def test_a_backup_killed_at_random_instants_leaves_nothing_running(
     repo = Repository(cfg.backup_root)
     uuid = td.dom.UUIDString()
 
-    await asyncio.to_thread(guest.write, "vda", 0, 8 * MiB, 0x20)
+    proc = await _cli_backup(config, td.name)  # the full the rounds build on
+    assert await proc.wait() == 0
+    # The span: a whole incremental as each round takes it, process start
+    # to exit (the kills land anywhere in it, or just after).
+    await asyncio.to_thread(guest.write, "vda", 0, 16 * MiB, 0x20)
     began = time.monotonic()
     proc = await _cli_backup(config, td.name)
     assert await proc.wait() == 0
@@ -65,17 +69,20 @@ async def test_a_backup_killed_at_random_instants_leaves_nothing_running(
     print(f"kills land within {span:.2f} s of the start")
 
     for n in range(1, kills + 1):
-        await asyncio.to_thread(guest.write, "vda", (n % 3) * 8 * MiB, 4 * MiB, 0x20 + n)
+        await asyncio.to_thread(guest.write, "vda", (n % 2) * 16 * MiB, 16 * MiB, 0x20 + n)
         proc = await _cli_backup(config, td.name)
         at = rnd.uniform(0, span)
         await asyncio.sleep(at)
-        print(f"kill {n}: SIGKILL {at:.2f} s after the start")
         if proc.returncode is None:
             proc.send_signal(signal.SIGKILL)
         await proc.wait()
         async with Store.open(cfg.state_db) as store:
             running = {r.id for r in await store.backups(uuid, status=BackupStatus.RUNNING)}
             logged = {u.backup_id for u in repo.undo_logs(uuid)}
+            left = [
+                u.steps[-1].kind.value if u.steps else "no step yet" for u in repo.undo_logs(uuid)
+            ]
+            print(f"kill {n}: SIGKILL {at:.2f} s after the start; left undo logs {left}")
             # Whatever the instant: no record without the log that cleans it.
             assert running <= logged, (running, logged)
             lv = await Libvirt.open(cfg.libvirt_uri)
