@@ -117,10 +117,6 @@ class Job:
     def id(self) -> str:
         return self._setup.backup_id
 
-    @property
-    def state(self) -> JobState:
-        return self._machine.state
-
     def _enter(self, state: JobState) -> None:
         """The one way the job's state moves."""
         self._machine.advance(state)
