@@ -15,6 +15,8 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from testbed.daemon import spawn_cli
 from testbed.domains import DomainFactory, MiB
 from testbed.guest import GuestWriter
@@ -26,6 +28,7 @@ from virtbackupd.config.daemon import load_config
 from virtbackupd.core.policy import Policy
 from virtbackupd.core.records import BackupStatus
 from virtbackupd.engine.backup import BackupContext, backup_domain
+from virtbackupd.errors import BackupFailedError
 
 
 async def _cli_backup(config: Path, name: str) -> asyncio.subprocess.Process:
@@ -102,3 +105,32 @@ async def test_a_backup_killed_at_random_instants_leaves_nothing_running(
         vouched = {r.checkpoint for r in records if r.status is BackupStatus.COMPLETE}
         assert {c for c in own if c.startswith("virtbackupd-")} <= vouched
         assert_restores(Path(nxt.path or ""), [(d.disk, d.path) for d in nxt.disks], td, tmp_path)
+
+
+async def test_a_failure_before_the_undo_log_leaves_no_running_record(
+    domains: DomainFactory, config: Path
+) -> None:
+    """The undo log is written before the catalogue's record, and a
+    failure there goes through the job's one failure path: the backup
+    fails as a backup (BackupFailedError) and leaves no record "running"
+    (before issue 25 the record was written first and stayed "running"
+    until the domain's next job swept it)."""
+    td = await asyncio.to_thread(domains.create, qcow2_sizes=[8 * MiB], start=False)
+    cfg = load_config(config)
+    repo = Repository(cfg.backup_root)
+    uuid = td.dom.UUIDString()
+    undo_dir = repo.domain_dir(uuid) / ".undo"
+    undo_dir.parent.mkdir(parents=True)
+    undo_dir.write_text("a file where the undo logs' folder goes\n")
+    async with Store.open(cfg.state_db) as store:
+        lv = await Libvirt.open(cfg.libvirt_uri)
+        try:
+            ctx = BackupContext(cfg, store, lv, Policy(Path("test"), domains=(td.name,)))
+            with pytest.raises(BackupFailedError, match=r"\.undo"):
+                await backup_domain(ctx, td.name)
+            assert not await store.backups(uuid, status=BackupStatus.RUNNING)
+            undo_dir.unlink()
+            done = await backup_domain(ctx, td.name)
+        finally:
+            await lv.close()
+    assert done.status is BackupStatus.COMPLETE
