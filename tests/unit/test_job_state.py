@@ -17,6 +17,14 @@ from virtbackupd.core.job_state import (
 S = JobState
 
 
+def machine_in(state: JobState) -> JobMachine:
+    """A machine already in `state`, for a test only: the job reaches a
+    state by its moves, and the state is read-only outside the machine."""
+    m = JobMachine()
+    m._state = state
+    return m
+
+
 @pytest.mark.parametrize(
     "path",
     [
@@ -44,8 +52,7 @@ def test_the_ways_to_complete(path: list[JobState]) -> None:
     ],
 )
 def test_illegal_moves_are_refused(start: JobState, to: JobState) -> None:
-    m = JobMachine()
-    m.state = start
+    m = machine_in(start)
     with pytest.raises(IllegalTransitionError, match=f"from {start.value} to {to.value}"):
         m.advance(to)
 
@@ -61,8 +68,7 @@ def test_illegal_moves_are_refused(start: JobState, to: JobState) -> None:
     ],
 )
 def test_the_state_decides_the_cleanup(state: JobState, cleanup: Cleanup) -> None:
-    m = JobMachine()
-    m.state = state
+    m = machine_in(state)
     assert m.fail() is cleanup
     assert m.state is S.FAILED
 
@@ -70,7 +76,6 @@ def test_the_state_decides_the_cleanup(state: JobState, cleanup: Cleanup) -> Non
 def test_every_state_that_can_fail_has_a_cleanup() -> None:
     can_fail = {s for s, nxt in TRANSITIONS.items() if S.FAILED in nxt}
     assert can_fail == set(CLEANUP)
-    m = JobMachine()
-    m.state = S.COMPLETE
+    m = machine_in(S.COMPLETE)
     with pytest.raises(IllegalTransitionError):
         m.fail()

@@ -1,5 +1,6 @@
 """The states of one backup job, the moves between them, and what a
-failure in each state must clean up. Pure: engine.backup drives it.
+failure in each state must clean up. Pure: engine.backup.driver drives it,
+the only code that moves it (through its one private mutator).
 
     planned ──> exporting ──> copying ──> committing ──> committed ──> complete
        │            │  ↺          │            │              │
@@ -64,23 +65,30 @@ class IllegalTransitionError(InternalError):
 
 
 class JobMachine:
+    """The state is read-only from outside: `advance` and `fail` are the
+    only ways it moves, each checked against the table."""
+
     def __init__(self) -> None:
-        self.state = JobState.PLANNED
-        self.history: list[JobState] = [self.state]
+        self._state = JobState.PLANNED
+        self.history: list[JobState] = [self._state]
+
+    @property
+    def state(self) -> JobState:
+        return self._state
 
     def advance(self, to: JobState) -> None:
-        if to not in TRANSITIONS[self.state]:
+        if to not in TRANSITIONS[self._state]:
             raise IllegalTransitionError(
-                f"backup job cannot go from {self.state.value} to {to.value}"
+                f"backup job cannot go from {self._state.value} to {to.value}"
             )
-        self.state = to
+        self._state = to
         self.history.append(to)
 
     def fail(self) -> Cleanup:
         """Enter FAILED; returns what the failure must clean up (decided by
         the state it failed in)."""
-        cleanup = CLEANUP.get(self.state)
+        cleanup = CLEANUP.get(self._state)
         if cleanup is None:
-            raise IllegalTransitionError(f"a {self.state.value} backup job cannot fail")
+            raise IllegalTransitionError(f"a {self._state.value} backup job cannot fail")
         self.advance(JobState.FAILED)
         return cleanup

@@ -13,10 +13,13 @@ Called with the domain's lock held: an undo log (or a record still
   any more: own_checkpoints.check_shut_off removes it while holding the
   images against a VM start.
 
-A record still "running" without an undo log died before writing one:
-nothing of it exists but the record, which is marked failed. A guest it
-froze and did not thaw (a freeze record in the runtime dir) is thawed
-first.
+A backup writes its undo log before its catalogue record
+(engine.backup.driver), so every record still "running" of a dead
+process has a log, and the replay marks it failed. Versions before
+issue 25 wrote the record first: one of theirs that died in between left
+a record and nothing else (every folder is in the log before it is made),
+which is marked failed too. A guest a dead backup froze and did not thaw
+(a freeze record in the runtime dir) is thawed first.
 
 Whatever the dead process was (a backup, restore, prune, verify,
 reindex), :func:`sweep_runtime` stops the helpers it left and removes
@@ -26,7 +29,6 @@ first.
 
 from __future__ import annotations
 
-import shutil
 from datetime import datetime
 from pathlib import Path
 
@@ -85,13 +87,9 @@ async def clean_leftovers(
         await _thaw(lv, ref)
         clear_freeze(config.runtime_dir, ref.uuid)
     cleaned = await settle(store, repo, ref.uuid, now, lv, ref)
+    # Only an older version's record is still running here (see above):
+    # the record is all it left.
     for rec in await store.backups(ref.uuid, status=BackupStatus.RUNNING):
-        if repo.final_dir(ref.uuid, rec.id).is_dir():
-            await catalogue.record_committed(store, repo, repo.backup(ref.uuid, rec.id))
-            continue
-        repo.discard(ref.uuid, rec.id)
-        shutil.rmtree(config.runtime_dir / "jobs" / rec.id, ignore_errors=True)
-        shutil.rmtree(config.scratch_dir / rec.id, ignore_errors=True)
         await store.fail_backup(rec.id, now, INTERRUPTED)
         log.warning("cleaned up an interrupted backup", domain=ref.name, backup_id=rec.id)
         cleaned.append(rec.id)
