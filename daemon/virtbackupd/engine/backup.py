@@ -69,7 +69,7 @@ from virtbackupd.engine.locks import (
     clear_cancel,
 )
 from virtbackupd.engine.prune import finish_interrupted
-from virtbackupd.engine.undo import Images, Undo, replay
+from virtbackupd.engine.undo import Images, ReplayContext, Undo, replay
 from virtbackupd.errors import (
     BackupBusyError,
     BackupFailedError,
@@ -619,17 +619,15 @@ class Job:
             if self.record is not None:
                 await asyncio.shield(self.ctx.store.fail_backup(self.id, self.ctx.now(), reason))
             return
-        await replay(
+        undoing = ReplayContext(
             self.ctx.libvirt,
             self.ctx.store,
             self.repo,
             self.ref,
-            self.undo.log,
-            reason,
-            self.ctx.now(),
             images=Images.TAKE_HOLD if self.running else Images.HELD,
             logger=self.log,
         )
+        await replay(undoing, self.undo.log, reason, self.ctx.now())
 
 
 def disk_records(results: dict[str, CopyResult], *, standalone: Set[str]) -> tuple[DiskRecord, ...]:
