@@ -24,7 +24,7 @@ from virtbackupd.adapters.store import Store
 from virtbackupd.core.policy import Retention
 from virtbackupd.engine.copy import CopyOptions
 from virtbackupd.engine.prune import prune_domain
-from virtbackupd.engine.restore import restore_to_dir
+from virtbackupd.engine.restore import RestoreContext, restore_to_dir
 from virtbackupd.engine.verify import verify_backup
 from virtbackupd.errors import RestoreError
 
@@ -50,9 +50,8 @@ async def two_points(tmp: Path) -> BuiltDomain:
 async def restore(
     b: BuiltDomain, backup_id: str, out: Path, allow_damaged: bool = False
 ) -> list[Path]:
-    done = await restore_to_dir(
-        b.folder(backup_id), ["vda", "vdb"], out, "raw", b.runtime, allow_damaged=allow_damaged
-    )
+    ctx = RestoreContext(b.folder(backup_id), ("vda", "vdb"), b.runtime, None, allow_damaged)
+    done = await restore_to_dir(ctx, out, "raw")
     return [d.path for d in done]
 
 
@@ -127,7 +126,9 @@ async def test_every_point_restores_byte_identical(tmp_path: Path) -> None:
     for i, backup_id in enumerate(b.ids):
         fmt = "qcow2" if i % 2 else "raw"
         out = tmp_path / f"r{i}"
-        done = await restore_to_dir(b.folder(backup_id), ["vda"], out, fmt, b.runtime)
+        done = await restore_to_dir(
+            RestoreContext(b.folder(backup_id), ("vda",), b.runtime), out, fmt
+        )
         assert not done[0].damage
         qemu_img_compare(b.refs[backup_id]["vda"], out / f"vda.{fmt}", "raw", fmt)
         assert (await verify_backup(b.folder(backup_id), b.runtime)).ok
@@ -150,7 +151,9 @@ async def test_a_chain_of_mixed_grids_restores_verifies_and_merges(tmp_path: Pat
         assert grids == [4 * MiB, 2 * MiB, CopyOptions().request_size]
         for i, backup_id in enumerate(b.ids):
             out = tmp_path / f"r{i}"
-            done = await restore_to_dir(b.folder(backup_id), ["vda"], out, "raw", b.runtime)
+            done = await restore_to_dir(
+                RestoreContext(b.folder(backup_id), ("vda",), b.runtime), out, "raw"
+            )
             assert not done[0].damage
             qemu_img_compare(b.refs[backup_id]["vda"], out / "vda.raw", "raw", "raw")
             assert (await verify_backup(b.folder(backup_id), b.runtime)).ok
@@ -161,7 +164,7 @@ async def test_a_chain_of_mixed_grids_restores_verifies_and_merges(tmp_path: Pat
     assert parent is not None and parents[parent] is None, parents
     for backup_id in b.ids:
         out = tmp_path / f"merged-{backup_id}"
-        await restore_to_dir(b.folder(backup_id), ["vda"], out, "raw", b.runtime)
+        await restore_to_dir(RestoreContext(b.folder(backup_id), ("vda",), b.runtime), out, "raw")
         qemu_img_compare(b.refs[backup_id]["vda"], out / "vda.raw", "raw", "raw")
         assert (await verify_backup(b.folder(backup_id), b.runtime)).ok
 
@@ -224,11 +227,13 @@ async def test_a_large_zero_range_a_newer_backup_writes_into(tmp_path: Path) -> 
         await b.backup(store)
     full, inc = b.ids
     out = tmp_path / "ok"
-    await restore_to_dir(b.folder(inc), ["vda"], out, "raw", b.runtime)
+    await restore_to_dir(RestoreContext(b.folder(inc), ("vda",), b.runtime), out, "raw")
     qemu_img_compare(b.refs[inc]["vda"], out / "vda.raw", "raw", "raw")
     qemu_io(b.image(full, "vda"), f"write -P 0x66 {70 * MiB} 4096")
     with pytest.raises(RestoreError, match=f"backup {full} disk vda: .*should read as zeroes"):
-        await restore_to_dir(b.folder(inc), ["vda"], tmp_path / "bad", "raw", b.runtime)
+        await restore_to_dir(
+            RestoreContext(b.folder(inc), ("vda",), b.runtime), tmp_path / "bad", "raw"
+        )
 
 
 async def test_an_image_the_reader_refuses_restores_through_qemu_nbd(tmp_path: Path) -> None:
@@ -251,10 +256,14 @@ async def test_an_image_the_reader_refuses_restores_through_qemu_nbd(tmp_path: P
     rewritten.replace(image)
     with pytest.raises(Qcow2UnsupportedError):
         Qcow2Chain.open(image)
-    done = await restore_to_dir(b.folder(inc), ["vda"], tmp_path / "out", "raw", b.runtime)
+    done = await restore_to_dir(
+        RestoreContext(b.folder(inc), ("vda",), b.runtime), tmp_path / "out", "raw"
+    )
     assert not done[0].damage
     qemu_img_compare(b.refs[inc]["vda"], tmp_path / "out" / "vda.raw", "raw", "raw")
     # The pieces are still checked on that path: a flipped byte is refused.
     flip_byte(image, 5 * MiB + 10)
     with pytest.raises(RestoreError, match=f"backup {inc} disk vda"):
-        await restore_to_dir(b.folder(inc), ["vda"], tmp_path / "bad", "raw", b.runtime)
+        await restore_to_dir(
+            RestoreContext(b.folder(inc), ("vda",), b.runtime), tmp_path / "bad", "raw"
+        )

@@ -21,7 +21,7 @@ from virtbackupd.core.policy import Level
 from virtbackupd.core.records import BackupRecord, BackupStatus
 from virtbackupd.engine.catalogue import reconcile
 from virtbackupd.engine.leftovers import INTERRUPTED, settle
-from virtbackupd.engine.undo import Images, Undo, replay
+from virtbackupd.engine.undo import Images, ReplayContext, Undo, replay
 
 STEPS = ["metadata written", "renamed", "catalogue updated", "undo log dropped"]
 
@@ -117,8 +117,8 @@ async def test_a_lost_or_damaged_catalogue_is_rebuilt_with_failed_attempts(
         )
         undo.note(UndoKind.PARTIAL, b.repo.partial_dir(b.uuid, FAILED_ID))
         b.repo.create_partial(b.uuid, FAILED_ID)
-        await replay(None, store, b.repo, None, undo.log, "the disk fell off", now,
-                     images=Images.LEAVE)  # fmt: skip
+        undoing = ReplayContext(None, store, b.repo, None, images=Images.LEAVE)
+        await replay(undoing, undo.log, "the disk fell off", now)
         before = {r.id: r for r in await store.backups(b.uuid)}
     assert before[FAILED_ID].status is BackupStatus.FAILED
 

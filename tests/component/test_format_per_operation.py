@@ -19,7 +19,7 @@ from virtbackupd.core.policy import Retention
 from virtbackupd.core.repository_format import versions
 from virtbackupd.core.repository_format.versions import Operation
 from virtbackupd.engine.prune import prune_domain
-from virtbackupd.engine.restore import restore_to_dir
+from virtbackupd.engine.restore import RestoreContext, restore_to_dir
 from virtbackupd.engine.verify import verify_backup
 from virtbackupd.errors import VirtBackupError
 
@@ -42,7 +42,9 @@ async def test_restore_and_prune_refuse_a_format_they_do_not_take_by_name(
     )  # fmt: skip
 
     with pytest.raises(VirtBackupError) as restoring:
-        await restore_to_dir(b.folder(inc), ["vda"], tmp_path / "out", "raw", b.runtime)
+        await restore_to_dir(
+            RestoreContext(b.folder(inc), ("vda",), b.runtime), tmp_path / "out", "raw"
+        )
     said = str(restoring.value)
     assert said == (
         f"{b.folder(inc) / MANIFEST}: written in repository format 2; "

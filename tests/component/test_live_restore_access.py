@@ -20,7 +20,7 @@ import pytest
 from testbed.repo_builder import BuiltDomain, MiB
 from virtbackupd.adapters.repository import Hold, HoldKind, Repository
 from virtbackupd.adapters.store import Store
-from virtbackupd.engine import live_restore
+from virtbackupd.engine.restore import live_access as live_restore
 from virtbackupd.errors import RestoreError
 
 
@@ -47,7 +47,7 @@ async def test_folders_are_opened_for_the_move_and_closed_after(open_tmp: Path) 
     repo, folder = b.repo, b.folder(b.ids[1])
     b.repo.root.chmod(0o700)
     chain = [b.repo.root, folder.parent, b.folder(b.ids[0]), folder]
-    opened = live_restore._open_for_qemu(repo, folder)
+    opened = live_restore.open_for_qemu(repo, folder)
     assert set(opened) == set(chain)
     assert all(mode(p) & 0o011 == 0o011 for p in chain)
     images = [f for p in chain[2:] for f in p.glob("*.qcow2")]
@@ -99,4 +99,4 @@ def test_a_closed_folder_above_the_repository_is_refused(open_tmp: Path) -> None
     repo = Repository(above / "backups")
     (repo.root / "dom" / "b1").mkdir(parents=True)
     with pytest.raises(RestoreError, match=f"{above} .*closed to other users .*chmod o\\+x"):
-        live_restore._open_for_qemu(repo, repo.root / "dom" / "b1")
+        live_restore.open_for_qemu(repo, repo.root / "dom" / "b1")

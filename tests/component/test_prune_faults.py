@@ -33,7 +33,7 @@ from virtbackupd.adapters.repository import PRUNE_JOURNAL, Repository
 from virtbackupd.adapters.store import Store
 from virtbackupd.core.policy import Retention
 from virtbackupd.engine.prune import prune_domain
-from virtbackupd.engine.restore import restore_to_dir
+from virtbackupd.engine.restore import RestoreContext, restore_to_dir
 from virtbackupd.engine.verify import verify_backup
 from virtbackupd.errors import PruneError, RestoreError
 
@@ -77,7 +77,9 @@ async def assert_all_restore(b: BuiltDomain, out: Path) -> list[str]:
     pending = (b.repo.domain_dir(b.uuid) / PRUNE_JOURNAL).exists()
     for backup_id in listed:
         target = out / backup_id
-        await restore_to_dir(b.folder(backup_id), list(b.disks), target, "raw", b.runtime)
+        await restore_to_dir(
+            RestoreContext(b.folder(backup_id), tuple(b.disks), b.runtime), target, "raw"
+        )
         for disk in b.disks:
             qemu_img_compare(b.refs[backup_id][disk], target / f"{disk}.raw", "raw", "raw")
         shutil.rmtree(target)
@@ -360,7 +362,9 @@ async def test_a_corrupt_image_still_fails_restore_and_verify_in_a_line(tmp_path
     corrupt_refcount(b.image(bad, "vda"))
     assert check_exit(b.image(bad, "vda"))[0] == 2
     with pytest.raises(RestoreError) as caught:
-        await restore_to_dir(b.folder(b.ids[-1]), ["vda"], tmp_path / "out", "raw", b.runtime)
+        await restore_to_dir(
+            RestoreContext(b.folder(b.ids[-1]), ("vda",), b.runtime), tmp_path / "out", "raw"
+        )
     message = str(caught.value)
     assert f"backup {bad} disk vda is damaged" in message and "corrupt" in message, message
     assert len(message.splitlines()) <= 2, message

@@ -27,7 +27,7 @@ from virtbackupd.adapters.repository import (
 )
 from virtbackupd.core.policy import Level
 from virtbackupd.engine.catalogue import checkpoint_record
-from virtbackupd.engine.define import saved_definition
+from virtbackupd.engine.restore.define import saved_definition
 from virtbackupd.errors import InputError
 
 DOMAIN = "<domain type='qemu'><name>vm</name></domain>\n"

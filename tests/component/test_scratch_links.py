@@ -22,7 +22,8 @@ import pytest
 
 from testbed.tools import run
 from virtbackupd.adapters import qemu_img
-from virtbackupd.engine import live_check, scratch
+from virtbackupd.engine import scratch
+from virtbackupd.engine.restore import live_check
 from virtbackupd.engine.scratch import ScratchFile
 from virtbackupd.errors import UntrustedFolderError
 

@@ -30,7 +30,7 @@ from virtbackupd.adapters.repository import MANIFEST, PRUNE_JOURNAL, read_manife
 from virtbackupd.adapters.store import Store
 from virtbackupd.core.policy import Retention
 from virtbackupd.engine.prune import prune_domain
-from virtbackupd.engine.restore import restore_to_dir
+from virtbackupd.engine.restore import RestoreContext, restore_to_dir
 from virtbackupd.engine.verify import verify_backup
 from virtbackupd.errors import RestoreError
 
@@ -79,7 +79,9 @@ async def assert_restores_and_verifies(
         verdict = await verify_backup(b.folder(backup_id), b.runtime)
         assert any(PENDING in n for n in verdict.notes) is pending, verdict.notes
         try:
-            await restore_to_dir(b.folder(backup_id), ["vda", "vdb"], target, "raw", b.runtime)
+            await restore_to_dir(
+                RestoreContext(b.folder(backup_id), ("vda", "vdb"), b.runtime), target, "raw"
+            )
         except RestoreError:
             assert not verdict.ok, verdict.as_json()
             refused.append(backup_id)

@@ -17,7 +17,7 @@ from testbed.domains import DomainFactory, MiB
 from testbed.host import LIBVIRTD_LOG
 from virtbackupd.adapters.libvirt_conn import Libvirt
 from virtbackupd.config.daemon import load_config
-from virtbackupd.engine.live_check import check_moved
+from virtbackupd.engine.restore.live_check import MovedDisks, check_moved
 
 
 def libvirtd_errors(start: int, about: str) -> list[str]:
@@ -41,9 +41,8 @@ async def test_an_online_backup_and_a_live_check_leave_libvirtd_s_log_alone(
     work = cfg.scratch_dir / "live-check-test"
     async with await Libvirt.open(cfg.libvirt_uri) as lv:
         ref = await lv.domain(td.name)
-        [result] = await check_moved(
-            lv, ref, Path(backup["path"]), ["vda"], None, work, cfg.runtime_dir
-        )
+        moved = MovedDisks(Path(backup["path"]), ("vda",), None, work, cfg.runtime_dir)
+        [result] = await check_moved(lv, ref, moved)
     assert result.ok, result
     assert not work.exists()
     noise = libvirtd_errors(start, str(cfg.scratch_dir))

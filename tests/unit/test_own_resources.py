@@ -164,7 +164,7 @@ def test_the_defined_copy_keeps_its_serial_ports_on_its_own_files() -> None:
 def test_the_report_names_what_the_copy_has_of_its_own() -> None:
     from virtbackupd.adapters.libvirt_conn import DomainRef
     from virtbackupd.core.own_resources import Moved
-    from virtbackupd.engine.define import Defined
+    from virtbackupd.engine.restore.define import Defined
 
     moved = (Moved("<graphics type='vnc'>", "port 5901", "automatic"),)
     defined = Defined(DomainRef("copy", "u"), (), (), "/usr/bin/qemu", (), moved)

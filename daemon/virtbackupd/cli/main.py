@@ -414,14 +414,10 @@ async def _restore_to_device(
     disk = args.disk[0]
     async with domain_job(config, store, repo, dom.uuid, dom.name, "restore"):
         try:
-            done = await restore.restore_to_device(
-                folder,
-                disk,
-                device,
-                config.runtime_dir,
-                restore.of_disk(_disk_progress(line), disk),
-                bool(args.allow_damaged),
+            ctx = restore.RestoreContext(
+                folder, (disk,), config.runtime_dir, _disk_progress(line), bool(args.allow_damaged)
             )
+            done = await restore.restore_to_device(ctx, disk, device)
         finally:
             line.end()
     for damage in done.damage:
@@ -473,7 +469,8 @@ async def _restore(
 ) -> int:
     from virtbackupd.cli import recovery
     from virtbackupd.core.restored_domain import RestoredImage
-    from virtbackupd.engine import define, restore
+    from virtbackupd.engine import restore
+    from virtbackupd.engine.restore import define
 
     if args.define and not args.to:
         raise ConfigError("--define needs --to DIR (a new domain gets new images)")
@@ -520,7 +517,8 @@ async def _restore(
         assert lv is not None
         to = args.to.absolute()
         images = {d: RestoredImage(to / f"{d}.{args.format}", args.format) for d in disks}
-        planned = await define.plan_definition(lv, saved, args.define, images, to, args.force)
+        wanted = define.NewDomain(args.define, images, to, args.force)
+        planned = await define.plan_definition(lv, saved, wanted)
 
     async def define_them(written: Sequence[restore.RestoredDisk]) -> None:
         nonlocal defined
@@ -542,31 +540,21 @@ async def _restore(
         config, store, repo, dom.uuid, dom.name, "restore", libvirt=domain_lv
     ) as job:
         try:
+            ctx = restore.RestoreContext(
+                folder, tuple(disks), config.runtime_dir, _disk_progress(line), damaged_ok
+            )
             if args.in_place:
                 assert lv is not None
                 assert job.ref is not None
                 ref = job.ref
-                done = await restore.restore_in_place(
-                    lv,
-                    store,
-                    ref,
-                    folder,
-                    disks,
-                    config.runtime_dir,
-                    _disk_progress(line),
-                    damaged_ok,
-                )
+                done = await restore.restore_in_place(lv, store, ref, ctx)
             else:
                 done = await restore.restore_to_dir(
-                    folder,
-                    disks,
+                    ctx,
                     args.to.absolute(),
                     args.format,
-                    config.runtime_dir,
-                    args.force,
-                    _disk_progress(line),
-                    damaged_ok,
-                    define_them if planned is not None else None,
+                    force=args.force,
+                    before_publish=define_them if planned is not None else None,
                 )
         finally:
             line.end()

@@ -21,9 +21,11 @@ from virtbackupd.config.daemon import DaemonConfig
 from virtbackupd.core.points import parse_time, pick_backup
 from virtbackupd.core.records import BackupRecord, BackupStatus, DomainRecord
 from virtbackupd.core.repository_format.holds import Hold, HoldKind
-from virtbackupd.engine import define, guest_view, live_restore, restore
+from virtbackupd.engine import guest_view, restore
 from virtbackupd.engine.catalogue import Standing, standing
 from virtbackupd.engine.domain_job import domain_job
+from virtbackupd.engine.restore import define
+from virtbackupd.engine.restore import live as live_restore
 from virtbackupd.errors import ConfigError, RestoreError, VirtBackupError
 
 
@@ -122,13 +124,15 @@ async def live(args: argparse.Namespace, config: DaemonConfig, store: Store, lv:
         defined, hold = await live_restore.start_live_restore(
             lv,
             c.repo,
-            c.folder,
-            c.disks,
-            args.to.absolute(),
-            args.define,
-            saved,
-            rate=args.move_rate,
-            force=args.force,
+            live_restore.LiveRestore(
+                c.folder,
+                tuple(c.disks),
+                args.to.absolute(),
+                args.define,
+                saved,
+                rate=args.move_rate,
+                force=args.force,
+            ),
         )
     took = time.monotonic() - started
     ref = defined.ref

@@ -123,9 +123,8 @@ async def settle(
             continue
         if libvirt_free_only and any(s.kind in undo.LIBVIRT_STEPS for s in left.steps):
             continue
-        await undo.replay(
-            lv, store, repo, ref, left, INTERRUPTED, now, images=undo.Images.LEAVE, logger=log
-        )
+        undoing = undo.ReplayContext(lv, store, repo, ref, images=undo.Images.LEAVE, logger=log)
+        await undo.replay(undoing, left, INTERRUPTED, now)
         log.warning(
             "cleaned up an interrupted backup", domain=left.domain_name, backup_id=left.backup_id
         )

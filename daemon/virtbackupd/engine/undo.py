@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
@@ -81,28 +81,33 @@ async def own_job_socket(lv: Libvirt, ref: DomainRef) -> Path | None:
     return Path(backup.server.socket)
 
 
-async def replay(
-    lv: Libvirt | None,
-    store: Store,
-    repo: Repository,
-    ref: DomainRef | None,
-    undo: UndoLog,
-    reason: str,
-    now: datetime,
-    *,
-    images: Images,
-    logger: FilteringBoundLogger = log,
-) -> None:
+@dataclass(frozen=True)
+class ReplayContext:
+    """Where an undo log is taken back, and what the replay may touch."""
+
+    # None (the domain is gone, or a repository is tidied without libvirt):
+    # the libvirt steps are skipped, nothing of the domain is left to clean.
+    lv: Libvirt | None
+    store: Store
+    repo: Repository
+    ref: DomainRef | None
+    # Whether bitmaps may be removed from a shut-off domain's images here.
+    images: Images
+    logger: FilteringBoundLogger = log
+
+
+async def replay(ctx: ReplayContext, undo: UndoLog, reason: str, now: datetime) -> None:
     """Take back every step of `undo`, record the attempt as failed, drop
-    the log. `images` says whether bitmaps may be removed from a shut-off
-    domain's images here (see :class:`Images`). Without `lv` (the domain
-    is gone, or a repository is tidied without libvirt) the libvirt steps
-    are skipped: nothing of the domain is left to clean."""
+    the log. `ctx.images` says whether bitmaps may be removed from a
+    shut-off domain's images here (see :class:`Images`). Without `ctx.lv`
+    (the domain is gone, or a repository is tidied without libvirt) the
+    libvirt steps are skipped: nothing of the domain is left to clean."""
+    repo, logger = ctx.repo, ctx.logger
     for step in reversed(undo.steps):
-        if step.kind in LIBVIRT_STEPS and (lv is None or ref is None):
+        if step.kind in LIBVIRT_STEPS and (ctx.lv is None or ctx.ref is None):
             continue
         try:
-            await asyncio.shield(_take_back(lv, ref, step, images, logger))
+            await asyncio.shield(_take_back(ctx, step))
         except VirtBackupError as err:
             logger.error("cleanup step failed", step=step.kind.value, error=str(err))
         except Exception as err:  # a bug: with its traceback
@@ -121,20 +126,15 @@ async def replay(
         repo.record_attempt(attempt)
     except OSError as err:
         logger.error("cannot record the failed attempt in the repository", error=str(err))
-    await asyncio.shield(store.fail_backup(undo.backup_id, now, reason))
+    await asyncio.shield(ctx.store.fail_backup(undo.backup_id, now, reason))
     repo.drop_undo(undo.domain_uuid, undo.backup_id)
 
 
 LIBVIRT_STEPS = (UndoKind.LIBVIRT_JOB, UndoKind.CHECKPOINT, UndoKind.BITMAP)
 
 
-async def _take_back(
-    lv: Libvirt | None,
-    ref: DomainRef | None,
-    step: UndoStep,
-    images: Images,
-    logger: FilteringBoundLogger,
-) -> None:
+async def _take_back(ctx: ReplayContext, step: UndoStep) -> None:
+    lv, ref, images, logger = ctx.lv, ctx.ref, ctx.images, ctx.logger
     if step.kind is UndoKind.PARTIAL:
         repo_partial = Path(step.path or "")
         shutil.rmtree(repo_partial, ignore_errors=True)

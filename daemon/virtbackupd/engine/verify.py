@@ -20,7 +20,7 @@ backup and disk (and offset, where the check can tell).
 While an interrupted prune is pending (the domain's prune journal exists),
 the files are between two of the prune's consistent states: only what a
 restore reads is promised. Each backup is then checked as a restore reads
-it (engine.restore.damage_as_restored: the chain's recorded piece hashes
+it (engine.restore.chain.damage_as_restored: the chain's recorded piece hashes
 against the view, no image written), and its verdict says the prune is
 pending and what finishes it.
 """
@@ -44,7 +44,7 @@ from virtbackupd.core.repository_format.manifest import Manifest, allowed_backin
 from virtbackupd.engine.content import allocated_here, differing, digest_view, open_view
 from virtbackupd.engine.domain_job import domain_job
 from virtbackupd.engine.guest_view import FsVerdict, check_filesystems
-from virtbackupd.engine.restore import damage_as_restored
+from virtbackupd.engine.restore.chain import damage_as_restored
 from virtbackupd.errors import VirtBackupError
 
 PRUNE_PENDING = "an interrupted prune is pending"

@@ -57,7 +57,7 @@ from virtbackupd.engine.backup.copying import (
 from virtbackupd.engine.backup.folders import prepare
 from virtbackupd.engine.copy import CopyResult
 from virtbackupd.engine.locks import cancel_requested, clear_cancel
-from virtbackupd.engine.undo import Images, Undo, replay
+from virtbackupd.engine.undo import Images, ReplayContext, Undo, replay
 from virtbackupd.errors import (
     BackupFailedError,
     CheckpointInconsistentError,
@@ -328,17 +328,15 @@ class Job:
             return  # nothing written yet: no undo log, no record
         # Planned but not exporting yet, the log lists no step: the replay
         # records the failed attempt and drops the log.
-        await replay(
+        undoing = ReplayContext(
             setup.libvirt,
             setup.store,
             setup.repo,
             setup.ref,
-            self._job.undo.log,
-            reason,
-            setup.now(),
             images=Images.TAKE_HOLD if setup.running else Images.HELD,
             logger=setup.log,
         )
+        await replay(undoing, self._job.undo.log, reason, setup.now())
 
 
 def _log_plan(job: JobContext, plan: Plan) -> None:

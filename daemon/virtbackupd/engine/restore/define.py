@@ -24,7 +24,8 @@ from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
 from virtbackupd.core.own_resources import Moved
 from virtbackupd.core.restored_domain import RestoredDomain, RestoredImage, restored_domain_xml
 from virtbackupd.core.untrusted_domain import Dropped, guest_target, host_offer
-from virtbackupd.engine.restore import NOTHING_RESTORED, running_user
+from virtbackupd.engine.restore.chain import NOTHING_RESTORED
+from virtbackupd.engine.restore.context import running_user
 from virtbackupd.errors import (
     DefineRefusedError,
     DefinitionMismatchError,
@@ -109,6 +110,17 @@ class Defined:
 
 
 @dataclass(frozen=True)
+class NewDomain:
+    """The domain a restore defines: its name and images (in `folder`,
+    where its own files go); `force` replaces a domain of that name."""
+
+    name: str
+    images: Mapping[str, RestoredImage]
+    folder: Path
+    force: bool = False
+
+
+@dataclass(frozen=True)
 class Planned:
     """A definition made, and checked as far as can be, before the restore
     writes anything: what libvirt is then given."""
@@ -119,24 +131,17 @@ class Planned:
     force: bool
 
 
-async def plan_definition(
-    lv: Libvirt,
-    saved: SavedDefinition,
-    name: str,
-    images: Mapping[str, RestoredImage],
-    folder: Path,
-    force: bool,
-) -> Planned:
-    """The domain `name` as it will be defined on `images` (in `folder`,
-    where its own files go), refused now for whatever can be known before
-    a byte is copied: a disk of the restore its saved definition lacks, a
-    guest the host has no emulator for, an existing domain `name` without
-    `force` or while it runs."""
+async def plan_definition(lv: Libvirt, saved: SavedDefinition, wanted: NewDomain) -> Planned:
+    """The domain `wanted` as it will be defined on its images, refused
+    now for whatever can be known before a byte is copied: a disk of the
+    restore its saved definition lacks, a guest the host has no emulator
+    for, an existing domain of its name without `force` or while it runs."""
+    name, images, force = wanted.name, wanted.images, wanted.force
     target = guest_target(saved.xml, saved.document)
     caps = await lv.domain_capabilities(target.virt_type, target.arch, target.machine)
     host = host_offer(caps, "libvirt's domain capabilities")
     try:
-        new = restored_domain_xml(saved.xml, name, images, saved.document, host, folder)
+        new = restored_domain_xml(saved.xml, name, images, saved.document, host, wanted.folder)
     except DefinitionMismatchError as exc:
         raise DefinitionMismatchError(
             exc.document,
@@ -195,13 +200,6 @@ async def define_planned(lv: Libvirt, saved: SavedDefinition, planned: Planned) 
     return Defined(ref, new.dropped_disks, new.dropped, new.emulator, saved.warnings, new.moved)
 
 
-async def define_on_images(
-    lv: Libvirt,
-    saved: SavedDefinition,
-    name: str,
-    images: Mapping[str, RestoredImage],
-    folder: Path,
-    force: bool,
-) -> Defined:
-    planned = await plan_definition(lv, saved, name, images, folder, force)
+async def define_on_images(lv: Libvirt, saved: SavedDefinition, wanted: NewDomain) -> Defined:
+    planned = await plan_definition(lv, saved, wanted)
     return await define_planned(lv, saved, planned)

@@ -60,7 +60,7 @@ from virtbackupd.core.extents import Kind, content_hash
 from virtbackupd.core.live_move import checkable, merge_spans, subtract_spans
 from virtbackupd.engine import scratch
 from virtbackupd.engine.content import chunks, non_zero, open_view
-from virtbackupd.engine.restore import load_chain
+from virtbackupd.engine.restore.chain import load_chain
 from virtbackupd.errors import CheckpointInconsistentError
 
 log = structlog.get_logger("virtbackupd.live_restore")
@@ -82,24 +82,26 @@ class DiskCheck:
         return not self.differences
 
 
-async def check_moved(
-    lv: Libvirt,
-    ref: DomainRef,
-    folder: Path,
-    disks: Sequence[str],
-    checkpoint: str | None,
-    work: Path,
-    runtime_dir: Path,
-) -> list[DiskCheck]:
-    """Check `disks` of the running domain `ref` against backup `folder`
-    through a pull-mode export (see the module's docstring). `work`: a
-    folder for the export's socket and scratch files (QEMU's user must
-    reach it). Raises VirtBackupError when the export cannot be made (the
+@dataclass(frozen=True)
+class MovedDisks:
+    """What a check of moved disks compares, and where it works."""
+
+    folder: Path  # the backup's folder in the repository
+    disks: tuple[str, ...]
+    checkpoint: str | None  # records the guest's writes since its start; None: unknown
+    work: Path  # the export's socket and scratch files (QEMU's user must reach it)
+    runtime_dir: Path
+
+
+async def check_moved(lv: Libvirt, ref: DomainRef, moved: MovedDisks) -> list[DiskCheck]:
+    """Check `moved.disks` of the running domain `ref` against the backup
+    in `moved.folder` through a pull-mode export (see the module's
+    docstring). Raises VirtBackupError when the export cannot be made (the
     caller tries again later)."""
-    async with _export(lv, ref, disks, checkpoint, work) as (address, known):
+    async with _export(lv, ref, moved.disks, moved.checkpoint, moved.work) as (address, known):
         out = []
-        for disk in disks:
-            out.append(await _check_disk(address, folder, disk, known, runtime_dir))
+        for disk in moved.disks:
+            out.append(await _check_disk(address, moved.folder, disk, known, moved.runtime_dir))
         return out
 
 
@@ -209,7 +211,9 @@ async def _check_disk(
         partly = checkable(seen[Seen.PARTLY], written)
         if partly.whole:
             layers = [(layer.image, layer.backup_id) for layer in chain.layers]
-            checked += await _check_partly(live, layers, partly.whole, written, runtime_dir, found)
+            more, differ = await _check_partly(live, layers, partly.whole, written, runtime_dir)
+            checked += more
+            found += differ
     finally:
         await live.close()
     guest = todo.guest_bytes + partly.guest_bytes
@@ -232,12 +236,13 @@ async def _check_partly(
     pieces: Sequence[LayerPiece],
     written: Sequence[tuple[int, int]],
     runtime_dir: Path,
-    found: list[str],
-) -> int:
+) -> tuple[int, list[str]]:
     """Pieces newer layers hide in part: each checked in its own layer's
     view (the backup is whole there), and the live disk compared with the
-    backup's newest view over it (outside the guest's writes)."""
+    backup's newest view over it (outside the guest's writes). The bytes
+    compared, and what differs."""
     checked = 0
+    found: list[str] = []
     async with open_view(layers[0][0], runtime_dir) as view:
         for p in pieces:
             checked += p.length
@@ -262,7 +267,7 @@ async def _check_partly(
                         f"bytes {p.offset}-{p.end} of backup {layers[n][1]} read "
                         "differently than recorded (the backup itself is damaged)"
                     )
-    return checked
+    return checked, found
 
 
 def describe(c: DiskCheck) -> str:
