@@ -1,14 +1,11 @@
-"""The CLI's ways back that keep running after the command: live restore
-(`restore --live`), `mount` / `umount`, the holds they leave (shown by
-`status`), and `verify --filesystems`."""
+"""The backup a restore or a mount names (`DOMAIN [--backup ID | --at
+TIME] [--disk T]`), and the holds the CLI's ways back leave behind them
+(live restores, mounts): settled before `prune`, shown by `status`."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +20,8 @@ from virtbackupd.core.records import BackupRecord, BackupStatus, DomainRecord
 from virtbackupd.core.repository_format.holds import Hold, HoldKind
 from virtbackupd.engine import guest_view, restore
 from virtbackupd.engine.catalogue import Standing, standing
-from virtbackupd.engine.domain_job import domain_job
-from virtbackupd.engine.restore import define
 from virtbackupd.engine.restore import live as live_restore
-from virtbackupd.errors import ConfigError, RestoreError, VirtBackupError
+from virtbackupd.errors import RestoreError, VirtBackupError
 
 
 @dataclass(frozen=True)
@@ -101,109 +96,6 @@ def _restorable_or_refuse(record: BackupRecord, backups: list[BackupRecord]) -> 
 
 def repositories(config: DaemonConfig) -> list[Repository]:
     return [Repository(r) for r in sorted(roots(config, policies(config, quiet=True)))]
-
-
-# --- restore --live --------------------------------------------------------------------
-
-
-async def live(args: argparse.Namespace, config: DaemonConfig, store: Store, lv: Libvirt) -> int:
-    if args.format != "qcow2":
-        raise ConfigError(
-            "--live moves the disks into qcow2 images (QEMU's block stream); for raw images "
-            "restore without --live, or convert the moved images with qemu-img later"
-        )
-    c = await chosen_backup(args, config, store)
-    # Refused before anything is made when it was edited since the backup.
-    saved = define.saved_definition(c.folder, args.accept_edited_definition)
-    started = time.monotonic()
-    async with domain_job(config, store, c.repo, c.dom.uuid, c.dom.name, "restore"):
-        for disk in c.disks:  # the chain's records and images, not its content: quick
-            chain = await restore.load_chain(c.folder, disk, config.runtime_dir, args.allow_damaged)
-            for line in chain.damage:
-                print(f"virtbackup: warning: running despite damage: {line}", file=sys.stderr)
-        defined, hold = await live_restore.start_live_restore(
-            lv,
-            c.repo,
-            live_restore.LiveRestore(
-                c.folder,
-                tuple(c.disks),
-                args.to.absolute(),
-                args.define,
-                saved,
-                rate=args.move_rate,
-                force=args.force,
-            ),
-        )
-    took = time.monotonic() - started
-    ref = defined.ref
-    for warning in defined.warnings:
-        print(f"virtbackup: warning: {warning}", file=sys.stderr)
-    out = {
-        "backup": c.record.id,
-        "defined": defined.as_json(),
-        "running": True,
-        "seconds": round(took, 2),
-        "hold": hold.id,
-        "disks": [{"disk": d, "path": str(live_restore.image_of(hold, d))} for d in c.disks],
-    }
-    if args.json:
-        print(json.dumps(out, indent=2))
-        return 0
-    print(f"domain {ref.name} ({ref.uuid}) runs from backup {c.record.id} ({took:.1f} s)")
-    for d in c.disks:
-        print(f"  {d}: moving into {live_restore.image_of(hold, d)}")
-    for line in defined.report():
-        print(line)
-    print(
-        f"  backup {c.record.id} is held until the move ends; "
-        "`virtbackup status` shows its progress"
-    )
-    return 0
-
-
-# --- mount / umount --------------------------------------------------------------------
-
-
-async def mount(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
-    c = await chosen_backup(args, config, store)
-    started = time.monotonic()
-    async with domain_job(config, store, c.repo, c.dom.uuid, c.dom.name, "mount"):
-        result = await guest_view.mount_backup(
-            c.repo, c.folder, c.disks, args.mountpoint, config.runtime_dir
-        )
-    took = time.monotonic() - started
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "backup": c.record.id,
-                    "mountpoint": result.hold.directory,
-                    "seconds": round(took, 2),
-                    "mounted": [
-                        {"volume": m.label, "fstype": m.fstype, "path": str(m.path)}
-                        for m in result.mounted
-                    ],
-                    "not_mounted": list(result.notes),
-                },
-                indent=2,
-            )
-        )
-        return 0
-    print(f"backup {c.record.id} of {c.dom.name} mounted read-only on {result.hold.directory}")
-    for m in result.mounted:
-        print(f"  {m.path}  ({m.label}, {m.fstype})")
-    for n in result.notes:
-        print(f"  {n}")
-    return 0
-
-
-async def umount(args: argparse.Namespace, config: DaemonConfig) -> int:
-    hold = await guest_view.umount(repositories(config), args.mountpoint)
-    if args.json:
-        print(json.dumps({"mountpoint": hold.directory, "backup": hold.backup_id}))
-    else:
-        print(f"released {hold.directory} (backup {hold.backup_id})")
-    return 0
 
 
 # --- holds in `status` -----------------------------------------------------------------

@@ -188,33 +188,58 @@ def render(
 ) -> str:
     reach = reach or Reach(daemon.libvirt_uri if daemon else "")
     if as_json:
-        return json.dumps(
-            {
-                "daemon": None
-                if daemon is None
-                else {
-                    "pid": daemon.pid,
-                    "up_since": daemon.started,
-                    "libvirt_uri": daemon.libvirt_uri,
-                    "libvirt_connected": daemon.libvirt_connected,
-                    "schedule_timezone": daemon.schedule_timezone,
-                    "queued": sorted(u for u, d in daemon.domains.items() if d.queued),
-                },
-                "daemon_unknown": reach.daemon_unknown,
-                "libvirt": {
-                    "uri": reach.libvirt_uri,
-                    "reachable": daemon.libvirt_connected
-                    if daemon is not None
-                    else reach.libvirt_error is None,
-                    "error": reach.libvirt_error,
-                },
-                "policy_files": dict(reach.policy_notes),
-                "domains": [r.as_json() for r in rows],
-                "unmanaged": list(unmanaged),
-                "running": [j.as_json() for j in running],
+        return _as_json(daemon, rows, unmanaged, running, reach)
+    lines = _reach_lines(daemon, reach)
+    for f, note in sorted(reach.policy_notes.items()):
+        lines.append(f"policy file {f}: {note}")
+    zone = daemon.schedule_timezone if daemon is not None else "UTC"
+    for r in rows:
+        lines += _domain_lines(r, zone)
+    lines += [_running_line(j) for j in running]
+    if unmanaged:
+        lines.append(f"unmanaged (no policy): {', '.join(unmanaged)}")
+    return "\n".join(lines)
+
+
+def _as_json(
+    daemon: DaemonStatus | None,
+    rows: Sequence[DomainRow],
+    unmanaged: Sequence[str],
+    running: Sequence[RunningJob],
+    reach: Reach,
+) -> str:
+    return json.dumps(
+        {
+            "daemon": None
+            if daemon is None
+            else {
+                "pid": daemon.pid,
+                "up_since": daemon.started,
+                "libvirt_uri": daemon.libvirt_uri,
+                "libvirt_connected": daemon.libvirt_connected,
+                "schedule_timezone": daemon.schedule_timezone,
+                "queued": sorted(u for u, d in daemon.domains.items() if d.queued),
             },
-            indent=2,
-        )
+            "daemon_unknown": reach.daemon_unknown,
+            "libvirt": {
+                "uri": reach.libvirt_uri,
+                "reachable": daemon.libvirt_connected
+                if daemon is not None
+                else reach.libvirt_error is None,
+                "error": reach.libvirt_error,
+            },
+            "policy_files": dict(reach.policy_notes),
+            "domains": [r.as_json() for r in rows],
+            "unmanaged": list(unmanaged),
+            "running": [j.as_json() for j in running],
+        },
+        indent=2,
+    )
+
+
+def _reach_lines(daemon: DaemonStatus | None, reach: Reach) -> list[str]:
+    """The daemon (or why it is not known), and libvirt when it was asked
+    directly and did not answer."""
     lines = []
     if daemon is None and reach.daemon_unknown is not None:
         lines.append(
@@ -242,57 +267,56 @@ def render(
             "domains are defined, and which are unmanaged, is not known: the domains below "
             "are those the catalogue has backups of"
         )
-    for f, note in sorted(reach.policy_notes.items()):
-        lines.append(f"policy file {f}: {note}")
-    for r in rows:
-        head = r.domain + (" (no longer defined)" if r.defined is False else "")
-        if r.policy is None and r.policy_on_disk is not None:
-            # The file and line are on the "policy file" line above.
-            lines.append(
-                f"{head}: policy - (a policy file that may govern it does not load; "
-                "nothing runs for it until that file is fixed)"
-            )
-        else:
-            lines.append(f"{head}: policy {r.policy or '- (none governs it now)'}")
-        if r.policy is not None and r.policy_on_disk is not None:
-            lines.append(f"  policy file on disk: {r.policy_on_disk}")
-        if r.last_good is not None and r.last_good_age_s is not None:
-            lines.append(
-                f"  last good: {r.last_good}, {duration(r.last_good_age_s)} ago, "
-                f"chain {r.chain_length}"
-            )
-        else:
-            lines.append("  last good: never backed up")
-        if r.newest_unrestorable is not None:
-            lines.append(f"  newest backup not restorable: {r.newest_unrestorable}")
-        if r.last_failure is not None:
-            lines.append(f"  last failure: {r.last_failure['at']}: {r.last_failure['reason']}")
-        if r.next_runs:
-            zone = daemon.schedule_timezone if daemon is not None else "UTC"
-            nxt = ", ".join(f"{k} {_at(v, zone)}" for k, v in sorted(r.next_runs.items()))
-            lines.append(f"  next: {nxt}")
-        if r.queued:
-            lines.append(f"  queued: {r.queued}")
-        if r.retrying:
-            lines.append(f"  waiting (busy, retried): {r.retrying}")
-    for j in running:
-        if j.interrupted:
-            lines.append(
-                f"interrupted: {j.domain} {j.backup_id} ({j.level.value}): its process died; "
-                f"`virtbackup cancel {j.domain}` cleans it up (so does its next backup)"
-            )
-            continue
-        text = progress_text(
-            f"running: {j.domain} {j.backup_id} ({j.level.value})",
-            j.done,
-            j.total,
-            j.rate,
-            j.eta_s,
+    return lines
+
+
+def _domain_lines(r: DomainRow, zone: str) -> list[str]:
+    """One domain's lines; `zone`: the one its next runs are told in."""
+    lines = []
+    head = r.domain + (" (no longer defined)" if r.defined is False else "")
+    if r.policy is None and r.policy_on_disk is not None:
+        # The file and line are on the "policy file" line above.
+        lines.append(
+            f"{head}: policy - (a policy file that may govern it does not load; "
+            "nothing runs for it until that file is fixed)"
         )
-        lines.append(text)
-    if unmanaged:
-        lines.append(f"unmanaged (no policy): {', '.join(unmanaged)}")
-    return "\n".join(lines)
+    else:
+        lines.append(f"{head}: policy {r.policy or '- (none governs it now)'}")
+    if r.policy is not None and r.policy_on_disk is not None:
+        lines.append(f"  policy file on disk: {r.policy_on_disk}")
+    if r.last_good is not None and r.last_good_age_s is not None:
+        lines.append(
+            f"  last good: {r.last_good}, {duration(r.last_good_age_s)} ago, chain {r.chain_length}"
+        )
+    else:
+        lines.append("  last good: never backed up")
+    if r.newest_unrestorable is not None:
+        lines.append(f"  newest backup not restorable: {r.newest_unrestorable}")
+    if r.last_failure is not None:
+        lines.append(f"  last failure: {r.last_failure['at']}: {r.last_failure['reason']}")
+    if r.next_runs:
+        nxt = ", ".join(f"{k} {_at(v, zone)}" for k, v in sorted(r.next_runs.items()))
+        lines.append(f"  next: {nxt}")
+    if r.queued:
+        lines.append(f"  queued: {r.queued}")
+    if r.retrying:
+        lines.append(f"  waiting (busy, retried): {r.retrying}")
+    return lines
+
+
+def _running_line(j: RunningJob) -> str:
+    if j.interrupted:
+        return (
+            f"interrupted: {j.domain} {j.backup_id} ({j.level.value}): its process died; "
+            f"`virtbackup cancel {j.domain}` cleans it up (so does its next backup)"
+        )
+    return progress_text(
+        f"running: {j.domain} {j.backup_id} ({j.level.value})",
+        j.done,
+        j.total,
+        j.rate,
+        j.eta_s,
+    )
 
 
 def _at(iso: str, zone: str) -> str:

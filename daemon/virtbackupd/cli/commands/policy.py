@@ -1,5 +1,6 @@
 """`virtbackup policy check`: the policy files, and the policies against
-the domains libvirt has."""
+the domains libvirt has. Run before any config is read: it reads the
+config itself, and checks the files it is given without one."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import argparse
 import json
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 from virtbackupd.adapters.libvirt_conn import Libvirt
+from virtbackupd.cli.commands import Command, Needs, Session
 from virtbackupd.cli.domains import libvirt_domains
 from virtbackupd.config.daemon import DaemonConfig, config_path, load_config
 from virtbackupd.config.policy import load_policies, missing_dirs, policy_files
@@ -16,6 +19,19 @@ from virtbackupd.core.domain_xml import parse_domain
 from virtbackupd.core.plan import nothing_to_back_up
 from virtbackupd.core.policy import Policy, coverage
 from virtbackupd.errors import ConfigError, DomainNotFoundError, VirtBackupError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    polsub = p.add_subparsers(dest="policy_command", metavar="SUBCOMMAND", required=True)
+    chk = polsub.add_parser(
+        "check", help="validate policy files (exit 0 if all are valid, 2 if not)"
+    )
+    chk.add_argument("files", nargs="*", type=Path, help="default: the config's policy_dirs")
+
+
+async def run(args: argparse.Namespace, _: Session) -> int:
+    """`policy check`, its only subcommand (argparse requires one)."""
+    return await policy_check(args)
 
 
 async def policy_check(args: argparse.Namespace) -> int:
@@ -100,3 +116,6 @@ async def _nothing_backed_up(
     except VirtBackupError as exc:
         out.append(f"libvirt at {uri}: cannot read the governed domains' disks: {exc}")
     return out
+
+
+COMMAND = Command("policy", "policy files", add_arguments, run, needs=Needs.NOTHING)

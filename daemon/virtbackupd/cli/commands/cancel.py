@@ -22,6 +22,7 @@ from pathlib import Path
 from virtbackupd.adapters.libvirt_conn import Libvirt
 from virtbackupd.adapters.repository import Repository
 from virtbackupd.adapters.store import Store
+from virtbackupd.cli.commands import Command, Session
 from virtbackupd.cli.domains import domain_of
 from virtbackupd.config.daemon import DaemonConfig
 from virtbackupd.core.records import BackupRecord, BackupStatus, DomainRecord
@@ -33,7 +34,12 @@ from virtbackupd.errors import VirtBackupError
 CANCEL_WAIT_S = 120
 
 
-async def cancel(args: argparse.Namespace, config: DaemonConfig, store: Store) -> int:
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("domain", help="domain name or UUID")
+
+
+async def run(args: argparse.Namespace, session: Session) -> int:
+    config, store = session.config, session.store
     dom = await domain_of(store, config, args.domain)
     running = [j for j in await store.running_progress() if j.domain_uuid == dom.uuid]
     if not running:
@@ -118,3 +124,11 @@ def _said(
         else:
             print(f"{what} {b.id} of {dom.name}{why}: {b.status.value} ({b.error})")
     return 0
+
+
+COMMAND = Command(
+    "cancel",
+    "cancel the running backup of a domain (cleaned up like any failure)",
+    add_arguments,
+    run,
+)

@@ -8,17 +8,18 @@ from __future__ import annotations
 import argparse
 import json
 
-from virtbackupd.adapters.libvirt_conn import Libvirt
-from virtbackupd.adapters.store import Store
-from virtbackupd.config.daemon import DaemonConfig
+from virtbackupd.cli.commands import Command, Needs, Session
 from virtbackupd.core.domain_xml import parse_domain
 from virtbackupd.engine import own_checkpoints, vm_starts
 from virtbackupd.engine.locks import domain_lock
 
 
-async def forget_checkpoints(
-    args: argparse.Namespace, config: DaemonConfig, store: Store, lv: Libvirt
-) -> int:
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("domain", help="domain name or UUID")
+
+
+async def run(args: argparse.Namespace, session: Session) -> int:
+    config, store, lv = session.config, session.store, session.libvirt
     ref = await lv.domain(args.domain)
     with domain_lock(config.runtime_dir, ref.uuid, ref.name, "forget-checkpoints"):
         async with vm_starts.running_or_held(lv, ref) as running:
@@ -36,3 +37,13 @@ async def forget_checkpoints(
     else:
         print(f"{ref.name}: no checkpoint of virtbackupd")
     return 0
+
+
+COMMAND = Command(
+    "forget-checkpoints",
+    "remove virtbackupd's checkpoints and bitmaps from a domain (e.g. before "
+    "`virsh snapshot-revert`); backups stay, the next backup is full",
+    add_arguments,
+    run,
+    needs=Needs.LIBVIRT,
+)
