@@ -17,6 +17,7 @@ venv:
 lint: venv
 	$(BIN)/ruff check daemon tests bench scripts
 	$(BIN)/ruff format --check daemon tests bench scripts
+	$(BIN)/python scripts/shape.py
 
 typecheck: venv
 	$(BIN)/mypy

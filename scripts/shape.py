@@ -113,6 +113,11 @@ def imported_modules(module: Module, known: set[str]) -> set[str]:
     return resolved
 
 
+def _rel(path: Path) -> Path:
+    """A module's path as the checkout names it (as given when outside it)."""
+    return path.relative_to(ROOT.parent.parent) if path.is_relative_to(ROOT.parent.parent) else path
+
+
 def layer_of(name: str) -> str | None:
     parts = name.split(".")
     return parts[1] if len(parts) > 1 else None
@@ -181,18 +186,16 @@ def function_lengths(module: Module) -> list[tuple[str, int, int]]:
     return out
 
 
-def check(report: bool) -> list[str]:
-    modules = load_modules()
+def import_graph(modules: dict[str, Module]) -> dict[str, set[str]]:
     known = set(modules)
-    graph = {
+    return {
         name: {d for d in imported_modules(m, known) if not is_ancestor_package(name, d)}
         for name, m in modules.items()
     }
+
+
+def layer_breaches(graph: dict[str, set[str]]) -> list[str]:
     breaches: list[str] = []
-
-    for component in find_cycles(graph):
-        breaches.append("import cycle: " + " <-> ".join(component))
-
     for name, deps in sorted(graph.items()):
         layer = layer_of(name)
         if layer not in LAYERS:
@@ -203,9 +206,13 @@ def check(report: bool) -> list[str]:
             if dep_layer is None or dep_layer in SHARED or dep_layer in allowed:
                 continue
             breaches.append(f"layer: {name} ({layer}) imports {dep} ({dep_layer})")
+    return breaches
 
-    for name, m in sorted(modules.items()):
-        rel = m.path.relative_to(ROOT.parent.parent)
+
+def size_breaches(modules: dict[str, Module]) -> list[str]:
+    breaches: list[str] = []
+    for _, m in sorted(modules.items()):
+        rel = _rel(m.path)
         if m.lines > MAX_MODULE_LINES:
             breaches.append(f"module over {MAX_MODULE_LINES} lines: {rel} ({m.lines})")
         for func, line, length in function_lengths(m):
@@ -213,13 +220,6 @@ def check(report: bool) -> list[str]:
                 breaches.append(
                     f"function over {MAX_FUNCTION_LINES} lines: {rel}:{line} {func} ({length})"
                 )
-        if layer_of(name) == "adapters":
-            for node in ast.walk(m.tree):
-                if isinstance(node, ast.ClassDef) and node.name in FORMAT_TYPES:
-                    breaches.append(
-                        f"format type in adapters: {rel}:{node.lineno} class {node.name}"
-                    )
-
     driver = modules.get(DRIVER_MODULE)
     if driver is None:
         breaches.append(f"the backup job's driver module {DRIVER_MODULE} is missing")
@@ -228,26 +228,56 @@ def check(report: bool) -> list[str]:
             f"backup driver {DRIVER_MODULE} has {driver.lines} lines "
             f"(limit: under {MAX_DRIVER_LINES})"
         )
+    return breaches
 
+
+def format_type_breaches(modules: dict[str, Module]) -> list[str]:
+    breaches: list[str] = []
+    for name, m in sorted(modules.items()):
+        if layer_of(name) != "adapters":
+            continue
+        rel = _rel(m.path)
+        for node in ast.walk(m.tree):
+            if isinstance(node, ast.ClassDef) and node.name in FORMAT_TYPES:
+                breaches.append(f"format type in adapters: {rel}:{node.lineno} class {node.name}")
+    return breaches
+
+
+def print_report(modules: dict[str, Module]) -> None:
+    def rel(m: Module) -> Path:
+        return _rel(m.path)
+
+    print(f"{len(modules)} modules, {sum(m.lines for m in modules.values())} lines")
+    by_layer: dict[str, int] = {}
+    for name in modules:
+        layer = layer_of(name) or "(top)"
+        by_layer[layer] = by_layer.get(layer, 0) + 1
+    print("modules per layer: " + ", ".join(f"{k} {v}" for k, v in sorted(by_layer.items())))
+    print("largest modules:")
+    for m in sorted(modules.values(), key=lambda m: -m.lines)[:8]:
+        print(f"  {m.lines:5d}  {rel(m)}")
+    funcs = [
+        (length, f"{rel(m)}:{line} {func}")
+        for m in modules.values()
+        for func, line, length in function_lengths(m)
+    ]
+    print("longest functions:")
+    for length, where in sorted(funcs, reverse=True)[:8]:
+        print(f"  {length:5d}  {where}")
+    driver = modules.get(DRIVER_MODULE)
+    if driver is not None:
+        print(f"backup driver: {DRIVER_MODULE} {driver.lines} lines")
+
+
+def check(report: bool) -> list[str]:
+    modules = load_modules()
+    graph = import_graph(modules)
+    breaches = ["import cycle: " + " <-> ".join(c) for c in find_cycles(graph)]
+    breaches += layer_breaches(graph)
+    breaches += size_breaches(modules)
+    breaches += format_type_breaches(modules)
     if report:
-        print(f"{len(modules)} modules, {sum(m.lines for m in modules.values())} lines")
-        by_layer: dict[str, int] = {}
-        for name in modules:
-            by_layer[layer_of(name) or "(top)"] = by_layer.get(layer_of(name) or "(top)", 0) + 1
-        print("modules per layer: " + ", ".join(f"{k} {v}" for k, v in sorted(by_layer.items())))
-        print("largest modules:")
-        for m in sorted(modules.values(), key=lambda m: -m.lines)[:8]:
-            print(f"  {m.lines:5d}  {m.path.relative_to(ROOT.parent.parent)}")
-        funcs = [
-            (length, f"{m.path.relative_to(ROOT.parent.parent)}:{line} {func}")
-            for m in modules.values()
-            for func, line, length in function_lengths(m)
-        ]
-        print("longest functions:")
-        for length, where in sorted(funcs, reverse=True)[:8]:
-            print(f"  {length:5d}  {where}")
-        if driver is not None:
-            print(f"backup driver: {DRIVER_MODULE} {driver.lines} lines")
+        print_report(modules)
     return breaches
 
 

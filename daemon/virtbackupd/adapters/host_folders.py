@@ -16,7 +16,8 @@ from virtbackupd.config.folder_trust import on_pseudo_fs as on_pseudo_fs  # rest
 from virtbackupd.errors import UntrustedFolderError
 
 
-def make_folder(
+# PLR0913: the folder's and its parents' mode and owner, then switches: keyword-only, with defaults
+def make_folder(  # noqa: PLR0913 (see above)
     path: Path,
     mode: int = 0o700,
     owner: tuple[int, int] | None = None,

@@ -89,7 +89,9 @@ def policy_file_notes(
     return notes
 
 
-def build_rows(
+# C901: one row per domain from five sources; each branch is a documented column rule
+# PLR0913: the table's inputs, each read by another adapter; a pure function of them
+def build_rows(  # noqa: C901,PLR0913 (see above)
     now: datetime,
     backups: Sequence[BackupRecord],
     on_disk: LoadedPolicies,

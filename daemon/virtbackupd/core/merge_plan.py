@@ -67,7 +67,8 @@ class Remove:
 Op = Rebase | Consolidate | Remove
 
 
-def plan_merges(
+# C901: the merge rules side by side read better than split (docs/repository-format.md)
+def plan_merges(  # noqa: C901 (see above)
     layers: Sequence[Layer],
     prune: Set[str],
     max_depth: int | None = None,

@@ -54,7 +54,8 @@ class Plan:
         )
 
 
-def plan_backup(
+# PLR0913: all keyword-only: the facts a plan is decided from, each from another source
+def plan_backup(  # noqa: PLR0913 (see above)
     *,
     checkpoint: str,
     disks: Sequence[DomainDisk],

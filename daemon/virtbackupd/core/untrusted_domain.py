@@ -262,7 +262,8 @@ class Sanitiser:
             if rom.get("file") is not None:
                 self._drop(rom, f"<rom file='{rom.get('file')}'>", "an option ROM from the host")
 
-    def _device(self, devices: etree._Element, dev: etree._Element) -> None:
+    # C901: one branch per device kind the sanitiser allows; a table would hide the checks
+    def _device(self, devices: etree._Element, dev: etree._Element) -> None:  # noqa: C901 (see above)
         kind = dev.get("type", "")
         what = _describe(dev)
         if dev.tag in _CHAR_DEVICES:

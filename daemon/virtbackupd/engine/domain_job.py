@@ -40,8 +40,9 @@ class DomainJob:
     cleaned: tuple[str, ...]  # backups of dead processes cleaned on entry
 
 
+# PLR0913: which domain and job, then keyword-only options with defaults
 @contextlib.asynccontextmanager
-async def domain_job(
+async def domain_job(  # noqa: PLR0913 (see above)
     config: DaemonConfig,
     store: Store,
     repo: Repository,

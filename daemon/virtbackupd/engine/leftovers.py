@@ -96,7 +96,8 @@ async def clean_leftovers(
     return cleaned
 
 
-async def settle(
+# PLR0913: libvirt and its domain are optional (libvirt may be down), then one switch
+async def settle(  # noqa: PLR0913 (see above)
     store: Store,
     repo: Repository,
     uuid: str,

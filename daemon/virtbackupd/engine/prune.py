@@ -114,7 +114,8 @@ def describe(op: Op) -> str:
     return f"remove {op.id}"
 
 
-async def prune_domain(
+# PLR0913: what to prune, then keyword-only options with defaults
+async def prune_domain(  # noqa: PLR0913 (see above)
     store: Store,
     domain_dir: Path,
     retention: Retention,
@@ -193,7 +194,8 @@ def _held_verdict(v: Verdict, holds: Sequence[Hold]) -> Verdict:
     return Verdict(v.id, True, (*v.reasons, *(f"held: {h.detail}" for h in holds)))
 
 
-async def prune_under_policy(
+# PLR0913: which domain under which policy, then keyword-only options with defaults
+async def prune_under_policy(  # noqa: PLR0913 (see above)
     config: DaemonConfig,
     store: Store,
     policy: Policy,
