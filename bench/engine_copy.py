@@ -10,7 +10,7 @@ import asyncio
 import json
 
 from virtbackupd.adapters.nbd.client import UnixAddress
-from virtbackupd.engine.copy import CopyOptions, ZeroMode, copy_export
+from virtbackupd.engine.datapath.copy import CopyOptions, ZeroMode, copy_export
 
 
 def main() -> None:

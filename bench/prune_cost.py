@@ -23,8 +23,8 @@ sys.path.insert(0, str(REPO / "tests"))
 from testbed.repo_builder import BuiltDomain  # noqa: E402
 from virtbackupd.adapters.store import Store  # noqa: E402
 from virtbackupd.core.policy import Retention  # noqa: E402
-from virtbackupd.engine.prune import prune_domain  # noqa: E402
-from virtbackupd.engine.verify import verify_backup  # noqa: E402
+from virtbackupd.engine.upkeep.prune import prune_domain  # noqa: E402
+from virtbackupd.engine.upkeep.verify import verify_backup  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -1,8 +1,12 @@
 """virtbackupd: backups of libvirt/QEMU domains through checkpoints and NBD.
 
 Layout:
-    core/      pure values and functions (XML model, plans, policies, retention)
-    adapters/  one module per external system (libvirt, NBD, qemu tools, SQLite, ...)
+    core/      pure values and functions (XML model, plans, policies, retention,
+               the repository format)
+    config/    the daemon config and policy files, read into core values
+    adapters/  one module per external system (libvirt, NBD, qemu tools, SQLite,
+               the repository folder, ...)
+    engine/    the jobs: backup, restore, prune, verify, recovery, the copy engine
     cli/       the operator's `virtbackup` command
     daemon/    the `virtbackupd` service
 """

@@ -22,10 +22,10 @@ from virtbackupd.adapters.repository import (
 )
 from virtbackupd.adapters.store import Store
 from virtbackupd.core.policy import Retention
-from virtbackupd.engine.copy import CopyOptions
-from virtbackupd.engine.prune import prune_domain
+from virtbackupd.engine.datapath.copy import CopyOptions
 from virtbackupd.engine.restore import RestoreContext, restore_to_dir
-from virtbackupd.engine.verify import verify_backup
+from virtbackupd.engine.upkeep.prune import prune_domain
+from virtbackupd.engine.upkeep.verify import verify_backup
 from virtbackupd.errors import RestoreError
 
 

@@ -19,9 +19,9 @@ from virtbackupd.adapters.repository import UndoKind, UndoLog
 from virtbackupd.adapters.store import Store
 from virtbackupd.core.policy import Level
 from virtbackupd.core.records import BackupRecord, BackupStatus
-from virtbackupd.engine.catalogue import reconcile
-from virtbackupd.engine.leftovers import INTERRUPTED, settle
-from virtbackupd.engine.undo import Images, ReplayContext, Undo, replay
+from virtbackupd.engine.recovery.leftovers import INTERRUPTED, settle
+from virtbackupd.engine.recovery.undo import Images, ReplayContext, Undo, replay
+from virtbackupd.engine.upkeep.catalogue import reconcile
 
 STEPS = ["metadata written", "renamed", "catalogue updated", "undo log dropped"]
 

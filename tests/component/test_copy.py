@@ -11,7 +11,13 @@ import pytest
 
 from testbed.tools import qemu_img_compare, qemu_io, run
 from virtbackupd.adapters import qemu_img, qemu_nbd
-from virtbackupd.engine.copy import CopyOptions, CopyResult, RateLimit, ZeroMode, copy_export
+from virtbackupd.engine.datapath.copy import (
+    CopyOptions,
+    CopyResult,
+    RateLimit,
+    ZeroMode,
+    copy_export,
+)
 
 MiB = 1024 * 1024
 

@@ -18,9 +18,9 @@ from virtbackupd.adapters.store import Store
 from virtbackupd.core.policy import Retention
 from virtbackupd.core.repository_format import versions
 from virtbackupd.core.repository_format.versions import Operation
-from virtbackupd.engine.prune import prune_domain
 from virtbackupd.engine.restore import RestoreContext, restore_to_dir
-from virtbackupd.engine.verify import verify_backup
+from virtbackupd.engine.upkeep.prune import prune_domain
+from virtbackupd.engine.upkeep.verify import verify_backup
 from virtbackupd.errors import VirtBackupError
 
 

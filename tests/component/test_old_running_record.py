@@ -16,7 +16,7 @@ from virtbackupd.adapters.store import Store
 from virtbackupd.config.daemon import load_config
 from virtbackupd.core.policy import Level
 from virtbackupd.core.records import BackupRecord, BackupStatus
-from virtbackupd.engine.leftovers import INTERRUPTED, clean_leftovers
+from virtbackupd.engine.recovery.leftovers import INTERRUPTED, clean_leftovers
 
 UUID = "6a1f0b5e-2222-4222-8333-944455556666"
 

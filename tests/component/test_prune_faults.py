@@ -32,9 +32,9 @@ from testbed.tools import qemu_img_compare, run
 from virtbackupd.adapters.repository import PRUNE_JOURNAL, Repository
 from virtbackupd.adapters.store import Store
 from virtbackupd.core.policy import Retention
-from virtbackupd.engine.prune import prune_domain
 from virtbackupd.engine.restore import RestoreContext, restore_to_dir
-from virtbackupd.engine.verify import verify_backup
+from virtbackupd.engine.upkeep.prune import prune_domain
+from virtbackupd.engine.upkeep.verify import verify_backup
 from virtbackupd.errors import PruneError, RestoreError
 
 KEEP = Retention(keep_last=3)

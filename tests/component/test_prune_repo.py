@@ -21,9 +21,9 @@ from virtbackupd.core.extents import Piece
 from virtbackupd.core.merge_plan import Op
 from virtbackupd.core.policy import Retention
 from virtbackupd.core.records import BackupStatus, DiskRecord
-from virtbackupd.engine.merge_digests import merge_reads
-from virtbackupd.engine.prune import prune_domain
-from virtbackupd.engine.verify import verify_backup
+from virtbackupd.engine.upkeep.merge_digests import merge_reads
+from virtbackupd.engine.upkeep.prune import prune_domain
+from virtbackupd.engine.upkeep.verify import verify_backup
 from virtbackupd.errors import PruneError
 
 

@@ -22,8 +22,8 @@ from testbed.tools import qemu_img_info, run
 from virtbackupd.adapters.repository import FailedAttempt, Hold, HoldKind, UndoKind, UndoLog
 from virtbackupd.adapters.store import Store
 from virtbackupd.core.policy import Level, Retention
-from virtbackupd.engine.prune import prune_domain
-from virtbackupd.engine.undo import Undo
+from virtbackupd.engine.recovery.undo import Undo
+from virtbackupd.engine.upkeep.prune import prune_domain
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 

@@ -26,8 +26,8 @@ from virtbackupd.adapters.repository import (
     read_manifest,
 )
 from virtbackupd.core.policy import Level
-from virtbackupd.engine.catalogue import checkpoint_record
 from virtbackupd.engine.restore.define import saved_definition
+from virtbackupd.engine.upkeep.catalogue import checkpoint_record
 from virtbackupd.errors import InputError
 
 DOMAIN = "<domain type='qemu'><name>vm</name></domain>\n"

@@ -29,9 +29,9 @@ from testbed.tools import flip_byte, qemu_img_compare, qemu_img_info
 from virtbackupd.adapters.repository import MANIFEST, PRUNE_JOURNAL, read_manifest
 from virtbackupd.adapters.store import Store
 from virtbackupd.core.policy import Retention
-from virtbackupd.engine.prune import prune_domain
 from virtbackupd.engine.restore import RestoreContext, restore_to_dir
-from virtbackupd.engine.verify import verify_backup
+from virtbackupd.engine.upkeep.prune import prune_domain
+from virtbackupd.engine.upkeep.verify import verify_backup
 from virtbackupd.errors import RestoreError
 
 PENDING = "an interrupted prune is pending"

@@ -15,7 +15,7 @@ from virtbackupd.adapters import qemu_img, qemu_nbd
 from virtbackupd.adapters.nbd.client import UnixAddress, connect
 from virtbackupd.core.backup_documents import BackupRequest, build_documents, checkpoint_name
 from virtbackupd.core.domain_xml import parse_domain
-from virtbackupd.engine.copy import CopyOptions, CopyResult, ZeroMode, copy_export
+from virtbackupd.engine.datapath.copy import CopyOptions, CopyResult, ZeroMode, copy_export
 
 
 def _begin(td: GuestDomain, stamp: str, parent: str | None) -> tuple[str, Path]:

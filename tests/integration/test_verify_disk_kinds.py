@@ -26,7 +26,7 @@ from virtbackupd.adapters.repository import MANIFEST, PRUNE_JOURNAL
 from virtbackupd.adapters.store import Store
 from virtbackupd.core.extents import covers, ranges_from_json
 from virtbackupd.core.policy import Retention
-from virtbackupd.engine.prune import prune_domain
+from virtbackupd.engine.upkeep.prune import prune_domain
 
 Refs = dict[str, dict[str, Path]]
 

@@ -41,9 +41,9 @@ from virtbackupd.core.backup_documents import checkpoint_name
 from virtbackupd.core.policy import Level
 from virtbackupd.core.records import BackupRecord, BackupStatus
 from virtbackupd.engine.backup import disk_records
-from virtbackupd.engine.catalogue import commit_backup
-from virtbackupd.engine.copy import CopyOptions, CopyResult, ZeroMode, copy_into
-from virtbackupd.engine.undo import Undo
+from virtbackupd.engine.datapath.copy import CopyOptions, CopyResult, ZeroMode, copy_into
+from virtbackupd.engine.recovery.undo import Undo
+from virtbackupd.engine.upkeep.catalogue import commit_backup
 
 MiB = 1024 * 1024
 

@@ -57,7 +57,7 @@ def test_building_the_parser_loads_no_commands_run_time_code() -> None:
         "virtbackupd.engine.define",
         "virtbackupd.engine.live_restore",
         "virtbackupd.engine.guest_view",
-        "virtbackupd.engine.verify",
+        "virtbackupd.engine.upkeep.verify",
         "virtbackupd.daemon.status_file",
         "virtbackupd.adapters.block_devices",
         "virtbackupd.cli.recovery",

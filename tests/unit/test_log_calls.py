@@ -59,10 +59,10 @@ DAEMON_PATHS = {
     "engine/backup/folders.py",
     "engine/backup/commit.py",
     "engine/backup/copying.py",
-    "engine/prune.py",
-    "engine/leftovers.py",
-    "engine/own_checkpoints.py",
-    "engine/undo.py",
+    "engine/upkeep/prune.py",
+    "engine/recovery/leftovers.py",
+    "engine/recovery/own_checkpoints.py",
+    "engine/recovery/undo.py",
     "engine/domain_job.py",
 }
 #: Keys that make a line about one domain (or one of its backups).

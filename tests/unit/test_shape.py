@@ -57,7 +57,7 @@ def test_an_upward_import_is_a_layer_breach(shape: ModuleType) -> None:
         {
             "virtbackupd.core.extents": "def f() -> None:\n    from ..adapters.nbd import p\n",
             "virtbackupd.adapters.nbd.p": "from virtbackupd.core import extents\n",
-            "virtbackupd.engine.copy": "from virtbackupd.core.extents import f\n",
+            "virtbackupd.engine.datapath.copy": "from virtbackupd.core.extents import f\n",
         },
     )
     assert shape.layer_breaches(shape.import_graph(mods)) == [

@@ -14,7 +14,7 @@ from virtbackupd.adapters.store import Store
 from virtbackupd.config.daemon import DaemonConfig
 from virtbackupd.config.policy import LoadedPolicies, load_policies, policy_files
 from virtbackupd.core.policy import Policy
-from virtbackupd.engine.catalogue import check_identity, reconcile
+from virtbackupd.engine.upkeep.catalogue import check_identity, reconcile
 
 
 def policies(config: DaemonConfig, quiet: bool = False) -> list[Policy]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from virtbackupd.adapters.repository import Repository
 from virtbackupd.core.records import BackupRecord, BackupStatus
-from virtbackupd.engine.catalogue import Standing, standing
+from virtbackupd.engine.upkeep.catalogue import Standing, standing
 from virtbackupd.errors import VirtBackupError
 
 

@@ -46,7 +46,7 @@ from virtbackupd.cli.commands import (
 )
 from virtbackupd.cli.commands import list as list_
 from virtbackupd.config.daemon import config_path, load_config
-from virtbackupd.engine.leftovers import sweep_runtime
+from virtbackupd.engine.recovery.leftovers import sweep_runtime
 from virtbackupd.errors import (
     VirtBackupError,
 )

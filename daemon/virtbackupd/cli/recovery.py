@@ -19,8 +19,8 @@ from virtbackupd.core.points import parse_time, pick_backup
 from virtbackupd.core.records import BackupRecord, BackupStatus, DomainRecord
 from virtbackupd.core.repository_format.holds import Hold, HoldKind
 from virtbackupd.engine import guest_view, restore
-from virtbackupd.engine.catalogue import Standing, standing
 from virtbackupd.engine.restore import live as live_restore
+from virtbackupd.engine.upkeep.catalogue import Standing, standing
 from virtbackupd.errors import RestoreError, VirtBackupError
 
 

@@ -18,9 +18,11 @@ from virtbackupd.config.daemon import DaemonConfig
 from virtbackupd.core.domain_xml import parse_domain
 from virtbackupd.core.policy import Policy
 from virtbackupd.core.records import BackupStatus
-from virtbackupd.engine import catalogue, own_checkpoints, vm_starts
+from virtbackupd.engine import vm_starts
 from virtbackupd.engine.domain_job import domain_job
 from virtbackupd.engine.locks import domain_lock
+from virtbackupd.engine.recovery import own_checkpoints
+from virtbackupd.engine.upkeep import catalogue
 from virtbackupd.errors import VirtBackupError
 
 log = structlog.get_logger("virtbackupd.daemon")

@@ -53,11 +53,12 @@ from virtbackupd.daemon.status_file import (
 )
 from virtbackupd.daemon.supervisor import WATCHDOG, Supervisor
 from virtbackupd.daemon.verifier import VERIFY, VERIFY_FS, verify_loop
-from virtbackupd.engine import catalogue, guest_view, vm_starts
+from virtbackupd.engine import guest_view, vm_starts
 from virtbackupd.engine.backup import BackupContext, backup_domain
-from virtbackupd.engine.leftovers import sweep_runtime
-from virtbackupd.engine.prune import prune_under_policy
+from virtbackupd.engine.recovery.leftovers import sweep_runtime
 from virtbackupd.engine.restore import live as live_restore
+from virtbackupd.engine.upkeep import catalogue
+from virtbackupd.engine.upkeep.prune import prune_under_policy
 from virtbackupd.errors import BackupFailedError, ConfigError, LibvirtError, VirtBackupError
 
 #: How long a stop waits for running backups to be cancelled and cleaned

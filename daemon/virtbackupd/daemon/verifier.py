@@ -11,7 +11,7 @@ import structlog
 from virtbackupd.adapters.store import Store
 from virtbackupd.config.daemon import DaemonConfig
 from virtbackupd.core.records import BackupRecord, BackupStatus
-from virtbackupd.engine.verify import verify_filesystems, verify_recorded
+from virtbackupd.engine.upkeep.verify import verify_filesystems, verify_recorded
 from virtbackupd.errors import VirtBackupError
 
 VERIFY = "verify"  # the schedule kinds beside the backup levels

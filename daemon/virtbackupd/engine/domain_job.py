@@ -25,8 +25,8 @@ from virtbackupd.adapters.libvirt_conn import DomainRef, Libvirt
 from virtbackupd.adapters.repository import Repository
 from virtbackupd.adapters.store import Store
 from virtbackupd.config.daemon import DaemonConfig
-from virtbackupd.engine.leftovers import clean_leftovers, settle, sweep_runtime
 from virtbackupd.engine.locks import domain_lock
+from virtbackupd.engine.recovery.leftovers import clean_leftovers, settle, sweep_runtime
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,9 @@ import json
 
 from virtbackupd.cli.commands import Command, Needs, Session
 from virtbackupd.core.domain_xml import parse_domain
-from virtbackupd.engine import own_checkpoints, vm_starts
+from virtbackupd.engine import vm_starts
 from virtbackupd.engine.locks import domain_lock
+from virtbackupd.engine.recovery import own_checkpoints
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

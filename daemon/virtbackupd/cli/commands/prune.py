@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 async def run(args: argparse.Namespace, session: Session) -> int:
     from virtbackupd.cli import recovery
-    from virtbackupd.engine.prune import describe, prune_under_policy
+    from virtbackupd.engine.upkeep.prune import describe, prune_under_policy
 
     config, store = session.config, session.store
     if args.domain:

@@ -14,7 +14,7 @@ from virtbackupd.adapters.store import Store, StoreDamagedError
 from virtbackupd.cli.catalogue import policies, repositories, roots
 from virtbackupd.cli.commands import Command, Needs, Session, no_arguments
 from virtbackupd.config.daemon import DaemonConfig
-from virtbackupd.engine.catalogue import ForeignCatalogueError, check_identity, reconcile
+from virtbackupd.engine.upkeep.catalogue import ForeignCatalogueError, check_identity, reconcile
 from virtbackupd.errors import VirtBackupError
 
 

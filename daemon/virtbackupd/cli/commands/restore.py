@@ -26,7 +26,7 @@ from virtbackupd.errors import ConfigError, InputError, RestoreError, VirtBackup
 if TYPE_CHECKING:  # loaded when a restore runs (cli.commands says why)
     from virtbackupd.cli.recovery import Chosen
     from virtbackupd.engine import restore
-    from virtbackupd.engine.copy import CopyProgress
+    from virtbackupd.engine.datapath.copy import CopyProgress
     from virtbackupd.engine.restore import define
 
 

@@ -16,8 +16,8 @@ from virtbackupd.cli.commands import Command, Session, no_arguments
 from virtbackupd.cli.domains import libvirt_domains_or_why
 from virtbackupd.config.policy import file_digests, policy_files
 from virtbackupd.core.records import BackupRecord
-from virtbackupd.engine.catalogue import Standing, standing
 from virtbackupd.engine.locks import backup_owner_alive
+from virtbackupd.engine.upkeep.catalogue import Standing, standing
 from virtbackupd.errors import VirtBackupError
 
 

@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 async def run(args: argparse.Namespace, session: Session) -> int:
-    from virtbackupd.engine.verify import verify_filesystems, verify_recorded
+    from virtbackupd.engine.upkeep.verify import verify_filesystems, verify_recorded
 
     config, store = session.config, session.store
     uuid = (await the_domain(store, config, args.domain, args.backup)).uuid if args.domain else None

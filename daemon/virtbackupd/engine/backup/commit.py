@@ -17,8 +17,8 @@ from virtbackupd.core.repository_format.manifest import Manifest
 from virtbackupd.core.repository_format.names import disk_file, pieces_file
 from virtbackupd.engine.backup.context import JobContext
 from virtbackupd.engine.backup.copying import Target
-from virtbackupd.engine.catalogue import commit_backup
-from virtbackupd.engine.copy import CopyResult
+from virtbackupd.engine.datapath.copy import CopyResult
+from virtbackupd.engine.upkeep.catalogue import commit_backup
 
 
 async def commit(

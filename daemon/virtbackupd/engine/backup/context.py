@@ -21,7 +21,7 @@ from virtbackupd.config.daemon import DaemonConfig
 from virtbackupd.core.policy import Policy
 from virtbackupd.core.repository_format.storage import StepHook
 from virtbackupd.core.repository_format.undo import UndoKind
-from virtbackupd.engine.undo import Undo
+from virtbackupd.engine.recovery.undo import Undo
 
 
 @dataclass

@@ -16,7 +16,7 @@ from virtbackupd.adapters.nbd.client import UnixAddress
 from virtbackupd.core.plan import Plan
 from virtbackupd.core.policy import Level
 from virtbackupd.core.repository_format.names import backing_of, disk_file
-from virtbackupd.engine.copy import (
+from virtbackupd.engine.datapath.copy import (
     CopyOptions,
     CopyProgress,
     CopyResult,

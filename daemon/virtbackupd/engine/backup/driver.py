@@ -55,9 +55,9 @@ from virtbackupd.engine.backup.copying import (
     targets,
 )
 from virtbackupd.engine.backup.folders import prepare
-from virtbackupd.engine.copy import CopyResult
+from virtbackupd.engine.datapath.copy import CopyResult
 from virtbackupd.engine.locks import cancel_requested, clear_cancel
-from virtbackupd.engine.undo import Images, ReplayContext, Undo, replay
+from virtbackupd.engine.recovery.undo import Images, ReplayContext, Undo, replay
 from virtbackupd.errors import (
     BackupFailedError,
     CheckpointInconsistentError,

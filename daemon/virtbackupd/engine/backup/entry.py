@@ -17,7 +17,7 @@ from virtbackupd.engine.backup.copying import ProgressFn
 from virtbackupd.engine.backup.driver import Job
 from virtbackupd.engine.domain_job import domain_job
 from virtbackupd.engine.locks import backup_slot
-from virtbackupd.engine.prune import finish_interrupted
+from virtbackupd.engine.upkeep.prune import finish_interrupted
 from virtbackupd.errors import BackupBusyError, VirtBackupError
 
 log = structlog.get_logger("virtbackupd.backup")

@@ -13,9 +13,9 @@ from virtbackupd.core.domain_xml import DomainInfo
 from virtbackupd.core.plan import CheckpointView, Plan, plan_backup
 from virtbackupd.core.policy import Level
 from virtbackupd.core.records import BackupRecord, BackupStatus, CheckpointStatus
-from virtbackupd.engine import own_checkpoints
 from virtbackupd.engine.backup.context import JobSetup
-from virtbackupd.engine.catalogue import standing
+from virtbackupd.engine.recovery import own_checkpoints
+from virtbackupd.engine.upkeep.catalogue import standing
 from virtbackupd.errors import LibvirtError
 
 

@@ -42,8 +42,8 @@ from virtbackupd.core.repository_format.codec import RepositoryFormatError
 from virtbackupd.core.repository_format.names import disk_file
 from virtbackupd.core.repository_format.storage import StoredBackup
 from virtbackupd.core.repository_format.versions import Operation
-from virtbackupd.engine.content import chunks, digest_image, non_zero, open_view
-from virtbackupd.engine.copy import (
+from virtbackupd.engine.datapath.content import chunks, digest_image, non_zero, open_view
+from virtbackupd.engine.datapath.copy import (
     CopyOptions,
     CopyResult,
     Source,

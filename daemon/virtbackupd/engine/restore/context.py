@@ -11,7 +11,7 @@ from pathlib import Path
 from virtbackupd.adapters.libvirt_conn import Libvirt
 from virtbackupd.core.domain_xml import parse_domain
 from virtbackupd.core.repository_format.manifest import Manifest
-from virtbackupd.engine.copy import CopyProgress, CopyResult
+from virtbackupd.engine.datapath.copy import CopyProgress, CopyResult
 from virtbackupd.errors import DomainNotFoundError, UnknownRestorePointError
 
 FORMATS = ("qcow2", "raw")

@@ -18,7 +18,7 @@ from virtbackupd.adapters import host_folders
 from virtbackupd.adapters.qcow2_writer import new_image
 from virtbackupd.adapters.raw_writer import new_raw_image
 from virtbackupd.adapters.repository import fsync_path
-from virtbackupd.engine.copy import CopyOptions, CopyResult, Source, ZeroMode, copy_disk
+from virtbackupd.engine.datapath.copy import CopyOptions, CopyResult, Source, ZeroMode, copy_disk
 from virtbackupd.engine.restore.chain import NOTHING_RESTORED, copy_checked, load_chain
 from virtbackupd.engine.restore.context import FORMATS, RestoreContext, RestoredDisk
 from virtbackupd.errors import DefineRefusedError, InputError, RestoreError

@@ -17,7 +17,13 @@ from virtbackupd.adapters.store import Store
 from virtbackupd.core.domain_xml import DomainDisk, parse_domain
 from virtbackupd.core.records import CheckpointStatus
 from virtbackupd.core.repository_format.names import disk_file
-from virtbackupd.engine.copy import CopyOptions, CopyResult, Source, ZeroMode, copy_to_export
+from virtbackupd.engine.datapath.copy import (
+    CopyOptions,
+    CopyResult,
+    Source,
+    ZeroMode,
+    copy_to_export,
+)
 from virtbackupd.engine.restore.chain import NOTHING_RESTORED, copy_checked, load_chain
 from virtbackupd.engine.restore.context import (
     FORMATS,

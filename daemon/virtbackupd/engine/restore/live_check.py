@@ -59,7 +59,7 @@ from virtbackupd.core.domain_xml import parse_domain
 from virtbackupd.core.extents import Kind, content_hash
 from virtbackupd.core.live_move import checkable, merge_spans, subtract_spans
 from virtbackupd.engine import scratch
-from virtbackupd.engine.content import chunks, non_zero, open_view
+from virtbackupd.engine.datapath.content import chunks, non_zero, open_view
 from virtbackupd.engine.restore.chain import load_chain
 from virtbackupd.errors import CheckpointInconsistentError
 

@@ -32,7 +32,7 @@ from virtbackupd.core.piece_merge import ChainLayer, plan_pieces, sources
 from virtbackupd.core.records import DiskRecord
 from virtbackupd.core.repository_format.codec import RepositoryFormatError
 from virtbackupd.core.repository_format.manifest import Manifest, next_pieces_name
-from virtbackupd.engine.content import digest_image, hashes_at, non_zero, open_view
+from virtbackupd.engine.datapath.content import digest_image, hashes_at, non_zero, open_view
 from virtbackupd.errors import PruneError
 
 Key = tuple[str, str]  # (backup id, disk)

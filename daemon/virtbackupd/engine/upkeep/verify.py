@@ -41,7 +41,7 @@ from virtbackupd.core import extents
 from virtbackupd.core.records import BackupRecord, DiskRecord
 from virtbackupd.core.repository_format.codec import RepositoryFormatError
 from virtbackupd.core.repository_format.manifest import Manifest, allowed_backings
-from virtbackupd.engine.content import allocated_here, differing, digest_view, open_view
+from virtbackupd.engine.datapath.content import allocated_here, differing, digest_view, open_view
 from virtbackupd.engine.domain_job import domain_job
 from virtbackupd.engine.guest_view import FsVerdict, check_filesystems
 from virtbackupd.engine.restore.chain import damage_as_restored

@@ -35,7 +35,8 @@ from virtbackupd.core.backup_xml import Backup
 from virtbackupd.core.domain_xml import parse_domain
 from virtbackupd.core.repository_format.attempts import FailedAttempt
 from virtbackupd.core.repository_format.undo import UndoKind, UndoLog, UndoStep
-from virtbackupd.engine import own_checkpoints, scratch, vm_starts
+from virtbackupd.engine import scratch, vm_starts
+from virtbackupd.engine.recovery import own_checkpoints
 from virtbackupd.errors import DomainStartingError, VirtBackupError
 
 log: FilteringBoundLogger = structlog.get_logger("virtbackupd.undo")

@@ -41,7 +41,7 @@ from virtbackupd.core.records import (
 from virtbackupd.core.repository_format.documents import CHECKPOINT_XML
 from virtbackupd.core.repository_format.manifest import Manifest
 from virtbackupd.core.repository_format.storage import StepHook, StoredBackup
-from virtbackupd.engine.undo import Undo
+from virtbackupd.engine.recovery.undo import Undo
 from virtbackupd.errors import VirtBackupError
 
 log = structlog.get_logger("virtbackupd.catalogue")

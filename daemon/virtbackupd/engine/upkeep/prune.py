@@ -65,9 +65,10 @@ from virtbackupd.core.repository_format.names import backing_of
 from virtbackupd.core.repository_format.prune_journal import PruneJournal
 from virtbackupd.core.repository_format.versions import Operation
 from virtbackupd.core.retention import Point, Verdict, decide
-from virtbackupd.engine import own_checkpoints, vm_starts
+from virtbackupd.engine import vm_starts
 from virtbackupd.engine.domain_job import domain_job
-from virtbackupd.engine.merge_digests import check_inputs, merged_disks
+from virtbackupd.engine.recovery import own_checkpoints
+from virtbackupd.engine.upkeep.merge_digests import check_inputs, merged_disks
 from virtbackupd.errors import PruneError, VirtBackupError
 
 log = structlog.get_logger("virtbackupd.prune")

@@ -40,8 +40,9 @@ from virtbackupd.adapters.repository import Repository
 from virtbackupd.adapters.store import Store
 from virtbackupd.config.daemon import DaemonConfig
 from virtbackupd.core.records import BackupStatus
-from virtbackupd.engine import catalogue, undo
 from virtbackupd.engine.locks import clear_freeze, freeze_left
+from virtbackupd.engine.recovery import undo
+from virtbackupd.engine.upkeep import catalogue
 from virtbackupd.errors import VirtBackupError
 
 log = structlog.get_logger("virtbackupd.leftovers")
