@@ -1,4 +1,4 @@
-"""engine.leftovers: what is left of the RUNNING-record sweep (issue 25).
+"""engine.recovery.leftovers: what is left of the RUNNING-record sweep (issue 25).
 A backup writes its undo log before its record now, so a record still
 "running" without an undo log comes only from an older version that died
 between the two: it left the record and nothing else, and the next job

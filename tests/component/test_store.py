@@ -78,7 +78,7 @@ async def test_foreign_keys_are_enforced(tmp_path: Path) -> None:
 
 
 async def complete(store: Store, backup_id: str, path: str, disks: list[DiskRecord]) -> None:
-    """What a commit records (engine.catalogue): the whole row, disks and all."""
+    """What a commit records (engine.upkeep.catalogue): the whole row, disks and all."""
     got = await store.backup(backup_id)
     assert got is not None
     await store.record_backup(

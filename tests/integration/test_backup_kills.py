@@ -2,7 +2,7 @@
 writes its undo log before its catalogue record and before each step it
 takes, so whatever instant the process dies at, a record still "running"
 has an undo log, and the next backup's clean-up (the replay of that log,
-engine.leftovers) leaves no running record, no undo log, no partial
+engine.recovery.leftovers) leaves no running record, no undo log, no partial
 folder and no checkpoint nothing vouches for; the next backup restores
 byte-exact."""
 

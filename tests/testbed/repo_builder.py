@@ -6,7 +6,7 @@ The "domain" is a set of qcow2 images written with qemu-io. Each backup
 adds a persistent bitmap to them (the checkpoint), exports them read-only
 with qemu-nbd (with the parent's bitmap for an incremental) and copies
 them with the product's own copy engine into the product's repository,
-committing through engine.catalogue with an undo log: the same code as
+committing through engine.upkeep.catalogue with an undo log: the same code as
 an offline backup, less the libvirt checkpoint. The libvirt paths stay
 covered by the integration tests.
 """

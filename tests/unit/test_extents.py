@@ -178,7 +178,7 @@ def test_ranges_from_json_refuses_overlapping_zero() -> None:
 
 
 def _joined(ranges: list[Range], grid: int = 8 * K, gap: int = 2 * K) -> list[Read]:
-    """What the copy does with a window's ranges (engine.copy._enqueue)."""
+    """What the copy does with a window's ranges (engine.datapath.copy._enqueue)."""
     joiner, out = ReadJoiner(grid, gap), []
     for r in ranges:
         if r.kind is D:

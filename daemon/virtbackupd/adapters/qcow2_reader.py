@@ -95,7 +95,7 @@ class _Run:
 
 class Qcow2Chain:
     """The view of a qcow2 image and its backing files, with the parts of
-    an NBD client's interface the copy engine uses (engine.copy.Source)."""
+    an NBD client's interface the copy engine uses (engine.datapath.copy.Source)."""
 
     def __init__(self, layers: list[_Layer]) -> None:
         self.layers = layers

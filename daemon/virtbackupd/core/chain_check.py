@@ -101,7 +101,7 @@ class _Pending:
 
 @dataclass
 class ChainCheck:
-    """A copy watcher (engine.copy.CopyWatch) over the visible pieces.
+    """A copy watcher (engine.datapath.copy.CopyWatch) over the visible pieces.
     `stop_at_first`: raise :class:`ChainDamagedError` on the first damage (a
     refused restore); otherwise collect every finding."""
 

@@ -12,7 +12,7 @@ the only code that moves it (through its one private mutator).
 - committed: the backup folder has its final name, the commit point
   (adapters.repository). A failure after it (the catalogue could not be
   written) takes nothing back: the backup is complete on disk, and the
-  catalogue is told at the next start or command (engine.catalogue).
+  catalogue is told at the next start or command (engine.upkeep.catalogue).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class Cleanup(StrEnum):
     """What a failure in a state takes back."""
 
     NOTHING = "nothing"  # nothing was done yet but the plan
-    UNDO = "undo"  # replay the undo log (engine.undo)
+    UNDO = "undo"  # replay the undo log (engine.recovery.undo)
     KEEP = "keep"  # committed: keep it, the catalogue catches up
 
 

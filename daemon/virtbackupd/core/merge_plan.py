@@ -16,7 +16,7 @@ layer *shows* (its view, with its backing chain) unchanged, byte for byte:
   pruned layer are first rebased onto the heir.
 
 The engine carries out both on a new image beside the old one and
-switches them by a rename (engine.prune), so the bound on the space they
+switches them by a rename (engine.upkeep.prune), so the bound on the space they
 need (:func:`space_needed`) counts each merged image twice.
 - ``Remove(id)``: the folder of a layer nothing depends on any more.
 

@@ -3,11 +3,11 @@ prune (and the daemon's clean-up at start) enter through
 :func:`domain_job`, which takes the domain's lock (engine.locks) and then
 finishes what dead processes left behind before the job sees anything:
 
-- with libvirt (a backup, the daemon): everything engine.leftovers does
+- with libvirt (a backup, the daemon): everything engine.recovery.leftovers does
   (a frozen guest thawed, an orphaned pull job aborted, undo logs
   replayed or their committed backups catalogued, stale records failed);
 - always: the helpers dead processes left and their export folders
-  (engine.leftovers.sweep_runtime);
+  (engine.recovery.leftovers.sweep_runtime);
 - without libvirt (restore to a folder, verify, prune from the CLI): the
   undo logs of backups that committed are catalogued, and those that need
   nothing of libvirt replayed; one naming a libvirt job or checkpoint is

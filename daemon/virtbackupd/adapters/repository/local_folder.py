@@ -105,7 +105,7 @@ class Repository:
     def identity(self) -> str | None:
         """The repository's id (a UUID in ``.repository.json``), None if it
         has none yet. A catalogue records it to know which repository it
-        describes (engine.catalogue.check_identity)."""
+        describes (engine.upkeep.catalogue.check_identity)."""
         path = self.root / IDENTITY
         data = read_json(path, missing_ok=True)
         if data is None:

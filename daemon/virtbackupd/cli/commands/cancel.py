@@ -5,7 +5,7 @@ file (engine.locks) and cleans up itself, as on any failure; this waits
 until its record says it ended. An owner that died (SIGKILL, OOM, a
 crash: engine.locks.backup_owner_alive) cannot answer: then the clean-up
 is done here, from the backup's undo log, by the code a failing job runs
-(engine.leftovers through engine.domain_job), and the backup is recorded
+(engine.recovery.leftovers through engine.domain_job), and the backup is recorded
 failed, "interrupted". An owner that dies while this waits is noticed the
 same way.
 """

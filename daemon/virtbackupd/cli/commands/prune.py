@@ -1,5 +1,5 @@
 """`virtbackup prune [DOMAIN] [--dry-run]`: apply each governing policy's
-retention and chain limit (engine.prune), holds settled first."""
+retention and chain limit (engine.upkeep.prune), holds settled first."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from virtbackupd.core.repository_format.versions import JOURNAL_FORMAT, RECORD_V
 
 @dataclass(frozen=True)
 class PruneJournal:
-    """A prune's plan, written before anything changes (engine.prune)."""
+    """A prune's plan, written before anything changes (engine.upkeep.prune)."""
 
     ops: tuple[Op, ...]
     checkpoints: Mapping[str, str | None] = field(default_factory=dict)  # removed id -> its cp

@@ -1,5 +1,5 @@
 """The end of a backup's pipeline: its manifest from the plan and the
-copy's results, committed by engine.catalogue (the rename of the partial
+copy's results, committed by engine.upkeep.catalogue (the rename of the partial
 folder is the commit point), and the summary line."""
 
 from __future__ import annotations

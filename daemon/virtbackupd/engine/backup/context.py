@@ -72,7 +72,7 @@ class JobSetup:
 
 @dataclass(frozen=True)
 class JobContext(JobSetup):
-    """A planned job: its undo log is written (engine.undo) before any
+    """A planned job: its undo log is written (engine.recovery.undo) before any
     step it lists is taken."""
 
     undo: Undo

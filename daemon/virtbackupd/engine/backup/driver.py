@@ -10,9 +10,9 @@ The driver is the only code that moves the job's state machine
         \\-----------\\-----------\\-----------\\-----> failed
 
 Everything after the plan is inside one failure path (:meth:`Job._fail`):
-the undo log (engine.undo) is written before the catalogue's record and
+the undo log (engine.recovery.undo) is written before the catalogue's record and
 before any step it lists, and replaying it is the same code that cleans
-up after a dead process (engine.leftovers). The steps read the job's
+up after a dead process (engine.recovery.leftovers). The steps read the job's
 frozen context (engine.backup.context) and never call back into the job;
 the exports (engine.backup.online, .offline) own their teardown. When
 libvirt refuses the parent checkpoint (its bitmaps are broken) the driver

@@ -8,7 +8,7 @@ frozen and thawed, the libvirt job begun) and, once the copy is done,
 checks that the job is still ours and alive and ends it. Each step that
 must be taken back on failure is written to the job's undo log before it
 is taken: on any failure the libvirt job and the new checkpoint are the
-undo log's to take back (engine.undo), which also serves after a dead
+undo log's to take back (engine.recovery.undo), which also serves after a dead
 process. It reads the job's context and never calls back into the job."""
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Called with the domain's lock held: an undo log (or a record still
 "running") then belongs to no live process. For each undo log:
 
 - its backup folder exists: the backup committed (the rename is the
-  commit) and the catalogue is told so (engine.catalogue);
-- otherwise the log is replayed (engine.undo, the same code a failing job
+  commit) and the catalogue is told so (engine.upkeep.catalogue);
+- otherwise the log is replayed (engine.recovery.undo, the same code a failing job
   runs): its libvirt pull job aborted if it is still ours, its checkpoint
   deleted (no complete backup will ever vouch for it), its ``.partial``,
   job and scratch folders removed, the attempt recorded as failed

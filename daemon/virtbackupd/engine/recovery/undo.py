@@ -1,6 +1,6 @@
 """Taking a backup back: the one implementation of "what a failed backup
 leaves undone", used by the job on its failure edge and by the next job
-of the domain after this process died (engine.leftovers).
+of the domain after this process died (engine.recovery.leftovers).
 
 A running backup writes an undo log into the repository
 (``<domain>/.undo/<id>.json``, adapters.repository.UndoLog) *before*

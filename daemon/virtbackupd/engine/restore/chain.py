@@ -112,7 +112,7 @@ class Chain:
         # a prune is pending: a merged image in place, its manifest not yet
         # written, skips a layer the manifest still names. That layer's
         # bytes now live in the newer image, and its pieces still describe
-        # the view: checked all the same (engine.prune keeps every view).
+        # the view: checked all the same (engine.upkeep.prune keeps every view).
         for stored in chain:
             record = stored.manifest.disk(self.disk)
             if record is None:

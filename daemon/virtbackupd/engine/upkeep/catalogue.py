@@ -230,7 +230,7 @@ class Reconciled:
 async def reconcile(store: Store, repo: Repository, uuid: str | None = None) -> Reconciled:  # noqa: C901 (see above)
     """Make the catalogue agree with the repository (one domain, or all).
     A backup whose undo log is still there belongs to a running (or dead)
-    job and is left to it (engine.leftovers). Whatever the repository's
+    job and is left to it (engine.recovery.leftovers). Whatever the repository's
     state, this completes: a folder it cannot read is recorded as a
     stand-in and named in `problems`, never left out."""
     out = Reconciled()

@@ -14,7 +14,7 @@ kept backup's view unchanged at every instant (see core.merge_plan), so:
 
 A merged layer's new digest is planned from the piece hashes already
 recorded, reading back only the grid cells the merged layers share
-(engine.merge_digests); before the journal is written, every recorded
+(engine.upkeep.merge_digests); before the journal is written, every recorded
 piece those reads see, and every piece of a pruned layer whose bytes move
 into a kept one, is checked in its own layer's view: a merge never
 launders a corrupted backup into a fresh digest or a kept backup's name.
