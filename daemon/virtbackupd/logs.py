@@ -113,8 +113,17 @@ def configure(level: str = "info", fmt: str = "console") -> None:
 def is_bug(exc: BaseException) -> bool:
     """Not an error of ours for an operator (an InternalError, or anything
     no adapter translated): logged with its traceback. An interruption
-    (KeyboardInterrupt, SystemExit) is none."""
-    return isinstance(exc, Exception) and not isinstance(exc, VirtBackupError)
+    (KeyboardInterrupt, SystemExit) is none, and neither is the host
+    refusing a file operation (OSError: a full or read-only file system, a
+    vanished folder), which is the operator's to fix: see host_refusal."""
+    return isinstance(exc, Exception) and not isinstance(exc, VirtBackupError | OSError)
+
+
+def host_refusal(exc: OSError) -> str:
+    """The host's refusal of a file operation in one line: the file and the
+    system's words ("/srv/backups/x: Read-only file system")."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{exc.strerror or exc}"
 
 
 def bug_text(exc: BaseException) -> str:
@@ -133,11 +142,15 @@ def failure(logger: Any, event: str, exc: BaseException, /, **fields: Any) -> No
     context: dict[str, Any] = {}
     if isinstance(exc, VirtBackupError):
         context = {k: v for k, v in exc.context.items() if k not in bound}
+    elif isinstance(exc, OSError) and exc.filename:
+        context = {"path": str(exc.filename)}
     context.update(fields)
     if is_bug(exc):
         context.setdefault("error", bug_text(exc))
         context["bug"] = "a bug in virtbackupd: please report it with this traceback"
         context["exc_info"] = exc
+    elif isinstance(exc, OSError):
+        context.setdefault("error", host_refusal(exc))
     else:
         context.setdefault("error", str(exc) or type(exc).__name__)
     logger.error(event, **context)
@@ -151,6 +164,9 @@ def exit_status(prog: str, exc: Exception) -> int:
     if isinstance(exc, VirtBackupError):
         print(f"{prog}: {exc}", file=sys.stderr)
         return exc.exit_code
+    if isinstance(exc, OSError):
+        print(f"{prog}: {host_refusal(exc)}", file=sys.stderr)
+        return 1
     traceback.print_exception(exc, file=sys.stderr)
     print(f"{prog}: {bug_text(exc)}; {REPORT_BUG}", file=sys.stderr)
     return InternalError.exit_code

@@ -412,3 +412,22 @@ def test_an_errors_context_becomes_journal_fields() -> None:
     assert first["PRIORITY"] == 3 and first["EVENT"] == "backup failed"
     assert second["PATH"] == str(P) and second["ERROR"] == "the reason shown"
     assert "BUG" not in first and "BUG" not in second
+
+
+def test_the_hosts_refusal_is_one_line_not_a_bug(
+    console: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A read-only or full file system (OSError) is the operator's to fix:
+    one line naming the file and the system's words, exit 1, no traceback,
+    logged with the file as PATH (a read-only backup_root made every backup
+    a 'bug' with a traceback when the job's start moved into its failure
+    path)."""
+    refusal = OSError(30, "Read-only file system", "/srv/backups/.repository.json.tmp")
+    assert not logs.is_bug(refusal)
+    assert logs.exit_status("virtbackup", refusal) == 1
+    said = "/srv/backups/.repository.json.tmp: Read-only file system"
+    assert capsys.readouterr().err == f"virtbackup: {said}\n"
+    logs.failure(structlog.get_logger("test"), "backup failed", refusal, domain="web01")
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert said in err and "/srv/backups/.repository.json.tmp" in err

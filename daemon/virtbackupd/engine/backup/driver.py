@@ -207,6 +207,13 @@ class Job:
                 raise BackupFailedError(
                     f"backup {self.id} of {setup.ref.name} failed: {exc}", backup_id=self.id
                 ) from exc
+            if isinstance(exc, OSError):
+                # The host refused a file operation (a read-only or full file
+                # system): the operator's to fix, one line, no traceback.
+                raise BackupFailedError(
+                    f"backup {self.id} of {setup.ref.name} failed: {logs.host_refusal(exc)}",
+                    backup_id=self.id,
+                ) from exc
             if isinstance(exc, Exception):
                 # A bug or an untranslated library error: cleaned up like any
                 # failure above; its traceback went to the log in _fail.
@@ -315,6 +322,8 @@ class Job:
             # its context (disk, path, libvirt code) as journal fields.
             if logs.is_bug(exc):
                 reason = logs.bug_text(exc)
+            elif isinstance(exc, OSError):
+                reason = logs.host_refusal(exc)
             logs.failure(setup.log, "backup failed", exc, state=state, error=reason)
         cleanup = self._machine.fail()
         if cleanup is Cleanup.KEEP:
