@@ -561,3 +561,18 @@ def test_a_checkpoint_is_redefined_around_the_domains_current_definition() -> No
     )
     assert out.domain_xml is not None and "evil.sh" not in out.domain_xml
     assert "<name>web01</name>" in out.domain_xml
+
+
+@pytest.mark.parametrize(("known", "parent"), [({"cp0"}, "cp0"), (set(), None)])
+def test_a_redefined_checkpoint_names_its_parent_only_if_libvirt_knows_it(
+    known: set[str], parent: str | None
+) -> None:
+    """A parent pruned since (libvirt refuses an unknown parent) is left out."""
+    stored = (
+        "<domaincheckpoint><name>cp1</name><parent><name>cp0</name></parent>"
+        "<creationTime>17</creationTime><disks><disk name='vda' checkpoint='bitmap' "
+        "bitmap='cp1'/></disks>" + domain() + "</domaincheckpoint>"
+    )
+    current = "<domain type='qemu'><name>web01</name></domain>"
+    out = for_redefinition(stored, current, "stored", keep_parent=lambda p: p in known)
+    assert Checkpoint.from_xml(out).parent == parent

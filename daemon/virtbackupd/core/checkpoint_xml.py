@@ -7,6 +7,7 @@ Element order and attribute order follow libvirt's formatter, so
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
@@ -215,11 +216,19 @@ class Checkpoint:
             raise XMLError(document, exc.problem) from exc
 
 
-def for_redefinition(stored_xml: str, domain_xml: str, document: str) -> str:
+def for_redefinition(
+    stored_xml: str,
+    domain_xml: str,
+    document: str,
+    keep_parent: Callable[[str], bool] = lambda _: True,
+) -> str:
     """A stored checkpoint's XML, to redefine it, with the domain's current
     definition (from libvirt) embedded in place of the stored one: libvirt
     acts on the embedded `<domain>` at redefinition (it runs its
     `<emulator>` to probe it), and the stored copy may have come back from
-    a repository that someone else could edit."""
+    a repository that someone else could edit. A parent `keep_parent`
+    refuses (one libvirt does not know: pruned since) is left out, and the
+    checkpoint comes back as a root."""
     cp = Checkpoint.from_xml(stored_xml, document)
-    return replace(cp, domain_xml=domain_xml).to_xml()
+    parent = cp.parent if cp.parent is not None and keep_parent(cp.parent) else None
+    return replace(cp, domain_xml=domain_xml, parent=parent).to_xml()

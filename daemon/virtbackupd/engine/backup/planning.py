@@ -91,10 +91,20 @@ async def make_plan(job: JobSetup, info: DomainInfo, want: Level | None) -> Plan
             job.log.warning("deleting a checkpoint of ours that is not trusted", stale=name)
             await own_checkpoints.delete_checkpoint(lv, ref, name)
     current = await lv.xml(ref, inactive=True) if made.redefine else ""
+    present = known - set(made.delete_checkpoints)
     for cp in made.redefine:
         job.log.warning("redefining checkpoint libvirt lost", lost=cp.name)
-        xml = for_redefinition(cp.xml, current, f"stored XML of checkpoint {cp.name}")
+        # The oldest one redefined may name a parent a prune removed since:
+        # libvirt refuses a parent it does not know, so it comes back as a
+        # root (its bitmap is what an incremental uses; the parent is not).
+        xml = for_redefinition(
+            cp.xml,
+            current,
+            f"stored XML of checkpoint {cp.name}",
+            keep_parent=lambda parent: parent in present,
+        )
         await lv.redefine_checkpoint(ref, xml)
+        present.add(cp.name)
     return made
 
 
