@@ -16,6 +16,8 @@ from virtbackupd.adapters import host_folders
 from virtbackupd.core.repository_format.codec import Fields, FormatError, decode_json, json_text
 
 STATUS_FILE = "daemon.json"
+#: Linux's largest process id (PID_MAX_LIMIT): a larger one is no daemon's.
+PID_MAX = 4 * 1024 * 1024
 FORMAT = 1  # the version written; a file without it was written as version 1
 #: A daemon.json is a few KiB per hundred domains.
 MAX_STATUS_BYTES = 16 * 1024 * 1024
@@ -91,32 +93,46 @@ class DaemonStatus:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> DaemonStatus:
+    def from_json(cls, data: dict[str, Any], path: Path = Path(STATUS_FILE)) -> DaemonStatus:
+        """Every field checked as it is read (the file is only root's, but a
+        damaged or hand-made one must be "not known", never a traceback)."""
+        f = Fields(data, path, error=StatusFileError)
+        pid = f.integer("pid")
+        files = None if f.data.get("policy_files") is None else f.sub("policy_files")
         return cls(
-            pid=int(data["pid"]),
-            started=str(data["started"]),
-            libvirt_uri=str(data["libvirt_uri"]),
-            libvirt_connected=bool(data["libvirt_connected"]),
-            running=tuple(data.get("running", ())),
-            schedule_timezone=str(data.get("schedule_timezone") or "UTC"),
-            domains={
-                uuid: DomainState(
-                    name=str(d["name"]),
-                    policy=d.get("policy"),
-                    next_runs=dict(d.get("next_runs") or {}),
-                    queued=d.get("queued"),
-                    retrying=d.get("retrying"),
-                    last_failure=_pair(d.get("last_failure")),
-                )
-                for uuid, d in data.get("domains", {}).items()
-            },
+            pid=pid,
+            started=f.text("started"),
+            libvirt_uri=f.text("libvirt_uri"),
+            libvirt_connected=f.opt_bool("libvirt_connected") is True,
+            running=tuple(f.texts("running")),
+            schedule_timezone=f.opt_text("schedule_timezone") or "UTC",
+            domains={uuid: _domain(d) for uuid, d in _entries(f.sub("domains", {}))},
             policy_files=None
-            if data.get("policy_files") is None
+            if files is None
             else {
-                str(path): EnforcedFile(str(f["sha256"]), bool(f["loaded"]))
-                for path, f in data["policy_files"].items()
+                name: EnforcedFile(e.text("sha256"), e.opt_bool("loaded") is True)
+                for name, e in _entries(files)
             },
         )
+
+
+def _entries(f: Fields) -> list[tuple[str, Fields]]:
+    return [(name, f.sub(name)) for name in f.names()]
+
+
+def _domain(d: Fields) -> DomainState:
+    runs = d.sub("next_runs", {})
+    failure = d.texts("last_failure") if d.data.get("last_failure") else []
+    if failure and len(failure) != 2:
+        raise d.error("last_failure", "is not a pair of a time and a reason")
+    return DomainState(
+        name=d.text("name"),
+        policy=d.opt_text("policy"),
+        next_runs={level: runs.text(level) for level in runs.names()},
+        queued=d.opt_text("queued"),
+        retrying=d.opt_text("retrying"),
+        last_failure=(failure[0], failure[1]) if failure else None,
+    )
 
 
 def write_status(runtime_dir: Path, status: DaemonStatus) -> None:
@@ -161,6 +177,9 @@ def probe_status(runtime_dir: Path) -> tuple[DaemonStatus | None, str | None]:
         return None, str(exc)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         return None, f"{path}: not a status file this version reads ({exc!r})"
+    if not 1 <= status.pid <= PID_MAX:
+        # No process has it: os.kill would signal a group (0, -1) or overflow.
+        return None, None
     try:
         os.kill(status.pid, 0)
     except ProcessLookupError:
@@ -187,11 +206,4 @@ def decode_status(path: Path, data: bytes) -> DaemonStatus:
     if version < 1:
         raise StatusFileError(path, f"unknown status file format {version}")
     assert isinstance(raw, dict)  # Fields checked it
-    return DaemonStatus.from_json(raw)
-
-
-def _pair(value: Any) -> tuple[str, str] | None:
-    if not value:
-        return None
-    at, reason = value
-    return str(at), str(reason)
+    return DaemonStatus.from_json(raw, path)

@@ -112,6 +112,15 @@ def cut_ranges(text: str, cuts: list[str]) -> str:
     return "".join(out)
 
 
+def _shown(value: object, limit: int = 32) -> str:
+    """A value read from a file, as an error line shows it: cut (a hostile
+    file's 400-digit number or megabyte string stays one readable line)."""
+    text = repr(value) if not isinstance(value, int) or isinstance(value, bool) else str(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
 class Fields:
     """Typed access to one JSON object of a file of ours; every error
     names the file and the field."""
@@ -143,7 +152,7 @@ class Fields:
             raise self.error(key, "missing")
         value = self.data[key]
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise self.error(key, f"{value!r} is not a {kind.__name__}")
+            raise self.error(key, f"{_shown(value)} is not a {kind.__name__}")
         return value
 
     def text(self, key: str, default: str | None = None) -> str:
@@ -174,9 +183,9 @@ class Fields:
     def integer(self, key: str, default: int | None = None, minimum: int | None = None) -> int:
         value = self._get(key, int, default)
         if minimum is not None and value < minimum:
-            raise self.error(key, f"{value} is below {minimum}")
+            raise self.error(key, f"{_shown(value)} is below {minimum}")
         if value >= 1 << 62:  # no disk is that large; SQLite's integers end at 2**63
-            raise self.error(key, f"{value} is too large")
+            raise self.error(key, f"{_shown(value)} is too large")
         return value
 
     def backup_id(self, key: str) -> str:
