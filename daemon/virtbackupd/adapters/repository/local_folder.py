@@ -319,8 +319,10 @@ class Repository:
         host_folders.make_folder(folder)
         replace_json(folder / f"{hold.id}.json", hold.to_json())
 
-    def holds(self, uuid: str | None = None) -> list[Hold]:
-        """The holds of one domain, or of every domain in the repository."""
+    def holds(self, uuid: str | None = None, strict: bool = False) -> list[Hold]:
+        """The holds of one domain, or of every domain in the repository. A
+        hold that cannot be read is logged and acted on in no way; `strict`
+        (prune) refuses instead: it may keep backups in use."""
         dirs = [self.domain_dir(uuid)] if uuid is not None else self.domain_dirs()
         out = []
         for d in dirs:
@@ -331,6 +333,13 @@ class Repository:
                     if data is not None:
                         out.append(Hold.from_json(data, path, self.root))
                 except RepositoryFormatError as exc:
+                    if strict:
+                        raise RepositoryFormatError(
+                            path,
+                            f"{exc.problem}; a hold that cannot be read may keep backups in "
+                            "use (a newer virtbackup's live restore or mount): nothing is "
+                            "pruned until it reads, or is removed",
+                        ) from exc
                     log.error("hold refused; nothing of it is acted on", error=str(exc))
         return out
 
@@ -345,7 +354,7 @@ class Repository:
         hold reads: the held backups and every backup their chains go
         through (an overlay reads its parents)."""
         out: dict[str, list[Hold]] = {}
-        holds = self.holds(uuid)
+        holds = self.holds(uuid, strict=True)
         if not holds:
             return out
         parent = {b.manifest.id: b.manifest.parent for b in self.backups(uuid)}
